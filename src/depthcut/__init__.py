@@ -1,0 +1,27 @@
+"""depthcut: find the layers of a decoder LLM that do the least work, remove them, measure the cost."""
+
+__version__ = "0.1.0"
+
+from depthcut.analysis import analyze  # noqa: E402
+from depthcut.calibration import CalibrationSet, build_calibration  # noqa: E402
+from depthcut.data import load_texts  # noqa: E402
+from depthcut.errors import DepthcutError  # noqa: E402
+from depthcut.layers import find_layer_stack  # noqa: E402
+from depthcut.models import load_model  # noqa: E402
+from depthcut.result import Analysis  # noqa: E402
+from depthcut.strategies import select  # noqa: E402
+from depthcut.surgery import prune  # noqa: E402
+
+__all__ = [
+    "Analysis",
+    "CalibrationSet",
+    "DepthcutError",
+    "analyze",
+    "build_calibration",
+    "find_layer_stack",
+    "load_model",
+    "load_texts",
+    "prune",
+    "select",
+    "__version__",
+]

@@ -1,0 +1,105 @@
+"""One forward pass over the calibration data computes every layer-similarity metric at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from depthcut import __version__
+from depthcut.calibration import CalibrationSet, build_calibration
+from depthcut.capture import ResidualCapture, StopForward
+from depthcut.data import TextSource, load_texts
+from depthcut.errors import DepthcutError
+from depthcut.layers import find_layer_stack
+from depthcut.metrics import DEFAULT_METRICS, METRICS
+from depthcut.result import Analysis
+
+
+def _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -> CalibrationSet:
+    if isinstance(data, CalibrationSet):
+        return data
+    if tokenizer is None:
+        raise DepthcutError("a tokenizer is needed to turn text into calibration samples")
+    if isinstance(data, str):
+        source = load_texts(data, text_field)
+    elif isinstance(data, TextSource):
+        source = data
+    elif isinstance(data, Sequence):
+        source = TextSource(description=f"{len(data)} texts given in memory", documents=[t for t in data if t.strip()])
+    else:
+        raise DepthcutError(f"unsupported calibration data of type {type(data).__name__}")
+    return build_calibration(tokenizer, source, samples, seq_len, mode, seed)
+
+
+@torch.inference_mode()
+def analyze(
+    model,
+    tokenizer=None,
+    data="c4",
+    *,
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    mode: str = "windows",
+    seed: int = 0,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    layer_path: str | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> Analysis:
+    """Measure how much every block of layers changes the residual stream.
+
+    `data` is a DATA string (file, folder, ``hf:NAME``, ``c4``), a list of texts, a `TextSource`
+    or a ready `CalibrationSet`. Returns an `Analysis` with the requested metrics (see
+    `depthcut.metrics.METRICS`); hidden states are never kept beyond the current batch.
+    """
+    if batch_size < 1:
+        raise DepthcutError("batch size must be at least 1")
+    stack = find_layer_stack(model, layer_path)
+    num_layers = len(stack)
+    chosen = [METRICS.get(name)(num_layers) for name in metrics]
+    if not chosen:
+        raise DepthcutError("no metrics asked for")
+    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+
+    device = next(model.parameters()).device
+    capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress)
+    try:
+        with capture.hooks():
+            for input_ids, attention_mask in calibration.batches(batch_size):
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                capture.start_batch(attention_mask)
+                try:
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the last decoder layer was never called; is the layer path right?")
+                cosines = capture.cosines(attention_mask)
+                for metric in chosen:
+                    metric.update(cosines[metric.level])
+                bar.update(input_ids.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    dtype = next(model.parameters()).dtype
+    metadata = {
+        "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "architecture": type(model).__name__,
+        "layer_path": stack.path,
+        "data": calibration.as_dict(),
+        "samples": len(calibration),
+        "tokens": calibration.num_tokens,
+        "seed": calibration.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "metric_descriptions": {m.name: m.description for m in chosen},
+        "depthcut_version": __version__,
+    }
+    return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)

@@ -1,0 +1,85 @@
+"""Hooks that capture the residual stream at every layer boundary, one batch at a time.
+
+Position p < L is the hidden state entering layer p (a forward pre-hook on that layer);
+position L is the output of the last layer, before the final norm (a forward hook). Only what
+the metrics need is kept, normalised to unit length in float32: one (B, L+1, H) slab for the
+last tokens, plus a (B, T, L+1, H) slab when a metric reads every token. The forward pass stops
+after the last layer, so the final norm and the LM head are never computed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from depthcut.layers import LayerStack, first_tensor, output_tensor
+
+
+class StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the decoder stack is needed."""
+
+
+class ResidualCapture:
+    def __init__(self, stack: LayerStack, keep_all_tokens: bool):
+        self.stack = stack
+        self.positions = len(stack) + 1
+        self.keep_all_tokens = keep_all_tokens
+        self.last_index: torch.Tensor | None = None  # (B,) last non-pad position of each row
+        self.last_token: torch.Tensor | None = None  # (B, P, H) float32, unit vectors
+        self.all_tokens: torch.Tensor | None = None  # (B, T, P, H) float32, unit vectors
+
+    def start_batch(self, attention_mask: torch.Tensor) -> None:
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        self.last_index = (positions * attention_mask).argmax(dim=1)
+        self.last_token = None
+        self.all_tokens = None
+
+    def _store(self, position: int, hidden: torch.Tensor) -> None:
+        batch, length, width = hidden.shape  # (B, T, H)
+        rows = torch.arange(batch, device=hidden.device)
+        if self.last_token is None:
+            self.last_token = torch.empty(batch, self.positions, width, dtype=torch.float32, device=hidden.device)
+            if self.keep_all_tokens:
+                self.all_tokens = torch.empty(
+                    batch, length, self.positions, width, dtype=torch.float32, device=hidden.device
+                )
+        # Upcast before normalising: the norm of a bf16/fp16 state can overflow in its own dtype.
+        last = hidden[rows, self.last_index.to(hidden.device)].float()
+        self.last_token[:, position] = F.normalize(last, dim=-1)
+        if self.all_tokens is not None:
+            self.all_tokens[:, :, position] = F.normalize(hidden.float(), dim=-1)
+
+    def _pre_hook(self, position: int):
+        def hook(module, args, kwargs):
+            self._store(position, first_tensor(args, kwargs))
+
+        return hook
+
+    def _last_hook(self, module, args, kwargs, output):
+        self._store(self.positions - 1, output_tensor(output))
+        raise StopForward
+
+    @contextmanager
+    def hooks(self):
+        handles = [
+            layer.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True)
+            for index, layer in enumerate(self.stack.layers)
+        ]
+        handles.append(self.stack.layers[-1].register_forward_hook(self._last_hook, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def cosines(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cosines between all pairs of positions: (B, P, P) at last tokens, (K, P, P) over tokens."""
+        result = {"last_token": self.last_token @ self.last_token.transpose(1, 2)}
+        if self.all_tokens is not None:
+            batch, length, positions, width = self.all_tokens.shape
+            flat = self.all_tokens.view(batch * length, positions, width)
+            valid = attention_mask.reshape(-1).bool().to(flat.device)
+            result["all_tokens"] = (flat @ flat.transpose(1, 2))[valid]
+        return result

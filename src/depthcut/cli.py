@@ -1,0 +1,256 @@
+"""The `depthcut` command: a thin layer over the Python API.
+
+Layer numbers are 0-based everywhere and blocks are half-open: `--layers 21:29` removes layers
+21..28, and a best block [l, l+n) removes layers l..l+n-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from depthcut.errors import DepthcutError
+
+EPILOG_ANALYZE = """examples:
+  depthcut analyze smollm2-135m --data c4 --out runs/smollm2
+  depthcut analyze ./my-model --data corpus.jsonl --text-field body --samples 256 --dtype bfloat16
+  depthcut analyze Qwen/Qwen3-0.6B --data hf:allenai/c4:en:validation --out runs/qwen3
+
+writes DIR/analysis.json (format: docs/analysis-format.md) and DIR/heatmap.png
+"""
+
+EPILOG_PRUNE = """examples:
+  depthcut prune smollm2-135m --drop 8 --analysis runs/smollm2/analysis.json --out smollm2-22L
+  depthcut prune smollm2-135m --drop 8 --strategy deepest --out smollm2-deepest
+  depthcut prune ./my-model --layers 21:29 --out pruned      # removes 21..28 (half-open)
+  depthcut prune ./my-model --layers 3,7,12 --out pruned
+
+layer numbers are 0-based; a block a:b is half-open (a..b-1). The output folder is a standard
+Hugging Face model (safetensors) with README.md (model card) and depthcut.json (provenance).
+"""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a local HF folder, a hub id, a .gguf file, or the built-in name smollm2-135m")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--layer-path", default=None,
+                        help="dotted path of the decoder layer list when it cannot be found (e.g. model.layers)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--data", required=required, default=None,
+                        help="calibration text: .txt/.jsonl/.json/.parquet file or folder, hf:NAME[:CONFIG][:SPLIT], or c4")
+    parser.add_argument("--text-field", default="text", help="the field holding text in JSON/parquet data (default: text)")
+    parser.add_argument("--samples", type=int, default=64, help="number of calibration sequences (default: 64)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    parser.add_argument("--sample-mode", choices=("windows", "documents"), default="windows",
+                        help="fixed-length windows of concatenated text, or one document per sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default: 0)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (created; must not exist unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from depthcut.models import load_model
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _run_analysis(args, model, tokenizer):
+    from depthcut.analysis import analyze
+
+    return analyze(
+        model, tokenizer, args.data, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+        mode=args.sample_mode, seed=args.seed, layer_path=args.layer_path, text_field=args.text_field,
+        progress=not args.quiet,
+    )
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise DepthcutError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def cmd_analyze(args) -> None:
+    from depthcut.models import resolve_model
+    from depthcut.output import atomic_output_dir, check_output_dir
+    from depthcut.plotting import plot_heatmap
+
+    _check_positive(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    check_output_dir(args.out, args.force)
+    source = resolve_model(args.model)
+    model, tokenizer, source = _load(args)
+    analysis = _run_analysis(args, model, tokenizer)
+    analysis.metadata["model"] = source.as_dict()
+    with atomic_output_dir(args.out, args.force) as staging:
+        analysis.save(staging / "analysis.json")
+        plot_heatmap(analysis, staging / "heatmap.png")
+    out = Path(args.out)
+    print(f"analysis: {out / 'analysis.json'}")
+    print(f"heatmap:  {out / 'heatmap.png'}")
+    print("most redundant block per size n (0-based, half-open [l, l+n)):")
+    for n, (first, stop) in list(analysis.best_blocks().items())[: min(8, analysis.num_layers - 1)]:
+        print(f"  n={n:>2}: [{first}, {stop})  d={analysis.distance(first, int(n)):.4f}")
+
+
+def cmd_prune(args) -> None:
+    from depthcut.export import parameter_count, save_pruned
+    from depthcut.layers import find_layer_stack
+    from depthcut.models import resolve_model
+    from depthcut.output import check_output_dir
+    from depthcut.result import Analysis
+    from depthcut.strategies import STRATEGIES, select
+    from depthcut.surgery import parse_layer_spec, prune
+
+    if (args.layers is None) == (args.drop is None):
+        raise DepthcutError("give either --drop N (with a --strategy) or --layers")
+    if args.layers is not None and args.analysis:
+        raise DepthcutError("--layers names the layers itself; it takes no --analysis")
+    strategy = STRATEGIES.get(args.strategy) if args.layers is None else None
+    analysis = Analysis.load(args.analysis) if args.analysis else None
+    check_output_dir(args.out, args.force)
+    resolve_model(args.model)
+    if analysis is not None and args.drop is not None and not 1 <= args.drop < analysis.num_layers:
+        select(args.strategy, args.drop, analysis=analysis)  # raises the range message
+
+    model, tokenizer, source = _load(args)
+    num_layers = len(find_layer_stack(model, args.layer_path))
+    if args.layers is not None:
+        removed = parse_layer_spec(args.layers, num_layers)
+        strategy_name = "explicit"
+    else:
+        if not 1 <= args.drop < num_layers:
+            raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for this model of {num_layers} layers")
+        if strategy.needs_analysis and analysis is None:
+            args.data = args.data or "c4"
+            print(f"analyzing on {args.data} to choose layers ...", file=sys.stderr)
+            analysis = _run_analysis(args, model, tokenizer)
+            analysis.metadata["model"] = source.as_dict()
+        removed = select(args.strategy, args.drop, num_layers, analysis if strategy.needs_analysis else None)
+        strategy_name = args.strategy
+
+    before = parameter_count(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, removed, args.layer_path)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+    contiguous = removed == list(range(removed[0], removed[-1] + 1))
+    provenance = {
+        "base_model": source.as_dict(),
+        "strategy": strategy_name,
+        "removed_layers": removed,
+        "removed_block": [removed[0], removed[-1] + 1] if contiguous else None,
+        "num_layers_before": num_layers,
+        "num_layers_after": num_layers - len(removed),
+        "parameters_before": before,
+        "parameters_after": parameter_count(model),
+        "block_distance": analysis.distance(removed[0], len(removed)) if analysis and contiguous and "angular_last_token" in analysis.metrics else None,
+        "block_influence": [analysis.metrics["block_influence"][i] for i in removed] if analysis and "block_influence" in analysis.metrics else None,
+        "calibration": analysis.metadata.get("data") if analysis else None,
+        "analysis": analysis.to_dict() if analysis else None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config_warnings": [str(w.message) for w in caught],
+    }
+    save_pruned(model, tokenizer, args.out, provenance, force=args.force)
+    print(f"removed layers {removed} ({strategy_name}); {num_layers} -> {num_layers - len(removed)} layers, "
+          f"{before:,} -> {provenance['parameters_after']:,} parameters")
+    print(f"pruned model: {args.out}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    _check_positive(max_new_tokens=args.max_new_tokens)
+    model, tokenizer, _ = _load(args)
+    for prompt in args.prompt:
+        if args.chat and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).to(model.device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"> {prompt}\n{completion.strip()}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from depthcut import __version__
+    from depthcut.strategies import STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="depthcut",
+        description="Depth pruning of decoder LLMs: find the most redundant layers and remove them. "
+                    "Layer numbers are 0-based; blocks are half-open.",
+    )
+    parser.add_argument("--version", action="version", version=f"depthcut {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = sub.add_parser("analyze", help="measure layer similarity on calibration data",
+                             description="One forward pass computes the angular distance between the residual "
+                                         "stream entering layer l and entering layer l+n for every n and l "
+                                         "(last token and all tokens), and ShortGPT's Block Influence.",
+                             epilog=EPILOG_ANALYZE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(analyze)
+    _add_data_options(analyze, required=True)
+    _add_output_options(analyze)
+    analyze.set_defaults(run=cmd_analyze)
+
+    prune = sub.add_parser("prune", help="remove layers and save a standard HF model",
+                           description="Remove N layers chosen by a strategy, or the layers named by --layers.",
+                           epilog=EPILOG_PRUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(prune)
+    what = prune.add_argument_group("what to remove")
+    what.add_argument("--drop", type=int, default=None, help="number of layers to remove")
+    what.add_argument("--strategy", default="angular",
+                      help=f"how to choose them: {', '.join(STRATEGIES.names())} (default: angular). "
+                           + "; ".join(f"{s}: {STRATEGIES.get(s).description}" for s in STRATEGIES.names()))
+    what.add_argument("--layers", default=None, help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
+    what.add_argument("--analysis", default=None, help="an analysis.json from `depthcut analyze` (else --data is analyzed)")
+    _add_data_options(prune, required=False)
+    _add_output_options(prune)
+    prune.set_defaults(run=cmd_prune)
+
+    generate = sub.add_parser("generate", help="greedy text generation, to compare models by eye",
+                              epilog="example:\n  depthcut generate smollm2-135m 'The capital of France is'",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(generate)
+    generate.add_argument("prompt", nargs="+", help="one or more prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    generate.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DepthcutError as error:
+        print(f"depthcut: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthcut: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

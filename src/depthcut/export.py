@@ -1,0 +1,68 @@
+"""Writing a pruned model as a standard Hugging Face folder, with a model card and provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from depthcut.output import atomic_output_dir, environment, write_json
+
+PROVENANCE_FILE = "depthcut.json"
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+def model_card(provenance: dict) -> str:
+    removed = provenance["removed_layers"]
+    lines = [
+        "---",
+        "tags: [depthcut, depth-pruning]",
+        "---",
+        f"# {provenance['base_model']['spec']}, {len(removed)} layers removed",
+        "",
+        f"Made with depthcut {provenance['environment']['depthcut']} "
+        f"on {provenance['environment']['created']}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{provenance['base_model']['spec']}` |",
+        f"| layers | {provenance['num_layers_before']} → {provenance['num_layers_after']} |",
+        f"| removed (0-based) | {removed} |",
+        f"| strategy | {provenance['strategy']} |",
+        f"| parameters | {provenance['parameters_before']:,} → {provenance['parameters_after']:,} |",
+    ]
+    if provenance.get("block_distance") is not None:
+        lines.append(f"| angular distance of the removed block | {provenance['block_distance']:.4f} |")
+    if provenance.get("calibration"):
+        data = provenance["calibration"]
+        lines.append(f"| calibration data | {data.get('source')} ({data.get('samples')} samples, {data.get('tokens')} tokens) |")
+    lines += [
+        "",
+        "The model is not healed: expect a loss increase until it is finetuned.",
+        "It loads with plain transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('PATH')",
+        "tokenizer = AutoTokenizer.from_pretrained('PATH')",
+        "```",
+        "",
+        f"`{PROVENANCE_FILE}` beside this card records how it was made.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False, extra_files: dict | None = None) -> Path:
+    """Save weights (safetensors), config, generation config, tokenizer, card and provenance atomically."""
+    provenance = {**provenance, "environment": environment()}
+    with atomic_output_dir(out, force) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_json(staging / PROVENANCE_FILE, provenance)
+        (staging / "README.md").write_text(model_card(provenance), encoding="utf-8")
+        for name, writer in (extra_files or {}).items():
+            writer(staging / name)
+    return Path(out)

@@ -1,0 +1,31 @@
+"""ShortGPT (Men et al. 2024): Block Influence of a layer = 1 - cos(its input, its output)."""
+
+from __future__ import annotations
+
+import torch
+
+from depthcut.metrics import Metric, register_metric
+
+
+@register_metric
+class BlockInfluence(Metric):
+    name = "block_influence"
+    level = "all_tokens"
+    description = "1 - cos(layer input, layer output), averaged over all non-padding tokens"
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.total = torch.zeros(num_layers, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, cosines: torch.Tensor) -> None:
+        index = torch.arange(self.num_layers, device=cosines.device)
+        consecutive = cosines[:, index, index + 1]  # (M, L): cos(x_l, x_{l+1})
+        self.total += (1.0 - consecutive).sum(dim=0).to(device="cpu", dtype=torch.float64)
+        self.count += cosines.shape[0]
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.total, self.count]
+
+    def result(self) -> list[float]:
+        return (self.total / self.count.clamp_min(1)).tolist()

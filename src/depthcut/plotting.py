@@ -1,0 +1,53 @@
+"""The paper's figure: angular distance per block size n and first layer l, minimum per n marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from depthcut.result import Analysis
+
+
+def _matrix(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def plot_heatmap(analysis: Analysis, path: str | Path) -> Path:
+    """Write a PNG with one heatmap per matrix metric and the Block Influence bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = analysis.num_layers
+    matrices = [name for name in ("angular_last_token", "angular_all_tokens") if name in analysis.metrics]
+    panels = len(matrices) + (1 if "block_influence" in analysis.metrics else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
+    axes = list(axes[0])
+    model = analysis.metadata.get("model", "")
+    title = model.get("spec", "") if isinstance(model, dict) else str(model)
+    for ax, name in zip(axes, matrices):
+        values = _matrix(analysis.metrics[name])
+        image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis_r",
+                          extent=(-0.5, size - 0.5, 0.5, size + 0.5), interpolation="nearest")
+        best = [analysis.best_block(n, name) for n in range(1, size)]
+        ax.scatter([b[0] for b in best], range(1, size), marker="o", s=14, facecolors="none",
+                   edgecolors="red", linewidths=1.0, label="min per n (final layer kept)")
+        ax.set_xlabel("first layer dropped, l (0-based)")
+        ax.set_ylabel("block size, n")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+        figure.colorbar(image, ax=ax, label="angular distance d(x_l, x_{l+n})")
+    if "block_influence" in analysis.metrics:
+        ax = axes[-1]
+        ax.bar(range(size), analysis.metrics["block_influence"], color="tab:blue")
+        ax.set_xlabel("layer (0-based)")
+        ax.set_ylabel("block influence (1 - cos)")
+        ax.set_title("block influence (ShortGPT)")
+    figure.suptitle(f"{title} — {analysis.metadata.get('samples', '?')} samples, {analysis.metadata.get('tokens', '?')} tokens", fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+import depthcut
+from depthcut.calibration import CalibrationSet
+from depthcut.layers import find_layer_stack
+from reference import naive_metrics
+from tiny import CONFIGS, VOCAB, tiny_model
+
+
+def _calibration(lengths, seed=3) -> CalibrationSet:
+    """Sequences of unequal length, right-padded: exercises 'last token = last non-pad token'."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, :length] = 1
+    return CalibrationSet(ids, mask, "random", "documents", seed)
+
+
+def _assert_close(actual, expected, tol):
+    assert len(actual) == len(expected)
+    for a_row, e_row in zip(actual, expected):
+        if isinstance(e_row, list):
+            assert [a is None for a in a_row] == [e is None for e in e_row]
+            for a, e in zip(a_row, e_row):
+                if e is not None:
+                    assert a == pytest.approx(e, abs=tol)
+        else:
+            assert a_row == pytest.approx(e_row, abs=tol)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_all_metrics_match_naive_per_sample_computation(arch):
+    model = tiny_model(arch)
+    calibration = _calibration([12, 7, 10, 5, 9])
+    analysis = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
+    stack = find_layer_stack(model)
+    sequences = [calibration.input_ids[i, : int(calibration.attention_mask[i].sum())] for i in range(len(calibration))]
+    expected = naive_metrics(model, stack, sequences)
+    for name in ("angular_last_token", "angular_all_tokens", "block_influence"):
+        _assert_close(analysis.metrics[name], expected[name], tol=2e-5)
+
+
+def test_matrix_layout_and_best_block():
+    model = tiny_model("llama")
+    analysis = depthcut.analyze(model, data=_calibration([8, 8, 8]), progress=False)
+    size = analysis.num_layers
+    matrix = analysis.metrics["angular_last_token"]
+    assert len(matrix) == size and all(len(row) == size for row in matrix)
+    for n in range(1, size + 1):
+        for first in range(size):
+            assert (matrix[n - 1][first] is None) == (first + n > size)
+    for n in range(1, size):
+        first, stop = analysis.best_block(n)
+        assert stop - first == n and stop <= size - 1  # never includes the final layer
+        allowed = [matrix[n - 1][l] for l in range(size - n)]
+        assert matrix[n - 1][first] == min(allowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_reduce_in_float32(dtype):
+    reference = depthcut.analyze(tiny_model("llama"), data=_calibration([10, 10]), progress=False)
+    low = depthcut.analyze(tiny_model("llama").to(dtype), data=_calibration([10, 10]), progress=False)
+    for name in ("angular_last_token", "angular_all_tokens"):
+        values = [v for row in low.metrics[name] for v in row if v is not None]
+        assert all(math.isfinite(v) for v in values)
+        _assert_close(low.metrics[name], reference.metrics[name], tol=0.03)
+    assert low.metadata["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_fp16_states_whose_squared_norm_overflows_give_finite_distances():
+    model = tiny_model("gpt2").to(torch.float16)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(300.0)  # |h|^2 > 65504: a norm taken in fp16 would be inf
+    analysis = depthcut.analyze(model, data=_calibration([10, 10]), progress=False)
+    values = [v for row in analysis.metrics["angular_all_tokens"] for v in row if v is not None]
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
+
+
+def test_identical_states_give_zero_distance_not_nan():
+    model = tiny_model("llama")
+    stack = find_layer_stack(model)
+    # A layer that returns its input makes cos exactly 1 up to rounding: arccos must be clamped.
+    handle = stack.layers[2].register_forward_hook(lambda m, args, kwargs, out: kwargs.get("hidden_states", args[0] if args else None), with_kwargs=True)
+    try:
+        analysis = depthcut.analyze(model, data=_calibration([9, 9]), progress=False)
+    finally:
+        handle.remove()
+    assert analysis.metrics["angular_last_token"][0][2] == pytest.approx(0.0, abs=1e-3)
+    assert analysis.best_block(1) == (2, 3)
+
+
+def test_batch_size_does_not_change_results():
+    calibration = _calibration([12, 7, 10, 5, 9, 11])
+    model = tiny_model("qwen2")
+    one = depthcut.analyze(model, data=calibration, batch_size=1, progress=False)
+    many = depthcut.analyze(model, data=calibration, batch_size=4, progress=False)
+    for name in one.metrics:
+        _assert_close(many.metrics[name], one.metrics[name], tol=1e-5)
+
+
+def test_metric_subset_and_unknown_metric():
+    model = tiny_model("llama")
+    analysis = depthcut.analyze(model, data=_calibration([8, 8]), metrics=["angular_last_token"], progress=False)
+    assert list(analysis.metrics) == ["angular_last_token"]
+    with pytest.raises(depthcut.DepthcutError, match="Did you mean 'angular_last_token'"):
+        depthcut.analyze(model, data=_calibration([8]), metrics=["angular_last_tokn"], progress=False)
+
+
+def test_analysis_json_roundtrip(tmp_path):
+    analysis = depthcut.analyze(tiny_model("llama"), data=_calibration([8, 8]), progress=False)
+    path = tmp_path / "analysis.json"
+    analysis.save(path)
+    import json
+
+    data = json.loads(path.read_text())
+    assert data["format"] == "depthcut.analysis" and data["num_layers"] == 6
+    assert data["best_block"]["2"] == list(analysis.best_block(2))
+    assert set(data["metadata"]) >= {"model", "data", "samples", "tokens", "seed", "dtype", "depthcut_version"}
+    loaded = depthcut.Analysis.load(path)
+    assert loaded.metrics == analysis.metrics and loaded.best_blocks() == analysis.best_blocks()
