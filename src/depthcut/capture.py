@@ -47,9 +47,10 @@ class ResidualCapture:
                 )
         # Upcast before normalising: the norm of a bf16/fp16 state can overflow in its own dtype.
         last = hidden[rows, self.last_index.to(hidden.device)].float()
-        self.last_token[:, position] = F.normalize(last, dim=-1)
+        # .to(): with a model split over devices, later layers live elsewhere than the buffers.
+        self.last_token[:, position] = F.normalize(last, dim=-1).to(self.last_token.device)
         if self.all_tokens is not None:
-            self.all_tokens[:, :, position] = F.normalize(hidden.float(), dim=-1)
+            self.all_tokens[:, :, position] = F.normalize(hidden.float(), dim=-1).to(self.all_tokens.device)
 
     def _pre_hook(self, position: int):
         def hook(module, args, kwargs):

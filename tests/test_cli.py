@@ -1,0 +1,130 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from depthcut.cli import main
+from depthcut.output import atomic_output_dir
+
+DATA = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir()) if path.parent.exists() else []
+
+
+def test_analyze_then_prune_writes_a_reloadable_model(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    analysis_dir = tmp_path / "analysis"
+    code, out, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", analysis_dir, *DATA)
+    assert code == 0, err
+    assert (analysis_dir / "heatmap.png").stat().st_size > 1000
+    analysis = json.loads((analysis_dir / "analysis.json").read_text())
+    best = analysis["best_block"]["2"]
+
+    pruned_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--drop", 2, "--analysis", analysis_dir / "analysis.json",
+                         "--out", pruned_dir)
+    assert code == 0, err
+    provenance = json.loads((pruned_dir / "depthcut.json").read_text())
+    assert provenance["removed_layers"] == list(range(*best)) and provenance["strategy"] == "angular"
+    assert provenance["removed_block"] == best
+    assert provenance["block_distance"] == pytest.approx(analysis["metrics"]["angular_last_token"][1][best[0]])
+    assert provenance["num_layers_after"] == 4
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (pruned_dir / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert model.config.num_hidden_layers == 4
+    assert sum(p.numel() for p in model.parameters()) == provenance["parameters_after"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_prune_without_analysis_analyzes_the_data(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out_dir = tmp_path / "bi"
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--drop", 2, "--strategy", "block-influence",
+                         "--data", corpus_file, "--out", out_dir, *DATA)
+    assert code == 0, err
+    provenance = json.loads((out_dir / "depthcut.json").read_text())
+    influence = provenance["analysis"]["metrics"]["block_influence"]
+    assert provenance["removed_layers"] == sorted(sorted(range(6), key=lambda i: influence[i])[:2])
+
+
+def test_explicit_layers_and_deepest(capsys, tmp_path, tiny_llama_dir):
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--layers", "1:3", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "depthcut.json").read_text())["removed_layers"] == [1, 2]
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--drop", 2, "--strategy", "deepest", "--out", tmp_path / "b")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "depthcut.json").read_text())["removed_layers"] == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "{tmp}/nope", "--drop", "1"], "not found"),
+        (["prune", "{tmp}", "--drop", "1"], "no config.json"),
+        (["prune", "{model}", "--drop", "0"], "between 1 and 5"),
+        (["prune", "{model}", "--drop", "6", "--strategy", "deepest"], "between 1 and 5"),
+        (["prune", "{model}", "--layers", "4:9"], "out of range"),
+        (["prune", "{model}", "--layers", "x"], "malformed"),
+        (["prune", "{model}", "--drop", "1", "--layers", "1"], "either --drop"),
+        (["prune", "{model}", "--drop", "1", "--strategy", "angulr"], "Did you mean 'angular'"),
+        (["prune", "{model}", "--drop", "1", "--analysis", "{tmp}/none.json"], "does not exist"),
+        (["prune", "{model}", "--layers", "1", "--layer-path", "model.nothing"], "no module at layer path"),
+        (["analyze", "{model}", "--data", "{empty}"], "holds no text"),
+        (["analyze", "{model}", "--data", "{corpus}", "--samples", "5000"], "too short"),
+        (["analyze", "{model}", "--data", "{corpus}", "--samples", "0"], "at least 1"),
+        (["analyze", "{model}", "--data", "{corpus}", "--dtype", "float8"], "unknown dtype"),
+    ],
+)
+def test_bad_input_gives_a_message_and_writes_nothing(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fields = {"tmp": tmp_path, "model": tiny_llama_dir, "empty": empty, "corpus": corpus_file}
+    out = tmp_path / "out"
+    before = _siblings(out)
+    code, _, err = run(capsys, *[a.format(**fields) for a in argv], "--out", out, "--quiet")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert _siblings(out) == before  # no output folder, no staging folder
+
+
+def test_existing_output_needs_force(capsys, tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--layers", "1", "--out", out)
+    assert code == 2 and "already exists" in err and (out / "keep.txt").read_text() == "mine"
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--layers", "1", "--out", out, "--force")
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as staging:
+            (staging / "half.bin").write_bytes(b"x")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_error_exit_from_the_installed_command_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "depthcut.cli", "prune", str(tmp_path / "missing"), "--drop", "2",
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("depthcut: error:") and "Traceback" not in result.stderr
+
+
+def test_generate_prints_a_continuation(capsys, tiny_llama_dir):
+    code, out, err = run(capsys, "generate", tiny_llama_dir, "the quick brown", "--max-new-tokens", 4)
+    assert code == 0, err
+    assert out.startswith("> the quick brown\n")
