@@ -84,6 +84,9 @@ def test_explicit_layers_and_deepest(capsys, tmp_path, tiny_llama_dir):
         (["analyze", "{model}", "--data", "{corpus}", "--samples", "5000"], "too short"),
         (["analyze", "{model}", "--data", "{corpus}", "--samples", "0"], "at least 1"),
         (["analyze", "{model}", "--data", "{corpus}", "--dtype", "float8"], "unknown dtype"),
+        (["analyze", "{model}", "--data", "{corpus}", "--metrics", "angular_last_token,bi"], "unknown metric 'bi'"),
+        (["analyze", "{model}", "--data", "hf:no-such/dataset-xyz"], "cannot open Hugging Face dataset"),
+        (["prune", "{model}", "--drop", "2", "--data", "{corpus}", "--seq-len", "0"], "at least 1"),
     ],
 )
 def test_bad_input_gives_a_message_and_writes_nothing(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
@@ -96,6 +99,14 @@ def test_bad_input_gives_a_message_and_writes_nothing(capsys, tmp_path, tiny_lla
     assert code == 2
     assert message in err and "Traceback" not in err
     assert _siblings(out) == before  # no output folder, no staging folder
+
+
+def test_metric_subset_from_the_command_line(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "a"
+    code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", out, "--metrics",
+                       "angular_last_token", *DATA)
+    assert code == 0, err
+    assert list(json.loads((out / "analysis.json").read_text())["metrics"]) == ["angular_last_token"]
 
 
 def test_existing_output_needs_force(capsys, tmp_path, tiny_llama_dir):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.metrics import DEFAULT_METRICS
 
 EPILOG_ANALYZE = """examples:
   depthcut analyze smollm2-135m --data c4 --out runs/smollm2
@@ -53,6 +54,9 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--sample-mode", choices=("windows", "documents"), default="windows",
                         help="fixed-length windows of concatenated text, or one document per sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default: 0)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated metrics (default: all: {','.join(DEFAULT_METRICS)}); the all-token "
+                             "ones keep a batch's states at every layer, so drop them to save memory on big models")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def _run_analysis(args, model, tokenizer):
     return analyze(
         model, tokenizer, args.data, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         mode=args.sample_mode, seed=args.seed, layer_path=args.layer_path, text_field=args.text_field,
-        progress=not args.quiet,
+        metrics=[m.strip() for m in args.metrics.split(",")], progress=not args.quiet,
     )
 
 
@@ -84,12 +88,20 @@ def _check_positive(**values: int) -> None:
             raise DepthcutError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def _check_data_options(args) -> None:
+    from depthcut.metrics import METRICS
+
+    _check_positive(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    for name in args.metrics.split(","):
+        METRICS.get(name.strip())
+
+
 def cmd_analyze(args) -> None:
     from depthcut.models import resolve_model
     from depthcut.output import atomic_output_dir, check_output_dir
     from depthcut.plotting import plot_heatmap
 
-    _check_positive(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    _check_data_options(args)
     check_output_dir(args.out, args.force)
     source = resolve_model(args.model)
     model, tokenizer, source = _load(args)
@@ -106,68 +118,90 @@ def cmd_analyze(args) -> None:
         print(f"  n={n:>2}: [{first}, {stop})  d={analysis.distance(first, int(n)):.4f}")
 
 
-def cmd_prune(args) -> None:
-    from depthcut.export import parameter_count, save_pruned
-    from depthcut.layers import find_layer_stack
-    from depthcut.models import resolve_model
-    from depthcut.output import check_output_dir
-    from depthcut.result import Analysis
+def _check_drop(drop: int, num_layers: int) -> None:
+    if not 1 <= drop < num_layers:
+        raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {drop}")
+
+
+def _choose_layers(args, model, tokenizer, source, analysis, num_layers):
+    """The layers to remove and the name of how they were chosen; analyzes `--data` if needed."""
     from depthcut.strategies import STRATEGIES, select
-    from depthcut.surgery import parse_layer_spec, prune
+    from depthcut.surgery import parse_layer_spec
 
-    if (args.layers is None) == (args.drop is None):
-        raise DepthcutError("give either --drop N (with a --strategy) or --layers")
-    if args.layers is not None and args.analysis:
-        raise DepthcutError("--layers names the layers itself; it takes no --analysis")
-    strategy = STRATEGIES.get(args.strategy) if args.layers is None else None
-    analysis = Analysis.load(args.analysis) if args.analysis else None
-    check_output_dir(args.out, args.force)
-    resolve_model(args.model)
-    if analysis is not None and args.drop is not None and not 1 <= args.drop < analysis.num_layers:
-        select(args.strategy, args.drop, analysis=analysis)  # raises the range message
-
-    model, tokenizer, source = _load(args)
-    num_layers = len(find_layer_stack(model, args.layer_path))
     if args.layers is not None:
-        removed = parse_layer_spec(args.layers, num_layers)
-        strategy_name = "explicit"
-    else:
-        if not 1 <= args.drop < num_layers:
-            raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for this model of {num_layers} layers")
-        if strategy.needs_analysis and analysis is None:
-            args.data = args.data or "c4"
-            print(f"analyzing on {args.data} to choose layers ...", file=sys.stderr)
-            analysis = _run_analysis(args, model, tokenizer)
-            analysis.metadata["model"] = source.as_dict()
-        removed = select(args.strategy, args.drop, num_layers, analysis if strategy.needs_analysis else None)
-        strategy_name = args.strategy
+        return parse_layer_spec(args.layers, num_layers), "explicit", None
+    _check_drop(args.drop, num_layers)
+    if not STRATEGIES.get(args.strategy).needs_analysis:
+        return select(args.strategy, args.drop, num_layers), args.strategy, analysis
+    if analysis is None:
+        args.data = args.data or "c4"
+        print(f"analyzing {args.data} to choose layers ...", file=sys.stderr)
+        analysis = _run_analysis(args, model, tokenizer)
+        analysis.metadata["model"] = source.as_dict()
+    return select(args.strategy, args.drop, num_layers, analysis), args.strategy, analysis
 
-    before = parameter_count(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        prune(model, removed, args.layer_path)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+
+def _provenance(removed, strategy, analysis, source, num_layers, before, model, notes) -> dict:
+    from depthcut.export import parameter_count
 
     contiguous = removed == list(range(removed[0], removed[-1] + 1))
-    provenance = {
+    metrics = analysis.metrics if analysis else {}
+    return {
         "base_model": source.as_dict(),
-        "strategy": strategy_name,
+        "strategy": strategy,
         "removed_layers": removed,
         "removed_block": [removed[0], removed[-1] + 1] if contiguous else None,
         "num_layers_before": num_layers,
         "num_layers_after": num_layers - len(removed),
         "parameters_before": before,
         "parameters_after": parameter_count(model),
-        "block_distance": analysis.distance(removed[0], len(removed)) if analysis and contiguous and "angular_last_token" in analysis.metrics else None,
-        "block_influence": [analysis.metrics["block_influence"][i] for i in removed] if analysis and "block_influence" in analysis.metrics else None,
+        "block_distance": analysis.distance(removed[0], len(removed))
+        if contiguous and "angular_last_token" in metrics else None,
+        "block_influence": [metrics["block_influence"][i] for i in removed] if "block_influence" in metrics else None,
         "calibration": analysis.metadata.get("data") if analysis else None,
         "analysis": analysis.to_dict() if analysis else None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "config_warnings": [str(w.message) for w in caught],
+        "config_warnings": notes,
     }
+
+
+def cmd_prune(args) -> None:
+    from depthcut.export import parameter_count, save_pruned
+    from depthcut.layers import find_layer_stack
+    from depthcut.models import resolve_model
+    from depthcut.output import check_output_dir
+    from depthcut.result import Analysis
+    from depthcut.strategies import STRATEGIES
+    from depthcut.surgery import prune
+
+    # Everything that can be checked without the model is checked before loading it.
+    if (args.layers is None) == (args.drop is None):
+        raise DepthcutError("give either --drop N (with a --strategy) or --layers")
+    if args.layers is not None and args.analysis:
+        raise DepthcutError("--layers names the layers itself; it takes no --analysis")
+    if args.layers is None:
+        STRATEGIES.get(args.strategy)
+    _check_data_options(args)
+    analysis = Analysis.load(args.analysis) if args.analysis else None
+    if analysis is not None:
+        _check_drop(args.drop, analysis.num_layers)
+    check_output_dir(args.out, args.force)
+    resolve_model(args.model)
+
+    model, tokenizer, source = _load(args)
+    num_layers = len(find_layer_stack(model, args.layer_path))
+    removed, strategy, analysis = _choose_layers(args, model, tokenizer, source, analysis, num_layers)
+    before = parameter_count(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, removed, args.layer_path)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+
+    provenance = _provenance(removed, strategy, analysis, source, num_layers, before, model, notes)
     save_pruned(model, tokenizer, args.out, provenance, force=args.force)
-    print(f"removed layers {removed} ({strategy_name}); {num_layers} -> {num_layers - len(removed)} layers, "
+    print(f"removed layers {removed} ({strategy}); {num_layers} -> {num_layers - len(removed)} layers, "
           f"{before:,} -> {provenance['parameters_after']:,} parameters")
     print(f"pruned model: {args.out}")
 
