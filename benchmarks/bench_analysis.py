@@ -15,9 +15,10 @@ imports only the standard library and leaves model loading to a ``prepare`` subp
 Linux a child's ru_maxrss starts from its parent's peak RSS (it is inherited through fork/exec),
 so a parent that had loaded the model would inflate every worker's figure alike.
 
-Variants are interleaved (plain, decoder, analyze, plain, decoder, analyze, ...) per batch size
-and the best of the repeats is kept, so slow phases of a shared, noisy machine hit all variants
-alike and the ratios come from one run.
+Variants are interleaved (plain, decoder, analyze, plain, decoder, analyze, ...) per batch size;
+each process times a few full passes after a warm-up batch, and the fastest pass of all rounds
+is kept. Slow phases of a shared, noisy machine then hit all variants alike, and the ratios come
+from one run.
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_analysis.py
 """
@@ -37,7 +38,9 @@ import time
 from pathlib import Path
 
 VARIANTS = ("plain", "decoder", "analyze")
-C4_SAMPLE = Path("/work/shared/data/c4/c4_validation_2k.jsonl")
+# The reference data beside the project (../shared/data), or wherever DEPTHCUT_DATA_DIR points.
+DATA_DIR = Path(os.environ.get("DEPTHCUT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+C4_SAMPLE = DATA_DIR / "c4" / "c4_validation_2k.jsonl"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "analysis.json"
 THROUGHPUT_TARGET = 0.97  # analysis tok/s / plain tok/s must be at least this
 MEMORY_TARGET = 1.10  # analysis peak memory / plain peak memory must be at most this
@@ -133,7 +136,9 @@ def load_calibration(path: Path):
     from depthcut.calibration import CalibrationSet
 
     saved = torch.load(path, weights_only=True)
-    return CalibrationSet(saved["input_ids"], saved["attention_mask"], saved["description"], saved["mode"], saved["seed"])
+    return CalibrationSet(
+        saved["input_ids"], saved["attention_mask"], saved["description"], saved["mode"], saved["seed"]
+    )
 
 
 def first_rows(calibration, count: int):
@@ -170,8 +175,19 @@ def make_runner(variant: str, model, tokenizer, batch_size: int, device):
     return lambda calibration: depthcut.analyze(model, tokenizer, calibration, batch_size=batch_size, progress=False)
 
 
+def time_passes(run, calibration, device, passes: int) -> list[float]:
+    """Seconds taken by each of `passes` full passes over the calibration set."""
+    seconds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        run(calibration)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def run_measurement(args: argparse.Namespace) -> None:
-    """Load the model, warm up on one batch, take the memory baseline, time one full pass.
+    """Load the model, warm up on one batch, take the memory baseline, time full passes (best kept).
 
     The warm-up batch is not timed: it pays for first-call costs (kernel selection, weight
     layouts, allocator growth) that a long analysis pays only once.
@@ -195,17 +211,14 @@ def run_measurement(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         baseline_gpu = torch.cuda.memory_allocated(device)
 
-    start = time.perf_counter()
-    run(calibration)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = time_passes(run, calibration, device, args.passes)
 
     result = {
         "variant": args.worker,
         "batch_size": args.batch_size,
         "tokens": calibration.num_tokens,
-        "seconds": seconds,
-        "tokens_per_s": calibration.num_tokens / seconds,
+        "pass_seconds": seconds,
+        "tokens_per_s": calibration.num_tokens / min(seconds),
         "threads": torch.get_num_threads(),
         "peak_rss": peak_rss(),
         "baseline_rss": baseline_rss,
@@ -231,6 +244,7 @@ def spawn(args: argparse.Namespace, worker: str, result: Path, *extra: str) -> d
         "--model", args.model,
         "--dtype", args.dtype,
         "--device", args.device,
+        "--passes", str(args.passes),
         *extra,
     ]  # fmt: skip
     if args.threads:
@@ -358,7 +372,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
         args.workdir = Path(tmp)
         print(f"preparing {args.model} ({args.dtype}), {args.samples} x {args.seq_len} tokens", flush=True)
         info = prepare(args)
-        print(f"measuring on {args.device}: {', '.join(VARIANTS)}, {args.repeats} rounds each", flush=True)
+        print(
+            f"measuring on {args.device}: {', '.join(VARIANTS)}; {args.repeats} rounds x {args.passes} passes",
+            flush=True,
+        )
         rows = measure(args)
     table = format_table(rows, args.device)
     results = {
@@ -371,12 +388,17 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "seq_len": args.seq_len,
             "threads": args.threads,
             "repeats": args.repeats,
+            "passes": args.passes,
             "data": str(args.data),
             "targets": {"throughput_ratio_min": THROUGHPUT_TARGET, "memory_ratio_max": MEMORY_TARGET},
             "model_source": info["model_source"],
             "calibration": info["calibration"],
         },
-        "environment": {**info["environment"], "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "environment": {
+            **info["environment"],
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
         "results": rows,
         "table": table,
         "wall_seconds": time.perf_counter() - started,
@@ -410,7 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="calibration samples per timed pass")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per variant, interleaved")
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per process; the fastest counts")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--data", type=Path, default=C4_SAMPLE, help="calibration text file (JSONL, txt, ...)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")

@@ -12,9 +12,18 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from depthcut.layers import LayerStack, first_tensor, output_tensor
+
+
+def _store_unit(slot: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Write hidden / |hidden| into the float32 view `slot`, in place.
+
+    The state is upcast before its norm is taken (the squared norm of a bf16/fp16 state can
+    overflow its own dtype); `copy_` also moves it across devices when a model is split.
+    """
+    slot.copy_(hidden)
+    slot.div_(torch.linalg.vector_norm(slot, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 class StopForward(Exception):
@@ -45,12 +54,9 @@ class ResidualCapture:
                 self.all_tokens = torch.empty(
                     batch, length, self.positions, width, dtype=torch.float32, device=hidden.device
                 )
-        # Upcast before normalising: the norm of a bf16/fp16 state can overflow in its own dtype.
-        last = hidden[rows, self.last_index.to(hidden.device)].float()
-        # .to(): with a model split over devices, later layers live elsewhere than the buffers.
-        self.last_token[:, position] = F.normalize(last, dim=-1).to(self.last_token.device)
+        _store_unit(self.last_token[:, position], hidden[rows, self.last_index.to(hidden.device)])
         if self.all_tokens is not None:
-            self.all_tokens[:, :, position] = F.normalize(hidden.float(), dim=-1).to(self.all_tokens.device)
+            _store_unit(self.all_tokens[:, :, position], hidden)
 
     def _pre_hook(self, position: int):
         def hook(module, args, kwargs):

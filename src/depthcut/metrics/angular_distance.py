@@ -17,7 +17,7 @@ class _BlockAngularDistance(Metric):
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, cosines: torch.Tensor) -> None:
-        self.total += angular(cosines).sum(dim=0).to(device="cpu", dtype=torch.float64)
+        self.total += angular(cosines).sum(dim=0, dtype=torch.float64).cpu()
         self.count += cosines.shape[0]
 
     def state(self) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ class BlockInfluence(Metric):
     def update(self, cosines: torch.Tensor) -> None:
         index = torch.arange(self.num_layers, device=cosines.device)
         consecutive = cosines[:, index, index + 1]  # (M, L): cos(x_l, x_{l+1})
-        self.total += (1.0 - consecutive).sum(dim=0).to(device="cpu", dtype=torch.float64)
+        self.total += (1.0 - consecutive).sum(dim=0, dtype=torch.float64).cpu()
         self.count += cosines.shape[0]
 
     def state(self) -> list[torch.Tensor]:
