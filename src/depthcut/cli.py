@@ -98,15 +98,16 @@ def _check_data_options(args) -> None:
 
 def cmd_analyze(args) -> None:
     from depthcut.models import resolve_model
-    from depthcut.output import atomic_output_dir, check_output_dir
+    from depthcut.output import atomic_output_dir, check_output_dir, environment
     from depthcut.plotting import plot_heatmap
 
     _check_data_options(args)
     check_output_dir(args.out, args.force)
-    source = resolve_model(args.model)
+    resolve_model(args.model)  # a bad MODEL fails here, before the heavy imports
     model, tokenizer, source = _load(args)
     analysis = _run_analysis(args, model, tokenizer)
     analysis.metadata["model"] = source.as_dict()
+    analysis.metadata["environment"] = environment()
     with atomic_output_dir(args.out, args.force) as staging:
         analysis.save(staging / "analysis.json")
         plot_heatmap(analysis, staging / "heatmap.png")
@@ -118,19 +119,14 @@ def cmd_analyze(args) -> None:
         print(f"  n={n:>2}: [{first}, {stop})  d={analysis.distance(first, int(n)):.4f}")
 
 
-def _check_drop(drop: int, num_layers: int) -> None:
-    if not 1 <= drop < num_layers:
-        raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {drop}")
-
-
 def _choose_layers(args, model, tokenizer, source, analysis, num_layers):
     """The layers to remove and the name of how they were chosen; analyzes `--data` if needed."""
-    from depthcut.strategies import STRATEGIES, select
+    from depthcut.strategies import STRATEGIES, check_drop, select
     from depthcut.surgery import parse_layer_spec
 
     if args.layers is not None:
         return parse_layer_spec(args.layers, num_layers), "explicit", None
-    _check_drop(args.drop, num_layers)
+    check_drop(args.drop, num_layers)
     if not STRATEGIES.get(args.strategy).needs_analysis:
         return select(args.strategy, args.drop, num_layers), args.strategy, analysis
     if analysis is None:
@@ -171,7 +167,7 @@ def cmd_prune(args) -> None:
     from depthcut.models import resolve_model
     from depthcut.output import check_output_dir
     from depthcut.result import Analysis
-    from depthcut.strategies import STRATEGIES
+    from depthcut.strategies import STRATEGIES, check_drop
     from depthcut.surgery import prune
 
     # Everything that can be checked without the model is checked before loading it.
@@ -183,8 +179,8 @@ def cmd_prune(args) -> None:
         STRATEGIES.get(args.strategy)
     _check_data_options(args)
     analysis = Analysis.load(args.analysis) if args.analysis else None
-    if analysis is not None:
-        _check_drop(args.drop, analysis.num_layers)
+    if analysis is not None and args.drop is not None:
+        check_drop(args.drop, analysis.num_layers)
     check_output_dir(args.out, args.force)
     resolve_model(args.model)
 

@@ -33,6 +33,11 @@ def register_strategy(name: str, needs_analysis: bool, description: str):
     return decorator
 
 
+def check_drop(drop: int, num_layers: int) -> None:
+    if not 1 <= drop < num_layers:
+        raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {drop}")
+
+
 def select(strategy: str, drop: int, num_layers: int | None = None, analysis: Analysis | None = None) -> list[int]:
     """The 0-based indices of the `drop` layers that `strategy` removes."""
     chosen = STRATEGIES.get(strategy)
@@ -46,8 +51,7 @@ def select(strategy: str, drop: int, num_layers: int | None = None, analysis: An
         raise DepthcutError("the number of layers is needed (give num_layers or an analysis)")
     if chosen.needs_analysis and analysis is None:
         raise DepthcutError(f"strategy {strategy!r} needs an analysis (--analysis FILE or --data DATA)")
-    if not 1 <= drop < num_layers:
-        raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {drop}")
+    check_drop(drop, num_layers)
     return sorted(chosen.choose(drop, num_layers, analysis))
 
 
