@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from depthcut.evaluation.scoring import Scorer, encode_pair
+from tiny import tiny_model
+
+REQUESTS = [
+    ("the quick brown fox", " jumps"),
+    ("the quick brown fox", " jumps over the lazy dog"),
+    ("the quick brown fox", " depth pruning"),
+    ("depth pruning removes layers", " from models"),
+    ("depth pruning removes layers ", "from"),  # trailing space moves to the continuation
+    ("the", " quick brown"),
+    ("", "the lazy dog"),  # empty context: scored after a BOS token
+    ("over the lazy dog the quick brown fox jumps over the lazy dog depth", " layers"),
+]
+
+
+def naive_loglikelihood(model, tokenizer, context, continuation) -> float:
+    """One unpadded sequence per pair, full logits, float64 sum."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    positions = range(len(context_ids) - 1, len(context_ids) + len(continuation_ids) - 1)
+    return float(sum(logprobs[p, t] for p, t in zip(positions, continuation_ids)))
+
+
+def test_encode_pair_moves_trailing_space_and_splits_on_the_joint_encoding(tokenizer):
+    context_ids, continuation_ids = encode_pair(tokenizer, "the quick ", "brown")
+    assert context_ids == tokenizer("the quick", add_special_tokens=False)["input_ids"]
+    assert context_ids + continuation_ids == tokenizer("the quick brown", add_special_tokens=False)["input_ids"]
+    assert encode_pair(tokenizer, "", "fox")[0] == [tokenizer.bos_token_id]
+
+
+@pytest.mark.parametrize("mode", ["shared", "full"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "falcon", "gpt_neox", "qwen3"])
+def test_batched_scores_equal_naive_unpadded_scores(arch, mode, tokenizer):
+    model = tiny_model(arch)
+    expected = [naive_loglikelihood(model, tokenizer, c, x) for c, x in REQUESTS]
+    scorer = Scorer(model, tokenizer, batch_size=3, mode=mode)
+    assert scorer.loglikelihoods(REQUESTS) == pytest.approx(expected, abs=1e-4)
+
+
+def test_long_contexts_are_truncated_from_the_left(tokenizer):
+    model = tiny_model("llama")
+    context = "the quick brown fox jumps over the lazy dog " * 20
+    scorer = Scorer(model, tokenizer, max_length=16)
+    context_ids, continuation_ids = encode_pair(tokenizer, context, " depth")
+    kept = context_ids[-(17 - len(continuation_ids)):]
+    ids = torch.tensor([kept + continuation_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    positions = range(len(kept) - 1, len(kept) + len(continuation_ids) - 1)
+    expected = float(sum(logprobs[p, t] for p, t in zip(positions, continuation_ids)))
+    assert len(kept) + len(continuation_ids) == 17 and len(context_ids) > len(kept)
+    assert scorer.loglikelihoods([(context, " depth")])[0] == pytest.approx(expected, abs=1e-4)
