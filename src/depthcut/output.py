@@ -47,6 +47,33 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         staging.rename(out)
 
 
+def check_output_file(out: str | Path, force: bool) -> Path:
+    """Fail early, before any work, if the file `out` exists and may not be replaced."""
+    out = Path(out)
+    if out.is_dir():
+        raise DepthcutError(f"output {out} is a folder; --out names a file here")
+    if out.exists() and not force:
+        raise DepthcutError(f"output file {out} already exists; choose another --out or pass --force to replace it")
+    return out
+
+
+@contextmanager
+def atomic_output_file(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; it becomes `out` only if the block finishes."""
+    out = check_output_file(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    staging.chmod(0o666 & ~_umask())
+    os.replace(staging, out)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

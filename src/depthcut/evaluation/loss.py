@@ -1,0 +1,45 @@
+"""Held-out next-token loss over fixed-length windows (the paper's C4 validation loss)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from depthcut.calibration import CalibrationSet
+
+
+@torch.inference_mode()
+def heldout_loss(model, windows: CalibrationSet, batch_size: int = 8, progress: bool = False) -> dict:
+    """Mean next-token cross-entropy over the non-padding tokens of `windows`, summed in float64.
+
+    Also reports perplexity and the loss divided by log(vocabulary size), the loss of a uniform
+    guess, as the paper plots it.
+    """
+    device = next(model.parameters()).device
+    total, count, vocab = 0.0, 0, None
+    bar = tqdm(total=len(windows), desc="loss", unit="window", disable=not progress)
+    for input_ids, attention_mask in windows.batches(batch_size):
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        vocab = logits.shape[-1]
+        for row in range(input_ids.shape[0]):
+            # A row at a time keeps the float32 copy of the logits to (T, V).
+            logprobs = logits[row, :-1].float().log_softmax(-1)
+            targets = input_ids[row, 1:]
+            valid = (attention_mask[row, 1:] * attention_mask[row, :-1]).bool()
+            nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+            total += float(nll[valid].double().sum())
+            count += int(valid.sum())
+        bar.update(input_ids.shape[0])
+    bar.close()
+    mean = total / max(count, 1)
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "normalized_loss": mean / math.log(vocab),
+        "tokens": count,  # predicted tokens: every window's first token has no prediction
+        "vocab_size": vocab,
+        "data": windows.as_dict(),
+    }
