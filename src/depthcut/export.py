@@ -54,15 +54,23 @@ def model_card(provenance: dict) -> str:
     return "\n".join(lines)
 
 
-def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False, extra_files: dict | None = None) -> Path:
-    """Save weights (safetensors), config, generation config, tokenizer, card and provenance atomically."""
-    provenance = {**provenance, "environment": environment()}
+def save_model(model, tokenizer, out: str | Path, provenance: dict, card: str, force: bool = False,
+               extra_files: dict | None = None) -> Path:
+    """Save weights (safetensors), config, generation config, tokenizer, card and provenance atomically.
+
+    `extra_files` maps a file or folder name to a function that writes it given its path.
+    """
     with atomic_output_dir(out, force) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json(staging / PROVENANCE_FILE, provenance)
-        (staging / "README.md").write_text(model_card(provenance), encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")
         for name, writer in (extra_files or {}).items():
             writer(staging / name)
     return Path(out)
+
+
+def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False) -> Path:
+    provenance = {**provenance, "environment": environment()}
+    return save_model(model, tokenizer, out, provenance, model_card(provenance), force)

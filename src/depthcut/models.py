@@ -101,8 +101,12 @@ def load_model(
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    quantize: str | None = None,
 ):
-    """Load (model, tokenizer, source) for a MODEL string; the model is in eval mode."""
+    """Load (model, tokenizer, source) for a MODEL string; the model is in eval mode.
+
+    `quantize="4bit"` loads the weights as 4-bit NF4 with bitsandbytes (QLoRA's frozen base; CUDA only).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
@@ -113,6 +117,14 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     else:
         kwargs["use_safetensors"] = True
+    if quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype or torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": target.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto", **kwargs
@@ -123,9 +135,11 @@ def load_model(
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DepthcutError(f"could not load model {spec!r}: {message}") from error
     _make_serializable(model)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
-    model = model.to(target).eval()
+    if quantize is None:
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        model = model.to(target)
+    model = model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, source

@@ -1,0 +1,1 @@
+"""Healing: parameter-efficient finetuning that repairs a pruned model."""

@@ -1,0 +1,60 @@
+"""Checkpoints that survive a kill at any moment: written to a temporary folder, then renamed."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from depthcut.errors import DepthcutError
+
+STATE_FILE = "state.pt"
+RECIPE_FILE = "recipe.json"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, recipe: dict) -> Path:
+    """Write `folder/step-N` atomically and drop older steps: the newest complete one always exists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    torch.save({"step": step, **state}, staging / STATE_FILE)
+    (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for older in folder.glob("step-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+    for stale in folder.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    steps = sorted(p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path: Path, recipe: dict) -> dict:
+    """The saved state, after checking it belongs to a run with the same recipe."""
+    saved = json.loads((path / RECIPE_FILE).read_text())
+    different = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+    if different:
+        details = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in different[:5])
+        raise DepthcutError(f"checkpoint {path} is from a different run ({details}); start afresh without --resume")
+    return torch.load(path / STATE_FILE, weights_only=False)

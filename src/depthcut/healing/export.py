@@ -1,0 +1,71 @@
+"""Writing a healed model: merged weights, the adapter beside them, provenance carried forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from depthcut.export import PROVENANCE_FILE, save_model
+from depthcut.healing.trainer import HealResult
+from depthcut.output import environment
+
+
+def previous_provenance(model_spec: str) -> dict | None:
+    """The depthcut.json of a local MODEL folder (the pruning that came before), if any."""
+    path = Path(model_spec) / PROVENANCE_FILE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def heal_card(provenance: dict) -> str:
+    healing = provenance["healing"]
+    before, after = healing["loss_before"]["loss"], healing["loss_after"]["loss"]
+    lines = [
+        "---", "tags: [depthcut, depth-pruning, lora]", "---",
+        f"# {provenance['base_model']['spec']}, healed with LoRA", "",
+        "| | |", "|---|---|",
+        f"| base model | `{provenance['base_model']['spec']}` |",
+    ]
+    if provenance.get("pruning"):
+        pruning = provenance["pruning"]
+        lines.append(f"| pruning | layers {pruning.get('removed_layers')} removed ({pruning.get('strategy')}) |")
+    recipe = healing["recipe"]
+    lines += [
+        f"| LoRA | rank {recipe['rank']}, alpha {recipe['alpha'] or recipe['rank']}, dropout {recipe['dropout']}, "
+        f"targets {recipe['targets']} |",
+        f"| training | {healing['steps']} steps, {healing['tokens']:,} tokens, lr {recipe['lr']} cosine, "
+        f"{recipe['warmup_steps']} warmup |",
+        f"| held-out loss | {before:.4f} → {after:.4f} |", "",
+        "The LoRA weights are merged into this model; the adapter alone is in `adapter/`.",
+        f"`{PROVENANCE_FILE}` records the whole recipe, and `train_log.jsonl` every step.", "",
+    ]
+    return "\n".join(lines)
+
+
+def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: str, log_path: Path | None,
+                force: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    pruning = previous_provenance(base_model["spec"])
+    provenance = {
+        "base_model": base_model,
+        "pruning": pruning,
+        "healing": {
+            "recipe": result.recipe.as_dict(), "data": data,
+            "loss_before": result.loss_before, "loss_after": result.loss_after,
+            "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        },
+        "environment": environment(),
+    }
+
+    def write_adapter(folder: Path) -> None:
+        folder.mkdir()
+        result.peft_config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in result.adapter.items()}, folder / "adapter_model.safetensors")
+
+    extra = {"adapter": write_adapter}
+    if log_path is not None and log_path.is_file():
+        extra["train_log.jsonl"] = lambda path: path.write_bytes(log_path.read_bytes())
+    return save_model(result.model, tokenizer, out, provenance, heal_card(provenance), force, extra)
