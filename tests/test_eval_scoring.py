@@ -55,3 +55,17 @@ def test_long_contexts_are_truncated_from_the_left(tokenizer):
     expected = float(sum(logprobs[p, t] for p, t in zip(positions, continuation_ids)))
     assert len(kept) + len(continuation_ids) == 17 and len(context_ids) > len(kept)
     assert scorer.loglikelihoods([(context, " depth")])[0] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["shared", "full"])
+def test_a_continuation_longer_than_the_context_window_is_scored_on_its_tail(tokenizer, mode):
+    model = tiny_model("llama")
+    continuation = " the quick brown fox jumps over the lazy dog" * 6
+    context_ids, continuation_ids = encode_pair(tokenizer, "depth", continuation)
+    assert len(continuation_ids) > 16
+    window = (context_ids + continuation_ids)[-17:]  # 16 predictions, all of continuation tokens
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([window[:-1]])).logits[0].double().log_softmax(-1)
+    expected = float(sum(logprobs[i, t] for i, t in enumerate(window[1:])))
+    got = Scorer(model, tokenizer, max_length=16, mode=mode).loglikelihoods([("depth", continuation)])[0]
+    assert got == pytest.approx(expected, abs=1e-4)

@@ -38,11 +38,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if not context_ids:  # nothing to condition on: the first continuation token needs a position
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], whole
     return context_ids, whole[len(context_ids) :]
 
 
@@ -71,10 +71,14 @@ class Scorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
-    def _truncate(self, context: list[int], continuation: list[int]) -> list[int]:
-        # lm-eval keeps the last max_length + 1 tokens of context + continuation.
-        room = self.max_length + 1 - len(continuation)
-        return context[-room:] if len(context) > room else context
+    def _truncate(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """Keep the last max_length + 1 tokens of context + continuation (as lm-eval does); a
+        continuation longer than that is scored on its last max_length tokens."""
+        if len(context) + len(continuation) <= self.max_length + 1:
+            return context, continuation
+        if len(continuation) > self.max_length:
+            return continuation[-self.max_length - 1 : -self.max_length], continuation[-self.max_length :]
+        return context[len(context) + len(continuation) - self.max_length - 1 :], continuation
 
     def _forward(self, ids, mask, **kwargs):
         if self.takes_positions:
@@ -87,7 +91,7 @@ class Scorer:
         encoded = [encode_pair(self.tokenizer, c, x) for c, x in requests]
         groups: dict[tuple[int, ...], _Group] = {}
         for index, (context, continuation) in enumerate(encoded):
-            context = self._truncate(context, continuation)
+            context, continuation = self._truncate(context, continuation)
             key = tuple(context) if self.mode == "shared" else (index, *context)
             groups.setdefault(key, _Group(context, [])).members.append((index, continuation))
         # Longest first: padding stays small and memory trouble shows at once.

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from depthcut.cli import main
+from depthcut.evaluation import evaluate
+from depthcut.evaluation.scoring import Scorer
+from depthcut.evaluation.tasks import load_items
+from tiny import tiny_model
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_writes_metrics_samples_and_a_table(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run(capsys, "eval", tiny_llama_dir, "--tasks", "arc_easy,boolq,winogrande", "--limit", 6,
+                            "--loss", corpus_file, "--loss-samples", 4, "--loss-seq-len", 32, "--log-samples",
+                            "--out", out, "--quiet", "--batch-size", 4)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result["tasks"]) == {"arc_easy", "boolq", "winogrande"}
+    arc = result["tasks"]["arc_easy"]
+    assert arc["num_items"] == 6 and arc["source"].startswith("DEPTHCUT_DATA_DIR")
+    assert set(arc) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    samples = [s for s in result["samples"] if s["task"] == "arc_easy"]
+    assert len(samples) == 6 and all(s["source_line"] == s["doc_id"] + 1 for s in samples)
+    assert arc["acc"] == pytest.approx(sum(s["prediction"] == s["gold"] for s in samples) / 6)
+    assert result["loss"]["tokens"] == 4 * 31 and result["loss"]["normalized_loss"] > 0
+    assert "arc_easy" in stdout and "perplexity" in stdout
+
+
+def test_logged_loglikelihoods_are_the_scorers(tokenizer):
+    model = tiny_model("llama")
+    result = evaluate(model, tokenizer, ["piqa"], limit=3, log_samples=True, progress=False, seed=1)
+    items, _ = load_items("piqa")
+    scorer = Scorer(model, tokenizer, mode="full")
+    for sample in result["samples"]:
+        item = items[sample["doc_id"]]
+        assert sample["loglikelihoods"] == pytest.approx(scorer.loglikelihoods(item.requests()), abs=1e-4)
+
+
+def test_mmlu_reports_subjects_and_both_averages(tokenizer):
+    result = evaluate(tiny_model("llama"), tokenizer, ["mmlu"], limit=40, num_fewshot=1, progress=False)
+    mmlu = result["tasks"]["mmlu"]
+    assert mmlu["num_fewshot"] == 1 and mmlu["num_items"] == 40
+    assert sum(s["num_items"] for s in mmlu["subjects"].values()) == 40
+    assert {"acc", "acc_by_question", "acc_stderr"} <= set(mmlu)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "arc_esay"], "Did you mean 'arc_easy'"),
+        (["--tasks", "arc_easy", "--limit", "5000"], "larger than task 'arc_easy', which has 2376 items"),
+        ([], "nothing to evaluate"),
+        (["--tasks", "{bad_task}"], "prompt"),
+        (["--tasks", "piqa", "--num-fewshot", "-1"], "0 or more"),
+    ],
+)
+def test_eval_bad_input(capsys, tmp_path, tiny_llama_dir, argv, message):
+    bad_task = tmp_path / "bad.yaml"
+    bad_task.write_text("name: bad\ndata: x.jsonl\nchoices: options\nanswer: label\n")
+    out = tmp_path / "out.json"
+    code, _, err = run(capsys, "eval", tiny_llama_dir, *[a.format(bad_task=bad_task) for a in argv], "--out", out,
+                       "--quiet")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_task_data_says_where_it_looked(capsys, tmp_path, tiny_llama_dir, monkeypatch):
+    from depthcut.evaluation import sources
+
+    monkeypatch.setenv("DEPTHCUT_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sources, "olmo_root", lambda: None)
+    code, _, err = run(capsys, "eval", tiny_llama_dir, "--tasks", "piqa", "--out", tmp_path / "o.json", "--quiet")
+    assert code == 2 and str(tmp_path) in err and "Traceback" not in err
