@@ -47,3 +47,11 @@ def test_analysis_strategies_need_an_analysis_of_the_same_model():
         select("angular", 2, num_layers=6)
     with pytest.raises(DepthcutError, match="6 layers, this model has 30"):
         select("angular", 2, num_layers=30, analysis=_analysis())
+
+
+def test_random_block_is_seeded_contiguous_and_keeps_the_final_layer():
+    blocks = {tuple(select("random", 5, num_layers=30, seed=s)) for s in range(20)}
+    assert len(blocks) > 3
+    for block in blocks:
+        assert list(block) == list(range(block[0], block[0] + 5)) and block[-1] <= 28
+    assert select("random", 5, num_layers=30, seed=3) == select("random", 5, num_layers=30, seed=3)

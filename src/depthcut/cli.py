@@ -239,8 +239,9 @@ def cmd_eval(args) -> None:
     from depthcut.output import atomic_output_file, check_output_file, environment, write_json
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
-    if not tasks and not args.loss:
-        raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
+    harness_tasks = [t.strip() for t in args.harness.split(",") if t.strip()] if args.harness else []
+    if not tasks and not args.loss and not harness_tasks:
+        raise DepthcutError("nothing to evaluate: give --tasks, --loss and/or --harness")
     for name in tasks:
         get_task(name)  # unknown names fail before the model loads
     _check_positive(batch_size=args.batch_size, limit=args.limit, loss_samples=args.loss_samples,
@@ -250,10 +251,17 @@ def cmd_eval(args) -> None:
     check_output_file(args.out, args.force)
     resolve_model(args.model)
     model, tokenizer, source = _load(args)
-    result = evaluate(model, tokenizer, tasks, loss_data=args.loss, loss_samples=args.loss_samples,
-                      loss_seq_len=args.loss_seq_len, limit=args.limit, num_fewshot=args.num_fewshot,
-                      seed=args.seed, batch_size=args.batch_size, scoring=args.scoring,
-                      log_samples=args.log_samples, progress=not args.quiet)
+    result = {}
+    if tasks or args.loss:
+        result = evaluate(model, tokenizer, tasks, loss_data=args.loss, loss_samples=args.loss_samples,
+                          loss_seq_len=args.loss_seq_len, limit=args.limit, num_fewshot=args.num_fewshot,
+                          seed=args.seed, batch_size=args.batch_size, scoring=args.scoring,
+                          log_samples=args.log_samples, progress=not args.quiet)
+    if harness_tasks:
+        from depthcut.evaluation.harness import run_harness
+
+        result["harness"] = run_harness(model, tokenizer, harness_tasks, batch_size=args.batch_size, limit=args.limit,
+                                        num_fewshot=args.num_fewshot)
     result["model"] = source.as_dict()
     result["environment"] = environment()
     with atomic_output_file(args.out, args.force) as staging:
@@ -351,6 +359,89 @@ def _merge_into_full_precision(args, result):
     return peft_model.merge_and_unload()
 
 
+EPILOG_SWEEP = """examples:
+  depthcut sweep smollm2-135m --out sweeps/smollm2 --fractions 0:0.5:0.1 --strategies angular,deepest \\
+      --tasks arc_easy,piqa --limit 300 --loss c4 --heal --heal-steps 100 --heal-seq-len 256 --heal-batch-size 8
+  depthcut sweep ./model --out sweeps/m --drop 0,4,8,12 --tasks mmlu --limit 1000
+  depthcut report sweeps/smollm2 --tolerance 0.1     # figures and report.html from results.jsonl alone
+
+Every finished point is appended to OUT/results.jsonl at once; running the same command again skips
+the points already there (more --drop counts or --strategies add points). OUT/report.html is one
+self-contained page with the figures and the answer: how large a fraction can be dropped with accuracy
+within --tolerance of the unpruned model.
+"""
+
+
+def _sweep_settings(args, recipe) -> dict:
+    """What must not change between runs that share a results.jsonl (drops and strategies may)."""
+    return {
+        "model": args.model, "dtype": args.dtype, "data": args.data, "samples": args.samples,
+        "seq_len": args.seq_len, "sample_mode": args.sample_mode, "seed": args.seed, "tasks": args.tasks,
+        "limit": args.limit, "num_fewshot": args.num_fewshot, "loss": args.loss, "loss_samples": args.loss_samples,
+        "loss_seq_len": args.loss_seq_len, "heal": recipe.as_dict() if recipe else None,
+        "heal_data": (args.heal_data or args.data) if recipe else None,
+    }
+
+
+def cmd_sweep(args) -> None:
+    import shutil
+
+    from depthcut.data import load_texts
+    from depthcut.evaluation.tasks import get_task
+    from depthcut.healing.recipe import HealRecipe
+    from depthcut.layers import find_layer_stack
+    from depthcut.models import resolve_model
+    from depthcut.strategies import STRATEGIES
+    from depthcut.sweep.report import build_report
+    from depthcut.sweep.results import ResultsLog
+    from depthcut.sweep.run import SweepPlan, parse_drops, run_sweep, strategies_needing_analysis
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not tasks and not args.loss:
+        raise DepthcutError("nothing to measure: give --tasks and/or --loss")
+    for name in tasks:
+        get_task(name)
+    for name in strategies:
+        STRATEGIES.get(name)
+    _check_data_options(args)
+    recipe = HealRecipe(rank=args.heal_rank, lr=args.heal_lr, warmup_steps=args.heal_warmup_steps, steps=args.heal_steps,
+                        tokens=args.heal_tokens, seq_len=args.heal_seq_len, batch_size=args.heal_batch_size,
+                        seed=args.seed, mixed_precision=args.heal_mixed_precision) if args.heal else None
+    out = Path(args.out)
+    settings = _sweep_settings(args, recipe)
+    existing = ResultsLog(out).settings()
+    if existing is not None and not args.force:
+        ResultsLog(out).start(settings)  # raises if the settings differ
+    resolve_model(args.model)
+    model, tokenizer, source = _load(args)
+    num_layers = len(find_layer_stack(model, args.layer_path))
+    plan = SweepPlan(parse_drops(args.drop, args.fractions, num_layers), strategies, [False, True] if args.heal else [False])
+    if recipe is not None:
+        _check_context_length(model, recipe.seq_len)
+    heal_data = load_texts(args.heal_data or args.data) if recipe else None
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    analysis = _run_analysis(args, model, tokenizer) if strategies_needing_analysis(strategies) else None
+    evaluation = {"tasks": tasks, "loss_data": args.loss, "loss_samples": args.loss_samples,
+                  "loss_seq_len": args.loss_seq_len, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                  "seed": args.seed, "batch_size": args.eval_batch_size, "progress": not args.quiet}
+    run_sweep(model, tokenizer, out, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
+              heal_data=heal_data, keep_models=args.keep_models, seed=args.seed, progress=not args.quiet)
+    report = build_report(out, args.tolerance)
+    print(f"results: {out / 'results.jsonl'}")
+    print(f"report:  {report}")
+
+
+def cmd_report(args) -> None:
+    from depthcut.sweep.report import build_report
+    from depthcut.sweep.results import ResultsLog
+
+    if not ResultsLog(args.folder).points():
+        raise DepthcutError(f"{args.folder} holds no sweep results (results.jsonl)")
+    print(f"report: {build_report(args.folder, args.tolerance)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from depthcut import __version__
     from depthcut.strategies import STRATEGIES
@@ -404,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scoring", choices=("shared", "full"), default="shared",
                           help="shared: each distinct context runs once (default); full: one pass per choice")
     evaluate.add_argument("--log-samples", action="store_true", help="add every item's scores to the output")
+    evaluate.add_argument("--harness", default=None, metavar="TASKS",
+                          help="also run these lm-evaluation-harness tasks on the same in-memory model (needs lm-eval; "
+                               "its --limit takes the first N documents)")
     evaluate.add_argument("--out", required=True, help="the JSON result file (must not exist unless --force)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing result file")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -442,6 +536,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT-checkpoints")
     _add_output_options(heal)
     heal.set_defaults(run=cmd_heal)
+
+    sweep = sub.add_parser("sweep", help="the paper's experiment: prune, heal and measure at many depths",
+                           description="For each drop count and strategy, with and without healing: prune, measure "
+                                       "held-out loss and task accuracy, append to results.jsonl; then draw figures "
+                                       "and write report.html.",
+                           epilog=EPILOG_SWEEP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(sweep)
+    depth = sweep.add_argument_group("what to sweep")
+    depth.add_argument("--drop", default=None, help="drop counts, e.g. 0,2,4,8 (0 is the unpruned model)")
+    depth.add_argument("--fractions", default=None, help="fractions of layers START:STOP:STEP, e.g. 0:0.6:0.1")
+    depth.add_argument("--strategies", default="angular,deepest", help="comma-separated (default: angular,deepest)")
+    measure = sweep.add_argument_group("what to measure")
+    measure.add_argument("--tasks", default="", help="comma-separated tasks (see depthcut eval)")
+    measure.add_argument("--limit", type=int, default=None, help="a fixed random subset of N items per task")
+    measure.add_argument("--num-fewshot", type=int, default=None, help="override each task's default shots")
+    measure.add_argument("--loss", default=None, metavar="DATA", help="held-out text for the loss (e.g. c4)")
+    measure.add_argument("--loss-samples", type=int, default=32, help="windows for the loss (default: 32)")
+    measure.add_argument("--loss-seq-len", type=int, default=256, help="tokens per loss window (default: 256)")
+    measure.add_argument("--eval-batch-size", type=int, default=32, help="contexts per scoring pass (default: 32)")
+    measure.add_argument("--tolerance", type=float, default=0.05, help="relative accuracy loss accepted (default: 0.05)")
+    healing = sweep.add_argument_group("healing")
+    healing.add_argument("--heal", action="store_true", help="also heal every pruned model with LoRA")
+    healing.add_argument("--heal-data", default=None, help="healing text (default: --data)")
+    healing.add_argument("--heal-steps", type=int, default=None, help="steps per heal (default: 5000)")
+    healing.add_argument("--heal-tokens", type=int, default=None, help="tokens per heal, instead of steps")
+    healing.add_argument("--heal-seq-len", type=int, default=256, help="default: 256")
+    healing.add_argument("--heal-batch-size", type=int, default=8, help="default: 8")
+    healing.add_argument("--heal-rank", type=int, default=64, help="default: 64")
+    healing.add_argument("--heal-lr", type=float, default=3e-4, help="default: 3e-4")
+    healing.add_argument("--heal-warmup-steps", type=int, default=100, help="default: 100")
+    healing.add_argument("--heal-mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    _add_data_options(sweep, required=False)
+    sweep.set_defaults(data="c4")
+    sweep.add_argument("--keep-models", action="store_true", help="save every pruned/healed model under OUT/models")
+    sweep.add_argument("--out", required=True, help="the sweep folder; a rerun continues it")
+    sweep.add_argument("--force", action="store_true", help="discard the folder's earlier results and start afresh")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.set_defaults(run=cmd_sweep)
+
+    report = sub.add_parser("report", help="rebuild a sweep's figures and report.html from results.jsonl")
+    report.add_argument("folder", help="a sweep's --out folder")
+    report.add_argument("--tolerance", type=float, default=0.05, help="relative accuracy loss accepted (default: 0.05)")
+    report.set_defaults(run=cmd_report)
 
     generate = sub.add_parser("generate", help="greedy text generation, to compare models by eye",
                               epilog="example:\n  depthcut generate smollm2-135m 'The capital of France is'",

@@ -47,7 +47,8 @@ def _evaluate_task(scorer: Scorer, task, num_fewshot, limit, seed, log_samples, 
             })
     metrics = task.metrics
     summary = summarize_by_subject(items, outcomes, metrics) if items and items[0].subject else summarize(outcomes, metrics)
-    summary.update({"num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
+    summary.update({"chance": sum(1 / item.num_choices for item in items) / len(items),
+                    "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
                     "source": source, "limit": limit, "seed": seed, "metrics": list(metrics)})
     return summary, samples
 

@@ -1,6 +1,6 @@
 """Selection strategies: which N layers to remove. Each is a small registered function.
 
-A strategy takes `(drop, num_layers, analysis)` and returns sorted 0-based layer indices.
+A strategy takes `(drop, num_layers, analysis, seed)` and returns sorted 0-based layer indices.
 Strategies that read an `Analysis` say so with `needs_analysis = True`.
 """
 
@@ -17,7 +17,7 @@ from depthcut.result import Analysis
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    choose: Callable[[int, int, Analysis | None], list[int]]
+    choose: Callable[[int, int, Analysis | None, int], list[int]]
     needs_analysis: bool
     description: str
 
@@ -38,8 +38,9 @@ def check_drop(drop: int, num_layers: int) -> None:
         raise DepthcutError(f"--drop must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {drop}")
 
 
-def select(strategy: str, drop: int, num_layers: int | None = None, analysis: Analysis | None = None) -> list[int]:
-    """The 0-based indices of the `drop` layers that `strategy` removes."""
+def select(strategy: str, drop: int, num_layers: int | None = None, analysis: Analysis | None = None,
+           seed: int = 0) -> list[int]:
+    """The 0-based indices of the `drop` layers that `strategy` removes (`seed`: random strategies)."""
     chosen = STRATEGIES.get(strategy)
     if analysis is not None:
         if num_layers is not None and num_layers != analysis.num_layers:
@@ -52,7 +53,7 @@ def select(strategy: str, drop: int, num_layers: int | None = None, analysis: An
     if chosen.needs_analysis and analysis is None:
         raise DepthcutError(f"strategy {strategy!r} needs an analysis (--analysis FILE or --data DATA)")
     check_drop(drop, num_layers)
-    return sorted(chosen.choose(drop, num_layers, analysis))
+    return sorted(chosen.choose(drop, num_layers, analysis, seed))
 
 
-from depthcut.strategies import angular, block_influence, deepest  # noqa: E402,F401
+from depthcut.strategies import angular, block_influence, deepest, random_block  # noqa: E402,F401

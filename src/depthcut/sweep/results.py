@@ -1,0 +1,77 @@
+"""`results.jsonl`: one JSON object a line, appended as each point finishes, so a crash loses at
+most the point in flight. The first line records the settings; a rerun with other settings is
+refused rather than mixed in. An `analysis` line keeps what the heatmap needs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from depthcut.errors import DepthcutError
+
+RESULTS_FILE = "results.jsonl"
+
+
+def point_key(strategy: str, drop: int, healed: bool) -> str:
+    return f"{strategy}/{drop}/{'healed' if healed else 'pruned'}"
+
+
+class ResultsLog:
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / RESULTS_FILE
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        records = []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Only a kill in the middle of the last write can leave a broken line; it is ignored.
+                if number != len(lines):
+                    raise DepthcutError(f"{self.path}:{number} is not valid JSON") from None
+        return records
+
+    def settings(self) -> dict | None:
+        return next((r["settings"] for r in self.records() if r.get("type") == "settings"), None)
+
+    def analysis(self) -> dict | None:
+        return next((r["analysis"] for r in self.records() if r.get("type") == "analysis"), None)
+
+    def points(self) -> dict[str, dict]:
+        return {r["key"]: r for r in self.records() if r.get("type") == "point"}
+
+    def _drop_partial_line(self) -> None:
+        """A kill during a write leaves a last line without its newline: remove it before appending."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def start(self, settings: dict) -> None:
+        """Begin a new log, or check that an existing one was made with the same settings."""
+        existing = self.settings()
+        if existing is None:
+            self.append({"type": "settings", "settings": settings})
+            return
+        different = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+        if different:
+            details = "; ".join(f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in different[:4])
+            raise DepthcutError(
+                f"{self.path} holds results of a different sweep ({details}). Use another --out, or --force "
+                "to start this folder afresh"
+            )
+        self._drop_partial_line()
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

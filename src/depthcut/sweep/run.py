@@ -1,0 +1,121 @@
+"""Running the sweep: every (strategy, drop count, healed) point, each appended when done."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from depthcut.errors import DepthcutError
+from depthcut.export import parameter_count
+from depthcut.layers import find_layer_stack
+from depthcut.strategies import STRATEGIES, select
+from depthcut.surgery import prune
+from depthcut.sweep.results import ResultsLog, point_key
+
+
+def parse_drops(drop: str | None, fractions: str | None, num_layers: int) -> list[int]:
+    """`--drop 0,2,4` or `--fractions 0:0.6:0.1` (start:stop:step, stop included) -> sorted counts."""
+    if (drop is None) == (fractions is None):
+        raise DepthcutError("give either --drop N,N,... or --fractions START:STOP:STEP")
+    try:
+        if drop is not None:
+            counts = [int(x) for x in drop.split(",") if x.strip()]
+        else:
+            start, stop, step = (float(x) for x in fractions.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            steps = int(round((stop - start) / step)) + 1
+            counts = [round((start + i * step) * num_layers) for i in range(steps) if start + i * step <= stop + 1e-9]
+    except ValueError:
+        raise DepthcutError("malformed --drop or --fractions: use 0,2,4 or 0:0.6:0.1") from None
+    bad = [n for n in counts if not 0 <= n < num_layers]
+    if bad:
+        raise DepthcutError(f"drop counts {bad} are out of range for a model of {num_layers} layers (0..{num_layers - 1})")
+    return sorted(set(counts))
+
+
+@dataclass
+class SweepPlan:
+    drops: list[int]
+    strategies: list[str]
+    healed: list[bool]
+    points: list[tuple[str, int, bool]] = field(default_factory=list)
+
+    def __post_init__(self):
+        # drop 0 is the unpruned model, shared by every strategy; it is never healed.
+        self.points = [("none", 0, False)] if 0 in self.drops else []
+        self.points += [(s, n, h) for n in self.drops if n for s in self.strategies for h in self.healed]
+
+
+@torch.inference_mode()
+def inference_seconds(model, batch: int = 4, length: int = 128, repeats: int = 3) -> float:
+    """Median time of one forward pass over a fixed random batch: a relative speed figure."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids, use_cache=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure(model, tokenizer, evaluation: dict) -> dict:
+    from depthcut.evaluation import evaluate
+
+    result = evaluate(model, tokenizer, **evaluation) if (evaluation["tasks"] or evaluation["loss_data"]) else {}
+    tasks = {name: {k: v for k, v in summary.items() if k != "subjects"} for name, summary in result.get("tasks", {}).items()}
+    return {"loss": result.get("loss"), "tasks": tasks, "parameters": parameter_count(model),
+            "inference_seconds": inference_seconds(model)}
+
+
+def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, evaluation: dict, *, analysis=None,
+              heal_recipe=None, heal_data=None, keep_models: bool = False, seed: int = 0, progress: bool = True) -> ResultsLog:
+    """Evaluate every point of `plan` not already in `out/results.jsonl`, appending each at once."""
+    log = ResultsLog(out)
+    log.start(settings)
+    if analysis is not None and log.analysis() is None:
+        log.append({"type": "analysis", "analysis": analysis.to_dict()})
+    done = log.points()
+    num_layers = len(find_layer_stack(model))
+    for strategy, drop, healed in plan.points:
+        key = point_key(strategy, drop, healed)
+        if key in done:
+            continue
+        print(f"sweep: {key}", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        removed = [] if drop == 0 else select(strategy, drop, num_layers, analysis if STRATEGIES.get(strategy).needs_analysis else None, seed)
+        working = copy.deepcopy(model)  # `model` stays the unpruned base
+        if removed:
+            prune(working, removed)
+        record = {"type": "point", "key": key, "strategy": strategy, "drop": drop, "fraction": drop / num_layers,
+                  "healed": healed, "removed_layers": removed, "num_layers": num_layers}
+        if healed:
+            from depthcut.healing.trainer import heal
+
+            result = heal(working, tokenizer, heal_data, heal_recipe, progress=progress)
+            working = result.model
+            record["heal"] = {"loss_before": result.loss_before["loss"], "loss_after": result.loss_after["loss"],
+                              "tokens": result.tokens, "seconds": result.seconds}
+        record.update(_measure(working, tokenizer, evaluation))
+        record["seconds"] = time.perf_counter() - began
+        if keep_models:
+            working.save_pretrained(out / "models" / key.replace("/", "-"))
+            tokenizer.save_pretrained(out / "models" / key.replace("/", "-"))
+        log.append(record)
+        done[key] = record
+        del working
+    return log
+
+
+def strategies_needing_analysis(strategies: Sequence[str]) -> bool:
+    return any(STRATEGIES.get(s).needs_analysis for s in strategies)
