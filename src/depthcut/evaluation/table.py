@@ -19,6 +19,13 @@ def format_table(result: dict) -> str:
             if f"{metric}_by_question" in summary:
                 lines.append(f"{'':<16} {metric + ' (by q.)':<16} {_pct(summary[f'{metric}_by_question'])} "
                              f"{_pct(summary[f'{metric}_by_question_stderr'])}")
+    for name, figures in result.get("harness", {}).items():
+        for key, value in figures.items():
+            metric, _, _ = key.partition(",")
+            if isinstance(value, float) and not metric.endswith("_stderr"):
+                stderr = figures.get(key.replace(metric, metric + "_stderr", 1))
+                lines.append(f"{name + ' (lm-eval)':<16} {metric:<16} {_pct(value)} "
+                             f"{_pct(stderr if isinstance(stderr, float) else None)}")
     if "loss" in result:
         loss = result["loss"]
         lines.append(f"{'loss':<16} {'nll / token':<16} {loss['loss']:7.4f} {'':>7} {loss['tokens']:>6}")
