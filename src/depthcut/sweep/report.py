@@ -62,7 +62,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
                     a.get("best_configuration") or "-"] for t, a in answers.items() if a]
     point_rows = [[p["strategy"], p["drop"], f"{100 * p['fraction']:.0f}%", "yes" if p["healed"] else "no",
                    p["removed_layers"], _fmt((p.get("loss") or {}).get("normalized_loss")),
-                   *[_fmt(p["tasks"].get(t, {}).get("acc")) for t in tasks], f"{p['parameters'] / 1e6:.1f}M",
+                   *[_fmt(p["tasks"].get(t, {}).get("acc")) for t in tasks], f"{p['parameters']:,}",
                    f"{1e3 * p['inference_seconds']:.0f}"] for p in points]
     sections = [
         f"<h1>depthcut sweep: {html.escape(str(settings.get('model', '')))}</h1>",
