@@ -62,7 +62,7 @@ def naive_metrics(model, stack, sequences: list[torch.Tensor]) -> dict:
 
     def matrix(total, count):
         mean = total / count
-        return [[float(mean[l, l + n]) if l + n <= size else None for l in range(size)] for n in range(1, size + 1)]
+        return [[float(mean[f, f + n]) if f + n <= size else None for f in range(size)] for n in range(1, size + 1)]
 
     return {
         "angular_last_token": matrix(last_sum, len(sequences)),

@@ -58,7 +58,7 @@ def test_matrix_layout_and_best_block():
     for n in range(1, size):
         first, stop = analysis.best_block(n)
         assert stop - first == n and stop <= size - 1  # never includes the final layer
-        allowed = [matrix[n - 1][l] for l in range(size - n)]
+        allowed = [matrix[n - 1][f] for f in range(size - n)]
         assert matrix[n - 1][first] == min(allowed)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.calibration import CalibrationSet, build_calibration
+from depthcut.calibration import build_calibration
 from depthcut.data import TextSource
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.loss import heldout_loss
@@ -110,7 +110,7 @@ def heal(
     model,
     tokenizer,
     data: TextSource,
-    recipe: HealRecipe = HealRecipe(),
+    recipe: HealRecipe | None = None,
     *,
     layer_path: str | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -121,6 +121,7 @@ def heal(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> HealResult:
     """Finetune LoRA adapters on `data`, then merge them; see `HealRecipe` for the settings."""
+    recipe = recipe or HealRecipe()
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup

@@ -17,7 +17,7 @@ def _series(points: list[dict], value) -> dict[tuple[str, bool], list[tuple[floa
         if point["drop"] == 0 or value(point) is None:
             continue
         lines.setdefault((point["strategy"], point["healed"]), []).append((point["fraction"], value(point)))
-    for key, values in lines.items():
+    for values in lines.values():
         if base is not None and value(base) is not None:
             values.append((0.0, value(base)))
         values.sort()
