@@ -33,6 +33,29 @@ def _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -
     return build_calibration(tokenizer, source, samples, seq_len, mode, seed)
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) when launched with torchrun / accelerate launch, else (0, 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()  # forms the process group (gloo on CPU, nccl on GPUs) if needed
+    return state.process_index, state.num_processes
+
+
+def _sum_across_processes(metrics, device) -> None:
+    import torch.distributed as dist
+
+    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for metric in metrics:
+        for tensor in metric.state():
+            total = tensor.to(backend_device)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            tensor.copy_(total.to(tensor.device))
+
+
 @torch.inference_mode()
 def analyze(
     model,
@@ -54,6 +77,9 @@ def analyze(
     `data` is a DATA string (file, folder, ``hf:NAME``, ``c4``), a list of texts, a `TextSource`
     or a ready `CalibrationSet`. Returns an `Analysis` with the requested metrics (see
     `depthcut.metrics.METRICS`); hidden states are never kept beyond the current batch.
+
+    Launched as several processes (`accelerate launch`, `torchrun`), each runs a share of the
+    batches and the metric accumulators are summed, so every process returns the same result.
     """
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
@@ -65,13 +91,17 @@ def analyze(
     calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
 
     device = next(model.parameters()).device
+    rank, world = _process_group()
     capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress)
+    bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress or rank != 0)
     try:
         with capture.hooks():
-            for input_ids, attention_mask in calibration.batches(batch_size):
+            for index, (input_ids, attention_mask) in enumerate(calibration.batches(batch_size)):
+                if index % world != rank:  # data parallel: every process takes every world-th batch
+                    bar.update(input_ids.shape[0])
+                    continue
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 capture.start_batch(attention_mask)
                 try:
@@ -87,6 +117,8 @@ def analyze(
     finally:
         bar.close()
         model.train(was_training)
+    if world > 1:
+        _sum_across_processes(chosen, device)
 
     dtype = next(model.parameters()).dtype
     metadata = {
@@ -99,6 +131,7 @@ def analyze(
         "seed": calibration.seed,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "processes": world,
         "metric_descriptions": {m.name: m.description for m in chosen},
         "depthcut_version": __version__,
     }

@@ -20,7 +20,10 @@ EPILOG_ANALYZE = """examples:
   depthcut analyze ./my-model --data corpus.jsonl --text-field body --samples 256 --dtype bfloat16
   depthcut analyze Qwen/Qwen3-0.6B --data hf:allenai/c4:en:validation --out runs/qwen3
 
-writes DIR/analysis.json (format: docs/analysis-format.md) and DIR/heatmap.png
+  accelerate launch --num_processes 2 $(which depthcut) analyze smollm2-135m --data c4 --out runs/dp
+
+writes DIR/analysis.json (format: docs/analysis-format.md) and DIR/heatmap.png; launched as several
+processes, each analyzes a share of the batches and the sums are reduced across them
 """
 
 EPILOG_PRUNE = """examples:
@@ -109,6 +112,8 @@ def cmd_analyze(args) -> None:
     analysis = _run_analysis(args, model, tokenizer)
     analysis.metadata["model"] = source.as_dict()
     analysis.metadata["environment"] = environment()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # data-parallel run: every process holds the same result; the first one writes it
     with atomic_output_dir(args.out, args.force) as staging:
         analysis.save(staging / "analysis.json")
         plot_heatmap(analysis, staging / "heatmap.png")
@@ -330,10 +335,8 @@ def cmd_heal(args) -> None:
     result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
                   progress=not args.quiet)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # data-parallel run: the first process writes the result
     if recipe.quantize:
         result.model = _merge_into_full_precision(args, result)
     save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description, log_path=log_path,
