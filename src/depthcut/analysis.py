@@ -33,16 +33,20 @@ def _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -
     return build_calibration(tokenizer, source, samples, seq_len, mode, seed)
 
 
-def _process_group() -> tuple[int, int]:
+def _process_group(device: torch.device) -> tuple[int, int]:
     """(rank, world size) when launched with torchrun / accelerate launch, else (0, 1)."""
     import os
 
+    import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState()  # forms the process group (gloo on CPU, nccl on GPUs) if needed
-    return state.process_index, state.num_processes
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as error:
+            raise DepthcutError(f"the process group did not form ({str(error).splitlines()[0]})") from None
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _sum_across_processes(metrics, device) -> None:
@@ -91,7 +95,7 @@ def analyze(
     calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
 
     device = next(model.parameters()).device
-    rank, world = _process_group()
+    rank, world = _process_group(device)
     capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
     was_training = model.training
     model.eval()
