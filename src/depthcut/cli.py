@@ -134,13 +134,13 @@ def _choose_layers(args, model, tokenizer, source, analysis, num_layers):
         return parse_layer_spec(args.layers, num_layers), "explicit", None
     check_drop(args.drop, num_layers)
     if not STRATEGIES.get(args.strategy).needs_analysis:
-        return select(args.strategy, args.drop, num_layers), args.strategy, analysis
+        return select(args.strategy, args.drop, num_layers, seed=args.seed), args.strategy, analysis
     if analysis is None:
         args.data = args.data or "c4"
         print(f"analyzing {args.data} to choose layers ...", file=sys.stderr)
         analysis = _run_analysis(args, model, tokenizer)
         analysis.metadata["model"] = source.as_dict()
-    return select(args.strategy, args.drop, num_layers, analysis), args.strategy, analysis
+    return select(args.strategy, args.drop, num_layers, analysis, args.seed), args.strategy, analysis
 
 
 def _provenance(removed, strategy, analysis, source, num_layers, before, model, notes) -> dict:
@@ -167,6 +167,50 @@ def _provenance(removed, strategy, analysis, source, num_layers, before, model, 
     }
 
 
+def _streamable(args, source, analysis) -> bool:
+    """Shard-by-shard surgery needs a local safetensors folder, the stored dtype, and no analysis to run."""
+    from depthcut.shards import INDEX_FILE
+    from depthcut.strategies import STRATEGIES
+
+    needs_model = args.layers is None and STRATEGIES.get(args.strategy).needs_analysis and analysis is None
+    possible = source.gguf_file is None and Path(source.location).is_dir() and args.dtype == "auto" and not needs_model
+    if args.stream and not possible:
+        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto, and --layers, a strategy "
+                            "without analysis, or --analysis FILE")
+    return possible and (args.stream or (Path(source.location) / INDEX_FILE).is_file())
+
+
+def _prune_streamed(args, source, analysis) -> None:
+    from depthcut.export import model_card
+    from depthcut.output import atomic_output_dir, environment, write_json
+    from depthcut.shards import layer_prefix, prune_shards
+    from depthcut.strategies import check_drop, select
+    from depthcut.surgery import parse_layer_spec
+
+    _, num_layers, _ = layer_prefix(Path(source.location), args.layer_path)
+    if args.layers is not None:
+        removed, strategy = parse_layer_spec(args.layers, num_layers), "explicit"
+    else:
+        check_drop(args.drop, num_layers)
+        removed, strategy = select(args.strategy, args.drop, num_layers, analysis, args.seed), args.strategy
+    print(f"pruning {source.location} shard by shard (the model is never loaded) ...", file=sys.stderr)
+    with atomic_output_dir(args.out, args.force) as staging:
+        summary = prune_shards(source.location, staging, removed, args.layer_path)
+        contiguous = removed == list(range(removed[0], removed[-1] + 1))
+        provenance = {"base_model": source.as_dict(), "strategy": strategy, **summary, "streamed": True,
+                      "removed_block": [removed[0], removed[-1] + 1] if contiguous else None,
+                      "block_distance": analysis.distance(removed[0], len(removed))
+                      if analysis and contiguous and "angular_last_token" in analysis.metrics else None,
+                      "analysis": analysis.to_dict() if analysis else None, "environment": environment()}
+        write_json(staging / "depthcut.json", provenance)
+        (staging / "README.md").write_text(model_card(provenance))
+    for note in summary["config_warnings"]:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"removed layers {removed} ({strategy}); {num_layers} -> {summary['num_layers_after']} layers, "
+          f"{summary['tensor_bytes']:,} bytes of tensors written")
+    print(f"pruned model: {args.out}")
+
+
 def cmd_prune(args) -> None:
     from depthcut.export import parameter_count, save_pruned
     from depthcut.layers import find_layer_stack
@@ -188,7 +232,9 @@ def cmd_prune(args) -> None:
     if analysis is not None and args.drop is not None:
         check_drop(args.drop, analysis.num_layers)
     check_output_dir(args.out, args.force)
-    resolve_model(args.model)
+    source = resolve_model(args.model)
+    if _streamable(args, source, analysis):
+        return _prune_streamed(args, source, analysis)
 
     model, tokenizer, source = _load(args)
     num_layers = len(find_layer_stack(model, args.layer_path))
@@ -478,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                            + "; ".join(f"{s}: {STRATEGIES.get(s).description}" for s in STRATEGIES.names()))
     what.add_argument("--layers", default=None, help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
     what.add_argument("--analysis", default=None, help="an analysis.json from `depthcut analyze` (else --data is analyzed)")
+    what.add_argument("--stream", action="store_true",
+                      help="rewrite the safetensors shards one tensor at a time without loading the model (automatic "
+                           "for a sharded folder when no analysis has to run)")
     _add_data_options(prune, required=False)
     _add_output_options(prune)
     prune.set_defaults(run=cmd_prune)

@@ -30,8 +30,9 @@ def model_card(provenance: dict) -> str:
         f"| layers | {provenance['num_layers_before']} → {provenance['num_layers_after']} |",
         f"| removed (0-based) | {removed} |",
         f"| strategy | {provenance['strategy']} |",
-        f"| parameters | {provenance['parameters_before']:,} → {provenance['parameters_after']:,} |",
     ]
+    if "parameters_before" in provenance:
+        lines.append(f"| parameters | {provenance['parameters_before']:,} → {provenance['parameters_after']:,} |")
     if provenance.get("block_distance") is not None:
         lines.append(f"| angular distance of the removed block | {provenance['block_distance']:.4f} |")
     if provenance.get("calibration"):

@@ -116,12 +116,6 @@ def find_layer_stack(model: nn.Module, path: str | None = None) -> LayerStack:
     )
 
 
-def set_num_layers(model: nn.Module, count: int) -> None:
-    """Update the layer count in the config(s) that the model reads it from."""
-    cfg = text_config(model)
-    cfg.num_hidden_layers = count  # GPT-2's attribute_map maps this to n_layer.
-
-
 def first_tensor(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
     """The hidden state a decoder layer was called with (positional or keyword)."""
     if name in kwargs and isinstance(kwargs[name], torch.Tensor):

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from depthcut.errors import DepthcutError
-from depthcut.layers import LayerStack, find_layer_stack, set_num_layers, text_config
+from depthcut.layers import LayerStack, find_layer_stack, text_config
 
 # Config fields that hold one entry per layer; they are sliced like the layer list.
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list", "swa_layers")
@@ -77,9 +77,9 @@ def _renumber(module: nn.Module, new_index: int) -> None:
             sub.layer_index = new_index
 
 
-def _update_config(model: nn.Module, kept: list[int], num_layers: int) -> list[str]:
-    """Slice per-layer fields and renumber index lists; returns warnings for unfixable fields."""
-    cfg = text_config(model)
+def update_config(cfg, kept: list[int], num_layers: int) -> list[str]:
+    """Slice per-layer fields of a (text) config, renumber index lists and set the layer count;
+    returns warnings for fields that cannot be fixed."""
     position = {old: new for new, old in enumerate(kept)}
     notes = []
     for field in vars(cfg).copy():
@@ -96,7 +96,7 @@ def _update_config(model: nn.Module, kept: list[int], num_layers: int) -> list[s
                 f"config field {field!r} = {value!r} refers to layer positions; check that it still means "
                 f"what you want with layers {sorted(set(range(num_layers)) - set(kept))} removed"
             )
-    set_num_layers(model, len(kept))
+    cfg.num_hidden_layers = len(kept)  # GPT-2's attribute_map maps this to n_layer.
     return notes
 
 
@@ -117,6 +117,6 @@ def prune(model: nn.Module, layers: Iterable[int], layer_path: str | None = None
         _renumber(layer, new_index)
     setattr(stack.parent, stack.attr, new_layers)
 
-    for note in _update_config(model, kept, num_layers):
+    for note in update_config(text_config(model), kept, num_layers):
         warnings.warn(note, stacklevel=2)
     return model
