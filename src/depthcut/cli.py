@@ -68,6 +68,18 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_measure_options(parser, loss_samples: int, loss_seq_len: int) -> None:
+    """Tasks and held-out loss, shared by `eval` and `sweep`."""
+    parser.add_argument("--tasks", default="", help="comma-separated task names or task files (YAML/JSON)")
+    parser.add_argument("--limit", type=int, default=None, help="a fixed random subset of N items per task")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="override each task's default shots")
+    parser.add_argument("--loss", default=None, metavar="DATA", help="held-out text for the loss (e.g. c4)")
+    parser.add_argument("--loss-samples", type=int, default=loss_samples,
+                        help=f"windows of held-out text (default: {loss_samples})")
+    parser.add_argument("--loss-seq-len", type=int, default=loss_seq_len,
+                        help=f"tokens per loss window (default: {loss_seq_len})")
+
+
 def _load(args, quantize: str | None = None):
     from depthcut.models import load_model
 
@@ -536,12 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "scores them, and the mean next-token loss on held-out text.",
                               epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(evaluate)
-    evaluate.add_argument("--tasks", default="", help="comma-separated task names or task files (YAML/JSON)")
-    evaluate.add_argument("--loss", default=None, metavar="DATA", help="held-out text for the loss (e.g. c4)")
-    evaluate.add_argument("--loss-samples", type=int, default=64, help="windows of held-out text (default: 64)")
-    evaluate.add_argument("--loss-seq-len", type=int, default=512, help="tokens per loss window (default: 512)")
-    evaluate.add_argument("--limit", type=int, default=None, help="a fixed random subset of N items per task")
-    evaluate.add_argument("--num-fewshot", type=int, default=None, help="override each task's default shots")
+    _add_measure_options(evaluate, loss_samples=64, loss_seq_len=512)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of --limit and few-shot draws (default: 0)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
     evaluate.add_argument("--scoring", choices=("shared", "full"), default="shared",
@@ -600,12 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--fractions", default=None, help="fractions of layers START:STOP:STEP, e.g. 0:0.6:0.1")
     depth.add_argument("--strategies", default="angular,deepest", help="comma-separated (default: angular,deepest)")
     measure = sweep.add_argument_group("what to measure")
-    measure.add_argument("--tasks", default="", help="comma-separated tasks (see depthcut eval)")
-    measure.add_argument("--limit", type=int, default=None, help="a fixed random subset of N items per task")
-    measure.add_argument("--num-fewshot", type=int, default=None, help="override each task's default shots")
-    measure.add_argument("--loss", default=None, metavar="DATA", help="held-out text for the loss (e.g. c4)")
-    measure.add_argument("--loss-samples", type=int, default=32, help="windows for the loss (default: 32)")
-    measure.add_argument("--loss-seq-len", type=int, default=256, help="tokens per loss window (default: 256)")
+    _add_measure_options(measure, loss_samples=32, loss_seq_len=256)
     measure.add_argument("--eval-batch-size", type=int, default=32, help="contexts per scoring pass (default: 32)")
     measure.add_argument("--tolerance", type=float, default=0.05, help="relative accuracy loss accepted (default: 0.05)")
     healing = sweep.add_argument_group("healing")
