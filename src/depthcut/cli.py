@@ -84,6 +84,10 @@ def _load(args, quantize: str | None = None):
     from depthcut.models import load_model
 
     print(f"loading {args.model} ...", file=sys.stderr)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       quantize=quantize)
 
