@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/depthcut sweep smollm2-135m --out $(DEMO_OUT)/sweep --dtype bfloat16 \
 	    --drop 0,4,8 --strategies angular,deepest --data c4 --samples 32 --seq-len 256 \
-	    --tasks arc_easy,piqa --limit 200 --loss c4 --loss-samples 16 --loss-seq-len 256 \
-	    --heal --heal-steps 30 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 \
+	    --tasks arc_easy,piqa --limit 150 --loss c4 --loss-samples 16 --loss-seq-len 256 \
+	    --heal --heal-steps 20 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 \
 	    --heal-mixed-precision bf16 --quiet
 	@echo "heatmap: $(DEMO_OUT)/sweep/figures/heatmap.png"
 
