@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -148,17 +147,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    import lm_eval
-    import torch
-    import transformers
-
-    import depthcut
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": lm_eval.__version__, "depthcut": depthcut.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
-
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Load the model, write the subsets, build every scorer, measure, summarise."""
@@ -178,7 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "config": {"model": args.model, "dtype": args.dtype, "tasks": args.tasks, "limit": args.limit,
                    "batch_size": args.batch_size, "repeats": args.repeats, "num_fewshot": 0,
                    "ratio_target": RATIO_TARGET, "model_source": source.as_dict()},
-        "environment": {**environment(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "environment": {**lm_eval_local.environment(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "results": rows,
         "table": format_table(rows),
         "wall_seconds": time.perf_counter() - started,

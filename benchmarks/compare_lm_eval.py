@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -96,17 +95,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    import lm_eval
-    import torch
-    import transformers
-
-    import depthcut
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": lm_eval.__version__, "depthcut": depthcut.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
-
 
 def run(args: argparse.Namespace) -> dict:
     """Load the model once, write the subsets, run both tools and compare them document by document."""
@@ -128,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"model": args.model, "dtype": args.dtype, "tasks": args.tasks, "limit": args.limit,
                    "batch_size": args.batch_size, "num_fewshot": 0, "target_points": TARGET_POINTS,
                    "data": str(lm_eval_local.DATA_DIR), "model_source": source.as_dict()},
-        "environment": environment(),
+        "environment": lm_eval_local.environment(),
         "seconds": seconds,
         "results": rows,
         "table": format_table(rows),
