@@ -5,8 +5,8 @@ with the same in-memory model, dtype and batch size, zero-shot:
 
 - ``lm_eval``: ``HFLM.loglikelihood`` on the requests lm-eval's own task builds from its default
   task YAML (the dataset replaced by the local copy, see ``lm_eval_local.py``);
-- ``depthcut``: ``Scorer(mode="shared").loglikelihoods`` on the items depthcut's task builds from
-  an identical copy of those documents (each distinct context runs once, its KV cache shared);
+- ``depthcut``: ``Scorer(mode="packed").loglikelihoods`` (the default) on the items depthcut's task
+  builds from an identical copy of those documents (each context and all its choices in one row);
 - ``depthcut_full``: the same with ``mode="full"`` (one sequence per choice, as lm-eval does).
 
 Only the scoring call is timed (tokenization included, task and data loading not). The runs are
@@ -38,7 +38,7 @@ RATIO_TARGET = 1.5  # depthcut items/s / lm-eval items/s must be at least this
 
 
 def lm_eval_scorer(lm, folder: Path, name: str):
-    """A function scoring task `name` with lm-eval: per-document (log-likelihoods, continuations)."""
+    """A function scoring task `name` with lm-eval: per document (log-likelihoods, prediction, prediction_norm)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     task = get_task_dict([name], TaskManager(include_path=str(folder / "lm_eval"), include_defaults=False))[name]
@@ -47,20 +47,20 @@ def lm_eval_scorer(lm, folder: Path, name: str):
     instances = sorted(task.instances, key=lambda r: (r.doc_id, r.idx))
     delimiter = task.config.target_delimiter
 
-    def run() -> list[tuple[int, int]]:
+    def run() -> list[tuple]:
         scores = lm.loglikelihood(instances, disable_tqdm=True)
         docs: dict[int, tuple[list, list]] = {}
         for request, (loglikelihood, _) in zip(instances, scores):
             lls, continuations = docs.setdefault(request.doc_id, ([], []))
             lls.append(loglikelihood)
             continuations.append(request.args[1])
-        return [lm_eval_local.predictions(lls, conts, delimiter) for _, (lls, conts) in sorted(docs.items())]
+        return [(lls, *lm_eval_local.predictions(lls, conts, delimiter)) for _, (lls, conts) in sorted(docs.items())]
 
     return run, len({r.doc_id for r in instances})
 
 
 def depthcut_scorer(model, tokenizer, name: str, batch_size: int, mode: str):
-    """A function scoring task `name` with depthcut's Scorer: per-document (acc, acc_norm) predictions."""
+    """A function scoring task `name` with depthcut's Scorer, returning what `lm_eval_scorer`'s does."""
     from depthcut.evaluation.metrics import item_outcomes
     from depthcut.evaluation.scoring import Scorer
     from depthcut.evaluation.tasks import get_task, load_items
@@ -69,12 +69,13 @@ def depthcut_scorer(model, tokenizer, name: str, batch_size: int, mode: str):
     requests = [pair for item in items for pair in item.requests()]
     scorer = Scorer(model, tokenizer, batch_size=batch_size, mode=mode)
 
-    def run() -> list[tuple[int, int]]:
+    def run() -> list[tuple]:
         scores, start, out = scorer.loglikelihoods(requests), 0, []
         for item in items:
-            outcome = item_outcomes(item, scores[start : start + item.num_choices])
+            lls = scores[start : start + item.num_choices]
             start += item.num_choices
-            out.append((outcome["prediction"], outcome["prediction_norm"]))
+            outcome = item_outcomes(item, lls)
+            out.append((lls, outcome["prediction"], outcome["prediction_norm"]))
         return out
 
     return run, len(items)
@@ -89,7 +90,7 @@ def build_scorers(model, tokenizer, folder: Path, tasks: list[str], batch_size: 
     return {
         name: {
             "lm_eval": lm_eval_scorer(lm, folder, name),
-            "depthcut": depthcut_scorer(model, tokenizer, name, batch_size, "shared"),
+            "depthcut": depthcut_scorer(model, tokenizer, name, batch_size, "packed"),
             "depthcut_full": depthcut_scorer(model, tokenizer, name, batch_size, "full"),
         }
         for name in tasks
@@ -113,18 +114,20 @@ def measure(scorers: dict, repeats: int) -> dict:
 
 
 def summarise(name: str, runs: dict, docs: int) -> dict:
-    """Best items/s per variant, ratios to lm-eval and mismatching predictions against lm-eval."""
+    """Best items/s per variant, ratios to lm-eval, and how far each variant's answers and
+    log-likelihoods are from lm-eval's, document by document."""
     reference = runs["lm_eval"]["predictions"]
     if any(len(runs[variant]["predictions"]) != len(reference) for variant in VARIANTS):
         raise RuntimeError(f"{name}: the tools scored different numbers of documents")
     row: dict = {"task": name, "docs": docs}
     for variant in VARIANTS:
-        predicted = runs[variant]["predictions"]
+        pairs = list(zip(runs[variant]["predictions"], reference))
         row[variant] = {
             "items_per_s": docs / min(runs[variant]["seconds"]),
             "seconds": runs[variant]["seconds"],
-            "acc_mismatches": sum(a[0] != b[0] for a, b in zip(predicted, reference)),
-            "acc_norm_mismatches": sum(a[1] != b[1] for a, b in zip(predicted, reference)),
+            "acc_mismatches": sum(a[1] != b[1] for a, b in pairs),
+            "acc_norm_mismatches": sum(a[2] != b[2] for a, b in pairs),
+            "max_loglikelihood_gap": max(abs(x - y) for a, b in pairs for x, y in zip(a[0], b[0])),
         }
     for variant in VARIANTS[1:]:
         row[f"{variant}_ratio"] = row[variant]["items_per_s"] / row["lm_eval"]["items_per_s"]
@@ -134,24 +137,29 @@ def summarise(name: str, runs: dict, docs: int) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'task':<10} {'docs':>5} | {'lm-eval':>8} {'depthcut':>8} {'dc full':>8} | {'ratio':>6} "
-              f"{f'(>={RATIO_TARGET})':>8} {'full':>5} | {'differing acc/acc_norm':>22} {'full':>7}")
+              f"{f'(>={RATIO_TARGET})':>8} {'full':>5} | {'differing acc/acc_norm':>22} {'full':>7} | "
+              f"{'max |dLL|':>9} {'full':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        shared, full = row["depthcut"], row["depthcut_full"]
-        differing = [f"{v['acc_mismatches']}/{v['acc_norm_mismatches']}" for v in (shared, full)]
+        packed, full = row["depthcut"], row["depthcut_full"]
+        differing = [f"{v['acc_mismatches']}/{v['acc_norm_mismatches']}" for v in (packed, full)]
         lines.append(
-            f"{row['task']:<10} {row['docs']:>5} | {row['lm_eval']['items_per_s']:>8.2f} {shared['items_per_s']:>8.2f} "
+            f"{row['task']:<10} {row['docs']:>5} | {row['lm_eval']['items_per_s']:>8.2f} {packed['items_per_s']:>8.2f} "
             f"{full['items_per_s']:>8.2f} | {row['depthcut_ratio']:>6.2f} {'PASS' if row['pass'] else 'FAIL':>8} "
-            f"{row['depthcut_full_ratio']:>5.2f} | {differing[0]:>22} {differing[1]:>7}"
+            f"{row['depthcut_full_ratio']:>5.2f} | {differing[0]:>22} {differing[1]:>7} | "
+            f"{packed['max_loglikelihood_gap']:>9.2e} {full['max_loglikelihood_gap']:>8.2e}"
         )
     return "\n".join(lines)
 
 
-
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Load the model, write the subsets, build every scorer, measure, summarise."""
+    import torch
+
     import depthcut
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device="cpu")
     with tempfile.TemporaryDirectory(prefix="depthcut-bench-eval-") as tmp:
@@ -164,9 +172,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     rows = [summarise(name, runs[name], scorers[name]["lm_eval"][1]) for name in args.tasks]
     return {
         "config": {"model": args.model, "dtype": args.dtype, "tasks": args.tasks, "limit": args.limit,
-                   "batch_size": args.batch_size, "repeats": args.repeats, "num_fewshot": 0,
-                   "ratio_target": RATIO_TARGET, "model_source": source.as_dict()},
-        "environment": {**lm_eval_local.environment(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
+                   "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
+                   "num_fewshot": 0, "ratio_target": RATIO_TARGET, "model_source": source.as_dict()},
+        "environment": {**lm_eval_local.environment(), "load_average_before": load_before,
+                        "load_average_after": os.getloadavg()},
         "results": rows,
         "table": format_table(rows),
         "wall_seconds": time.perf_counter() - started,
@@ -182,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=300, help="the first N documents of each task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return parser.parse_args(argv)
 

@@ -95,7 +95,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def run(args: argparse.Namespace) -> dict:
     """Load the model once, write the subsets, run both tools and compare them document by document."""
     import depthcut

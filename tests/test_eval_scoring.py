@@ -33,13 +33,37 @@ def test_encode_pair_moves_trailing_space_and_splits_on_the_joint_encoding(token
     assert encode_pair(tokenizer, "", "fox")[0] == [tokenizer.bos_token_id]
 
 
-@pytest.mark.parametrize("mode", ["shared", "full"])
+@pytest.mark.parametrize("mode", ["packed", "shared", "full"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "falcon", "gpt_neox", "qwen3"])
 def test_batched_scores_equal_naive_unpadded_scores(arch, mode, tokenizer):
     model = tiny_model(arch)
     expected = [naive_loglikelihood(model, tokenizer, c, x) for c, x in REQUESTS]
     scorer = Scorer(model, tokenizer, batch_size=3, mode=mode)
     assert scorer.loglikelihoods(REQUESTS) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("gemma2", {"sliding_window": 64}),
+                                            ("qwen3", {"sliding_window": 64})])
+def test_packed_rows_score_every_batch_without_the_cache_path(arch, overrides, tokenizer, monkeypatch):
+    """Contexts with several continuations, one row each: the additive 4D mask (sdpa and eager)
+    must keep siblings apart, matching one unpadded sequence per pair."""
+    model = tiny_model(arch, **overrides)
+    expected = [naive_loglikelihood(model, tokenizer, c, x) for c, x in REQUESTS]
+    monkeypatch.setattr(Scorer, "_score_shared", lambda self, batch: pytest.fail("fell back to the cache path"))
+    scorer = Scorer(model, tokenizer, batch_size=4)
+    assert scorer.loglikelihoods(REQUESTS) == pytest.approx(expected, abs=1e-4)
+
+
+def test_rows_longer_than_the_sliding_window_fall_back_to_the_cache_path(tokenizer, monkeypatch):
+    model = tiny_model("mistral")  # window 4: one batch of all requests is wider
+    expected = [naive_loglikelihood(model, tokenizer, c, x) for c, x in REQUESTS]
+    monkeypatch.setattr(Scorer, "_score_packed", lambda self, batch: pytest.fail("packed a row past the window"))
+    assert Scorer(model, tokenizer, batch_size=len(REQUESTS)).loglikelihoods(REQUESTS) == pytest.approx(expected, abs=1e-4)
+
+
+def test_unknown_scoring_mode_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="packed, shared, full"):
+        Scorer(tiny_model("llama"), tokenizer, mode="cached")
 
 
 def test_long_contexts_are_truncated_from_the_left(tokenizer):
@@ -57,7 +81,7 @@ def test_long_contexts_are_truncated_from_the_left(tokenizer):
     assert scorer.loglikelihoods([(context, " depth")])[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["shared", "full"])
+@pytest.mark.parametrize("mode", ["packed", "shared", "full"])
 def test_a_continuation_longer_than_the_context_window_is_scored_on_its_tail(tokenizer, mode):
     model = tiny_model("llama")
     continuation = " the quick brown fox jumps over the lazy dog" * 6

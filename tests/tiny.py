@@ -55,9 +55,13 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, **overrides):
+    """A tiny random model of architecture `name`; `overrides` set config attributes first."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    config = CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = T.AutoModelForCausalLM.from_config(config)
     # Random init leaves tiny residual updates; scale weights up so layers differ measurably.
     with torch.no_grad():
         for param in model.parameters():

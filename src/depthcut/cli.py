@@ -555,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_options(evaluate, loss_samples=64, loss_seq_len=512)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of --limit and few-shot draws (default: 0)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")
-    evaluate.add_argument("--scoring", choices=("shared", "full"), default="shared",
-                          help="shared: each distinct context runs once (default); full: one pass per choice")
+    evaluate.add_argument("--scoring", choices=("packed", "shared", "full"), default="packed",
+                          help="packed: a context and all its choices in one masked row (default); shared: each "
+                               "context once, its KV cache reused per choice; full: one sequence per choice")
     evaluate.add_argument("--log-samples", action="store_true", help="add every item's scores to the output")
     evaluate.add_argument("--harness", default=None, metavar="TASKS",
                           help="also run these lm-evaluation-harness tasks on the same in-memory model (needs lm-eval; "

@@ -65,7 +65,7 @@ def evaluate(
     num_fewshot: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
-    scoring: str = "shared",
+    scoring: str = "packed",
     log_samples: bool = False,
     progress: bool = True,
 ) -> dict:
