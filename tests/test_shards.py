@@ -21,7 +21,9 @@ def _tensors(folder):
     return tensors
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+# gemma3_vl: the checkpoint names its layers `language_model.model.layers.N`, the model
+# `model.language_model.layers.N` (transformers renames them on load).
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "gemma3_vl"])
 def test_streamed_surgery_writes_the_in_memory_result_tensor_for_tensor(tmp_path, arch):
     source = tmp_path / "source"
     tiny_model(arch).save_pretrained(source, max_shard_size="20KB")

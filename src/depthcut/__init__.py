@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from depthcut.analysis import analyze  # noqa: E402
+from depthcut.analysis import analyze, analyze_streamed  # noqa: E402
 from depthcut.calibration import CalibrationSet, build_calibration  # noqa: E402
 from depthcut.data import load_texts  # noqa: E402
 from depthcut.errors import DepthcutError  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "CalibrationSet",
     "DepthcutError",
     "analyze",
+    "analyze_streamed",
     "build_calibration",
     "find_layer_stack",
     "load_model",

@@ -125,18 +125,85 @@ def analyze(
         _sum_across_processes(chosen, device)
 
     dtype = next(model.parameters()).dtype
-    metadata = {
-        "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
-        "architecture": type(model).__name__,
-        "layer_path": stack.path,
+    metadata = _metadata(calibration, chosen, world, device, model=getattr(model.config, "_name_or_path", None)
+                         or type(model).__name__, architecture=type(model).__name__, layer_path=stack.path,
+                         dtype=str(dtype).removeprefix("torch."))
+    return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)
+
+
+def _metadata(calibration: CalibrationSet, metrics: list, world: int, device, **facts) -> dict:
+    return {
+        **facts,
         "data": calibration.as_dict(),
         "samples": len(calibration),
         "tokens": calibration.num_tokens,
         "seed": calibration.seed,
-        "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "processes": world,
-        "metric_descriptions": {m.name: m.description for m in chosen},
+        "metric_descriptions": {m.name: m.description for m in metrics},
         "depthcut_version": __version__,
     }
+
+
+def analyze_streamed(
+    folder,
+    tokenizer=None,
+    data="c4",
+    *,
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    mode: str = "windows",
+    seed: int = 0,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    layer_path: str | None = None,
+    text_field: str = "text",
+    dtype=None,
+    device="cpu",
+    spill_dir=None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Analysis:
+    """`analyze` for a checkpoint folder too big for memory: one decoder layer resident at a time.
+
+    `folder` is a local folder of safetensors shards (with its config and tokenizer). The result
+    equals `analyze` on the loaded model up to float rounding; see `depthcut.streaming` for how,
+    and for the disk space the all-token metrics take (`spill_dir`, default the temp folder).
+    """
+    from pathlib import Path
+
+    from depthcut.models import resolve_device, resolve_dtype
+    from depthcut.streaming import is_safetensors_folder, stream_states
+
+    if batch_size < 1:
+        raise DepthcutError("batch size must be at least 1")
+    if not is_safetensors_folder(folder):
+        raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights; {folder} is not "
+                            "one (save the model with `model.save_pretrained(folder)` first)")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    num_layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
+    if not num_layers:
+        raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")
+    chosen = [METRICS.get(name)(num_layers) for name in metrics]
+    if not chosen:
+        raise DepthcutError("no metrics asked for")
+    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    rank, world = _process_group(device)
+    facts = stream_states(folder, calibration, chosen, batch_size=batch_size, dtype=resolve_dtype(dtype),
+                          device=device, layer_path=layer_path, spill_dir=spill_dir, rank=rank, world=world,
+                          trust_remote_code=trust_remote_code, progress=progress and rank == 0)
+    if facts["num_layers"] != num_layers:
+        raise DepthcutError(f"the layer stack holds {facts['num_layers']} layers, the config says {num_layers}")
+    if world > 1:
+        _sum_across_processes(chosen, device)
+    metadata = _metadata(calibration, chosen, world, device, model=str(Path(folder)),
+                         architecture=facts["architecture"], layer_path=facts["layer_path"], dtype=facts["dtype"],
+                         streamed=facts["streamed"])
     return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)

@@ -136,8 +136,11 @@ def load_model(
         raise DepthcutError(f"could not load model {spec!r}: {message}") from error
     _make_serializable(model)
     if quantize is None:
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        if torch_dtype is not None and source.gguf_file:
+            # Parameters only: `Module.to(dtype)` would also round buffers such as the rotary
+            # frequencies, which transformers keeps in float32.
+            for param in model.parameters():
+                param.data = param.data.to(torch_dtype)
         model = model.to(target)
     model = model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is None:

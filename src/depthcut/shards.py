@@ -37,27 +37,76 @@ def shard_map(folder: Path) -> dict[str, str]:
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def layer_prefix(folder: Path, layer_path: str | None = None) -> tuple[str, int, object]:
-    """(layer stack path, layer count, config) from a weightless skeleton of the model."""
+def meta_skeleton(folder: Path):
+    """The model of the checkpoint in `folder`, built on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from depthcut.layers import find_layer_stack
-
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config), config
+
+
+def layer_prefix(folder: Path, layer_path: str | None = None) -> tuple[str, int, object]:
+    """(layer stack path, layer count, config) from a weightless skeleton of the model."""
+    from depthcut.layers import find_layer_stack
+
+    skeleton, config = meta_skeleton(folder)
     stack = find_layer_stack(skeleton, layer_path)
     return stack.path, len(stack), config
 
 
-def _renamed(name: str, pattern: re.Pattern, position: dict[int, int]) -> str | None:
-    """The tensor's new name, or None if it belongs to a removed layer."""
+def model_names(checkpoint_names, model) -> tuple[dict[str, str], set[str]]:
+    """(checkpoint tensor name -> the model's parameter name, as `from_pretrained` maps them;
+    the checkpoint names transformers converts on load).
+
+    Checkpoints are not always saved under the model's own names: a base model's weights lack the
+    head class's prefix, and transformers renames some architectures' keys on load (Gemma 3's
+    `language_model.model.*` is `model.language_model.*` in the model). Keys that transformers
+    fuses or splits on load (a `WeightConverter`, e.g. per-expert weights) are in the second set,
+    named after the first tensor they become: they cannot be loaded one tensor at a time.
+    """
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    except ImportError:  # an older transformers without conversion mappings
+        rename_source_key, renamings, converters = None, [], []
+    names, converted = {}, set()
+    for key in checkpoint_names:
+        if rename_source_key is not None:
+            name, pattern = rename_source_key(key, renamings, converters, prefix or None, meta_state)
+            if pattern is not None:
+                converted.add(key)
+        else:
+            name = key
+            if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in meta_state:
+                name = key[len(prefix) + 1 :]
+            elif prefix and f"{prefix}.{key}" in meta_state:
+                name = f"{prefix}.{key}"
+        names[key] = name
+    return names, converted
+
+
+def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int]) -> str | None:
+    """The checkpoint tensor `key`'s new name (`name` is the model's name for it), or None if it
+    belongs to a removed layer. The layer index is changed where the checkpoint key has it."""
     match = pattern.match(name)
     if not match:
-        return name
-    new_index = position.get(int(match.group(2)))
-    return None if new_index is None else f"{match.group(1)}{new_index}{match.group(3)}"
+        return key
+    old_index, rest = int(match.group(2)), match.group(3)  # rest: ".self_attn.q_proj.weight"
+    new_index = position.get(old_index)
+    if new_index is None:
+        return None
+    tail = f"{old_index}{rest}"
+    if not (key == tail or key.endswith("." + tail)):
+        raise DepthcutError(f"cannot renumber the checkpoint tensor {key!r} (the model calls it {name!r})")
+    return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
 
 
 @functools.cache
@@ -95,16 +144,21 @@ def _write_streamed(path: Path, tensors: list[tuple[str, str, Path]]) -> int:
 
 def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None) -> dict:
     """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary."""
+    from depthcut.layers import find_layer_stack
+
     source = Path(source)
-    path, num_layers, config = layer_prefix(source, layer_path)
+    skeleton, config = meta_skeleton(source)
+    stack = find_layer_stack(skeleton, layer_path)
+    path, num_layers = stack.path, len(stack)
     removed = validate_layers(layers, num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     position = {old: new for new, old in enumerate(kept)}
-    pattern = re.compile(rf"^(.*?{re.escape(path)}\.)(\d+)(\..*)$")
+    pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
+    names, _ = model_names(weight_map, skeleton)
     by_shard: dict[str, list[tuple[str, str, str]]] = {}
     for name, shard in sorted(weight_map.items()):
-        new_name = _renamed(name, pattern, position)
+        new_name = _renamed(name, names.get(name, name), pattern, position)
         if new_name is not None:
             by_shard.setdefault(shard, []).append((new_name, name, source / shard))
 

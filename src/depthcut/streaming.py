@@ -1,0 +1,359 @@
+"""Layer-streamed analysis: a model larger than memory, one decoder layer resident at a time.
+
+The model is built as a skeleton on the meta device (parameters without storage; buffers such as
+rotary frequencies are computed for real). Then:
+
+1. Embeddings. The parameters outside the decoder stack are read from the safetensors shards,
+   except an untied output head (never needed). For every calibration batch the model's own
+   forward runs with each decoder layer replaced by a recorder that keeps the layer's call
+   (arguments and keywords: masks, position embeddings, ...) and passes the hidden state on, so
+   the per-layer inputs are exactly what the model would give its layers. The embeddings are
+   freed afterwards.
+2. Layers. Layer l's weights are read from the shards, every batch's hidden state goes through
+   it with the call recorded for that batch, and the weights are freed before layer l+1.
+
+The residual stream is captured at the same positions and with the same arithmetic as the
+in-memory path (`depthcut.capture`), and fed to the same metric accumulators. Unit vectors at
+each sequence's last token stay in memory ((samples, L+1, hidden) float32). The all-token
+metrics need every token's state at every position at once, so those unit vectors are spilled
+to a file, position after position, and read back in token chunks for the cosine pass; the disk
+space this takes is checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from depthcut.capture import StopForward, _store_unit
+from depthcut.errors import DepthcutError
+from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
+from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
+
+_CHUNK_TOKENS = 4096  # tokens per read-back chunk of the all-token cosine pass
+
+
+def is_safetensors_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and (
+        (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
+    )
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """The size of the checkpoint's tensors, from the shard files."""
+    folder = Path(folder)
+    return sum((folder / shard).stat().st_size for shard in set(shard_map(folder).values()))
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of `device` (CUDA) or available RAM (Linux `MemAvailable`); None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class CheckpointReader:
+    """Tensors by name from a folder of safetensors shards, one tensor read at a time."""
+
+    def __init__(self, folder: str | Path, model):
+        self.folder = Path(folder)
+        self.weight_map = shard_map(self.folder)
+        names, self.converted = model_names(self.weight_map, model)
+        self.keys = {name: key for key, name in names.items() if key not in self.converted}
+        self._handles: dict[str, object] = {}
+
+    def key_for(self, name: str) -> str | None:
+        """The checkpoint's name of the model parameter `name`."""
+        return self.keys.get(name)
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = self.weight_map[key]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.folder / shard, "pt")
+        return self._handles[shard].get_tensor(key)
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype | None, device: torch.device,
+                   trust_remote_code: bool = False):
+    """The model without weights: parameters on the meta device, buffers computed and put on `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    dtype = dtype or checkpoint_dtype(config) or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    return model.eval(), dtype
+
+
+def _load_parameters(module: torch.nn.Module, names: dict[str, str], reader: CheckpointReader,
+                     dtype: torch.dtype | None, device: torch.device) -> int:
+    """Give `module` the checkpoint tensors `names` (parameter name in module -> checkpoint key); returns bytes."""
+    state, total = {}, 0
+    for name, key in names.items():
+        tensor = reader.get(key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+        total += state[name].numel() * state[name].element_size()
+    module.load_state_dict(state, strict=False, assign=True)
+    return total
+
+
+def _parameter_keys(module: torch.nn.Module, path: str, reader: CheckpointReader,
+                    skip: set[int] = frozenset()) -> dict[str, str]:
+    keys, missing = {}, []
+    for name, param in module.named_parameters():
+        if id(param) in skip:
+            continue
+        key = reader.key_for(f"{path}.{name}" if path else name)
+        if key is None:
+            missing.append(f"{path}.{name}" if path else name)
+        else:
+            keys[name] = key
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        why = (" (its weights are converted on load, e.g. fused experts, which streaming does not do)"
+               if reader.converted else "")
+        raise DepthcutError(f"the checkpoint in {reader.folder} has no tensor for {shown}{why}")
+    return keys
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The call (args, kwargs) with its hidden state (as `first_tensor` finds it) replaced."""
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return args, {**kwargs, "hidden_states": hidden}
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return (*args[:index], hidden, *args[index + 1 :]), kwargs
+    raise RuntimeError("could not find the hidden state among a decoder layer's inputs")
+
+
+# How a layer hands its hidden state back: most return the tensor, older ones a tuple (`outputs[0]`).
+_OUTPUT_STYLES = (lambda hidden: hidden, lambda hidden: (hidden,))
+
+
+@contextmanager
+def _recording_layers(stack: LayerStack, record, style):
+    """Replace every layer's forward by one that hands its call to `record(args, kwargs)` and
+    passes the hidden state on unchanged, as `style` wraps it (the last one stops the forward pass)."""
+    last = len(stack) - 1
+
+    def recorder(index):
+        def forward(*args, **kwargs):
+            record(args, kwargs)
+            if index == last:
+                raise StopForward
+            return style(first_tensor(args, kwargs))
+
+        return forward
+
+    for index, layer in enumerate(stack.layers):
+        layer.forward = recorder(index)
+    try:
+        yield
+    finally:
+        for layer in stack.layers:
+            del layer.forward
+
+
+class SpilledStates:
+    """Unit vectors of every valid token at every position, in a float32 file laid out
+    (position, token, hidden), written a position at a time and read back in token chunks."""
+
+    def __init__(self, directory: Path, positions: int, tokens: int, width: int):
+        self.positions, self.tokens, self.width = positions, tokens, width
+        self.row_bytes = width * 4
+        self.path = directory / "unit-states.f32"
+        self.file = open(self.path, "w+b")  # noqa: SIM115 (closed by close())
+        self.file.truncate(positions * tokens * self.row_bytes)
+
+    @staticmethod
+    def bytes_needed(positions: int, tokens: int, width: int) -> int:
+        return positions * tokens * width * 4
+
+    def write(self, position: int, first_token: int, units: torch.Tensor) -> None:
+        data = units.detach().to("cpu", torch.float32).contiguous().numpy()
+        os.pwrite(self.file.fileno(), data.tobytes(), (position * self.tokens + first_token) * self.row_bytes)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, positions, width) float32: the tokens start..stop-1 at every position."""
+        out = np.empty((self.positions, stop - start, self.width), dtype=np.float32)
+        for position in range(self.positions):
+            offset = (position * self.tokens + start) * self.row_bytes
+            view = memoryview(out[position]).cast("B")
+            if os.preadv(self.file.fileno(), [view], offset) != view.nbytes:
+                raise DepthcutError(f"{self.path} was truncated while the analysis ran")
+        return torch.from_numpy(out).transpose(0, 1)
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def stream_states(
+    folder: str | Path,
+    calibration,
+    metrics: list,
+    *,
+    batch_size: int,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    layer_path: str | None = None,
+    spill_dir: str | Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the calibration set through the checkpoint in `folder` layer by layer, feeding `metrics`
+    (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata."""
+    model, dtype = build_skeleton(folder, dtype, device, trust_remote_code)
+    reader = CheckpointReader(folder, model)
+    stack = find_layer_stack(model, layer_path)
+    all_tokens = any(m.level == "all_tokens" for m in metrics)
+    batches = [b for i, b in enumerate(calibration.batches(batch_size)) if i % world == rank]
+    sizes = [int(mask.shape[0]) for _, mask in batches]
+    token_counts = [int(mask.sum()) for _, mask in batches]
+    positions = len(stack) + 1
+
+    spill, spill_root = None, None
+    if all_tokens:  # checked before any work; the file is made once the real width is known
+        needed = SpilledStates.bytes_needed(positions, sum(token_counts), text_config(model).hidden_size)
+        root = Path(spill_dir or tempfile.gettempdir())
+        if not root.is_dir():
+            raise DepthcutError(f"the spill folder {root} does not exist")
+        free = shutil.disk_usage(root).free
+        if free < needed * 1.05:
+            raise DepthcutError(
+                f"the all-token metrics spill {needed / 2**30:.2f} GiB of activations to {root}, which has "
+                f"{free / 2**30:.2f} GiB free; pass --spill-dir on a bigger disk, fewer --samples or a shorter "
+                f"--seq-len, or leave the all-token metrics out (--metrics angular_last_token)")
+        spill_root = Path(tempfile.mkdtemp(prefix="depthcut-spill-", dir=root))
+
+    try:
+        # 1. Embeddings and the recorded layer calls.
+        output_head = model.get_output_embeddings()
+        skip = {id(p) for p in output_head.parameters()} if output_head is not None else set()
+        skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied: the embeddings stay
+        skip |= {id(p) for p in stack.layers.parameters()}
+        resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
+        states, calls, last_index = [], [], []  # per batch: hidden state, the L layer calls, last positions
+
+        def record_batch(input_ids, attention_mask, style) -> list | None:
+            """The layer calls of one batch, or None if the layers' output style is not `style`."""
+            batch_calls = []
+            with _recording_layers(stack, lambda args, kwargs: batch_calls.append((args, kwargs)), style):
+                try:
+                    with torch.inference_mode():
+                        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                except StopForward:
+                    pass
+                except (IndexError, RuntimeError, TypeError, AttributeError):
+                    return None
+            shape = first_tensor(*batch_calls[0]).shape
+            if len(batch_calls) != len(stack) or any(first_tensor(*c).shape != shape for c in batch_calls):
+                return None
+            return batch_calls
+
+        styles = list(_OUTPUT_STYLES)
+        for input_ids, attention_mask in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+            while (batch_calls := record_batch(input_ids, attention_mask, styles[0])) is None:
+                styles.pop(0)  # the first batch finds the style; later ones reuse it
+                if not styles:
+                    raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time")
+            calls.append(batch_calls)
+            states.append(first_tensor(*batch_calls[0]))
+            index = torch.arange(attention_mask.shape[1])
+            last_index.append((index * attention_mask).argmax(dim=1))
+        model.to("meta")  # the embeddings are done with
+        width = states[0].shape[-1]
+        if spill_root is not None:
+            spill = SpilledStates(spill_root, positions, sum(token_counts), width)
+
+        last_token = torch.empty(sum(sizes), positions, width, dtype=torch.float32)
+        row_starts = np.cumsum([0, *sizes])
+        token_starts = np.cumsum([0, *token_counts])
+
+        def capture(position: int, b: int, hidden: torch.Tensor) -> None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            _store_unit(last_token[row_starts[b] : row_starts[b + 1], position],
+                        hidden[rows, last_index[b].to(hidden.device)])
+            if spill is not None:
+                valid = batches[b][1].reshape(-1).bool().to(hidden.device)
+                units = torch.empty(int(valid.sum()), width, dtype=torch.float32, device=hidden.device)
+                _store_unit(units, hidden.reshape(-1, width)[valid])
+                spill.write(position, int(token_starts[b]), units)
+
+        # 2. The layers, one resident at a time.
+        for b, hidden in enumerate(states):
+            capture(0, b, hidden)
+        peak_layer = 0
+        for index, layer in enumerate(tqdm(stack.layers, desc="layers", unit="layer", disable=not progress)):
+            path = f"{stack.path}.{index}"
+            peak_layer = max(peak_layer, _load_parameters(layer, _parameter_keys(layer, path, reader),
+                                                          reader, dtype, device))
+            with torch.inference_mode():
+                for b in range(len(states)):
+                    args, kwargs = _replace_hidden(*calls[b][index], states[b])
+                    states[b] = output_tensor(layer(*args, **kwargs))
+                    capture(index + 1, b, states[b])
+            layer.to("meta")
+        del states, calls
+
+        # 3. Cosines, with the in-memory path's shapes: (B, P, P) per batch, (K, P, P) per token chunk.
+        for b in range(len(batches)):
+            units = last_token[row_starts[b] : row_starts[b + 1]]
+            cosines = units @ units.transpose(1, 2)
+            for metric in metrics:
+                if metric.level == "last_token":
+                    metric.update(cosines)
+        if spill is not None:
+            for start in tqdm(range(0, spill.tokens, _CHUNK_TOKENS), desc="cosines", unit="chunk",
+                              disable=not progress):
+                flat = spill.read(start, min(start + _CHUNK_TOKENS, spill.tokens))
+                cosines = flat @ flat.transpose(1, 2)
+                for metric in metrics:
+                    if metric.level == "all_tokens":
+                        metric.update(cosines)
+    finally:
+        if spill is not None:
+            spill.close()
+        if spill_root is not None:
+            shutil.rmtree(spill_root, ignore_errors=True)
+    return {
+        "layer_path": stack.path,
+        "num_layers": len(stack),
+        "architecture": type(model).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "streamed": {"resident_outside_layers_bytes": resident, "largest_layer_bytes": peak_layer,
+                     "spilled_bytes": 0 if spill is None else spill.bytes_needed(positions, spill.tokens, width)},
+    }
