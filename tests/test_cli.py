@@ -86,6 +86,9 @@ def test_explicit_layers_and_deepest(capsys, tmp_path, tiny_llama_dir):
         (["analyze", "{model}", "--data", "{corpus}", "--metrics", "angular_last_token,bi"], "unknown metric 'bi'"),
         (["analyze", "{model}", "--data", "hf:no-such/dataset-xyz"], "cannot open Hugging Face dataset"),
         (["prune", "{model}", "--drop", "2", "--data", "{corpus}", "--seq-len", "0"], "at least 1"),
+        (["analyze", "smollm2-135m", "--data", "{corpus}", "--stream"], "--stream needs a local folder"),
+        (["analyze", "{model}", "--data", "{corpus}", "--stream", "--device-map", "auto"], "exclude each other"),
+        (["analyze", "{model}", "--data", "{corpus}", "--stream", "--spill-dir", "{tmp}/no-dir"], "does not exist"),
     ],
 )
 def test_bad_input_gives_a_message_and_writes_nothing(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
@@ -138,3 +141,39 @@ def test_generate_prints_a_continuation(capsys, tiny_llama_dir):
     code, out, err = run(capsys, "generate", tiny_llama_dir, "the quick brown", "--max-new-tokens", 4)
     assert code == 0, err
     assert out.startswith("> the quick brown\n")
+
+
+def test_stream_analyzes_like_the_in_memory_path(capsys, tmp_path, tiny_llama_dir, corpus_file, monkeypatch):
+    from depthcut import streaming
+
+    results = {}
+    for name, extra in (("memory", []), ("stream", ["--stream", "--spill-dir", tmp_path])):
+        code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", tmp_path / name,
+                           *DATA, *extra)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "analysis.json").read_text())
+    assert "streamed" in results["stream"]["metadata"] and "streamed" not in results["memory"]["metadata"]
+    for metric, values in results["memory"]["metrics"].items():
+        flat = [v for row in values for v in (row if isinstance(row, list) else [row]) if v is not None]
+        got = [v for row in results["stream"]["metrics"][metric]
+               for v in (row if isinstance(row, list) else [row]) if v is not None]
+        assert got == pytest.approx(flat, abs=1e-6)
+    assert results["stream"]["best_block"] == results["memory"]["best_block"]
+
+    # A machine with too little memory for the weights streams on its own, and says so.
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda device: 1000)
+    code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", tmp_path / "auto", *DATA)
+    assert code == 0 and "analyzing it one layer at a time (--stream)" in err
+    assert json.loads((tmp_path / "auto" / "analysis.json").read_text())["metadata"]["streamed"]
+
+
+def test_too_small_a_disk_for_the_stream_is_an_error_before_any_output(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                      monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**6, 10**6, 10))
+    code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", tmp_path / "out", *DATA,
+                       "--stream", "--spill-dir", tmp_path)
+    assert code == 2 and "GiB free; pass --spill-dir on a bigger disk" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -61,6 +61,25 @@ def test_analysis_on_c4_matches_naive_computation(smollm2, calibration):
     assert stop <= 29
 
 
+def test_streamed_analysis_of_the_saved_checkpoint_equals_the_in_memory_analysis(smollm2, calibration, tmp_path):
+    model, tokenizer = smollm2
+    model.save_pretrained(tmp_path / "model", max_shard_size="100MB")  # several shards and an index
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
+    expected = depthcut.analyze(model, data=calibration, batch_size=4, progress=False)
+    streamed = depthcut.analyze_streamed(tmp_path / "model", data=calibration, batch_size=4, spill_dir=tmp_path,
+                                         progress=False)
+    for name, matrix in expected.metrics.items():
+        rows = matrix if isinstance(matrix[0], list) else [matrix]
+        got = streamed.metrics[name] if isinstance(matrix[0], list) else [streamed.metrics[name]]
+        worst = max(abs(a - b) for ra, rb in zip(rows, got, strict=True) for a, b in zip(ra, rb, strict=True)
+                    if a is not None)
+        assert worst < 1e-5, name
+    assert streamed.best_blocks() == expected.best_blocks()
+    assert streamed.metadata["streamed"]["largest_layer_bytes"] == sum(
+        p.numel() * 4 for p in find_layer_stack(model).layers[0].parameters())
+
+
 def test_bfloat16_analysis_agrees_with_float32(smollm2, calibration):
     model, _ = smollm2
     full = depthcut.analyze(model, data=calibration, batch_size=8, progress=False)

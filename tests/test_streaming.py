@@ -1,7 +1,6 @@
 """Layer-streamed analysis against the in-memory analysis of the same checkpoint."""
 
 import pytest
-import torch
 
 import depthcut
 from depthcut.errors import DepthcutError
@@ -82,8 +81,6 @@ def test_only_one_layer_is_resident_at_a_time(tmp_path, tokenizer, monkeypatch):
 def test_too_little_disk_for_spilled_states_is_refused_before_any_work(tmp_path, tokenizer, monkeypatch):
     import shutil
     from collections import namedtuple
-
-    from depthcut import streaming
 
     _, folder = _saved("llama", tmp_path, tokenizer)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**6, 10**6, 1000))

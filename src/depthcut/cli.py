@@ -21,9 +21,12 @@ EPILOG_ANALYZE = """examples:
   depthcut analyze Qwen/Qwen3-0.6B --data hf:allenai/c4:en:validation --out runs/qwen3
 
   accelerate launch --num_processes 2 $(which depthcut) analyze smollm2-135m --data c4 --out runs/dp
+  depthcut analyze ./Llama-3.1-405B --stream --dtype bfloat16 --spill-dir /scratch --data c4 --out runs/405b
+  depthcut analyze ./Llama-3.1-70B --device-map auto --dtype bfloat16 --data c4 --out runs/70b
 
 writes DIR/analysis.json (format: docs/analysis-format.md) and DIR/heatmap.png; launched as several
-processes, each analyzes a share of the batches and the sums are reduced across them
+processes, each analyzes a share of the batches and the sums are reduced across them. --stream
+(automatic when a local model would not fit in memory) keeps one decoder layer in memory at a time.
 """
 
 EPILOG_PRUNE = """examples:
@@ -62,6 +65,12 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
                              "ones keep a batch's states at every layer, so drop them to save memory on big models")
 
 
+def _add_device_map_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the model over several GPUs with accelerate (auto, balanced, sequential); "
+                             "--device is then ignored")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -89,7 +98,7 @@ def _load(args, quantize: str | None = None):
 
         hf_logging.disable_progress_bar()
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      quantize=quantize)
+                      quantize=quantize, device_map=getattr(args, "device_map", None))
 
 
 def _run_analysis(args, model, tokenizer):
@@ -116,6 +125,30 @@ def _check_data_options(args) -> None:
         METRICS.get(name.strip())
 
 
+def _should_stream(args, source) -> bool:
+    """--stream, or a local safetensors model bigger than the memory it would be loaded into."""
+    from depthcut.streaming import is_safetensors_folder, would_not_fit
+
+    if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
+        raise DepthcutError(f"the spill folder {args.spill_dir} does not exist")
+    if args.stream:
+        if not is_safetensors_folder(source.location):
+            raise DepthcutError(f"--stream needs a local folder of safetensors weights with its config.json; "
+                                f"{args.model} is not one (for a hub model, download it first: "
+                                f"huggingface-cli download {args.model} --local-dir DIR)")
+        if args.device_map:
+            raise DepthcutError("--stream and --device-map exclude each other: streaming holds one layer at a time")
+        return True
+    if args.device_map or not is_safetensors_folder(source.location):
+        return False
+    from depthcut.models import resolve_device, resolve_dtype
+
+    verdict = would_not_fit(source.location, resolve_dtype(args.dtype), resolve_device(args.device))
+    if verdict:
+        print(f"depthcut: {verdict}: analyzing it one layer at a time (--stream)", file=sys.stderr)
+    return bool(verdict)
+
+
 def cmd_analyze(args) -> None:
     from depthcut.models import resolve_model
     from depthcut.output import atomic_output_dir, check_output_dir, environment
@@ -123,9 +156,19 @@ def cmd_analyze(args) -> None:
 
     _check_data_options(args)
     check_output_dir(args.out, args.force)
-    resolve_model(args.model)  # a bad MODEL fails here, before the heavy imports
-    model, tokenizer, source = _load(args)
-    analysis = _run_analysis(args, model, tokenizer)
+    source = resolve_model(args.model)  # a bad MODEL fails here, before the heavy imports
+    if _should_stream(args, source):
+        from depthcut.analysis import analyze_streamed
+
+        analysis = analyze_streamed(
+            source.location, data=args.data, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+            mode=args.sample_mode, seed=args.seed, layer_path=args.layer_path, text_field=args.text_field,
+            metrics=[m.strip() for m in args.metrics.split(",")], dtype=args.dtype, device=args.device,
+            spill_dir=args.spill_dir, trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+        )
+    else:
+        model, tokenizer, source = _load(args)
+        analysis = _run_analysis(args, model, tokenizer)
     analysis.metadata["model"] = source.as_dict()
     analysis.metadata["environment"] = environment()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -527,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(analyze)
     _add_data_options(analyze, required=True)
     _add_output_options(analyze)
+    _add_device_map_option(analyze)
+    analyze.add_argument("--stream", action="store_true",
+                         help="hold one decoder layer in memory at a time, reading it from the safetensors shards "
+                              "(for models bigger than memory; automatic when a local model would not fit)")
+    analyze.add_argument("--spill-dir", default=None, metavar="DIR",
+                         help="where --stream writes the all-token states (default: the temp folder; the space "
+                              "needed is checked first)")
     analyze.set_defaults(run=cmd_analyze)
 
     prune = sub.add_parser("prune", help="remove layers and save a standard HF model",
@@ -552,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "scores them, and the mean next-token loss on held-out text.",
                               epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(evaluate)
+    _add_device_map_option(evaluate)
     _add_measure_options(evaluate, loss_samples=64, loss_seq_len=512)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of --limit and few-shot draws (default: 0)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: 16)")

@@ -102,10 +102,13 @@ def load_model(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     quantize: str | None = None,
+    device_map: str | dict | None = None,
 ):
     """Load (model, tokenizer, source) for a MODEL string; the model is in eval mode.
 
     `quantize="4bit"` loads the weights as 4-bit NF4 with bitsandbytes (QLoRA's frozen base; CUDA only).
+    `device_map` ("auto", "balanced", a dict) spreads the layers over several GPUs with accelerate
+    (then `device` is not used); inputs go to the device of the embeddings.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +128,10 @@ def load_model(
             bnb_4bit_compute_dtype=torch_dtype or torch.bfloat16,
         )
         kwargs["device_map"] = {"": target.index or 0}
+    if device_map is not None:
+        if source.gguf_file:
+            raise DepthcutError("--device-map needs a safetensors model, not a GGUF file")
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto", **kwargs
@@ -135,7 +142,7 @@ def load_model(
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DepthcutError(f"could not load model {spec!r}: {message}") from error
     _make_serializable(model)
-    if quantize is None:
+    if quantize is None and device_map is None:
         if torch_dtype is not None and source.gguf_file:
             # Parameters only: `Module.to(dtype)` would also round buffers such as the rotary
             # frequencies, which transformers keeps in float32.

@@ -37,7 +37,12 @@ from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
 from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
 
-_CHUNK_TOKENS = 4096  # tokens per read-back chunk of the all-token cosine pass
+READ_BACK_BYTES = 64 * 2**20  # the spilled states are read back in chunks of about this size
+
+
+def chunk_tokens(positions: int, width: int) -> int:
+    """Tokens per read-back chunk of the all-token cosine pass: (tokens, L+1, H) float32 within budget."""
+    return max(1, READ_BACK_BYTES // (positions * width * 4))
 
 
 def is_safetensors_folder(path: str | Path) -> bool:
@@ -65,6 +70,23 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
+
+
+def would_not_fit(folder: str | Path, dtype: torch.dtype | None, device: torch.device,
+                  headroom: float = 0.9) -> str | None:
+    """Why the model in `folder` should be streamed (its weights in `dtype` take more than
+    `headroom` of the memory available on `device`), or None."""
+    import json
+
+    size = checkpoint_bytes(folder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    saved = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or ""), None)
+    if dtype is not None and isinstance(saved, torch.dtype):
+        size = size * dtype.itemsize // saved.itemsize
+    available = available_memory_bytes(device)
+    if available is None or size <= headroom * available:
+        return None
+    return f"the weights take {size / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available on {device}"
 
 
 class CheckpointReader:
@@ -337,9 +359,9 @@ def stream_states(
                 if metric.level == "last_token":
                     metric.update(cosines)
         if spill is not None:
-            for start in tqdm(range(0, spill.tokens, _CHUNK_TOKENS), desc="cosines", unit="chunk",
-                              disable=not progress):
-                flat = spill.read(start, min(start + _CHUNK_TOKENS, spill.tokens))
+            chunk = chunk_tokens(positions, width)
+            for start in tqdm(range(0, spill.tokens, chunk), desc="cosines", unit="chunk", disable=not progress):
+                flat = spill.read(start, min(start + chunk, spill.tokens))
                 cosines = flat @ flat.transpose(1, 2)
                 for metric in metrics:
                     if metric.level == "all_tokens":
