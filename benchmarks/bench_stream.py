@@ -9,8 +9,9 @@ same calibration samples with the same metrics and batch size:
 
 Each run is a fresh subprocess (this script with ``--worker``): on Linux a child's ``ru_maxrss``
 starts from its parent's peak, so the parent only orchestrates, and the checkpoint is written by
-a ``prepare`` subprocess. A worker imports torch, transformers and depthcut, records its RSS (the
-baseline: the interpreter and libraries, no model), runs the analysis and reports its peak RSS.
+a ``prepare`` subprocess. A worker imports torch, transformers, depthcut and the architecture's modeling code, loads the
+tokenizer and builds the calibration set, records its RSS (the baseline: interpreter, libraries,
+tokenizer and samples, no model), runs the analysis on that set and reports its peak RSS.
 The variants alternate for ``--repeats`` rounds; the smallest peak and the fastest time of each
 count. The script also checks that both give the same distance matrices, and computes the bound
 the streamed peak should stay under: the largest decoder layer + the embeddings + the activations
@@ -61,16 +62,24 @@ def worker(args: argparse.Namespace) -> dict:
 
     import depthcut
 
+    from transformers import AutoTokenizer
+
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    calibration = depthcut.build_calibration(tokenizer, depthcut.load_texts(str(C4_SAMPLE)), args.samples, args.seq_len)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(args.folder))]  # imports the modeling code
     baseline = current_rss()
-    options = dict(data=str(C4_SAMPLE), samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                   progress=False)
+    options = dict(data=calibration, batch_size=args.batch_size, progress=False)
     started = time.perf_counter()
     if args.worker == "memory":
-        model, tokenizer, _ = depthcut.load_model(str(args.folder), dtype=args.dtype)
+        model, _, _ = depthcut.load_model(str(args.folder), dtype=args.dtype, with_tokenizer=False)
         analysis = depthcut.analyze(model, tokenizer, **options)
     else:
-        analysis = depthcut.analyze_streamed(args.folder, dtype=args.dtype, spill_dir=args.spill_dir, **options)
+        analysis = depthcut.analyze_streamed(args.folder, tokenizer, dtype=args.dtype, spill_dir=args.spill_dir,
+                                             **options)
     seconds = time.perf_counter() - started
     return {"variant": args.worker, "seconds": seconds, "baseline_rss": baseline, "peak_rss": peak_rss(),
             "metrics": analysis.metrics, "streamed": analysis.metadata.get("streamed")}
@@ -105,7 +114,10 @@ def bound(folder: Path, samples: int, seq_len: int, batch_size: int) -> dict:
         "hidden_states": tokens * width * itemsize,
         "last_token_units": samples * (layers + 1) * width * 4,
         "read_back_chunk": chunk * (layers + 1) * width * 4 + chunk * (layers + 1) ** 2 * 4,
-        "one_layer_working_set": batch_size * seq_len * config["intermediate_size"] * itemsize * 3,
+        # one batch through one layer: attention scores and probabilities (float32 softmax),
+        # q/k/v/output projections, and the MLP's gate, up, activation and product
+        "one_layer_working_set": 2 * batch_size * config["num_attention_heads"] * seq_len**2 * 4
+        + 4 * batch_size * seq_len * width * itemsize + 4 * batch_size * seq_len * config["intermediate_size"] * itemsize,
     }
     return {"largest_layer": max(per_layer.values()), "embeddings": embeddings, **activations,
             "total": max(per_layer.values()) + embeddings + sum(activations.values())}

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from depthcut.capture import StopForward, _store_unit
 from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
-from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
+from depthcut.shards import INDEX_FILE, SINGLE_FILE, _header, model_names, shard_map
 
-READ_BACK_BYTES = 64 * 2**20  # the spilled states are read back in chunks of about this size
+READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size
 
 
 def chunk_tokens(positions: int, width: int) -> int:
@@ -89,27 +89,45 @@ def would_not_fit(folder: str | Path, dtype: torch.dtype | None, device: torch.d
     return f"the weights take {size / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available on {device}"
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class CheckpointReader:
-    """Tensors by name from a folder of safetensors shards, one tensor read at a time."""
+    """Tensors by name from a folder of safetensors shards, one tensor read at a time.
+
+    The bytes are read with plain file reads, not through a memory map: mapped pages of a shard
+    stay in the process's resident set while the file is open, which would bring the whole
+    checkpoint back into memory layer by layer.
+    """
 
     def __init__(self, folder: str | Path, model):
         self.folder = Path(folder)
         self.weight_map = shard_map(self.folder)
         names, self.converted = model_names(self.weight_map, model)
         self.keys = {name: key for key, name in names.items() if key not in self.converted}
-        self._handles: dict[str, object] = {}
 
     def key_for(self, name: str) -> str | None:
         """The checkpoint's name of the model parameter `name`."""
         return self.keys.get(name)
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        shard = self.weight_map[key]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.folder / shard, "pt")
-        return self._handles[shard].get_tensor(key)
+        path = self.folder / self.weight_map[key]
+        header, data_start = _header(path)
+        entry = header[key]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with path.open("rb", buffering=0) as handle:
+            handle.seek(data_start + start)
+            if handle.readinto(memoryview(buffer)) != len(buffer):
+                raise DepthcutError(f"{path} is truncated (tensor {key})")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
@@ -134,6 +152,18 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype | None, device: torch.
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
     return model.eval(), dtype
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the system. Weights and activations come in
+    sizes that glibc serves from its heap, and a heap keeps what it frees: without this, the
+    resident set would creep up by about a layer's size per layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _load_parameters(module: torch.nn.Module, names: dict[str, str], reader: CheckpointReader,
@@ -317,6 +347,7 @@ def stream_states(
             index = torch.arange(attention_mask.shape[1])
             last_index.append((index * attention_mask).argmax(dim=1))
         model.to("meta")  # the embeddings are done with
+        _release_freed_memory()
         width = states[0].shape[-1]
         if spill_root is not None:
             spill = SpilledStates(spill_root, positions, sum(token_counts), width)
@@ -348,7 +379,9 @@ def stream_states(
                     args, kwargs = _replace_hidden(*calls[b][index], states[b])
                     states[b] = output_tensor(layer(*args, **kwargs))
                     capture(index + 1, b, states[b])
+                    _release_freed_memory()  # the batch's working set
             layer.to("meta")
+            _release_freed_memory()
         del states, calls
 
         # 3. Cosines, with the in-memory path's shapes: (B, P, P) per batch, (K, P, P) per token chunk.
