@@ -320,6 +320,8 @@ def stream_states(
         resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
         states, calls, last_index = [], [], []  # per batch: hidden state, the L layer calls, last positions
 
+        failures = []
+
         def record_batch(input_ids, attention_mask, style) -> list | None:
             """The layer calls of one batch, or None if the layers' output style is not `style`."""
             batch_calls = []
@@ -329,7 +331,8 @@ def stream_states(
                         model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
                 except StopForward:
                     pass
-                except (IndexError, RuntimeError, TypeError, AttributeError):
+                except (IndexError, RuntimeError, TypeError, AttributeError) as error:
+                    failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                     return None
             shape = first_tensor(*batch_calls[0]).shape
             if len(batch_calls) != len(stack) or any(first_tensor(*c).shape != shape for c in batch_calls):
@@ -341,7 +344,8 @@ def stream_states(
             while (batch_calls := record_batch(input_ids, attention_mask, styles[0])) is None:
                 styles.pop(0)  # the first batch finds the style; later ones reuse it
                 if not styles:
-                    raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time")
+                    raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time "
+                                        f"({'; '.join(failures) or 'the layers saw hidden states of changing shapes'})")
             calls.append(batch_calls)
             states.append(first_tensor(*batch_calls[0]))
             index = torch.arange(attention_mask.shape[1])
