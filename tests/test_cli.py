@@ -177,3 +177,15 @@ def test_too_small_a_disk_for_the_stream_is_an_error_before_any_output(capsys, t
                        "--stream", "--spill-dir", tmp_path)
     assert code == 2 and "GiB free; pass --spill-dir on a bigger disk" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_device_map_loading_gives_the_same_analysis(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    """--device-map hands placement to accelerate; on this CPU-only machine every layer lands on
+    the CPU, which exercises the loading path (the multi-GPU placement itself needs GPUs)."""
+    results = []
+    for name, extra in (("plain", []), ("mapped", ["--device-map", "cpu"])):
+        code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", tmp_path / name,
+                           *DATA, "--metrics", "angular_last_token", *extra)
+        assert code == 0, err
+        results.append(json.loads((tmp_path / name / "analysis.json").read_text())["metrics"])
+    assert results[0] == results[1]
