@@ -51,8 +51,9 @@ def test_bfloat16_streamed_analysis_equals_the_in_memory_bfloat16_analysis(tmp_p
     model, _, _ = depthcut.load_model(str(folder), dtype="bfloat16")
     calibration = _calibration([12, 7, 10, 5, 9])
     expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
-    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype="bfloat16", progress=False)
-    assert streamed.metadata["dtype"] == "bfloat16"
+    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype="bfloat16",
+                                         offload_states=True, progress=False)
+    assert streamed.metadata["dtype"] == "bfloat16" and streamed.metadata["streamed"]["hidden_states_on"] == "cpu"
     for name in expected.metrics:
         _assert_close(streamed.metrics[name], expected.metrics[name], tol=1e-6)
 

@@ -161,6 +161,7 @@ def analyze_streamed(
     dtype=None,
     device="cpu",
     spill_dir=None,
+    offload_states: bool | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Analysis:
@@ -169,6 +170,8 @@ def analyze_streamed(
     `folder` is a local folder of safetensors shards (with its config and tokenizer). The result
     equals `analyze` on the loaded model up to float rounding; see `depthcut.streaming` for how,
     and for the disk space the all-token metrics take (`spill_dir`, default the temp folder).
+    `offload_states` keeps the samples' hidden states in CPU memory between layers (default: when
+    they would take more than half of the accelerator's free memory).
     """
     from pathlib import Path
 
@@ -198,6 +201,7 @@ def analyze_streamed(
     rank, world = _process_group(device)
     facts = stream_states(folder, calibration, chosen, batch_size=batch_size, dtype=resolve_dtype(dtype),
                           device=device, layer_path=layer_path, spill_dir=spill_dir, rank=rank, world=world,
+                          offload_states=offload_states,
                           trust_remote_code=trust_remote_code, progress=progress and rank == 0)
     if facts["num_layers"] != num_layers:
         raise DepthcutError(f"the layer stack holds {facts['num_layers']} layers, the config says {num_layers}")

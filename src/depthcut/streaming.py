@@ -284,10 +284,15 @@ def stream_states(
     rank: int = 0,
     world: int = 1,
     trust_remote_code: bool = False,
+    offload_states: bool | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the calibration set through the checkpoint in `folder` layer by layer, feeding `metrics`
-    (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata."""
+    (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata.
+
+    Every sample's hidden state stays on `device` between layers, unless `offload_states` (None:
+    when they would take more than half the accelerator's free memory): then they wait in CPU
+    memory and each batch visits the device only to go through the layer."""
     model, dtype = build_skeleton(folder, dtype, device, trust_remote_code)
     reader = CheckpointReader(folder, model)
     stack = find_layer_stack(model, layer_path)
@@ -296,6 +301,11 @@ def stream_states(
     sizes = [int(mask.shape[0]) for _, mask in batches]
     token_counts = [int(mask.sum()) for _, mask in batches]
     positions = len(stack) + 1
+    if offload_states is None:
+        states_bytes = sum(token.numel() for token, _ in batches) * text_config(model).hidden_size * dtype.itemsize
+        free = available_memory_bytes(device) if device.type != "cpu" else None
+        offload_states = free is not None and states_bytes > free / 2
+    parking = torch.device("cpu") if offload_states else device  # where hidden states wait between layers
 
     spill, spill_root = None, None
     if all_tokens:  # checked before any work; the file is made once the real width is known
@@ -347,7 +357,7 @@ def stream_states(
                     raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time "
                                         f"({'; '.join(failures) or 'the layers saw hidden states of changing shapes'})")
             calls.append(batch_calls)
-            states.append(first_tensor(*batch_calls[0]))
+            states.append(first_tensor(*batch_calls[0]).to(parking))
             index = torch.arange(attention_mask.shape[1])
             last_index.append((index * attention_mask).argmax(dim=1))
         model.to("meta")  # the embeddings are done with
@@ -380,8 +390,8 @@ def stream_states(
                                                           reader, dtype, device))
             with torch.inference_mode():
                 for b in range(len(states)):
-                    args, kwargs = _replace_hidden(*calls[b][index], states[b])
-                    states[b] = output_tensor(layer(*args, **kwargs))
+                    args, kwargs = _replace_hidden(*calls[b][index], states[b].to(device))
+                    states[b] = output_tensor(layer(*args, **kwargs)).to(parking)
                     capture(index + 1, b, states[b])
                     _release_freed_memory()  # the batch's working set
             layer.to("meta")
@@ -414,5 +424,6 @@ def stream_states(
         "architecture": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "streamed": {"resident_outside_layers_bytes": resident, "largest_layer_bytes": peak_layer,
+                     "hidden_states_on": str(parking),
                      "spilled_bytes": 0 if spill is None else spill.bytes_needed(positions, spill.tokens, width)},
     }
