@@ -97,6 +97,15 @@ def _load(args, quantize: str | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        try:  # the GGUF converter's bar is a plain tqdm that the switch above does not reach
+            import functools
+
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+            if not isinstance(gguf_utils.tqdm, functools.partial):
+                gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+        except (ImportError, AttributeError):
+            pass
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       quantize=quantize, device_map=getattr(args, "device_map", None))
 
