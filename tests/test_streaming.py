@@ -101,3 +101,15 @@ def test_a_missing_tensor_or_a_folder_without_safetensors_is_a_clear_error(tmp_p
         depthcut.analyze_streamed(folder, data=_calibration([12, 7]), spill_dir=tmp_path, progress=False)
     with pytest.raises(DepthcutError, match="needs a local folder with config.json and safetensors"):
         depthcut.analyze_streamed(tmp_path / "nothing", data=_calibration([12, 7]), progress=False)
+
+
+def test_a_checkpoint_rewritten_in_place_is_read_afresh(tmp_path, tokenizer):
+    """Shard headers are cached; saving another model into the same folder must not reuse them."""
+    _, folder = _saved("llama", tmp_path, tokenizer)
+    calibration = _calibration([12, 7, 10])
+    depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], progress=False)
+    other = tiny_model("llama", seed=5, num_hidden_layers=4)
+    other.save_pretrained(folder)
+    expected = depthcut.analyze(other, data=calibration, metrics=["angular_last_token"], progress=False)
+    streamed = depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], progress=False)
+    _assert_close(streamed.metrics["angular_last_token"], expected.metrics["angular_last_token"], tol=1e-6)

@@ -109,19 +109,26 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int])
     return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
 
 
-@functools.cache
-def _header(shard: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, offsets) and where its data begins."""
+def safetensors_header(shard: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, offsets) and where its data begins.
+    Read once per version of the file: a file rewritten in place is read again."""
+    stat = shard.stat()
+    return _read_header(shard, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_header(shard: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
     with shard.open("rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        return json.loads(handle.read(size)), 8 + size
+        length = struct.unpack("<Q", handle.read(8))[0]
+        return json.loads(handle.read(length)), 8 + length
 
 
 def _write_streamed(path: Path, tensors: list[tuple[str, str, Path]]) -> int:
     """Write (new name, old name, shard path) tensors into one safetensors file, a tensor at a time."""
     header, offset, spans = {}, 0, []
     for new_name, old_name, shard in tensors:
-        entry, data_start = _header(shard)[0][old_name], _header(shard)[1]
+        source_header, data_start = safetensors_header(shard)
+        entry = source_header[old_name]
         start, end = entry["data_offsets"]
         header[new_name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - start]}
         spans.append((shard, data_start + start, end - start))
@@ -169,7 +176,6 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     if (source / INDEX_FILE).is_file():
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
 
-    _header.cache_clear()
     notes = update_config(config.get_text_config(decoder=True), kept, num_layers)
     config.save_pretrained(out)
     for extra in source.iterdir():  # tokenizer, generation config, chat template, ...

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from depthcut.capture import StopForward, _store_unit
 from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
-from depthcut.shards import INDEX_FILE, SINGLE_FILE, _header, model_names, shard_map
+from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, safetensors_header, shard_map
 
 READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size
 
@@ -116,7 +116,7 @@ class CheckpointReader:
 
     def get(self, key: str) -> torch.Tensor:
         path = self.folder / self.weight_map[key]
-        header, data_start = _header(path)
+        header, data_start = safetensors_header(path)
         entry = header[key]
         start, end = entry["data_offsets"]
         buffer = bytearray(end - start)
