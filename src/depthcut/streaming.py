@@ -271,6 +271,53 @@ class SpilledStates:
         self.path.unlink(missing_ok=True)
 
 
+def _spill_folder(spill_dir: str | Path | None, needed: int) -> Path:
+    """A fresh folder for `needed` bytes of spilled states under `spill_dir`, or a message why not."""
+    root = Path(spill_dir or tempfile.gettempdir())
+    if not root.is_dir():
+        raise DepthcutError(f"the spill folder {root} does not exist")
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.05:
+        raise DepthcutError(
+            f"the all-token metrics spill {needed / 2**30:.2f} GiB of activations to {root}, which has "
+            f"{free / 2**30:.2f} GiB free; pass --spill-dir on a bigger disk, fewer --samples or a shorter "
+            f"--seq-len, or leave the all-token metrics out (--metrics angular_last_token)")
+    return Path(tempfile.mkdtemp(prefix="depthcut-spill-", dir=root))
+
+
+def _record_layer_calls(model, stack: LayerStack, batches: list, device: torch.device, progress: bool) -> list:
+    """Run every batch through the model (embeddings loaded, layers not) and return, per batch,
+    the call each decoder layer received. The first batch finds how layers return their output."""
+    failures = []
+
+    def record(input_ids, attention_mask, style) -> list | None:
+        """The layer calls of one batch, or None if the layers' output style is not `style`."""
+        batch_calls = []
+        with _recording_layers(stack, lambda args, kwargs: batch_calls.append((args, kwargs)), style):
+            try:
+                with torch.inference_mode():
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+            except StopForward:
+                pass
+            except (IndexError, RuntimeError, TypeError, AttributeError) as error:
+                failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                return None
+        shape = first_tensor(*batch_calls[0]).shape
+        if len(batch_calls) != len(stack) or any(first_tensor(*c).shape != shape for c in batch_calls):
+            return None
+        return batch_calls
+
+    styles, calls = list(_OUTPUT_STYLES), []
+    for input_ids, attention_mask in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+        while (batch_calls := record(input_ids, attention_mask, styles[0])) is None:
+            styles.pop(0)
+            if not styles:
+                raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time "
+                                    f"({'; '.join(failures) or 'the layers saw hidden states of changing shapes'})")
+        calls.append(batch_calls)
+    return calls
+
+
 def stream_states(
     folder: str | Path,
     calibration,
@@ -307,19 +354,10 @@ def stream_states(
         offload_states = free is not None and states_bytes > free / 2
     parking = torch.device("cpu") if offload_states else device  # where hidden states wait between layers
 
-    spill, spill_root = None, None
-    if all_tokens:  # checked before any work; the file is made once the real width is known
-        needed = SpilledStates.bytes_needed(positions, sum(token_counts), text_config(model).hidden_size)
-        root = Path(spill_dir or tempfile.gettempdir())
-        if not root.is_dir():
-            raise DepthcutError(f"the spill folder {root} does not exist")
-        free = shutil.disk_usage(root).free
-        if free < needed * 1.05:
-            raise DepthcutError(
-                f"the all-token metrics spill {needed / 2**30:.2f} GiB of activations to {root}, which has "
-                f"{free / 2**30:.2f} GiB free; pass --spill-dir on a bigger disk, fewer --samples or a shorter "
-                f"--seq-len, or leave the all-token metrics out (--metrics angular_last_token)")
-        spill_root = Path(tempfile.mkdtemp(prefix="depthcut-spill-", dir=root))
+    spill = None
+    # Checked before any work; the file itself is made once the real width is known.
+    spill_root = _spill_folder(spill_dir, SpilledStates.bytes_needed(
+        positions, sum(token_counts), text_config(model).hidden_size)) if all_tokens else None
 
     try:
         # 1. Embeddings and the recorded layer calls.
@@ -328,38 +366,9 @@ def stream_states(
         skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied: the embeddings stay
         skip |= {id(p) for p in stack.layers.parameters()}
         resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
-        states, calls, last_index = [], [], []  # per batch: hidden state, the L layer calls, last positions
-
-        failures = []
-
-        def record_batch(input_ids, attention_mask, style) -> list | None:
-            """The layer calls of one batch, or None if the layers' output style is not `style`."""
-            batch_calls = []
-            with _recording_layers(stack, lambda args, kwargs: batch_calls.append((args, kwargs)), style):
-                try:
-                    with torch.inference_mode():
-                        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-                except StopForward:
-                    pass
-                except (IndexError, RuntimeError, TypeError, AttributeError) as error:
-                    failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-                    return None
-            shape = first_tensor(*batch_calls[0]).shape
-            if len(batch_calls) != len(stack) or any(first_tensor(*c).shape != shape for c in batch_calls):
-                return None
-            return batch_calls
-
-        styles = list(_OUTPUT_STYLES)
-        for input_ids, attention_mask in tqdm(batches, desc="embed", unit="batch", disable=not progress):
-            while (batch_calls := record_batch(input_ids, attention_mask, styles[0])) is None:
-                styles.pop(0)  # the first batch finds the style; later ones reuse it
-                if not styles:
-                    raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time "
-                                        f"({'; '.join(failures) or 'the layers saw hidden states of changing shapes'})")
-            calls.append(batch_calls)
-            states.append(first_tensor(*batch_calls[0]).to(parking))
-            index = torch.arange(attention_mask.shape[1])
-            last_index.append((index * attention_mask).argmax(dim=1))
+        calls = _record_layer_calls(model, stack, batches, device, progress)  # per batch, the L layer calls
+        states = [first_tensor(*batch_calls[0]).to(parking) for batch_calls in calls]  # entering layer 0
+        last_index = [(torch.arange(mask.shape[1]) * mask).argmax(dim=1) for _, mask in batches]
         model.to("meta")  # the embeddings are done with
         _release_freed_memory()
         width = states[0].shape[-1]
