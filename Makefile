@@ -36,6 +36,8 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_analysis.py
+	$(BIN)/python benchmarks/bench_stream.py
+	$(BIN)/python benchmarks/bench_eval.py --dtype float32
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) src/*.egg-info
