@@ -22,6 +22,7 @@ space this takes is checked before anything runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -154,16 +155,23 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype | None, device: torch.
     return model.eval(), dtype
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed by the last layer back to the system. Weights and activations come in
-    sizes that glibc serves from its heap, and a heap keeps what it frees: without this, the
-    resident set would creep up by about a layer's size per layer."""
+@functools.cache
+def _malloc_trim():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last batch or layer back to the system. Weights and activations
+    come in sizes that glibc serves from its heap, and a heap keeps what it frees: without this,
+    the resident set would creep up by about a layer's size per layer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _load_parameters(module: torch.nn.Module, names: dict[str, str], reader: CheckpointReader,
