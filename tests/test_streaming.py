@@ -1,6 +1,7 @@
 """Layer-streamed analysis against the in-memory analysis of the same checkpoint."""
 
 import pytest
+import torch
 
 import depthcut
 from depthcut.errors import DepthcutError
@@ -113,3 +114,14 @@ def test_a_checkpoint_rewritten_in_place_is_read_afresh(tmp_path, tokenizer):
     expected = depthcut.analyze(other, data=calibration, metrics=["angular_last_token"], progress=False)
     streamed = depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], progress=False)
     _assert_close(streamed.metrics["angular_last_token"], expected.metrics["angular_last_token"], tol=1e-6)
+
+
+def test_the_automatic_switch_weighs_the_weights_in_the_asked_dtype(tmp_path, tokenizer, monkeypatch):
+    from depthcut import streaming
+
+    _, folder = _saved("llama", tmp_path, tokenizer)  # saved in float32
+    size = streaming.checkpoint_bytes(folder)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda device: int(size * 0.7))
+    assert streaming.would_not_fit(folder, None, cpu)  # float32 weights over 90% of memory
+    assert streaming.would_not_fit(folder, torch.bfloat16, cpu) is None  # half of them fit

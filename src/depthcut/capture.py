@@ -26,6 +26,12 @@ def _store_unit(slot: torch.Tensor, hidden: torch.Tensor) -> None:
     slot.div_(torch.linalg.vector_norm(slot, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the position of each row's last non-padding token."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
 class StopForward(Exception):
     """Raised by the last layer's hook: nothing after the decoder stack is needed."""
 
@@ -40,8 +46,7 @@ class ResidualCapture:
         self.all_tokens: torch.Tensor | None = None  # (B, T, P, H) float32, unit vectors
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        self.last_index = (positions * attention_mask).argmax(dim=1)
+        self.last_index = last_positions(attention_mask)
         self.last_token = None
         self.all_tokens = None
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.capture import StopForward, _store_unit
+from depthcut.capture import StopForward, _store_unit, last_positions
 from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
 from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, safetensors_header, shard_map
@@ -80,9 +80,8 @@ def would_not_fit(folder: str | Path, dtype: torch.dtype | None, device: torch.d
     import json
 
     size = checkpoint_bytes(folder)
-    config = json.loads((Path(folder) / "config.json").read_text())
-    saved = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or ""), None)
-    if dtype is not None and isinstance(saved, torch.dtype):
+    saved = checkpoint_dtype(json.loads((Path(folder) / "config.json").read_text()))
+    if dtype is not None and saved is not None:
         size = size * dtype.itemsize // saved.itemsize
     available = available_memory_bytes(device)
     if available is None or size <= headroom * available:
@@ -132,7 +131,9 @@ class CheckpointReader:
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """The dtype a config (a transformers config or its JSON as a dict) says the weights are saved in."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    value = get("dtype") or get("torch_dtype")
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else None
@@ -376,7 +377,7 @@ def stream_states(
         resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
         calls = _record_layer_calls(model, stack, batches, device, progress)  # per batch, the L layer calls
         states = [first_tensor(*batch_calls[0]).to(parking) for batch_calls in calls]  # entering layer 0
-        last_index = [(torch.arange(mask.shape[1]) * mask).argmax(dim=1) for _, mask in batches]
+        last_index = [last_positions(mask) for _, mask in batches]
         model.to("meta")  # the embeddings are done with
         _release_freed_memory()
         width = states[0].shape[-1]
