@@ -106,15 +106,16 @@ def analyze(
                 if index % world != rank:  # data parallel: every process takes every world-th batch
                     bar.update(input_ids.shape[0])
                     continue
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                capture.start_batch(attention_mask)
+                capture.start_batch(attention_mask)  # on the CPU still: no device sync for its indices
+                input_ids = input_ids.to(device, non_blocking=True)
+                attention_mask = attention_mask.to(device, non_blocking=True)
                 try:
                     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 except StopForward:
                     pass
                 else:
                     raise RuntimeError("the last decoder layer was never called; is the layer path right?")
-                cosines = capture.cosines(attention_mask)
+                cosines = capture.cosines()
                 for metric in chosen:
                     metric.update(cosines[metric.level])
                 bar.update(input_ids.shape[0])

@@ -74,4 +74,9 @@ class Analysis:
             raise DepthcutError(f"{path} is not a depthcut analysis.json")
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise DepthcutError(f"{path} has format version {data['format_version']}; this depthcut reads up to {FORMAT_VERSION}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Analysis:
+        """The inverse of `to_dict` (the best blocks are derived again from the metrics)."""
         return cls(num_layers=data["num_layers"], metrics=data["metrics"], metadata=data.get("metadata", {}))

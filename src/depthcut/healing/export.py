@@ -53,6 +53,8 @@ def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: s
         "pruning": pruning,
         "healing": {
             "recipe": result.recipe.as_dict(), "data": data,
+            "mixed_precision": {"used": result.recipe.mixed_precision, "reason": result.mixed_precision_reason},
+            "loss_after_adapter": result.loss_after_adapter,
             "loss_before": result.loss_before, "loss_after": result.loss_after,
             "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),

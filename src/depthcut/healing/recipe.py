@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from depthcut.errors import DepthcutError
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class HealRecipe:
     grad_accum: int = 1
     weight_decay: float = 0.0
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # auto: bf16 where the device computes it natively, else no
     gradient_checkpointing: bool = False
     quantize: str | None = None
     heldout_fraction: float = 0.05

@@ -8,10 +8,12 @@ Multi-process data parallelism comes from `accelerate` (`accelerate launch ... d
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,12 @@ from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
 
 
+# peft imports bitsandbytes when it is installed, and its CPU backend then announces that a
+# hub-downloaded kernel for its inference-only packed path is missing; healing turns that path off
+# (see `keep_4bit_differentiable`), so there is nothing for a user to act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 @dataclass
 class HealResult:
     model: torch.nn.Module  # the merged, plain model
@@ -39,6 +47,8 @@ class HealResult:
     tokens: int
     seconds: float
     log: list[dict] = field(default_factory=list)
+    mixed_precision_reason: str = ""
+    loss_after_adapter: dict | None = None  # QLoRA: the 4-bit base with the unmerged adapter
 
 
 def split_documents(source: TextSource, fraction: float, seed: int) -> tuple[TextSource, TextSource]:
@@ -78,17 +88,63 @@ def _batch(windows: torch.Tensor, recipe: HealRecipe, step: int, micro: int, ran
 
 
 def _check_quantization(recipe: HealRecipe) -> None:
+    """QLoRA needs bitsandbytes; since 0.46 it has CPU kernels too, so no GPU is required."""
     if recipe.quantize is None:
         return
-    if not torch.cuda.is_available():
-        raise DepthcutError(
-            "--quantize 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no CUDA GPU. "
-            "Leave out --quantize for plain LoRA, which runs on CPU (add --mixed-precision bf16 for speed)"
-        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise DepthcutError("--quantize 4bit needs bitsandbytes: pip install bitsandbytes") from None
+        raise DepthcutError("--quantize 4bit needs bitsandbytes: pip install 'depthcut[qlora]'") from None
+
+
+def resolve_mixed_precision(recipe: HealRecipe, device: torch.device) -> tuple[HealRecipe, str]:
+    """The recipe with `mixed_precision="auto"` made concrete for `device`, and the reason."""
+    from dataclasses import replace
+
+    from depthcut.precision import autocast_for
+
+    if recipe.mixed_precision != "auto":
+        return recipe, "asked for"
+    chosen, reason = autocast_for(device)
+    return replace(recipe, mixed_precision=chosen), f"auto: {reason}"
+
+
+def keep_4bit_differentiable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable path.
+
+    On a CPU with AVX512-BF16, a Linear4bit that runs once in eval mode without gradients (as the
+    held-out loss before training does) repacks its weight for a faster kernel, and from then on
+    every call, in training too, goes through that kernel, which has no backward: no gradient flows
+    through the frozen 4-bit projections to the layers below them, and QLoRA barely trains.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def _peft_renamed_property_quiet():
+    """peft reads `is_gradient_checkpointing`, which transformers 5 renamed: a warning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def merge_adapter(base_model, result: HealResult):
+    """Merge a finished heal's LoRA weights into `base_model` (e.g. the unquantized weights of a QLoRA base)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    with _peft_renamed_property_quiet():
+        peft_model = get_peft_model(base_model, result.peft_config)
+    set_peft_model_state_dict(peft_model, result.adapter)
+    return peft_model.merge_and_unload().eval()
+
+
+def _adapter_state(peft_model) -> dict:
+    """The LoRA weights; embeddings are never adapted, so peft need not look for a base config to compare."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, save_embedding_layers=False)
 
 
 def _wrap_with_lora(model, recipe: HealRecipe, layer_path):
@@ -97,13 +153,14 @@ def _wrap_with_lora(model, recipe: HealRecipe, layer_path):
     targets = find_targets(model, recipe.targets, layer_path)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    if recipe.quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
-    elif recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    torch.manual_seed(recipe.seed)  # the LoRA A matrices are drawn here
-    return get_peft_model(model, config), targets
+    with _peft_renamed_property_quiet():
+        if recipe.quantize:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+        elif recipe.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(recipe.seed)  # the LoRA A matrices are drawn here
+        return get_peft_model(model, config), targets
 
 
 def heal(
@@ -119,14 +176,25 @@ def heal(
     log_path: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    full_precision_base: Callable[[], torch.nn.Module] | None = None,
 ) -> HealResult:
-    """Finetune LoRA adapters on `data`, then merge them; see `HealRecipe` for the settings."""
+    """Finetune LoRA adapters on `data`, then merge them; see `HealRecipe` for the settings.
+
+    With a 4-bit base (QLoRA, `recipe.quantize`), merging into the 4-bit weights would round the
+    update away, so the adapter is merged into `full_precision_base()` (the same model loaded
+    unquantized) and the held-out loss after healing is measured on that merged model;
+    `loss_after_adapter` is the loss of the 4-bit base with the adapter, as it was trained.
+    Without `full_precision_base`, `result.model` is the 4-bit model with the adapter unmerged.
+    """
     recipe = recipe or HealRecipe()
     from accelerate import Accelerator
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     _check_quantization(recipe)
+    if recipe.quantize:
+        keep_4bit_differentiable(model)
+    recipe, precision_reason = resolve_mixed_precision(recipe, next(model.parameters()).device)
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision, cpu=next(model.parameters()).device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     total_steps = recipe.total_steps(world)
@@ -192,7 +260,7 @@ def heal(
                 if accelerator.is_main_process:
                     unwrapped = accelerator.unwrap_model(model)
                     save_checkpoint(checkpoints, step + 1, {
-                        "adapter": get_peft_model_state_dict(unwrapped), "optimizer": optimizer.state_dict(),
+                        "adapter": _adapter_state(unwrapped), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "log": log}, fingerprint)
             if on_step is not None:
                 on_step(step + 1, entry)
@@ -204,11 +272,22 @@ def heal(
 
     peft_model = accelerator.unwrap_model(model)
     peft_model.eval()
-    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    merged = peft_model.merge_and_unload()
+    adapter = {k: v.detach().clone() for k, v in _adapter_state(peft_model).items()}
+    result = HealResult(None, recipe, adapter, peft_model.peft_config["default"], loss_before, None,
+                        total_steps - start, (total_steps - start) * recipe.tokens_per_step(world), seconds, log,
+                        precision_reason)
+    if recipe.quantize:
+        result.loss_after_adapter = heldout_loss(peft_model, held, batch_size=recipe.batch_size)
+        if full_precision_base is None:
+            result.model, result.loss_after = peft_model, result.loss_after_adapter
+            return result
+        del peft_model, model
+        merged = merge_adapter(full_precision_base(), result)
+    else:
+        merged = peft_model.merge_and_unload()
     if recipe.gradient_checkpointing:
         merged.gradient_checkpointing_disable()
-    loss_after = heldout_loss(merged, held, batch_size=recipe.batch_size)
-    return HealResult(merged, recipe, adapter, peft_model.peft_config["default"], loss_before, loss_after,
-                      total_steps - start, (total_steps - start) * recipe.tokens_per_step(world), seconds, log)
+    result.model = merged
+    result.loss_after = heldout_loss(merged, held, batch_size=recipe.batch_size)
+    return result
 

@@ -27,6 +27,18 @@ class Metric:
     def update(self, cosines: torch.Tensor) -> None:  # cosines: (M, L+1, L+1) float32
         raise NotImplementedError
 
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        """Add `value` to the float64 accumulator `name`, on the device the cosines are on.
+
+        Keeping the sums where the work happens spares a host synchronisation per batch; they
+        are read once, by `result`.
+        """
+        total = getattr(self, name)
+        if total.device != value.device:
+            total = total.to(value.device)
+            setattr(self, name, total)
+        total += value
+
     def state(self) -> list[torch.Tensor]:
         """The accumulators, for summing across processes."""
         raise NotImplementedError

@@ -17,7 +17,7 @@ class _BlockAngularDistance(Metric):
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, cosines: torch.Tensor) -> None:
-        self.total += angular(cosines).sum(dim=0, dtype=torch.float64).cpu()
+        self._accumulate("total", angular(cosines).sum(dim=0, dtype=torch.float64))
         self.count += cosines.shape[0]
 
     def state(self) -> list[torch.Tensor]:
@@ -25,7 +25,7 @@ class _BlockAngularDistance(Metric):
 
     def result(self) -> list[list[float | None]]:
         """An L x L matrix: row n-1 is block size n, column l the first layer dropped; None where l+n > L."""
-        mean = (self.total / self.count.clamp_min(1)).tolist()
+        mean = (self.total.cpu() / self.count.clamp_min(1)).tolist()
         size = self.num_layers
         return [
             [mean[first][first + n] if first + n <= size else None for first in range(size)]

@@ -21,11 +21,11 @@ class BlockInfluence(Metric):
     def update(self, cosines: torch.Tensor) -> None:
         index = torch.arange(self.num_layers, device=cosines.device)
         consecutive = cosines[:, index, index + 1]  # (M, L): cos(x_l, x_{l+1})
-        self.total += (1.0 - consecutive).sum(dim=0, dtype=torch.float64).cpu()
+        self._accumulate("total", (1.0 - consecutive).sum(dim=0, dtype=torch.float64))
         self.count += cosines.shape[0]
 
     def state(self) -> list[torch.Tensor]:
         return [self.total, self.count]
 
     def result(self) -> list[float]:
-        return (self.total / self.count.clamp_min(1)).tolist()
+        return (self.total.cpu() / self.count.clamp_min(1)).tolist()
