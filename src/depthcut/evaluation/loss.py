@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthcut.calibration import CalibrationSet
+from depthcut.evaluation.metrics import mean_stderr
 
 
 @torch.inference_mode()
@@ -15,10 +16,12 @@ def heldout_loss(model, windows: CalibrationSet, batch_size: int = 8, progress: 
     """Mean next-token cross-entropy over the non-padding tokens of `windows`, summed in float64.
 
     Also reports perplexity and the loss divided by log(vocabulary size), the loss of a uniform
-    guess, as the paper plots it.
+    guess, as the paper plots it, and the standard error of the loss over windows (of the per-window
+    mean losses; NaN for fewer than 2 windows).
     """
     device = next(model.parameters()).device
     total, count, vocab = 0.0, 0, None
+    window_losses = []
     bar = tqdm(total=len(windows), desc="loss", unit="window", disable=not progress)
     for input_ids, attention_mask in windows.batches(batch_size):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -30,15 +33,21 @@ def heldout_loss(model, windows: CalibrationSet, batch_size: int = 8, progress: 
             targets = input_ids[row, 1:]
             valid = (attention_mask[row, 1:] * attention_mask[row, :-1]).bool()
             nll = -logprobs.gather(-1, targets[:, None])[:, 0]
-            total += float(nll[valid].double().sum())
-            count += int(valid.sum())
+            window_sum, window_count = float(nll[valid].double().sum()), int(valid.sum())
+            total += window_sum
+            count += window_count
+            if window_count:
+                window_losses.append(window_sum / window_count)
         bar.update(input_ids.shape[0])
     bar.close()
     mean = total / max(count, 1)
+    stderr = mean_stderr(window_losses)
     return {
         "loss": mean,
+        "loss_stderr": stderr,
         "perplexity": math.exp(mean),
         "normalized_loss": mean / math.log(vocab),
+        "normalized_loss_stderr": stderr / math.log(vocab),
         "tokens": count,  # predicted tokens: every window's first token has no prediction
         "vocab_size": vocab,
         "data": windows.as_dict(),

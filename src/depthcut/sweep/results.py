@@ -5,6 +5,7 @@ refused rather than mixed in. An `analysis` line keeps what the heatmap needs.""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -75,3 +76,33 @@ class ResultsLog:
             handle.write(json.dumps(record, default=float) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def finite(value) -> float | None:
+    """`value` as a float, or None where it is missing, NaN or infinite (JSON-loaded results hold all three)."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def task_accuracy(point: dict, task: str, metric: str = "acc") -> tuple[float | None, float | None, int | None]:
+    """A point's (accuracy, its standard error, number of items) on `task`; None where not recorded.
+    A missing or NaN standard error is rebuilt from accuracy and items as lm-eval computes it for a
+    mean of 0/1 outcomes, sqrt(p (1 - p) / (n - 1)); below 2 items there is none."""
+    summary = point.get("tasks", {}).get(task)
+    if not summary:
+        return None, None, None
+    accuracy, items = finite(summary.get(metric)), summary.get("num_items")
+    stderr = finite(summary.get(f"{metric}_stderr"))
+    if stderr is None and accuracy is not None and items is not None and items >= 2 and 0 <= accuracy <= 1:
+        stderr = (accuracy * (1 - accuracy) / (items - 1)) ** 0.5
+    return accuracy, stderr, items
+
+
+def forward_ms(point: dict) -> dict | None:
+    """A point's forward time in milliseconds: median, q1, q3, min, max, repeats. Older results hold
+    one median (`inference_seconds`) only: then the spread is None."""
+    timing = point.get("forward_seconds")
+    if timing:
+        return {k: 1e3 * timing[k] for k in ("median", "q1", "q3", "min", "max")} | {"repeats": timing.get("repeats")}
+    if point.get("inference_seconds") is None:
+        return None
+    return {"median": 1e3 * point["inference_seconds"], "q1": None, "q3": None, "min": None, "max": None, "repeats": None}

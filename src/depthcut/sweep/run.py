@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from depthcut.export import parameter_count
 from depthcut.layers import find_layer_stack
 from depthcut.strategies import STRATEGIES, select
 from depthcut.surgery import prune
+from depthcut.sweep.progress import SweepProgress
 from depthcut.sweep.results import ResultsLog, point_key
 
 
@@ -54,19 +56,33 @@ class SweepPlan:
         self.points += [(s, n, h) for n in self.drops if n for s in self.strategies for h in self.healed]
 
 
+FORWARD_BATCH, FORWARD_LENGTH, FORWARD_WARMUP, FORWARD_REPEATS = 2, 128, 1, 7
+
+
 @torch.inference_mode()
-def inference_seconds(model, batch: int = 4, length: int = 128, repeats: int = 3) -> float:
-    """Median time of one forward pass over a fixed random batch: a relative speed figure."""
+def forward_timing(model, batch: int = FORWARD_BATCH, length: int = FORWARD_LENGTH, warmup: int = FORWARD_WARMUP,
+                   repeats: int = FORWARD_REPEATS) -> dict:
+    """Seconds of one forward pass over a fixed random batch, timed `repeats` times after `warmup`
+    untimed passes: the median, quartiles and extremes, a relative speed figure with its spread."""
+    if repeats < 5:
+        raise DepthcutError("forward timing needs at least 5 repeats for a median and a spread")
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
-    model(input_ids=ids, use_cache=False)  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA kernels run asynchronously
+    for _ in range(warmup):
+        model(input_ids=ids, use_cache=False)
+    sync()
+    gc.collect()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(input_ids=ids, use_cache=False)
+        sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(times), "max": max(times), "repeats": repeats,
+            "warmup": warmup, "batch": batch, "length": length}
 
 
 def _measure(model, tokenizer, evaluation: dict) -> dict:
@@ -74,38 +90,56 @@ def _measure(model, tokenizer, evaluation: dict) -> dict:
 
     result = evaluate(model, tokenizer, **evaluation) if (evaluation["tasks"] or evaluation["loss_data"]) else {}
     tasks = {name: {k: v for k, v in summary.items() if k != "subjects"} for name, summary in result.get("tasks", {}).items()}
+    timing = forward_timing(model)
+    # inference_seconds (the median) stays for readers of older results; forward_seconds has the spread.
     return {"loss": result.get("loss"), "tasks": tasks, "parameters": parameter_count(model),
-            "inference_seconds": inference_seconds(model)}
+            "inference_seconds": timing["median"], "forward_seconds": timing}
 
 
 def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, evaluation: dict, *, analysis=None,
-              heal_recipe=None, heal_data=None, keep_models: bool = False, seed: int = 0, progress: bool = True) -> ResultsLog:
-    """Evaluate every point of `plan` not already in `out/results.jsonl`, appending each at once."""
+              heal_recipe=None, heal_data=None, keep_models: bool = False, seed: int = 0, progress: bool = True,
+              announce: bool = True) -> ResultsLog:
+    """Evaluate every point of `plan` not already in `out/results.jsonl`, appending each at once.
+
+    `progress` draws the bars of each step; `announce` prints a line per stage with the point's
+    number and the time left (see `SweepProgress`).
+    """
     log = ResultsLog(out)
     log.start(settings)
     if analysis is not None and log.analysis() is None:
         log.append({"type": "analysis", "analysis": analysis.to_dict()})
     done = log.points()
     num_layers = len(find_layer_stack(model))
-    for strategy, drop, healed in plan.points:
+    pending = [point for point in plan.points if point_key(*point) not in done]
+    if len(pending) < len(plan.points):
+        print(f"sweep: {len(plan.points) - len(pending)} of {len(plan.points)} points already in {log.path}",
+              file=sys.stderr)
+    tracker = SweepProgress(pending, enabled=announce)
+    for strategy, drop, healed in pending:
         key = point_key(strategy, drop, healed)
-        if key in done:
-            continue
-        print(f"sweep: {key}", file=sys.stderr, flush=True)
+        tracker.start_point(key)
         began = time.perf_counter()
-        removed = [] if drop == 0 else select(strategy, drop, num_layers, analysis if STRATEGIES.get(strategy).needs_analysis else None, seed)
+        if drop == 0:
+            removed = []
+        else:
+            needs = analysis if STRATEGIES.get(strategy).needs_analysis else None
+            removed = select(strategy, drop, num_layers, needs, seed)
         working = copy.deepcopy(model)  # `model` stays the unpruned base
         if removed:
+            tracker.stage(f"pruning layers {_span(removed)}")
             prune(working, removed)
         record = {"type": "point", "key": key, "strategy": strategy, "drop": drop, "fraction": drop / num_layers,
                   "healed": healed, "removed_layers": removed, "num_layers": num_layers}
         if healed:
             from depthcut.healing.trainer import heal
 
+            tracker.stage(f"healing: {heal_recipe.total_steps()} LoRA steps")
             result = heal(working, tokenizer, heal_data, heal_recipe, progress=progress)
             working = result.model
             record["heal"] = {"loss_before": result.loss_before["loss"], "loss_after": result.loss_after["loss"],
                               "tokens": result.tokens, "seconds": result.seconds}
+        tracker.stage("measuring: " + ", ".join(filter(None, [
+            "held-out loss" if evaluation.get("loss_data") else "", *evaluation.get("tasks", [])])))
         record.update(_measure(working, tokenizer, evaluation))
         record["seconds"] = time.perf_counter() - began
         if keep_models:
@@ -114,7 +148,15 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         log.append(record)
         done[key] = record
         del working
+        tracker.finish_point(key)
     return log
+
+
+def _span(layers: list[int]) -> str:
+    """[21, 22, 23] -> "[21, 24)" (half-open, as everywhere); other lists as they are."""
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"[{layers[0]}, {layers[-1] + 1})"
+    return str(layers)
 
 
 def strategies_needing_analysis(strategies: Sequence[str]) -> bool:
