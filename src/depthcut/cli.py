@@ -43,7 +43,9 @@ Hugging Face model (safetensors) with README.md (model card) and depthcut.json (
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="a local HF folder, a hub id, a .gguf file, or the built-in name smollm2-135m")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (default: what the device computes natively: bfloat16 on GPUs and on CPUs with "
+                             "AVX512-BF16/AMX, else float32), checkpoint (the stored dtype), float32, bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--layer-path", default=None,
                         help="dotted path of the decoder layer list when it cannot be found (e.g. model.layers)")
@@ -106,8 +108,12 @@ def _load(args, quantize: str | None = None):
                 gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
         except (ImportError, AttributeError):
             pass
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      quantize=quantize, device_map=getattr(args, "device_map", None))
+    from depthcut.precision import announce
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        quantize=quantize, device_map=getattr(args, "device_map", None))
+    announce(loaded[2].dtype)
+    return loaded
 
 
 def _run_analysis(args, model, tokenizer):
@@ -152,7 +158,8 @@ def _should_stream(args, source) -> bool:
         return False
     from depthcut.models import resolve_device, resolve_dtype
 
-    verdict = would_not_fit(source.location, resolve_dtype(args.dtype), resolve_device(args.device))
+    verdict = would_not_fit(source.location, resolve_dtype(args.dtype, resolve_device(args.device)),
+                            resolve_device(args.device))
     if verdict:
         print(f"depthcut: {verdict}: analyzing it one layer at a time (--stream)", file=sys.stderr)
     return bool(verdict)
@@ -241,9 +248,10 @@ def _streamable(args, source, analysis) -> bool:
     from depthcut.strategies import STRATEGIES
 
     needs_model = args.layers is None and STRATEGIES.get(args.strategy).needs_analysis and analysis is None
-    possible = source.gguf_file is None and Path(source.location).is_dir() and args.dtype == "auto" and not needs_model
+    possible = (source.gguf_file is None and Path(source.location).is_dir() and args.dtype == "checkpoint"
+                and not needs_model)
     if args.stream and not possible:
-        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto, and --layers, a strategy "
+        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint, and --layers, a strategy "
                             "without analysis, or --analysis FILE")
     return possible and (args.stream or (Path(source.location) / INDEX_FILE).is_file())
 
@@ -301,6 +309,9 @@ def cmd_prune(args) -> None:
         check_drop(args.drop, analysis.num_layers)
     check_output_dir(args.out, args.force)
     source = resolve_model(args.model)
+    computes = args.layers is None and STRATEGIES.get(args.strategy).needs_analysis and analysis is None
+    if args.dtype == "auto" and not computes:
+        args.dtype = "checkpoint"  # nothing is computed, so the hardware has no say: keep the weights as stored
     if _streamable(args, source, analysis):
         return _prune_streamed(args, source, analysis)
 
@@ -446,13 +457,17 @@ def cmd_heal(args) -> None:
     model, tokenizer, source = _load(args, quantize=recipe.quantize)
     _check_context_length(model, recipe.seq_len)
     log_path = checkpoints / "train_log.jsonl"
+    def full_precision_base():  # QLoRA's adapter is merged into the unquantized weights
+        from depthcut.models import load_model
+
+        return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                          with_tokenizer=False)[0]
+
     result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
-                  progress=not args.quiet)
+                  progress=not args.quiet, full_precision_base=full_precision_base if recipe.quantize else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # data-parallel run: the first process writes the result
-    if recipe.quantize:
-        result.model = _merge_into_full_precision(args, result)
     save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description, log_path=log_path,
                 force=args.force)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -461,19 +476,6 @@ def cmd_heal(args) -> None:
           f"{after['normalized_loss']:.4f}); {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.tokens / max(result.seconds, 1e-9):.0f} tokens/s")
     print(f"healed model: {args.out}")
-
-
-def _merge_into_full_precision(args, result):
-    """QLoRA trains on a 4-bit base; the adapter is merged into the unquantized weights instead."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    from depthcut.models import load_model
-
-    base, _, _ = load_model(args.model, dtype="bfloat16", device=args.device, trust_remote_code=args.trust_remote_code,
-                            with_tokenizer=False)
-    peft_model = get_peft_model(base, result.peft_config)
-    set_peft_model_state_dict(peft_model, result.adapter)
-    return peft_model.merge_and_unload()
 
 
 EPILOG_SWEEP = """examples:
@@ -509,7 +511,11 @@ def cmd_sweep(args) -> None:
     from depthcut.layers import find_layer_stack
     from depthcut.models import resolve_model
     from depthcut.strategies import STRATEGIES
-    from depthcut.sweep.report import build_report
+    from depthcut.models import resolve_device
+    from depthcut.precision import choose_dtype
+    from depthcut.result import Analysis
+    from depthcut.sweep.progress import summary_table
+    from depthcut.sweep.report import build_report, check_tolerance
     from depthcut.sweep.results import ResultsLog
     from depthcut.sweep.run import SweepPlan, parse_drops, run_sweep, strategies_needing_analysis
 
@@ -522,11 +528,15 @@ def cmd_sweep(args) -> None:
     for name in strategies:
         STRATEGIES.get(name)
     _check_data_options(args)
+    check_tolerance(args.tolerance)
     recipe = HealRecipe(rank=args.heal_rank, lr=args.heal_lr, warmup_steps=args.heal_warmup_steps, steps=args.heal_steps,
                         tokens=args.heal_tokens, seq_len=args.heal_seq_len, batch_size=args.heal_batch_size,
-                        seed=args.seed, mixed_precision=args.heal_mixed_precision) if args.heal else None
+                        seed=args.seed, mixed_precision=args.heal_mixed_precision,
+                        heldout_windows=args.heal_heldout_windows) if args.heal else None
     out = Path(args.out)
     settings = _sweep_settings(args, recipe)
+    # Points measured in another dtype are not comparable: a rerun on another kind of machine is refused.
+    settings["dtype_resolved"] = choose_dtype(args.dtype, resolve_device(args.device)).name
     existing = ResultsLog(out).settings()
     if existing is not None and not args.force:
         ResultsLog(out).start(settings)  # raises if the settings differ
@@ -539,15 +549,24 @@ def cmd_sweep(args) -> None:
     heal_data = load_texts(args.heal_data or args.data) if recipe else None
     if args.force and out.exists():
         shutil.rmtree(out)
-    analysis = _run_analysis(args, model, tokenizer) if strategies_needing_analysis(strategies) else None
+    analysis = None
+    if strategies_needing_analysis(strategies) and ResultsLog(out).analysis() is None:
+        print(f"sweep: analyzing {args.data} ({args.samples} samples x {args.seq_len} tokens) to choose blocks",
+              file=sys.stderr)
+        analysis = _run_analysis(args, model, tokenizer)
+        analysis.metadata["model"] = source.as_dict()
+    elif strategies_needing_analysis(strategies):
+        analysis = Analysis.from_dict(ResultsLog(out).analysis())
     evaluation = {"tasks": tasks, "loss_data": args.loss, "loss_samples": args.loss_samples,
                   "loss_seq_len": args.loss_seq_len, "limit": args.limit, "num_fewshot": args.num_fewshot,
                   "seed": args.seed, "batch_size": args.eval_batch_size, "progress": not args.quiet}
     run_sweep(model, tokenizer, out, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
               heal_data=heal_data, keep_models=args.keep_models, seed=args.seed, progress=not args.quiet)
     report = build_report(out, args.tolerance)
+    print(summary_table(list(ResultsLog(out).points().values()), tasks))
     print(f"results: {out / 'results.jsonl'}")
     print(f"report:  {report}")
+    print(f"figures: {out / 'figures'}")
 
 
 def cmd_report(args) -> None:
@@ -650,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch and process (default: 16)")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     train.add_argument("--seed", type=int, default=0, help="seed of the data order, split and LoRA init")
-    train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                       help="autocast (bf16 is about 2x faster on CPU; the default keeps the model's dtype)")
+    train.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                       help="autocast: auto (default: bf16 where the device computes it natively, else no), no, "
+                            "bf16 or fp16")
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--heldout-fraction", type=float, default=0.05, help="share of documents held out (default: 0.05)")
     train.add_argument("--heldout-windows", type=int, default=32, help="held-out windows for the loss (default: 32)")
@@ -685,7 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     healing.add_argument("--heal-rank", type=int, default=64, help="default: 64")
     healing.add_argument("--heal-lr", type=float, default=3e-4, help="default: 3e-4")
     healing.add_argument("--heal-warmup-steps", type=int, default=100, help="default: 100")
-    healing.add_argument("--heal-mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    healing.add_argument("--heal-heldout-windows", type=int, default=32,
+                         help="held-out windows for each heal's before/after loss (default: 32)")
+    healing.add_argument("--heal-mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                         help="autocast while healing (default auto: bf16 where native, else no)")
     _add_data_options(sweep, required=False)
     sweep.set_defaults(data="c4")
     sweep.add_argument("--keep-models", action="store_true", help="save every pruned/healed model under OUT/models")
