@@ -29,13 +29,15 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402  (standard library only until record() is called)
 
 VARIANTS = ("plain", "decoder", "analyze")
 # The reference data beside the project (../shared/data), or wherever DEPTHCUT_DATA_DIR points.
@@ -85,18 +87,26 @@ def run_prepare(args: argparse.Namespace) -> None:
     """Save the model as a safetensors folder and the calibration tokens, once for all workers.
 
     Loading the built-in GGUF model dequantizes it (~13 s); the measuring workers load the saved
-    folder instead, and all of them read exactly the same calibration tokens.
+    folder instead, and all of them read exactly the same calibration tokens. A local model folder
+    is used as it is (a link to it), without loading its weights here.
     """
     import torch
-    import transformers
+    from transformers import AutoTokenizer
 
     import depthcut
     from depthcut.calibration import build_calibration
     from depthcut.data import load_texts
 
-    model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device="cpu")
-    model.save_pretrained(args.workdir / "model")
-    tokenizer.save_pretrained(args.workdir / "model")
+    folder = Path(args.model)
+    if (folder / "config.json").is_file():
+        (args.workdir / "model").symlink_to(folder.resolve(), target_is_directory=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        source = {"spec": args.model, "location": str(folder.resolve())}
+    else:
+        model, tokenizer, loaded = depthcut.load_model(args.model, dtype=args.dtype, device="cpu")
+        model.save_pretrained(args.workdir / "model")
+        tokenizer.save_pretrained(args.workdir / "model")
+        source = loaded.as_dict()
     calibration = build_calibration(tokenizer, load_texts(str(args.data)), args.samples, args.seq_len, "windows", 0)
     torch.save(
         {
@@ -109,22 +119,13 @@ def run_prepare(args: argparse.Namespace) -> None:
         args.workdir / "calibration.pt",
     )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    environment = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "depthcut": depthcut.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "threads": args.threads or torch.get_num_threads(),
-    }
-    if device.startswith("cuda"):
-        environment["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = {
         "device": device,
-        "model_source": source.as_dict(),
+        "model_source": source,
         "calibration": calibration.as_dict(),
-        "environment": environment,
+        "environment": environment.record(device, args.dtype),
     }
     args.result.write_text(json.dumps(info))
 
@@ -407,6 +408,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(results, indent=2))
     print()
     print(table)
+    print(environment.describe(results["environment"]))
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
 

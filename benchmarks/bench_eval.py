@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 import lm_eval_local  # noqa: E402
 
 VARIANTS = ("lm_eval", "depthcut", "depthcut_full")
@@ -161,7 +162,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
-    model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device=args.device)
     with tempfile.TemporaryDirectory(prefix="depthcut-bench-eval-") as tmp:
         folder = Path(tmp)
         for name in args.tasks:
@@ -171,10 +172,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         runs = measure(scorers, args.repeats)
     rows = [summarise(name, runs[name], scorers[name]["lm_eval"][1]) for name in args.tasks]
     return {
-        "config": {"model": args.model, "dtype": args.dtype, "tasks": args.tasks, "limit": args.limit,
+        "config": {"model": args.model, "dtype": args.dtype, "device": str(model.device), "tasks": args.tasks,
+                   "limit": args.limit,
                    "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
                    "num_fewshot": 0, "ratio_target": RATIO_TARGET, "model_source": source.as_dict()},
-        "environment": {**lm_eval_local.environment(), "load_average_before": load_before,
+        "environment": {**environment.record(model.device, args.dtype), "load_average_before": load_before,
                         "load_average_after": os.getloadavg()},
         "results": rows,
         "table": format_table(rows),
@@ -192,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both tools score on it)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return parser.parse_args(argv)
 
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print(results["table"])
     print(f"\nitems/s: documents per second, fastest of {args.repeats}; ratio: depthcut / lm-eval "
           f"(batch size {args.batch_size}, {args.dtype}, {env['threads']} threads)")
+    print(environment.describe(env))
     print(f"load average before {env['load_average_before'][0]:.2f}, after "
           f"{env['load_average_after'][0]:.2f} on {env['cpu_count']} CPUs")
     print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")

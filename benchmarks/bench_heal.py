@@ -15,11 +15,15 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 
 import depthcut
 from depthcut.calibration import build_calibration
@@ -42,19 +46,22 @@ def hand_written_loop(model, windows: torch.Tensor, recipe: HealRecipe, steps: i
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, steps + warmup)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if recipe.mixed_precision == "bf16" else nullcontext()
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.mixed_precision == "bf16" else nullcontext()
     peft_model.train()
     began = None
     for step in range(steps + warmup):
         if step == warmup:
             began = time.perf_counter()
-        ids = windows[(step * recipe.batch_size) % len(windows):][: recipe.batch_size]
+        ids = windows[(step * recipe.batch_size) % len(windows):][: recipe.batch_size].to(device)
         with autocast:
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - began
     return steps * recipe.batch_size * recipe.seq_len / elapsed
 
@@ -78,10 +85,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    pristine, tokenizer, _ = depthcut.load_model(args.model, dtype="float32")
+    pristine, tokenizer, _ = depthcut.load_model(args.model, dtype="float32", device=args.device)
     recipe = HealRecipe(rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=2,
                         mixed_precision=args.mixed_precision, heldout_windows=1)
     source = load_texts(str(DATA_DIR / "c4" / "c4_validation_2k.jsonl"))
@@ -101,8 +109,10 @@ def main() -> None:
     print(f"\nbest: hand-written loop {best['loop']:.1f} tokens/s, depthcut heal {best['depthcut']:.1f} tokens/s, "
           f"ratio {ratio:.3f} (target >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "runs": results,
-                                    "best": best, "ratio": ratio}, indent=1))
+    where = environment.record(args.device, "float32", mixed_precision=args.mixed_precision)
+    print(environment.describe(where))
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "environment": where,
+                                    "runs": results, "best": best, "ratio": ratio}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 import lm_eval_local  # noqa: E402
 
 DEFAULT_TASKS = ["arc_easy", "piqa", "boolq"]
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"model": args.model, "dtype": args.dtype, "tasks": args.tasks, "limit": args.limit,
                    "batch_size": args.batch_size, "num_fewshot": 0, "target_points": TARGET_POINTS,
                    "data": str(lm_eval_local.DATA_DIR), "model_source": source.as_dict()},
-        "environment": lm_eval_local.environment(),
+        "environment": environment.record(model.device, args.dtype),
         "seconds": seconds,
         "results": rows,
         "table": format_table(rows),
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     print(results["table"])
     print(f"\nlm-eval {results['seconds']['lm_eval']:.0f} s, depthcut {results['seconds']['depthcut']:.0f} s "
           f"(batch size {args.batch_size}, {args.dtype})")
+    print(environment.describe(results["environment"]))
     print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
 
 

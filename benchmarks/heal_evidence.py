@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from depthcut.evaluation import evaluate
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import heal, split_documents
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "heal_evidence.json"
 
@@ -41,11 +45,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--limit", type=int, default=500, help="items of each task")
     parser.add_argument("--tasks", default="arc_easy,piqa")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     tasks = args.tasks.split(",")
 
-    model, tokenizer, _ = depthcut.load_model("smollm2-135m", dtype="float32")
+    model, tokenizer, _ = depthcut.load_model("smollm2-135m", dtype="float32", device=args.device)
     data = depthcut.load_texts("c4")
     recipe = HealRecipe(rank=args.rank, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                         warmup_steps=min(100, args.steps // 10), mixed_precision="bf16")
@@ -70,7 +75,8 @@ def main() -> None:
     summary = {"removed_layers": removed, "recipe": recipe.as_dict(), "stages": stages,
                "heal_tokens": result.tokens, "heal_seconds": result.seconds,
                "heal_tokens_per_s": result.tokens / result.seconds, "loss_gap_closed": gap_closed,
-               "wall_seconds": time.perf_counter() - began}
+               "wall_seconds": time.perf_counter() - began,
+               "environment": environment.record(args.device, "float32", mixed_precision=recipe.mixed_precision)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"\n{'stage':<10} {'loss':>7} {'norm':>7} " + " ".join(f"{k:>16}" for k in stages["original"] if "_" in k and k not in ("normalized_loss",)))
@@ -79,6 +85,7 @@ def main() -> None:
               + " ".join(f"{stage[k]:16.4f}" for k in stage if k not in ("loss", "normalized_loss")))
     print(f"healing: {result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens / result.seconds:.0f} tokens/s); "
           f"closed {100 * gap_closed:.1f}% of the loss gap")
+    print(environment.describe(summary["environment"]))
 
 
 if __name__ == "__main__":

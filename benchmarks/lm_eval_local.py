@@ -176,18 +176,3 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], folder: Path, batch_size
         docs = sorted((_sample_predictions(s, delimiter) for s in output["samples"][name]), key=lambda d: d["doc_id"])
         results[name] = {"acc": figures["acc,none"], "acc_norm": figures.get("acc_norm,none"), "docs": docs}
     return results
-
-
-def environment() -> dict:
-    """Versions, cores and load, recorded beside every benchmark figure."""
-    import platform
-
-    import lm_eval
-    import torch
-    import transformers
-
-    import depthcut
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": lm_eval.__version__, "depthcut": depthcut.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}

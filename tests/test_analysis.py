@@ -7,7 +7,7 @@ import depthcut
 from depthcut.calibration import CalibrationSet
 from depthcut.layers import find_layer_stack
 from reference import naive_metrics
-from tiny import CONFIGS, VOCAB, tiny_model
+from tiny import CONFIGS, VOCAB, tiny_model, tolerance
 
 
 def _calibration(lengths, seed=3) -> CalibrationSet:
@@ -35,19 +35,19 @@ def _assert_close(actual, expected, tol):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_all_metrics_match_naive_per_sample_computation(arch):
+def test_all_metrics_match_naive_per_sample_computation(arch, device):
     model = tiny_model(arch)
     calibration = _calibration([12, 7, 10, 5, 9])
-    analysis = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
-    stack = find_layer_stack(model)
     sequences = [calibration.input_ids[i, : int(calibration.attention_mask[i].sum())] for i in range(len(calibration))]
-    expected = naive_metrics(model, stack, sequences)
+    expected = naive_metrics(model, find_layer_stack(model), sequences)  # on the CPU, in float64
+    analysis = depthcut.analyze(model.to(device), data=calibration, batch_size=2, progress=False)
+    assert analysis.metadata["device"].startswith(device.type)
     for name in ("angular_last_token", "angular_all_tokens", "block_influence"):
-        _assert_close(analysis.metrics[name], expected[name], tol=2e-5)
+        _assert_close(analysis.metrics[name], expected[name], tol=tolerance(device, 2e-5, 1e-4))
 
 
-def test_matrix_layout_and_best_block():
-    model = tiny_model("llama")
+def test_matrix_layout_and_best_block(device):
+    model = tiny_model("llama", device=device)
     analysis = depthcut.analyze(model, data=_calibration([8, 8, 8]), progress=False)
     size = analysis.num_layers
     matrix = analysis.metrics["angular_last_token"]
@@ -63,9 +63,9 @@ def test_matrix_layout_and_best_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_models_reduce_in_float32(dtype):
+def test_low_precision_models_reduce_in_float32(dtype, device):
     reference = depthcut.analyze(tiny_model("llama"), data=_calibration([10, 10]), progress=False)
-    low = depthcut.analyze(tiny_model("llama").to(dtype), data=_calibration([10, 10]), progress=False)
+    low = depthcut.analyze(tiny_model("llama", device=device).to(dtype), data=_calibration([10, 10]), progress=False)
     for name in ("angular_last_token", "angular_all_tokens"):
         values = [v for row in low.metrics[name] for v in row if v is not None]
         assert all(math.isfinite(v) for v in values)
@@ -73,8 +73,8 @@ def test_low_precision_models_reduce_in_float32(dtype):
     assert low.metadata["dtype"] == str(dtype).removeprefix("torch.")
 
 
-def test_fp16_states_whose_squared_norm_overflows_give_finite_distances():
-    model = tiny_model("gpt2").to(torch.float16)
+def test_fp16_states_whose_squared_norm_overflows_give_finite_distances(device):
+    model = tiny_model("gpt2", device=device).to(torch.float16)
     with torch.no_grad():
         model.transformer.wte.weight.mul_(300.0)  # |h|^2 > 65504: a norm taken in fp16 would be inf
     analysis = depthcut.analyze(model, data=_calibration([10, 10]), progress=False)
@@ -82,8 +82,8 @@ def test_fp16_states_whose_squared_norm_overflows_give_finite_distances():
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
 
 
-def test_identical_states_give_zero_distance_not_nan():
-    model = tiny_model("llama")
+def test_identical_states_give_zero_distance_not_nan(device):
+    model = tiny_model("llama", device=device)
     stack = find_layer_stack(model)
     # A layer that returns its input makes cos exactly 1 up to rounding: arccos must be clamped.
     handle = stack.layers[2].register_forward_hook(lambda m, args, kwargs, out: kwargs.get("hidden_states", args[0] if args else None), with_kwargs=True)
@@ -95,17 +95,17 @@ def test_identical_states_give_zero_distance_not_nan():
     assert analysis.best_block(1) == (2, 3)
 
 
-def test_batch_size_does_not_change_results():
+def test_batch_size_does_not_change_results(device):
     calibration = _calibration([12, 7, 10, 5, 9, 11])
-    model = tiny_model("qwen2")
+    model = tiny_model("qwen2", device=device)
     one = depthcut.analyze(model, data=calibration, batch_size=1, progress=False)
     many = depthcut.analyze(model, data=calibration, batch_size=4, progress=False)
     for name in one.metrics:
-        _assert_close(many.metrics[name], one.metrics[name], tol=1e-5)
+        _assert_close(many.metrics[name], one.metrics[name], tol=tolerance(device, 1e-5, 1e-4))
 
 
-def test_metric_subset_and_unknown_metric():
-    model = tiny_model("llama")
+def test_metric_subset_and_unknown_metric(device):
+    model = tiny_model("llama", device=device)
     analysis = depthcut.analyze(model, data=_calibration([8, 8]), metrics=["angular_last_token"], progress=False)
     assert list(analysis.metrics) == ["angular_last_token"]
     with pytest.raises(depthcut.DepthcutError, match="Did you mean 'angular_last_token'"):

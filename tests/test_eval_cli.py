@@ -6,7 +6,7 @@ from depthcut.cli import main
 from depthcut.evaluation import evaluate
 from depthcut.evaluation.scoring import Scorer
 from depthcut.evaluation.tasks import load_items
-from tiny import tiny_model
+from tiny import tiny_model, tolerance
 
 
 def run(capsys, *argv):
@@ -15,11 +15,11 @@ def run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_eval_writes_metrics_samples_and_a_table(capsys, tmp_path, tiny_llama_dir, corpus_file):
+def test_eval_writes_metrics_samples_and_a_table(capsys, tmp_path, tiny_llama_dir, corpus_file, device):
     out = tmp_path / "eval.json"
     code, stdout, err = run(capsys, "eval", tiny_llama_dir, "--tasks", "arc_easy,boolq,winogrande", "--limit", 6,
                             "--loss", corpus_file, "--loss-samples", 4, "--loss-seq-len", 32, "--log-samples",
-                            "--out", out, "--quiet", "--batch-size", 4)
+                            "--out", out, "--quiet", "--batch-size", 4, "--device", device)
     assert code == 0, err
     result = json.loads(out.read_text())
     assert set(result["tasks"]) == {"arc_easy", "boolq", "winogrande"}
@@ -33,18 +33,34 @@ def test_eval_writes_metrics_samples_and_a_table(capsys, tmp_path, tiny_llama_di
     assert "arc_easy" in stdout and "perplexity" in stdout
 
 
-def test_logged_loglikelihoods_are_the_scorers(tokenizer):
-    model = tiny_model("llama")
+def test_eval_with_a_device_map_scores_like_the_plain_model(capsys, tmp_path, tiny_llama_dir, device):
+    """--device-map hands placement to accelerate: on a GPU "auto" puts the model there, on a
+    CPU-only machine "cpu" exercises the same loading path."""
+    results = []
+    mapping = "auto" if device.type == "cuda" else "cpu"
+    for name, extra in (("plain", ["--device", device]), ("mapped", ["--device-map", mapping])):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run(capsys, "eval", tiny_llama_dir, "--tasks", "arc_easy", "--limit", 6, "--log-samples",
+                           "--out", out, "--quiet", "--batch-size", 4, *extra)
+        assert code == 0, err
+        results.append(json.loads(out.read_text()))
+    plain, mapped = ([s["loglikelihoods"] for s in r["samples"]] for r in results)
+    assert [x for row in mapped for x in row] == pytest.approx([x for row in plain for x in row], abs=1e-5)
+
+
+def test_logged_loglikelihoods_are_the_scorers(tokenizer, device):
+    model = tiny_model("llama", device=device)
     result = evaluate(model, tokenizer, ["piqa"], limit=3, log_samples=True, progress=False, seed=1)
     items, _ = load_items("piqa")
     scorer = Scorer(model, tokenizer, mode="full")
     for sample in result["samples"]:
         item = items[sample["doc_id"]]
-        assert sample["loglikelihoods"] == pytest.approx(scorer.loglikelihoods(item.requests()), abs=1e-4)
+        expected = scorer.loglikelihoods(item.requests())
+        assert sample["loglikelihoods"] == pytest.approx(expected, abs=tolerance(device, 1e-4, 1e-3))
 
 
-def test_mmlu_reports_subjects_and_both_averages(tokenizer):
-    result = evaluate(tiny_model("llama"), tokenizer, ["mmlu"], limit=40, num_fewshot=1, progress=False)
+def test_mmlu_reports_subjects_and_both_averages(tokenizer, device):
+    result = evaluate(tiny_model("llama", device=device), tokenizer, ["mmlu"], limit=40, num_fewshot=1, progress=False)
     mmlu = result["tasks"]["mmlu"]
     assert mmlu["num_fewshot"] == 1 and mmlu["num_items"] == 40
     assert sum(s["num_items"] for s in mmlu["subjects"].values()) == 40

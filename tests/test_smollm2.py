@@ -23,6 +23,13 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
+def model_on_device(smollm2, device):
+    """The same model on the test device (the CPU one stays for the references)."""
+    model, _ = smollm2
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
+
+
+@pytest.fixture(scope="module")
 def calibration(smollm2):
     _, tokenizer = smollm2
     return depthcut.build_calibration(tokenizer, depthcut.load_texts("c4"), num_samples=8, seq_len=64, seed=0)
@@ -41,11 +48,11 @@ def test_builtin_gguf_model_loads_and_saves_as_plain_safetensors(smollm2, tmp_pa
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
-def test_analysis_on_c4_matches_naive_computation(smollm2, calibration):
+def test_analysis_on_c4_matches_naive_computation(smollm2, model_on_device, calibration):
     model, _ = smollm2
-    analysis = depthcut.analyze(model, data=calibration, batch_size=4, progress=False)
+    analysis = depthcut.analyze(model_on_device, data=calibration, batch_size=4, progress=False)
     sequences = [calibration.input_ids[i] for i in range(4)]
-    subset = depthcut.analyze(model, data=depthcut.CalibrationSet(
+    subset = depthcut.analyze(model_on_device, data=depthcut.CalibrationSet(
         calibration.input_ids[:4], calibration.attention_mask[:4], "c4", "windows", 0), batch_size=3, progress=False)
     expected = naive_metrics(model, find_layer_stack(model), sequences)
     for name in ("angular_last_token", "angular_all_tokens"):
@@ -61,14 +68,15 @@ def test_analysis_on_c4_matches_naive_computation(smollm2, calibration):
     assert stop <= 29
 
 
-def test_streamed_analysis_of_the_saved_checkpoint_equals_the_in_memory_analysis(smollm2, calibration, tmp_path):
+def test_streamed_analysis_of_the_saved_checkpoint_equals_the_in_memory_analysis(smollm2, model_on_device, calibration,
+                                                                                 tmp_path, device):
     model, tokenizer = smollm2
     model.save_pretrained(tmp_path / "model", max_shard_size="100MB")  # several shards and an index
     tokenizer.save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
-    expected = depthcut.analyze(model, data=calibration, batch_size=4, progress=False)
+    expected = depthcut.analyze(model_on_device, data=calibration, batch_size=4, progress=False)
     streamed = depthcut.analyze_streamed(tmp_path / "model", data=calibration, batch_size=4, spill_dir=tmp_path,
-                                         progress=False)
+                                         device=device, dtype="float32", progress=False)
     for name, matrix in expected.metrics.items():
         rows = matrix if isinstance(matrix[0], list) else [matrix]
         got = streamed.metrics[name] if isinstance(matrix[0], list) else [streamed.metrics[name]]
@@ -80,8 +88,8 @@ def test_streamed_analysis_of_the_saved_checkpoint_equals_the_in_memory_analysis
         p.numel() * 4 for p in find_layer_stack(model).layers[0].parameters())
 
 
-def test_bfloat16_analysis_agrees_with_float32(smollm2, calibration):
-    model, _ = smollm2
+def test_bfloat16_analysis_agrees_with_float32(model_on_device, calibration):
+    model = model_on_device
     full = depthcut.analyze(model, data=calibration, batch_size=8, progress=False)
     half = depthcut.analyze(copy.deepcopy(model).to(torch.bfloat16), data=calibration, batch_size=8, progress=False)
     worst = max(abs(a - b) for ra, rb in zip(full.metrics["angular_last_token"], half.metrics["angular_last_token"])
@@ -89,10 +97,10 @@ def test_bfloat16_analysis_agrees_with_float32(smollm2, calibration):
     assert worst < 0.02
 
 
-def test_cli_prunes_smollm2_to_a_model_that_matches_the_reference(smollm2, tmp_path, capsys):
+def test_cli_prunes_smollm2_to_a_model_that_matches_the_reference(smollm2, tmp_path, capsys, device):
     model, tokenizer = smollm2
     analysis_dir, pruned_dir = tmp_path / "analysis", tmp_path / "pruned"
-    common = ["--data", "c4", "--samples", "8", "--seq-len", "64", "--quiet"]
+    common = ["--data", "c4", "--samples", "8", "--seq-len", "64", "--device", str(device), "--quiet"]
     assert main(["analyze", "smollm2-135m", "--out", str(analysis_dir), *common]) == 0
     assert main(["prune", "smollm2-135m", "--drop", "8", "--analysis", str(analysis_dir / "analysis.json"),
                  "--out", str(pruned_dir)]) == 0

@@ -55,8 +55,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0, **overrides):
-    """A tiny random model of architecture `name`; `overrides` set config attributes first."""
+def tiny_model(name: str, seed: int = 0, device=None, **overrides):
+    """A tiny random model of architecture `name` (on `device`, else the CPU); `overrides` set config
+    attributes first. The weights are drawn on the CPU, so they are the same whatever the device."""
     torch.manual_seed(seed)
     config = CONFIGS[name]()
     for key, value in overrides.items():
@@ -67,7 +68,16 @@ def tiny_model(name: str, seed: int = 0, **overrides):
         for param in model.parameters():
             if param.dim() > 1:
                 param.mul_(4.0)
+    if device is not None:
+        model = model.to(device)
     return model.eval()
+
+
+def tolerance(device, cpu: float, cuda: float) -> float:
+    """The tolerance for comparing a result computed on `device` with a reference computed on the
+    CPU: `cpu` when both ran there, `cuda` on a GPU (other kernels, other summation orders; TF32 is
+    off in the test session, so float32 stays float32)."""
+    return cpu if torch.device(device).type == "cpu" else cuda
 
 
 def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

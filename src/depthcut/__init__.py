@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# peft imports bitsandbytes when it is installed, and bitsandbytes' CPU backend then announces that
+# a hub-downloaded kernel for its inference-only packed 4-bit path is missing. depthcut never uses
+# that path (healing turns it off: see depthcut.healing.trainer.keep_4bit_differentiable), so
+# there is nothing for a user to act on.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 from depthcut.analysis import analyze, analyze_streamed  # noqa: E402
 from depthcut.calibration import CalibrationSet, build_calibration  # noqa: E402
 from depthcut.data import load_texts  # noqa: E402

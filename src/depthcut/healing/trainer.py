@@ -8,7 +8,6 @@ Multi-process data parallelism comes from `accelerate` (`accelerate launch ... d
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 import warnings
@@ -27,12 +26,6 @@ from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
-
-
-# peft imports bitsandbytes when it is installed, and its CPU backend then announces that a
-# hub-downloaded kernel for its inference-only packed path is missing; healing turns that path off
-# (see `keep_4bit_differentiable`), so there is nothing for a user to act on.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass
