@@ -310,3 +310,19 @@ def test_report_renders_in_headless_chromium_with_every_figure_loaded(sweep_dir,
     assert result.returncode == 0, result.stderr[-2000:]
     dom = result.stdout
     assert 'data-figures="4"' in dom and 'data-figures-loaded="4"' in dom
+
+
+def test_kept_models_are_whole_folders_that_reload(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "kept"
+    code, _, err = run(capsys, "sweep", tiny_llama_dir, "--out", out, "--data", corpus_file, "--loss", corpus_file,
+                       "--drop", "0,2", "--strategies", "deepest", "--samples", "4", "--seq-len", "16",
+                       "--loss-samples", "2", "--loss-seq-len", "16", "--keep-models", "--quiet")
+    assert code == 0, err
+    kept = sorted(p.name for p in (out / "models").iterdir())
+    assert kept == ["deepest-2-pruned", "none-0-pruned"]  # no temporary or lock left beside them
+    model = AutoModelForCausalLM.from_pretrained(out / "models" / "deepest-2-pruned")
+    assert model.config.num_hidden_layers == 4
+    weights = out / "models" / "deepest-2-pruned" / "model.safetensors"
+    assert weights.stat().st_mode & 0o044  # readable by others, as the umask allows

@@ -7,7 +7,9 @@ Layer numbers are 0-based everywhere and blocks are half-open: `--layers 21:29` 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -140,6 +142,17 @@ def _check_data_options(args) -> None:
         METRICS.get(name.strip())
 
 
+def _claim_out(args, kind: str = "dir", may_exist: bool = False) -> None:
+    """Check and lock --out before any heavy work (depthcut.output): a second run at the same --out
+    fails at once. Data-parallel processes other than the first only check it: they write nothing."""
+    from depthcut.output import check_output_dir, check_output_file, claim_output
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        (check_output_file if kind == "file" else check_output_dir)(args.out, args.force or may_exist)
+        return
+    claim_output(args.out, args.force, kind, may_exist)
+
+
 def _should_stream(args, source) -> bool:
     """--stream, or a local safetensors model bigger than the memory it would be loaded into."""
     from depthcut.streaming import is_safetensors_folder, would_not_fit
@@ -167,11 +180,11 @@ def _should_stream(args, source) -> bool:
 
 def cmd_analyze(args) -> None:
     from depthcut.models import resolve_model
-    from depthcut.output import atomic_output_dir, check_output_dir, environment
+    from depthcut.output import atomic_output_dir, environment
     from depthcut.plotting import plot_heatmap
 
     _check_data_options(args)
-    check_output_dir(args.out, args.force)
+    _claim_out(args)
     source = resolve_model(args.model)  # a bad MODEL fails here, before the heavy imports
     if _should_stream(args, source):
         from depthcut.analysis import analyze_streamed
@@ -287,12 +300,68 @@ def _prune_streamed(args, source, analysis) -> None:
     print(f"pruned model: {args.out}")
 
 
+def _load_analysis(path: str):
+    from depthcut.result import Analysis
+
+    try:
+        return Analysis.load(path)
+    except UnicodeDecodeError as error:
+        raise DepthcutError(f"cannot read analysis file {path}: not UTF-8 text (byte {error.start}); "
+                            "is it an analysis.json?") from None
+
+
+def _configured_layers(args, source) -> int | None:
+    """The decoder layer count a local model's config gives (None when it cannot tell cheaply)."""
+    if source.gguf_file or not (Path(source.location) / "config.json").is_file() or args.layer_path:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=args.trust_remote_code)
+        count = config.get_text_config(decoder=True).num_hidden_layers
+    except Exception:  # noqa: BLE001 (the model load that follows reports what is wrong with it)
+        return None
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def _check_layer_choice(args, source) -> int | None:
+    """--drop and --layers checked against the configured layer count before the model loads
+    (impossible values fail in a second, not after minutes of loading); returns that count."""
+    from depthcut.strategies import check_drop
+    from depthcut.surgery import parse_layer_spec
+
+    num_layers = _configured_layers(args, source)
+    if args.drop is not None:
+        if num_layers is not None:
+            check_drop(args.drop, num_layers)
+        elif args.drop < 1:
+            raise DepthcutError(f"--drop must be at least 1, got {args.drop}")
+    if args.layers is not None:
+        try:
+            parse_layer_spec(args.layers, num_layers or sys.maxsize)
+        except DepthcutError as error:
+            if num_layers is not None or "out of range" not in str(error):
+                raise
+    return num_layers
+
+
+def _check_prune_space(args, source, num_layers: int | None) -> None:
+    """A local model pruned in its stored dtype needs at least its kept layers' share of its weights."""
+    from depthcut.output import check_free_space
+    from depthcut.surgery import parse_layer_spec
+
+    folder = Path(source.location)
+    if args.dtype != "checkpoint" or num_layers is None or source.gguf_file or not folder.is_dir():
+        return
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    removed = args.drop if args.drop is not None else len(parse_layer_spec(args.layers, num_layers))
+    check_free_space(args.out, weights * (num_layers - removed) // num_layers, "the pruned model")
+
+
 def cmd_prune(args) -> None:
     from depthcut.export import parameter_count, save_pruned
     from depthcut.layers import find_layer_stack
     from depthcut.models import resolve_model
-    from depthcut.output import check_output_dir
-    from depthcut.result import Analysis
     from depthcut.strategies import STRATEGIES, check_drop
     from depthcut.surgery import prune
 
@@ -304,14 +373,16 @@ def cmd_prune(args) -> None:
     if args.layers is None:
         STRATEGIES.get(args.strategy)
     _check_data_options(args)
-    analysis = Analysis.load(args.analysis) if args.analysis else None
+    analysis = _load_analysis(args.analysis) if args.analysis else None
     if analysis is not None and args.drop is not None:
         check_drop(args.drop, analysis.num_layers)
-    check_output_dir(args.out, args.force)
+    _claim_out(args)
     source = resolve_model(args.model)
+    configured = _check_layer_choice(args, source)
     computes = args.layers is None and STRATEGIES.get(args.strategy).needs_analysis and analysis is None
     if args.dtype == "auto" and not computes:
         args.dtype = "checkpoint"  # nothing is computed, so the hardware has no say: keep the weights as stored
+    _check_prune_space(args, source, configured)
     if _streamable(args, source, analysis):
         return _prune_streamed(args, source, analysis)
 
@@ -366,7 +437,7 @@ def cmd_eval(args) -> None:
     from depthcut.evaluation.table import format_table
     from depthcut.evaluation.tasks import get_task
     from depthcut.models import resolve_model
-    from depthcut.output import atomic_output_file, check_output_file, environment, write_json
+    from depthcut.output import atomic_output_file, environment, write_json
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     harness_tasks = [t.strip() for t in args.harness.split(",") if t.strip()] if args.harness else []
@@ -378,7 +449,7 @@ def cmd_eval(args) -> None:
                     loss_seq_len=args.loss_seq_len)
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise DepthcutError("--num-fewshot must be 0 or more")
-    check_output_file(args.out, args.force)
+    _claim_out(args, kind="file")
     resolve_model(args.model)
     model, tokenizer, source = _load(args)
     result = {}
@@ -437,21 +508,22 @@ def cmd_heal(args) -> None:
     import shutil
 
     from depthcut.data import load_texts
-    from depthcut.healing.export import save_healed
+    from depthcut.healing.checkpoint import remove_stale_checkpoints
+    from depthcut.healing.export import run_totals, save_healed
     from depthcut.healing.trainer import _check_quantization, heal
     from depthcut.models import resolve_model
-    from depthcut.output import check_output_dir
 
     recipe = _heal_recipe(args)
     _check_quantization(recipe)
     _check_positive(checkpoint_every=args.checkpoint_every)
-    check_output_dir(args.out, args.force)
+    _claim_out(args)
     checkpoints = Path(f"{args.out.rstrip('/')}-checkpoints")
     if checkpoints.exists() and not args.resume:
         if not args.force:
             raise DepthcutError(f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it "
                                 "or --force to start over")
         shutil.rmtree(checkpoints)
+    remove_stale_checkpoints(checkpoints)
     resolve_model(args.model)
     data = load_texts(args.data, args.text_field)
     model, tokenizer, source = _load(args, quantize=recipe.quantize)
@@ -463,19 +535,39 @@ def cmd_heal(args) -> None:
         return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                           with_tokenizer=False)[0]
 
-    result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
-                  checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
-                  progress=not args.quiet, full_precision_base=full_precision_base if recipe.quantize else None)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # data-parallel run: the first process writes the result
-    save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description, log_path=log_path,
-                force=args.force)
+    existed = checkpoints.exists()
+    try:
+        result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
+                      progress=not args.quiet, full_precision_base=full_precision_base if recipe.quantize else None)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # data-parallel run: the first process writes the result
+        save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description,
+                    log_path=log_path, force=args.force)
+    except BaseException:
+        _keep_checkpoints_if_any(checkpoints, existed)
+        raise
     shutil.rmtree(checkpoints, ignore_errors=True)
-    before, after = result.loss_before, result.loss_after
+    before, after, totals = result.loss_before, result.loss_after, run_totals(result)
     print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (normalized {before['normalized_loss']:.4f} -> "
-          f"{after['normalized_loss']:.4f}); {result.steps} steps, {result.tokens:,} tokens, "
+          f"{after['normalized_loss']:.4f}); {totals['steps']} steps, {totals['tokens']:,} tokens, "
           f"{result.tokens / max(result.seconds, 1e-9):.0f} tokens/s")
     print(f"healed model: {args.out}")
+
+
+def _keep_checkpoints_if_any(checkpoints: Path, existed: bool) -> None:
+    """After a failed or interrupted heal: checkpoints stay for --resume (and the user is told);
+    a checkpoint folder this run made without a checkpoint in it is removed."""
+    import shutil
+
+    from depthcut.healing.checkpoint import latest_checkpoint
+
+    if int(os.environ.get("RANK", "0")) != 0 or not checkpoints.exists():
+        return
+    if latest_checkpoint(checkpoints) is not None:
+        print(f"depthcut: checkpoints kept in {checkpoints}: the same command with --resume continues", file=sys.stderr)
+    elif not existed:
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 EPILOG_SWEEP = """examples:
@@ -491,6 +583,15 @@ within --tolerance of the unpruned model.
 """
 
 
+EPILOG_REPORT = """examples:
+  depthcut report sweeps/smollm2                     # figures and report.html from results.jsonl
+  depthcut report sweeps/smollm2 --tolerance 0.1     # accept a 10% relative accuracy loss instead of 5%
+
+writes FOLDER/figures/ and FOLDER/report.html, each replaced whole; --tolerance is a fraction between
+0 and 1.
+"""
+
+
 def _sweep_settings(args, recipe) -> dict:
     """What must not change between runs that share a results.jsonl (drops and strategies may)."""
     return {
@@ -503,8 +604,6 @@ def _sweep_settings(args, recipe) -> dict:
 
 
 def cmd_sweep(args) -> None:
-    import shutil
-
     from depthcut.data import load_texts
     from depthcut.evaluation.tasks import get_task
     from depthcut.healing.recipe import HealRecipe
@@ -512,6 +611,7 @@ def cmd_sweep(args) -> None:
     from depthcut.models import resolve_model
     from depthcut.strategies import STRATEGIES
     from depthcut.models import resolve_device
+    from depthcut.output import continued_output_dir
     from depthcut.precision import choose_dtype
     from depthcut.result import Analysis
     from depthcut.sweep.progress import summary_table
@@ -537,6 +637,7 @@ def cmd_sweep(args) -> None:
     settings = _sweep_settings(args, recipe)
     # Points measured in another dtype are not comparable: a rerun on another kind of machine is refused.
     settings["dtype_resolved"] = choose_dtype(args.dtype, resolve_device(args.device)).name
+    _claim_out(args, may_exist=True)
     existing = ResultsLog(out).settings()
     if existing is not None and not args.force:
         ResultsLog(out).start(settings)  # raises if the settings differ
@@ -547,22 +648,23 @@ def cmd_sweep(args) -> None:
     if recipe is not None:
         _check_context_length(model, recipe.seq_len)
     heal_data = load_texts(args.heal_data or args.data) if recipe else None
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    analysis = None
-    if strategies_needing_analysis(strategies) and ResultsLog(out).analysis() is None:
-        print(f"sweep: analyzing {args.data} ({args.samples} samples x {args.seq_len} tokens) to choose blocks",
-              file=sys.stderr)
-        analysis = _run_analysis(args, model, tokenizer)
-        analysis.metadata["model"] = source.as_dict()
-    elif strategies_needing_analysis(strategies):
-        analysis = Analysis.from_dict(ResultsLog(out).analysis())
-    evaluation = {"tasks": tasks, "loss_data": args.loss, "loss_samples": args.loss_samples,
-                  "loss_seq_len": args.loss_seq_len, "limit": args.limit, "num_fewshot": args.num_fewshot,
-                  "seed": args.seed, "batch_size": args.eval_batch_size, "progress": not args.quiet}
-    run_sweep(model, tokenizer, out, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
-              heal_data=heal_data, keep_models=args.keep_models, seed=args.seed, progress=not args.quiet)
-    report = build_report(out, args.tolerance)
+    # --force on an existing folder: a fresh one beside it replaces it at the end; the old stays until then.
+    with continued_output_dir(out, args.force) as folder:
+        analysis = None
+        if strategies_needing_analysis(strategies) and ResultsLog(folder).analysis() is None:
+            print(f"sweep: analyzing {args.data} ({args.samples} samples x {args.seq_len} tokens) to choose blocks",
+                  file=sys.stderr)
+            analysis = _run_analysis(args, model, tokenizer)
+            analysis.metadata["model"] = source.as_dict()
+        elif strategies_needing_analysis(strategies):
+            analysis = Analysis.from_dict(ResultsLog(folder).analysis())
+        evaluation = {"tasks": tasks, "loss_data": args.loss, "loss_samples": args.loss_samples,
+                      "loss_seq_len": args.loss_seq_len, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                      "seed": args.seed, "batch_size": args.eval_batch_size, "progress": not args.quiet}
+        run_sweep(model, tokenizer, folder, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
+                  heal_data=heal_data, keep_models=args.keep_models, seed=args.seed, progress=not args.quiet)
+        build_report(folder, args.tolerance)
+    report = out / "report.html"
     print(summary_table(list(ResultsLog(out).points().values()), tasks))
     print(f"results: {out / 'results.jsonl'}")
     print(f"report:  {report}")
@@ -570,11 +672,14 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from depthcut.sweep.report import build_report
+    from depthcut.output import claim_output
+    from depthcut.sweep.report import build_report, check_tolerance
     from depthcut.sweep.results import ResultsLog
 
+    check_tolerance(args.tolerance)
     if not ResultsLog(args.folder).points():
         raise DepthcutError(f"{args.folder} holds no sweep results (results.jsonl)")
+    claim_output(args.folder, kind="dir", may_exist=True)  # not while a sweep or another report writes it
     print(f"report: {build_report(args.folder, args.tolerance)}")
 
 
@@ -717,7 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     sweep.set_defaults(run=cmd_sweep)
 
-    report = sub.add_parser("report", help="rebuild a sweep's figures and report.html from results.jsonl")
+    report = sub.add_parser("report", help="rebuild a sweep's figures and report.html from results.jsonl",
+                            description="Draw the figures and write report.html again from FOLDER/results.jsonl "
+                                        "alone (no model is loaded), e.g. with another --tolerance.",
+                            epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("folder", help="a sweep's --out folder")
     report.add_argument("--tolerance", type=float, default=0.05, help="relative accuracy loss accepted (default: 0.05)")
     report.set_defaults(run=cmd_report)
@@ -734,16 +842,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from depthcut.output import handle_signals, release_claims
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with handle_signals():  # SIGTERM and SIGHUP clean up as Ctrl-C does
+            try:
+                args.run(args)
+            finally:
+                release_claims()
     except DepthcutError as error:
         print(f"depthcut: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("depthcut: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+        print(f"depthcut: {how}; unfinished output was removed", file=sys.stderr)
+        return 128 + signum
+    except OSError as error:  # the last net for a destination that fails outside depthcut.output's writers
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"depthcut: error: {os.strerror(error.errno).lower()}{where}; the command stopped and removed its "
+              "unfinished output", file=sys.stderr)
+        return 2
     return 0
 
 

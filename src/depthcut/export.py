@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from depthcut.output import atomic_output_dir, environment, write_json
@@ -69,7 +71,37 @@ def save_model(model, tokenizer, out: str | Path, provenance: dict, card: str, f
         (staging / "README.md").write_text(card, encoding="utf-8")
         for name, writer in (extra_files or {}).items():
             writer(staging / name)
+        copy_remote_code((provenance.get("base_model") or {}).get("location"), staging)
     return Path(out)
+
+
+def remote_code_files(folder: Path) -> set[str]:
+    """The Python files that the `auto_map` of `folder`'s config and tokenizer config name (a model
+    loaded with trust_remote_code needs them beside its weights); references to other repositories
+    (`repo--module.Class`) need nothing copied."""
+    names = set()
+    for config in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / config).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for reference in auto_map.values():
+            for item in reference if isinstance(reference, list) else [reference]:
+                if isinstance(item, str) and "--" not in item and "." in item:
+                    names.add(item.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return names
+
+
+def copy_remote_code(source: str | Path | None, staging: Path) -> None:
+    """Copy from the model folder `source` the code files the saved configs' `auto_map` names and
+    `save_pretrained` did not write."""
+    if not source or not Path(source).is_dir():
+        return
+    for name in sorted(remote_code_files(staging)):
+        origin, target = Path(source) / name, staging / name
+        if origin.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin, target)
 
 
 def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False) -> Path:

@@ -93,6 +93,34 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    from safetensors._safetensors_rust import SafetensorError
+
+
+def check_weights(source: ModelSource) -> None:
+    """Read the header of every safetensors file of a local model folder, so that a truncated or
+    corrupt file is named before loading starts (reading a header costs a few kilobytes)."""
+    from depthcut.shards import safetensors_header
+
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir():
+        return
+    for shard in sorted(folder.glob("*.safetensors")):
+        safetensors_header(shard)
+
+
+def _load_failure(error: Exception) -> str:
+    """One line saying why loading failed (transformers' first line, with what to do where it omits it)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "custom code" in message and "trust_remote_code" not in message:
+        message = message.rstrip(". ") + ": pass --trust-remote-code to run it (only for code you trust)"
+    if isinstance(error, SafetensorError):
+        message = f"corrupt or truncated safetensors weights ({message})"
+    return message
+
+
 def _make_serializable(model) -> None:
     """GGUF weights are dequantized to plain tensors on load; drop the quantizer that blocks saving."""
     quantizer = getattr(model, "hf_quantizer", None)
@@ -144,6 +172,7 @@ def load_model(
         if source.gguf_file:
             raise DepthcutError("--device-map needs a safetensors model, not a GGUF file")
         kwargs["device_map"] = device_map
+    check_weights(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto", **kwargs
@@ -153,9 +182,8 @@ def load_model(
         # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
         tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
         tokenizer = AutoTokenizer.from_pretrained(source.location, **tokenizer_kwargs) if with_tokenizer else None
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DepthcutError(f"could not load model {spec!r}: {message}") from error
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as error:
+        raise DepthcutError(f"could not load model {spec!r}: {_load_failure(error)}") from error
     _make_serializable(model)
     if quantize is None and device_map is None:
         if torch_dtype is not None and source.gguf_file:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from depthcut.data import read_utf8
 from depthcut.errors import DepthcutError
 
 FORMAT_NAME = "depthcut.analysis"
@@ -65,7 +66,7 @@ class Analysis:
     def load(cls, path: str | Path) -> Analysis:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_utf8(path))
         except FileNotFoundError:
             raise DepthcutError(f"analysis file {path} does not exist") from None
         except (OSError, json.JSONDecodeError) as error:

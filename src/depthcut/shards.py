@@ -24,16 +24,19 @@ SINGLE_FILE = "model.safetensors"
 def shard_map(folder: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index (or the single file)."""
     if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8")).get("weight_map")
+        except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
+            weight_map = None
+        if not isinstance(weight_map, dict):
+            raise DepthcutError(f"{folder / INDEX_FILE} is not a valid safetensors index (no weight_map)")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise DepthcutError(f"{folder / INDEX_FILE} names shards that are missing: {', '.join(missing)}")
         return weight_map
     if (folder / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(folder / SINGLE_FILE, "pt") as handle:
-            return {name: SINGLE_FILE for name in handle.keys()}
+        header, _ = safetensors_header(folder / SINGLE_FILE)
+        return {name: SINGLE_FILE for name in header if name != "__metadata__"}
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -119,8 +122,40 @@ def safetensors_header(shard: Path) -> tuple[dict, int]:
 @functools.lru_cache(maxsize=256)
 def _read_header(shard: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
     with shard.open("rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        return json.loads(handle.read(length)), 8 + length
+        start = handle.read(8)
+        if len(start) < 8:
+            raise _corrupt(shard, f"{size} bytes, too short for a header")
+        length = struct.unpack("<Q", start)[0]
+        if length > size - 8 or length > 100 * 2**20:
+            raise _corrupt(shard, "the header length is beyond the end of the file")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise _corrupt(shard, "the header is not valid JSON") from None
+    _check_offsets(shard, header, size - 8 - length)
+    return header, 8 + length
+
+
+def _check_offsets(shard: Path, header, data_size: int) -> None:
+    """Every tensor's bytes must lie inside the file: a truncated file fails here, not mid-copy."""
+    if not isinstance(header, dict):
+        raise _corrupt(shard, "the header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            valid = 0 <= start <= end and isinstance(entry["dtype"], str) and isinstance(entry["shape"], list)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise _corrupt(shard, f"the entry of tensor {name!r} is malformed")
+        if end > data_size:
+            raise _corrupt(shard, f"tensor {name!r} ends {end - data_size:,} bytes past the end of the file (truncated?)")
+
+
+def _corrupt(shard: Path, why: str) -> DepthcutError:
+    return DepthcutError(f"{shard} is not a valid safetensors file: {why}")
 
 
 def _write_streamed(path: Path, tensors: list[tuple[str, str, Path]]) -> int:

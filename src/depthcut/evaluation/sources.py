@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from depthcut.data import DATA_DIR_ENV, data_dir
+from depthcut.data import DATA_DIR_ENV, data_dir, read_utf8, utf8_lines
 from depthcut.errors import DepthcutError
 
 
@@ -27,17 +27,17 @@ class Split:
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
-    """The records of a JSON Lines file and their line numbers (blank lines skipped)."""
+    """The records of a JSON Lines file and their line numbers (blank lines skipped); strict UTF-8
+    as for all text data (depthcut.data.read_utf8)."""
     rows, lines = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DepthcutError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            lines.append(number)
+    for number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DepthcutError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        lines.append(number)
     return rows, lines
 
 
@@ -64,9 +64,12 @@ class DataDir:
 def _with_labels(rows: list[dict], path: Path) -> list[dict]:
     if not path.is_file():
         raise DepthcutError(f"{path} is missing: it holds the labels of the records beside it")
-    labels = path.read_text(encoding="utf-8").split()
+    labels = read_utf8(path).split()
     if len(labels) != len(rows):
         raise DepthcutError(f"{path} has {len(labels)} labels for {len(rows)} records")
+    bad = next((i for i, label in enumerate(labels, 1) if not label.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise DepthcutError(f"{path}:{bad}: the label {labels[bad - 1]!r} is not a whole number")
     return [{**row, "label": int(label)} for row, label in zip(rows, labels)]
 
 

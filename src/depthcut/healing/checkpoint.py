@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.output import atomic_output_dir, remove_stale
 
 STATE_FILE = "state.pt"
 RECIPE_FILE = "recipe.json"
@@ -28,21 +28,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, recipe: dict) -> Path:
-    """Write `folder/step-N` atomically and drop older steps: the newest complete one always exists."""
+    """Write `folder/step-N` atomically (depthcut.output: a temporary sibling carrying this process's
+    pid, then one rename) and drop older steps: the newest complete one always exists."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    torch.save({"step": step, **state}, staging / STATE_FILE)
-    (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    with atomic_output_dir(final, force=True) as staging:
+        torch.save({"step": step, **state}, staging / STATE_FILE)
+        (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
     for older in folder.glob("step-*"):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)
-    for stale in folder.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_checkpoints(folder)
     return final
+
+
+def remove_stale_checkpoints(folder: Path) -> None:
+    """Remove the half-written checkpoints that a killed run left in `folder` (saying so)."""
+    if not folder.is_dir():
+        return
+    remove_stale(folder)
+    for legacy in folder.glob(".tmp-*"):  # temporaries named before they carried a pid: a killed run's too
+        shutil.rmtree(legacy, ignore_errors=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -43,6 +43,18 @@ def heal_card(provenance: dict) -> str:
     return "\n".join(lines)
 
 
+def run_totals(result: HealResult) -> dict:
+    """The whole run's steps and tokens, a resumed run's included (its log holds every step since the
+    start); `resumed_from_step` is None for a run that was not resumed."""
+    this_run = {"steps_this_run": result.steps, "tokens_this_run": result.tokens}
+    if not result.log:
+        return {"steps": result.steps, "tokens": result.tokens, "resumed_from_step": None, **this_run}
+    last = result.log[-1]
+    resumed = last["step"] - result.steps
+    return {"steps": last["step"], "tokens": last.get("tokens", result.tokens), "resumed_from_step": resumed or None,
+            **this_run}
+
+
 def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: str, log_path: Path | None,
                 force: bool = False) -> Path:
     from safetensors.torch import save_file
@@ -56,7 +68,7 @@ def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: s
             "mixed_precision": {"used": result.recipe.mixed_precision, "reason": result.mixed_precision_reason},
             "loss_after_adapter": result.loss_after_adapter,
             "loss_before": result.loss_before, "loss_after": result.loss_after,
-            "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+            **run_totals(result), "seconds_this_run": result.seconds,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
         },
         "environment": environment(),

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.output import atomic_output_dir, atomic_output_file
 from depthcut.sweep.figures import make_figures
 from depthcut.sweep.results import ResultsLog, finite, forward_ms, task_accuracy
 
@@ -220,7 +221,10 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     log = ResultsLog(folder)
     settings, points = log.settings() or {}, sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p["healed"]))
     model = str(settings.get("model") or "")
-    figures = make_figures(points, log.analysis(), folder / "figures", model=model or None)
+    # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.output).
+    with atomic_output_dir(folder / "figures", force=True) as staging:
+        drawn = make_figures(points, log.analysis(), staging, model=model or None)
+        images = {name: _image(path) for name, path in drawn.items()}
     tasks = sorted({t for p in points for t in p.get("tasks", {})})
 
     answers = {task: tolerable_fraction(points, task, tolerance) for task in tasks}
@@ -269,7 +273,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
         _table(["task", "configuration", "kept up to", "ended by", "every point"], detail_rows) if detail_rows else "",
         RULE,
         "<h2>Figures</h2>",
-        *[f"<figure>{_image(path)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, path in figures.items()],
+        *[f"<figure>{image}<figcaption>{html.escape(name)}</figcaption></figure>" for name, image in images.items()],
         "<h2>Every point</h2>",
         ("<p>Accuracy &plusmn; one standard error and the number of items it was scored on; normalized loss "
          "&plusmn; its standard error over the held-out windows.</p>"),
@@ -303,7 +307,6 @@ window.addEventListener("load", () => {{
 </body></html>
 """
     path = folder / REPORT_FILE
-    staging = path.with_name(f".{REPORT_FILE}.tmp")
-    staging.write_text(page, encoding="utf-8")
-    staging.replace(path)
+    with atomic_output_file(path, force=True) as staging:
+        staging.write_text(page, encoding="utf-8")
     return path

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+from depthcut.data import read_utf8
 from depthcut.errors import DepthcutError
 
 RESULTS_FILE = "results.jsonl"
@@ -26,7 +27,7 @@ class ResultsLog:
         if not self.path.is_file():
             return []
         records = []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = read_utf8(self.path).splitlines()
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -53,7 +54,7 @@ class ResultsLog:
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+            os.truncate(self.path, data.rfind(b"\n") + 1)  # one step: a kill now cannot lose the lines before
 
     def start(self, settings: dict) -> None:
         """Begin a new log, or check that an existing one was made with the same settings."""

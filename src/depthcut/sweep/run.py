@@ -15,6 +15,7 @@ import torch
 
 from depthcut.errors import DepthcutError
 from depthcut.export import parameter_count
+from depthcut.output import atomic_output_dir
 from depthcut.layers import find_layer_stack
 from depthcut.strategies import STRATEGIES, select
 from depthcut.surgery import prune
@@ -142,9 +143,10 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
             "held-out loss" if evaluation.get("loss_data") else "", *evaluation.get("tasks", [])])))
         record.update(_measure(working, tokenizer, evaluation))
         record["seconds"] = time.perf_counter() - began
-        if keep_models:
-            working.save_pretrained(out / "models" / key.replace("/", "-"))
-            tokenizer.save_pretrained(out / "models" / key.replace("/", "-"))
+        if keep_models:  # whole or not at all, like every output; a rerun of the point replaces it
+            with atomic_output_dir(out / "models" / key.replace("/", "-"), force=True) as staging:
+                working.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
         log.append(record)
         done[key] = record
         del working

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from depthcut.data import read_parquet_records, read_utf8
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.sources import read_jsonl
 from depthcut.evaluation.tasks import TASKS, Task
@@ -46,7 +47,7 @@ def _read_spec(path: Path) -> dict:
     if not path.is_file():
         raise DepthcutError(f"task file {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
         spec = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise DepthcutError(f"task file {path}: cannot parse it ({error})") from None
@@ -90,13 +91,11 @@ def _read_records(data: Path, task_file: Path) -> tuple[list, list[int] | None]:
         records, lines = read_jsonl(data)
     elif suffix == ".json":
         try:
-            records, lines = json.loads(data.read_text(encoding="utf-8")), None
+            records, lines = json.loads(read_utf8(data)), None
         except ValueError as error:
             raise DepthcutError(f"task file {task_file}: field 'data': {data} is not valid JSON ({error})") from None
     else:
-        import pyarrow.parquet as pq
-
-        records, lines = pq.read_table(data).to_pylist(), None
+        records, lines = read_parquet_records(data), None
     if not isinstance(records, list) or not records:
         raise DepthcutError(f"task file {task_file}: field 'data': {data} holds no list of records")
     return records, lines

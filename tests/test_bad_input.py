@@ -1,0 +1,250 @@
+"""Every bad input is one `depthcut: error:` line, exit 2, no traceback, nothing written (issue 12):
+truncated and corrupt weights on every command that loads them, text data that is not UTF-8 in
+every data format, a file named .parquet that is not one, impossible values caught before loading,
+and the smaller items (custom code, auto_map code files, report --tolerance and --help)."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from depthcut.cli import main
+
+SMALL = ["--samples", "2", "--seq-len", "8", "--batch-size", "2", "--quiet"]
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_refused(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("depthcut: error:")]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- weights ---------------------------------------------------------------------------------------
+
+def _damaged(tiny_llama_dir: Path, tmp_path: Path, how: str) -> Path:
+    model = tmp_path / f"model-{how}"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "header":
+        data[8:40] = b"\xff" * 32
+    elif how == "length":
+        data[:8] = struct.pack("<Q", 10**12)
+    elif how == "empty":
+        data = b""
+    weights.write_bytes(bytes(data))
+    return model
+
+
+COMMANDS = {
+    "prune": ["prune", "{model}", "--layers", "1", "--out", "{out}"],
+    "prune-stream": ["prune", "{model}", "--layers", "1", "--stream", "--out", "{out}"],
+    "generate": ["generate", "{model}", "hello", "--max-new-tokens", "2"],
+    "eval": ["eval", "{model}", "--loss", "c4", "--loss-samples", "2", "--loss-seq-len", "8", "--out", "{out}"],
+    "analyze": ["analyze", "{model}", "--data", "{corpus}", "--out", "{out}", *SMALL],
+    "analyze-stream": ["analyze", "{model}", "--data", "{corpus}", "--out", "{out}", "--stream", *SMALL],
+}
+
+
+@pytest.mark.parametrize("how, message", [("truncated", "past the end of the file (truncated?)"),
+                                          ("header", "the header is not valid JSON"),
+                                          ("length", "the header length is beyond the end of the file"),
+                                          ("empty", "too short for a header")])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_damaged_weights_are_one_error(capsys, tmp_path, tiny_llama_dir, corpus_file, command, how, message):
+    model = _damaged(tiny_llama_dir, tmp_path, how)
+    before = _snapshot(model)
+    out = tmp_path / "out"
+    argv = [a.format(model=model, out=out, corpus=corpus_file) for a in COMMANDS[command]]
+    code, _, err = _run(capsys, *argv)
+    _assert_refused(code, err, f"{model / 'model.safetensors'} is not a valid safetensors file: ")
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]  # nothing written, no temporaries
+    assert _snapshot(model) == before
+
+
+def test_a_shard_index_that_is_not_json(capsys, tmp_path, tiny_llama_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "model.safetensors.index.json").write_bytes(b"\x00\xff not json")
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--stream", "--out", tmp_path / "out")
+    _assert_refused(code, err, "is not a valid safetensors index")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_gguf_is_one_error(capsys, tmp_path):
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    code, _, err = _run(capsys, "generate", junk, "hi")
+    _assert_refused(code, err, "could not load model")
+
+
+# --- text data: one decoding policy (strict UTF-8, file and line named) ---------------------------
+
+BAD_DATA = {
+    "bad.txt": (b"fine text here\n\nmore text\ncaf\xe9 au lait\n", "bad.txt:4: not UTF-8 text (byte 0xe9 at column 4)"),
+    "bad.jsonl": (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
+    "bad.json": (b'[{"text": "fine"},\n {"text": "\xff"}]', "bad.json:2: not UTF-8 text (byte 0xff at column 12)"),
+    "binary.txt": (b"text\n\x00\x01\x02\x03binary", "binary.txt:2: a NUL byte at column 1: binary data, not text"),
+    "binary.jsonl": (bytes(range(256)) * 4, "binary.jsonl:1: a NUL byte at column 1"),
+    "utf16.jsonl": ('{"text": "fine"}\n'.encode("utf-16"), "utf16.jsonl:1: not UTF-8 text (byte 0xff at column 1)"),
+    "fake.parquet": (b"this is not parquet at all\n", "fake.parquet is not a readable parquet file"),
+    "empty.parquet": (b"", "empty.parquet is not a readable parquet file"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DATA))
+@pytest.mark.parametrize("command", ["analyze", "eval-loss", "heal"])
+def test_text_data_that_is_not_utf8_is_one_error_naming_file_and_line(capsys, tmp_path, tiny_llama_dir, command,
+                                                                      name):
+    content, message = BAD_DATA[name]
+    data = tmp_path / name
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    argv = {"analyze": ["analyze", tiny_llama_dir, "--data", data, "--out", out, *SMALL],
+            "eval-loss": ["eval", tiny_llama_dir, "--loss", data, "--out", out, "--quiet"],
+            "heal": ["heal", tiny_llama_dir, "--data", data, "--out", out, "--steps", "1", "--quiet"]}[command]
+    code, _, err = _run(capsys, *argv)
+    _assert_refused(code, err, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and data.read_bytes() == content
+
+
+def test_a_folder_of_data_names_the_bad_file(capsys, tmp_path, tiny_llama_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "good text"}\n')
+    (folder / "b.txt").write_bytes(b"ok\n\xc3\x28 broken\n")
+    code, _, err = _run(capsys, "analyze", tiny_llama_dir, "--data", folder, "--out", tmp_path / "out", *SMALL)
+    _assert_refused(code, err, f"{folder / 'b.txt'}:2: not UTF-8 text (byte 0xc3 at column 1)")
+
+
+def test_a_byte_order_mark_is_not_an_error(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + corpus_file.read_bytes())
+    code, _, err = _run(capsys, "analyze", tiny_llama_dir, "--data", data, "--out", tmp_path / "out", *SMALL)
+    assert code == 0, err
+
+
+def test_task_data_that_is_not_utf8(capsys, tmp_path, tiny_llama_dir):
+    (tmp_path / "items.jsonl").write_bytes(b'{"q": "a", "choices": ["x", "y"], "label": 0}\n{"q": "\xff"}\n')
+    (tmp_path / "task.yaml").write_text("name: mine\ndata: items.jsonl\nprompt: '{{q}}'\nchoices: choices\n"
+                                        "answer: label\n")
+    code, _, err = _run(capsys, "eval", tiny_llama_dir, "--tasks", tmp_path / "task.yaml", "--out", tmp_path / "e.json")
+    _assert_refused(code, err, "items.jsonl:2: not UTF-8 text (byte 0xff at column 8)")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_an_analysis_file_that_is_binary(capsys, tmp_path, tiny_llama_dir):
+    analysis = tmp_path / "analysis.json"
+    analysis.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    code, _, err = _run(capsys, "prune", tiny_llama_dir, "--drop", "1", "--analysis", analysis, "--out",
+                        tmp_path / "out")
+    _assert_refused(code, err, f"cannot read analysis file {analysis}: not UTF-8 text")
+
+
+def test_sweep_results_that_are_binary(capsys, tmp_path):
+    (tmp_path / "results.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = _run(capsys, "report", tmp_path)
+    _assert_refused(code, err, "results.jsonl:1: not UTF-8 text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+# --- impossible values before the model loads --------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--drop", "0"], "--drop must be between 1 and 5"),
+    (["--drop", "-3", "--strategy", "deepest"], "--drop must be between 1 and 5"),
+    (["--drop", "6", "--strategy", "deepest"], "--drop must be between 1 and 5"),
+    (["--layers", "5:3"], "needs stop > start"),
+    (["--layers", "2,2"], "listed more than once"),
+    (["--layers", "0:6"], "cannot remove all 6 layers"),
+    (["--layers", "9"], "out of range"),
+])
+def test_impossible_layer_choices_fail_before_the_model_loads(capsys, tmp_path, tiny_llama_dir, argv, message):
+    code, _, err = _run(capsys, "prune", tiny_llama_dir, *argv, "--out", tmp_path / "out")
+    _assert_refused(code, err, message)
+    assert "loading" not in err and list(tmp_path.iterdir()) == []
+
+
+# --- custom code, auto_map, report ---------------------------------------------------------------------
+
+CONFIGURATION = "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = '{kind}'\n"
+MODELING = ("from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+            "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+
+
+def _custom_model(tiny_llama_dir: Path, folder: Path, kind: str) -> Path:
+    """The tiny Llama with an auto_map to its own code; `kind` "llama" is also loadable without it."""
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "configuration_tiny.py").write_text(CONFIGURATION.format(kind=kind))
+    (folder / "modeling_tiny.py").write_text(MODELING)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = kind
+    config["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                          "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_custom_code_refusal_says_how_to_allow_it(capsys, tmp_path, tiny_llama_dir):
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "tiny-custom")
+    code, _, err = _run(capsys, "generate", model, "hi")
+    _assert_refused(code, err, "contains custom code")
+    assert "pass --trust-remote-code" in err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pruning_a_model_with_auto_map_keeps_its_code_files(capsys, tmp_path, tiny_llama_dir, stream):
+    from transformers import AutoModelForCausalLM
+
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "llama")  # loads natively: its code is not run
+    out = tmp_path / "pruned"
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", out, *(["--stream"] if stream else []))
+    assert code == 0, err
+    assert (out / "modeling_tiny.py").read_text() == MODELING
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(loaded).__name__ == "TinyForCausalLM" and loaded.config.num_hidden_layers == 5
+
+
+def test_report_refuses_an_impossible_tolerance(capsys, tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps({"type": "point", "key": "none/0/pruned"}) + "\n")
+    for tolerance in ("-1", "0", "1.5"):
+        code, _, err = _run(capsys, "report", tmp_path, "--tolerance", tolerance)
+        _assert_refused(code, err, "tolerance must be a fraction between 0 and 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_report_help_has_an_example():
+    result = subprocess.run([sys.executable, "-m", "depthcut.cli", "report", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "examples:" in result.stdout and "depthcut report sweeps/" in result.stdout
+
+
+def test_run_totals_of_a_resumed_heal():
+    from types import SimpleNamespace
+
+    from depthcut.healing.export import run_totals
+
+    log = [{"step": s, "tokens": 64 * s} for s in range(1, 7)]
+    resumed = SimpleNamespace(steps=4, tokens=256, log=log)
+    assert run_totals(resumed) == {"steps": 6, "tokens": 384, "resumed_from_step": 2, "steps_this_run": 4,
+                                   "tokens_this_run": 256}
+    fresh = SimpleNamespace(steps=6, tokens=384, log=log)
+    assert run_totals(fresh)["resumed_from_step"] is None and run_totals(fresh)["steps"] == 6

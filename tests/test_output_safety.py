@@ -1,0 +1,505 @@
+"""Output safety (issue 12): concurrent runs at one --out, folders that appear mid-run, signals and
+kills at several points followed by a rerun, full and read-only destinations.
+
+Every command test asserts the exit code, one error line, no traceback, nothing left behind and
+nothing of the user's touched. Processes, not threads: the real `depthcut` command runs in a
+subprocess, paused at a named point by a small wrapper (HOOKED) so that a signal lands there.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from depthcut import output
+from depthcut.cli import main
+from depthcut.errors import DepthcutError
+from depthcut.output import atomic_output_dir, atomic_output_file
+from depthcut.sweep.results import ResultsLog
+
+# Runs `depthcut ARGV...`, pausing at POINT: writes MARKER there, then waits for the file GO (or 120 s).
+HOOKED = r'''
+import sys, time
+from pathlib import Path
+
+marker, go, point, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+
+def pause():
+    marker.write_text(str(time.time()))
+    for _ in range(2400):
+        if go.exists():
+            return
+        time.sleep(0.05)
+
+import depthcut.output as output
+
+def after(module, name):
+    original = getattr(module, name)
+    def hooked(*args, **kwargs):
+        result = original(*args, **kwargs)
+        pause()
+        return result
+    setattr(module, name, hooked)
+
+def before(module, name):
+    original = getattr(module, name)
+    def hooked(*args, **kwargs):
+        pause()
+        return original(*args, **kwargs)
+    setattr(module, name, hooked)
+
+if point == "claimed":        # --out locked, the model not loaded yet
+    after(output, "claim_output")
+elif point == "loaded":       # the model loaded, nothing written yet
+    import depthcut.models as models
+    after(models, "load_model")
+elif point == "writing":      # weights written into the temporary sibling, the rest not yet
+    before(output, "write_json")
+elif point == "publishing":   # the temporary sibling complete, about to become --out
+    before(output, "_publish")
+elif point == "checkpointed": # heal: the first checkpoint written, training goes on
+    import depthcut.healing.trainer as trainer
+    after(trainer, "save_checkpoint")
+
+from depthcut.cli import main
+sys.exit(main(argv))
+'''
+
+PRUNE = ["prune", "{model}", "--layers", "1", "--out", "{out}", "--quiet"]
+
+
+def _command(*argv) -> list[str]:
+    return [sys.executable, "-m", "depthcut.cli", *map(str, argv)]
+
+
+def _hidden(folder: Path) -> list[str]:
+    """Temporaries and lock files in `folder` (names starting with a dot)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("depthcut: error:")]
+
+
+def _assert_one_error(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def _assert_pruned_model(folder: Path, layers: int = 5) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == layers
+    assert json.loads((folder / "depthcut.json").read_text())["num_layers_after"] == layers
+
+
+class Hooked:
+    """`depthcut ARGV` in a subprocess that pauses at `point` until released."""
+
+    def __init__(self, tmp_path: Path, point: str, argv: list[str], name: str = "hook"):
+        script = tmp_path / "hooked.py"
+        script.write_text(HOOKED)
+        self.marker, self.go = tmp_path / f"{name}.reached", tmp_path / f"{name}.go"
+        self.process = subprocess.Popen([sys.executable, str(script), str(self.marker), str(self.go), point,
+                                         *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_point(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not self.marker.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited before the point: {self.process.communicate()}")
+            assert time.time() < deadline, "the point was never reached"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        self.go.write_text("go")
+
+    def finish(self, timeout: float = 180) -> tuple[int, str, str]:
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out, err
+
+
+def _argv(template: list[str], **fields) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in fields.items()}) for a in template]
+
+
+# --- concurrent runs ------------------------------------------------------------------------------
+
+def test_a_second_run_at_the_same_out_fails_at_once_and_the_first_result_is_whole(tmp_path, tiny_llama_dir):
+    out = tmp_path / "runs" / "pruned"
+    first = Hooked(tmp_path, "loaded", _argv(PRUNE, model=tiny_llama_dir, out=out))
+    first.wait_for_point()
+    began = time.time()
+    second = subprocess.run(_command(*_argv(PRUNE, model=tiny_llama_dir, out=out)), capture_output=True, text=True, check=False)
+    _assert_one_error(second.returncode, second.stderr, f"another depthcut run (process {first.process.pid}) is "
+                                                        f"writing {out}")
+    assert "loading" not in second.stderr  # failed before loading anything
+    assert time.time() - began < 60
+    first.release()
+    code, _, err = first.finish()
+    assert code == 0, err
+    _assert_pruned_model(out)
+    assert _hidden(out.parent) == []
+
+
+def test_two_runs_started_together_one_wins_whole(tmp_path, tiny_llama_dir):
+    """Unpaused: which one wins, and whether they overlap at all, is up to the machine."""
+    out = tmp_path / "pruned"
+    runs = [subprocess.Popen(_command(*_argv(PRUNE, model=tiny_llama_dir, out=out)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.communicate()[1]) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "Traceback" not in loser and len(_error_lines(loser)) == 1
+    assert "another depthcut run" in loser or "already exists" in loser, loser
+    _assert_pruned_model(out)
+    assert _hidden(tmp_path) == []
+
+
+def test_a_claim_in_this_process_blocks_a_second_claim_in_another(tmp_path):
+    from depthcut.output import claim_output, release_claims
+
+    out = tmp_path / "out"
+    claim_output(out)
+    try:
+        probe = subprocess.run([sys.executable, "-c", f"from depthcut.output import claim_output as c; c(r'{out}')"],
+                               capture_output=True, text=True, check=False)
+        assert probe.returncode != 0 and f"(process {os.getpid()}) is writing" in probe.stderr
+    finally:
+        release_claims()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a folder or file that appears at --out while the command runs --------------------------------
+
+def _appear_at_publish(monkeypatch, make):
+    original = output._publish
+
+    def publish(staging, claim):
+        make(claim.out)
+        return original(staging, claim)
+
+    monkeypatch.setattr(output, "_publish", publish)
+
+
+def _users_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "mine.txt").write_text("the user's")
+
+
+def test_a_folder_created_at_out_mid_run_is_never_deleted(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    out = tmp_path / "pruned"
+    _appear_at_publish(monkeypatch, _users_folder)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out))
+    _assert_one_error(code, capsys.readouterr().err, "was created by something else while this command ran")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "the user's"
+    assert _hidden(tmp_path) == []
+
+
+def test_with_force_only_the_out_seen_at_the_start_is_replaced(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def swap(path):  # the user replaces the folder by another while the command runs
+        path.rename(tmp_path / "moved-away")
+        _users_folder(path)
+
+    _appear_at_publish(monkeypatch, swap)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out) + ["--force"])
+    _assert_one_error(code, capsys.readouterr().err, "was replaced by something else while this command ran")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert (tmp_path / "moved-away" / "old.txt").read_text() == "old"
+    assert _hidden(tmp_path) == []
+
+
+def test_a_result_file_created_mid_run_is_never_replaced(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    out = tmp_path / "eval.json"
+    _appear_at_publish(monkeypatch, lambda path: path.write_text("the user's"))
+    code = main(["eval", str(tiny_llama_dir), "--loss", "c4", "--loss-samples", "2", "--loss-seq-len", "16",
+                 "--out", str(out), "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, "was created by something else")
+    assert out.read_text() == "the user's"
+    assert _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_publishing_without_renameat2_still_never_replaces(monkeypatch, tmp_path, kind):
+    monkeypatch.setattr(output, "_renameat2_function", lambda: None)
+    out = tmp_path / "out"
+    writer = atomic_output_dir if kind == "dir" else atomic_output_file
+
+    def write(staging, text):
+        (staging / "x.txt" if kind == "dir" else staging).write_text(text)
+
+    with writer(out) as staging:
+        write(staging, "first")
+    with pytest.raises(DepthcutError, match="created by something else"), writer(tmp_path / "other") as staging:
+        write(staging, "second")
+        _users_folder(tmp_path / "other") if kind == "dir" else (tmp_path / "other").write_text("the user's")
+    with writer(out, force=True) as staging:
+        write(staging, "replaced")
+    assert (out / "x.txt" if kind == "dir" else out).read_text() == "replaced"
+    assert _hidden(tmp_path) == []
+
+
+# --- signals and kills at several points, then a rerun ------------------------------------------
+
+@pytest.mark.parametrize("point", ["claimed", "writing", "publishing"])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama_dir, point):
+    out = tmp_path / "runs" / "pruned"  # runs/ is made by the command: it goes too
+    run = Hooked(tmp_path, point, _argv(PRUNE, model=tiny_llama_dir, out=out))
+    run.wait_for_point()
+    run.process.send_signal(signal.SIGTERM)
+    code, _, err = run.finish()
+    assert code == 143, err
+    assert "depthcut: terminated by SIGTERM; unfinished output was removed" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hooked.py", "hook.reached"])
+
+
+def test_sighup_cleans_up_too(tmp_path, tiny_llama_dir):
+    out = tmp_path / "pruned"
+    run = Hooked(tmp_path, "writing", _argv(PRUNE, model=tiny_llama_dir, out=out))
+    run.wait_for_point()
+    run.process.send_signal(signal.SIGHUP)
+    code, _, err = run.finish()
+    assert code == 129 and "terminated by SIGHUP" in err and "Traceback" not in err
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("point", ["claimed", "writing", "publishing"])
+def test_after_sigkill_a_rerun_removes_the_leftovers_and_says_so(tmp_path, tiny_llama_dir, point):
+    out = tmp_path / "pruned"
+    run = Hooked(tmp_path, point, _argv(PRUNE, model=tiny_llama_dir, out=out))
+    run.wait_for_point()
+    run.process.kill()
+    assert run.finish()[0] == -signal.SIGKILL
+    left = _hidden(tmp_path)
+    if point != "claimed":
+        assert any(name.startswith(f".pruned.tmp-{run.process.pid}-") for name in left), left
+    rerun = subprocess.run(_command(*_argv(PRUNE, model=tiny_llama_dir, out=out)), capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    if point != "claimed":
+        assert f"left behind by an earlier run that was killed (process {run.process.pid} is gone)" in rerun.stderr
+    _assert_pruned_model(out)
+    assert _hidden(tmp_path) == []
+
+
+def test_a_temporary_of_a_live_process_is_left_alone(tmp_path):
+    alive = tmp_path / f".out.tmp-{os.getppid()}-0123abcd"
+    alive.mkdir()
+    with atomic_output_dir(tmp_path / "out") as staging:
+        (staging / "x").write_text("x")
+    assert alive.is_dir()
+
+
+def test_heal_sigterm_keeps_checkpoints_for_resume_and_the_totals_count_the_whole_run(tmp_path, tiny_llama_dir,
+                                                                                        corpus_file):
+    out = tmp_path / "healed"
+    argv = ["heal", tiny_llama_dir, "--data", corpus_file, "--out", out, "--steps", "6", "--seq-len", "32",
+            "--batch-size", "2", "--rank", "4", "--warmup-steps", "1", "--checkpoint-every", "2",
+            "--heldout-windows", "2", "--quiet"]
+    run = Hooked(tmp_path, "checkpointed", [str(a) for a in argv])
+    run.wait_for_point()
+    run.process.send_signal(signal.SIGTERM)
+    code, _, err = run.finish()
+    assert code == 143 and "Traceback" not in err, err
+    assert "checkpoints kept in" in err and "--resume" in err
+    assert not out.exists() and _hidden(tmp_path) == []
+    checkpoints = tmp_path / "healed-checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-0000002"]
+    assert _hidden(checkpoints) == []
+
+    resumed = subprocess.run(_command(*argv, "--resume"), capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    healing = json.loads((out / "depthcut.json").read_text())["healing"]
+    assert (healing["steps"], healing["resumed_from_step"], healing["steps_this_run"]) == (6, 2, 4)
+    assert healing["tokens"] == 6 * 2 * 32 and healing["tokens_this_run"] == 4 * 2 * 32
+    assert "6 steps" in resumed.stdout
+    assert not checkpoints.exists() and _hidden(tmp_path) == []
+
+
+def test_a_stale_checkpoint_temporary_is_removed_and_reported(tmp_path, capsys):
+    from depthcut.healing.checkpoint import save_checkpoint
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False)
+    stale = tmp_path / f".step-0000002.tmp-{int(gone.stdout)}-0123abcd"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"half")
+    save_checkpoint(tmp_path, 4, {"x": 1}, {"rank": 4})
+    assert not stale.exists() and "left behind by an earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004"]
+
+
+# --- full and read-only destinations ------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (the tests run as root here); skipped where it cannot be mounted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+
+    def mount_it(*options):
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root and mount(8); test_a_failing_disk_injected_* stand in")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=256k", *options]), "tmpfs",
+                                 str(mount)], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        return mount
+
+    yield mount_it
+    subprocess.run(["umount", str(mount)], capture_output=True, check=False)
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Fill the disk of `folder` until about `leave` bytes are free; returns the filler file."""
+    filler = folder / "filler.bin"
+    filler.write_bytes(b"\0" * max(shutil.disk_usage(folder).free - leave, 0))
+    return filler
+
+
+def test_a_full_disk_while_writing_is_one_error_and_nothing_is_left(capsys, small_disk, tiny_llama_dir, corpus_file):
+    disk = small_disk()
+    filler = _fill(disk, 0)
+    size = filler.stat().st_size
+    out = disk / "analysis"
+    code = main(["analyze", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--samples", "4",
+                 "--seq-len", "16", "--batch-size", "2", "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, f"no space left on the disk holding {disk} while writing {out}")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"] and filler.stat().st_size == size
+
+
+def test_a_disk_too_small_for_the_pruned_weights_fails_before_loading(capsys, small_disk, tiny_llama_dir):
+    disk = small_disk()
+    _fill(disk, 64 * 1024)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=disk / "pruned"))
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, "the pruned model needs about")
+    assert "loading" not in err
+    assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
+
+
+def test_a_full_disk_mid_write_of_weights(capsys, small_disk, tiny_llama_dir):
+    disk = small_disk()
+    _fill(disk, 212 * 1024)  # passes the up-front estimate (206 KiB of kept weights), not the whole model
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=disk / "pruned"))
+    _assert_one_error(code, capsys.readouterr().err, "no space left on the disk holding")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "analyze"])
+def test_a_read_only_destination_fails_before_loading(capsys, small_disk, tiny_llama_dir, corpus_file, command):
+    disk = small_disk("ro")
+    argv = {"prune": _argv(PRUNE, model=tiny_llama_dir, out=disk / "a" / "pruned"),
+            "eval": ["eval", str(tiny_llama_dir), "--loss", "c4", "--out", str(disk / "e.json")],
+            "analyze": ["analyze", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(disk / "a")]}[command]
+    code = main(argv)
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, "is not writable (read-only file system); choose another --out")
+    assert "loading" not in err and list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("code_name", ["ENOSPC", "EROFS", "EIO"])
+def test_a_failing_disk_injected_at_the_write_seam(capsys, monkeypatch, tmp_path, tiny_llama_dir, code_name):
+    """Where no tmpfs can be mounted: the same failures injected where the output is written."""
+    code_number = getattr(errno, code_name)
+
+    def failing(path, data):
+        raise OSError(code_number, os.strerror(code_number), str(path))
+
+    import depthcut.export
+
+    monkeypatch.setattr(output, "write_json", failing)
+    monkeypatch.setattr(depthcut.export, "write_json", failing)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=tmp_path / "pruned"))
+    message = {"ENOSPC": "no space left on the disk holding", "EROFS": "read-only file system",
+               "EIO": "input/output error"}[code_name]
+    _assert_one_error(code, capsys.readouterr().err, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"] and keep.read_text() == "mine"
+
+
+def test_a_full_disk_from_a_library_that_wraps_the_os_error(tmp_path):
+    with pytest.raises(DepthcutError, match="no space left"), atomic_output_dir(tmp_path / "out") as staging:
+        (staging / "w.bin").write_bytes(b"x")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           "\"No space left on device\" })")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- modes ---------------------------------------------------------------------------------------
+
+def test_weights_follow_the_umask_like_every_other_file(capsys, tmp_path, tiny_llama_dir):
+    previous = os.umask(0o027)
+    try:
+        assert main(_argv(PRUNE, model=tiny_llama_dir, out=tmp_path / "pruned")) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "pruned").iterdir()}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+    assert (tmp_path / "pruned").stat().st_mode & 0o777 == 0o750
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+SWEEP = ["--drop", "0,1", "--strategies", "deepest", "--samples", "2", "--seq-len", "8", "--loss-samples", "2",
+         "--loss-seq-len", "8", "--quiet"]
+
+
+def test_a_sweep_folder_follows_the_same_rules(capsys, monkeypatch, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_llama_dir), "--out", str(out), "--data", str(corpus_file), "--loss", str(corpus_file),
+            *SWEEP]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = (out / "results.jsonl").read_text()
+    assert (out / "figures" / "loss.png").is_file()
+    assert _hidden(tmp_path) == [] and _hidden(out) == [] and _hidden(out / "figures") == []
+
+    # --force starts afresh in a new folder beside the old one, which stays until the new one is in place
+    (out / "mine.txt").write_text("old run's notes")
+    seen = {}
+    original = output._publish
+
+    def publish(staging, claim):
+        if claim.out == out:
+            seen["old kept"] = (out / "mine.txt").is_file() and (out / "results.jsonl").read_text() == first
+        return original(staging, claim)
+
+    monkeypatch.setattr(output, "_publish", publish)
+    assert main([*argv, "--force"]) == 0, capsys.readouterr().err
+    assert seen == {"old kept": True}
+    assert not (out / "mine.txt").exists() and (out / "report.html").is_file()
+    assert len(ResultsLog(out).points()) == 2
+    assert _hidden(tmp_path) == [] and _hidden(out) == []
+
+
+def test_a_sweep_folder_created_by_someone_else_before_the_first_point(capsys, monkeypatch, tmp_path, tiny_llama_dir,
+                                                                      corpus_file):
+    out = tmp_path / "sweep"
+    import depthcut.output
+
+    original = depthcut.output.continued_output_dir
+
+    def appear_first(path, force=False):
+        _users_folder(out)
+        return original(path, force)
+
+    monkeypatch.setattr(depthcut.output, "continued_output_dir", appear_first)
+    code = main(["sweep", str(tiny_llama_dir), "--out", str(out), "--data", str(corpus_file), "--loss",
+                 str(corpus_file), *SWEEP])
+    _assert_one_error(code, capsys.readouterr().err, "was created by something else")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and _hidden(tmp_path) == []
