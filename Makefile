@@ -24,22 +24,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The demo: the whole method on SmolLM2-135M in a few minutes on 2 CPU cores (any kind: the dtype
-# is chosen by the hardware): analyze C4, drop the most redundant block of 8 layers, heal it briefly,
+# is chosen by the hardware): analyze C4, drop the most redundant block of 8 layers (and, as the
+# paper's baseline, the 8 deepest before the last), heal each briefly,
 # measure held-out loss and arc_easy (100 items, standard errors printed) before and after, report.
 demo: install
 	$(BIN)/depthcut sweep smollm2-135m --out $(DEMO_OUT)/sweep --force \
-	    --drop 0,8 --strategies angular --data c4 --samples 16 --seq-len 128 \
-	    --tasks arc_easy --limit 100 --loss c4 --loss-samples 8 --loss-seq-len 256 \
-	    --heal --heal-steps 10 --heal-seq-len 128 --heal-batch-size 4 --heal-warmup-steps 2 \
-	    --heal-heldout-windows 8 --quiet
+	    --drop 0,8 --strategies angular,deepest --data c4 --samples 16 --seq-len 128 \
+	    --tasks arc_easy --limit 100 --loss c4 --loss-samples 8 --loss-seq-len 128 \
+	    --heal --heal-steps 10 --heal-seq-len 128 --heal-batch-size 2 --heal-warmup-steps 2 \
+	    --heal-heldout-windows 4 --quiet
 
-# A larger sweep (both strategies, 5 depths, two tasks on 500 items, 100-step heals): the paper's
-# picture in small; its time on this project's machines is in README.md ("Experiments").
+# A larger sweep (both strategies, 5 depths, two tasks on 500 items, 50-step heals): the paper's
+# picture in small; about an hour on 2 CPU cores (README.md).
 experiment: install
 	$(BIN)/depthcut sweep smollm2-135m --out $(EXPERIMENT_OUT)/sweep \
 	    --drop 0,4,8,12,16 --strategies angular,deepest --data c4 --samples 64 --seq-len 256 \
 	    --tasks arc_easy,piqa --limit 500 --loss c4 --loss-samples 32 --loss-seq-len 256 \
-	    --heal --heal-steps 100 --heal-seq-len 256 --heal-batch-size 8 --heal-warmup-steps 10 --quiet
+	    --heal --heal-steps 50 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 --quiet
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

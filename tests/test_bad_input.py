@@ -156,7 +156,7 @@ def test_an_analysis_file_that_is_binary(capsys, tmp_path, tiny_llama_dir):
     analysis.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     code, _, err = _run(capsys, "prune", tiny_llama_dir, "--drop", "1", "--analysis", analysis, "--out",
                         tmp_path / "out")
-    _assert_refused(code, err, f"cannot read analysis file {analysis}: not UTF-8 text")
+    _assert_refused(code, err, f"{analysis}:1: not UTF-8 text")
 
 
 def test_sweep_results_that_are_binary(capsys, tmp_path):

@@ -11,6 +11,9 @@ from tiny import tiny_model
 # Sliding windows, per-layer attention types (masks differ by layer), tuple-returning layers,
 # learned positions, a multimodal wrapper: the recorded layer calls must be the model's own.
 ARCHS = ["llama", "qwen3", "gemma2", "gemma3", "gpt2", "opt", "falcon", "gpt_neox", "gemma3_vl"]
+# The tiny checkpoints are saved in float32 and compared with the float32 model in memory: the
+# dtype is named rather than left to the default (which may pick what the CPU computes fastest).
+F32 = torch.float32
 
 
 def _saved(arch, tmp_path, tokenizer, **save):
@@ -26,7 +29,8 @@ def test_streamed_analysis_equals_the_in_memory_analysis(arch, tmp_path, tokeniz
     model, folder = _saved(arch, tmp_path, tokenizer)
     calibration = _calibration([12, 7, 10, 5, 9])
     expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
-    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, spill_dir=tmp_path, progress=False)
+    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype=F32, spill_dir=tmp_path,
+                                         progress=False)
     assert streamed.num_layers == expected.num_layers
     for name in expected.metrics:
         _assert_close(streamed.metrics[name], expected.metrics[name], tol=1e-6)
@@ -42,7 +46,7 @@ def test_sharded_checkpoint_streams_and_only_last_token_metrics_spill_nothing(tm
     calibration = _calibration([12, 7, 10, 5, 9])
     expected = depthcut.analyze(model, data=calibration, batch_size=3, metrics=["angular_last_token"], progress=False)
     streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=3, metrics=["angular_last_token"],
-                                         spill_dir=tmp_path / "absent", progress=False)
+                                         dtype=F32, spill_dir=tmp_path / "absent", progress=False)
     _assert_close(streamed.metrics["angular_last_token"], expected.metrics["angular_last_token"], tol=1e-6)
     assert streamed.metadata["streamed"]["spilled_bytes"] == 0
 
@@ -57,27 +61,107 @@ def test_bfloat16_streamed_analysis_equals_the_in_memory_bfloat16_analysis(tmp_p
     assert streamed.metadata["dtype"] == "bfloat16" and streamed.metadata["streamed"]["hidden_states_on"] == "cpu"
     for name in expected.metrics:
         _assert_close(streamed.metrics[name], expected.metrics[name], tol=1e-6)
+    # the states are spilled as the model computed them, in bfloat16: half the bytes of float32
+    config = model.config.get_text_config()
+    assert streamed.metadata["streamed"]["spilled_dtype"] == "bfloat16"
+    assert streamed.metadata["streamed"]["spilled_bytes"] == (config.num_hidden_layers + 1) \
+        * int(calibration.attention_mask.sum()) * config.hidden_size * 2
 
 
-def test_only_one_layer_is_resident_at_a_time(tmp_path, tokenizer, monkeypatch):
+def test_states_read_back_in_many_small_chunks_through_few_buffers(tmp_path, tokenizer, monkeypatch):
+    """The read-back reuses two buffers (the last chunk is partial), the writes one buffer at a time."""
+    from depthcut import streaming
+
+    model, folder = _saved("qwen3", tmp_path, tokenizer)
+    config = model.config.get_text_config()
+    row = (config.num_hidden_layers + 1) * config.hidden_size * 4
+    monkeypatch.setattr(streaming, "READ_BACK_BYTES", 4 * row)  # chunks of 4 tokens: 43 = 10 x 4 + 3
+    monkeypatch.setattr(streaming, "SPILL_QUEUE", 0)  # each write waits for the one before
+    calibration = _calibration([12, 7, 10, 5, 9])
+    expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
+    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype=F32, spill_dir=tmp_path,
+                                         progress=False)
+    for name in expected.metrics:
+        _assert_close(streamed.metrics[name], expected.metrics[name], tol=1e-6)
+
+
+def test_block_influence_alone_spills_nothing(tmp_path, tokenizer):
+    """Block Influence reads only cos(x_l, x_l+1): it is taken as each layer runs, not from a spill."""
+    model, folder = _saved("gemma3", tmp_path, tokenizer)
+    calibration = _calibration([12, 7, 10, 5, 9])
+    expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
+    streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, metrics=["block_influence"],
+                                         dtype=F32, spill_dir=tmp_path / "absent", progress=False)
+    assert list(streamed.metrics) == ["block_influence"]
+    _assert_close(streamed.metrics["block_influence"], expected.metrics["block_influence"], tol=1e-6)
+    assert streamed.metadata["streamed"]["spilled_bytes"] == 0
+
+
+def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes(tmp_path, tokenizer, monkeypatch):
+    """Layer i computes while layer i+1 is read (in another thread): never more than these two hold weights."""
+    import re
+    import threading
+
     from depthcut import streaming
 
     _, folder = _saved("llama", tmp_path, tokenizer)
-    resident = []
-    original = streaming._load_parameters
+    skeletons, reads, computes = [], [], []
+    read_started = {}  # layer -> set once its first tensor is being read
+    build, get = streaming.build_skeleton, streaming.CheckpointReader.get
 
-    def watch(module, names, *args):
-        loaded = original(module, names, *args)
-        if not resident:  # the first load: everything outside the layers, into the skeleton
-            watch.layers = module.model.layers
-            resident.append("outside")
-        else:  # a layer was just loaded: count the layers that now hold real weights
-            resident.append(sum(not next(layer.parameters()).is_meta for layer in watch.layers))
-        return loaded
+    def resident():
+        return {i for i, layer in enumerate(skeletons[0].model.layers) if not next(layer.parameters()).is_meta}
 
-    monkeypatch.setattr(streaming, "_load_parameters", watch)
-    depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, spill_dir=tmp_path, progress=False)
-    assert resident == ["outside"] + [1] * 6
+    def watched_build(*args, **kwargs):
+        model, dtype = build(*args, **kwargs)
+        skeletons.append(model)
+        for index, layer in enumerate(model.model.layers):
+            read_started[index] = threading.Event()
+
+            def before(module, args, kwargs, index=index):
+                if next(module.parameters()).is_meta:  # the recording pass: the layers have no weights yet
+                    return
+                if index + 1 < len(model.model.layers):  # the next layer is being read meanwhile
+                    assert read_started[index + 1].wait(timeout=20), f"layer {index + 1} not read during {index}"
+                computes.append((index, resident()))
+
+            layer.register_forward_pre_hook(before, with_kwargs=True)
+        return model, dtype
+
+    def watched_get(self, key, *args, **kwargs):
+        match = re.search(r"\.layers\.(\d+)\.", key)
+        if match:
+            index = int(match.group(1))
+            reads.append((index, resident()))
+            read_started[index].set()
+        return get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "build_skeleton", watched_build)
+    monkeypatch.setattr(streaming.CheckpointReader, "get", watched_get)
+    analysis = depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, dtype=F32,
+                                         spill_dir=tmp_path, progress=False)
+    layers = analysis.num_layers
+    assert sorted({index for index, _ in computes}) == list(range(layers))
+    assert all(holding == {index} for index, holding in computes)  # computing: this layer's weights only
+    assert sorted({index for index, _ in reads}) == list(range(layers))
+    # reading layer i: at most layer i-1 holds weights (the one computing meanwhile), never more
+    assert all(holding <= {index - 1} for index, holding in reads)
+    assert analysis.metadata["streamed"]["resident_layers_at_most"] == 2
+
+
+def test_a_failed_spill_write_stops_the_analysis(tmp_path, tokenizer, monkeypatch):
+    from depthcut import streaming
+
+    _, folder = _saved("llama", tmp_path, tokenizer)
+
+    def full_disk(self, *args):  # runs in the writer thread: its error must reach the caller
+        raise DepthcutError(f"could not write the spilled states to {self.path} (is the disk full?)")
+
+    monkeypatch.setattr(streaming.SpilledStates, "write", full_disk)
+    with pytest.raises(DepthcutError, match="is the disk full"):
+        depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, dtype=F32,
+                                  spill_dir=tmp_path, progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("depthcut-spill")]  # cleaned up
 
 
 def test_too_little_disk_for_spilled_states_is_refused_before_any_work(tmp_path, tokenizer, monkeypatch):
@@ -108,11 +192,12 @@ def test_a_checkpoint_rewritten_in_place_is_read_afresh(tmp_path, tokenizer):
     """Shard headers are cached; saving another model into the same folder must not reuse them."""
     _, folder = _saved("llama", tmp_path, tokenizer)
     calibration = _calibration([12, 7, 10])
-    depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], progress=False)
+    depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], dtype=F32, progress=False)
     other = tiny_model("llama", seed=5, num_hidden_layers=4)
     other.save_pretrained(folder)
     expected = depthcut.analyze(other, data=calibration, metrics=["angular_last_token"], progress=False)
-    streamed = depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], progress=False)
+    streamed = depthcut.analyze_streamed(folder, data=calibration, metrics=["angular_last_token"], dtype=F32,
+                                         progress=False)
     _assert_close(streamed.metrics["angular_last_token"], expected.metrics["angular_last_token"], tol=1e-6)
 
 

@@ -159,24 +159,28 @@ def analyze_streamed(
     metrics: Sequence[str] = DEFAULT_METRICS,
     layer_path: str | None = None,
     text_field: str = "text",
-    dtype=None,
+    dtype="auto",
     device="cpu",
     spill_dir=None,
     offload_states: bool | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Analysis:
-    """`analyze` for a checkpoint folder too big for memory: one decoder layer resident at a time.
+    """`analyze` for a checkpoint folder too big for memory: at most two decoder layers resident
+    (the one computing, and the next, read from the shards meanwhile).
 
-    `folder` is a local folder of safetensors shards (with its config and tokenizer). The result
-    equals `analyze` on the loaded model up to float rounding; see `depthcut.streaming` for how,
-    and for the disk space the all-token metrics take (`spill_dir`, default the temp folder).
+    `folder` is a local folder of safetensors shards (with its config and tokenizer). `dtype` is
+    chosen as `load_model` chooses it ("auto": what `device` computes natively; "checkpoint": as
+    stored). The result equals `analyze` on the model loaded in the same dtype up to float
+    rounding; see `depthcut.streaming` for how, and for the disk space `angular_all_tokens` takes
+    (`spill_dir`, default the temp folder).
     `offload_states` keeps the samples' hidden states in CPU memory between layers (default: when
     they would take more than half of the accelerator's free memory).
     """
     from pathlib import Path
 
-    from depthcut.models import resolve_device, resolve_dtype
+    from depthcut.models import resolve_device
+    from depthcut.precision import choose_dtype
     from depthcut.streaming import is_safetensors_folder, stream_states
 
     if batch_size < 1:
@@ -200,7 +204,8 @@ def analyze_streamed(
     calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     rank, world = _process_group(device)
-    facts = stream_states(folder, calibration, chosen, batch_size=batch_size, dtype=resolve_dtype(dtype),
+    choice = choose_dtype(dtype, device)
+    facts = stream_states(folder, calibration, chosen, batch_size=batch_size, dtype=choice.dtype,
                           device=device, layer_path=layer_path, spill_dir=spill_dir, rank=rank, world=world,
                           offload_states=offload_states,
                           trust_remote_code=trust_remote_code, progress=progress and rank == 0)
@@ -210,5 +215,5 @@ def analyze_streamed(
         _sum_across_processes(chosen, device)
     metadata = _metadata(calibration, chosen, world, device, model=str(Path(folder)),
                          architecture=facts["architecture"], layer_path=facts["layer_path"], dtype=facts["dtype"],
-                         streamed=facts["streamed"])
+                         streamed=facts["streamed"], dtype_choice=choice.as_dict())
     return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)

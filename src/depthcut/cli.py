@@ -195,6 +195,10 @@ def cmd_analyze(args) -> None:
             metrics=[m.strip() for m in args.metrics.split(",")], dtype=args.dtype, device=args.device,
             spill_dir=args.spill_dir, trust_remote_code=args.trust_remote_code, progress=not args.quiet,
         )
+        from depthcut.precision import DtypeChoice, announce
+
+        source.dtype = DtypeChoice.from_dict(analysis.metadata["dtype_choice"])
+        announce(source.dtype)
     else:
         model, tokenizer, source = _load(args)
         analysis = _run_analysis(args, model, tokenizer)
@@ -608,12 +612,11 @@ def cmd_sweep(args) -> None:
     from depthcut.evaluation.tasks import get_task
     from depthcut.healing.recipe import HealRecipe
     from depthcut.layers import find_layer_stack
-    from depthcut.models import resolve_model
-    from depthcut.strategies import STRATEGIES
-    from depthcut.models import resolve_device
+    from depthcut.models import resolve_device, resolve_model
     from depthcut.output import continued_output_dir
     from depthcut.precision import choose_dtype
     from depthcut.result import Analysis
+    from depthcut.strategies import STRATEGIES
     from depthcut.sweep.progress import summary_table
     from depthcut.sweep.report import build_report, check_tolerance
     from depthcut.sweep.results import ResultsLog

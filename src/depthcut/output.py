@@ -409,19 +409,28 @@ def _follow_umask(root: Path) -> None:
                     os.chmod(path, wanted)
 
 
+def _make_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)  # the umask applies
+
+
+def _make_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+
+
 @contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; it becomes `out` only if the block finishes, and only
-    if no one else created `out` meanwhile (with `force`, it replaces the `out` seen at the start)."""
-    with _claimed(out, force, "dir") as claim:
+def _staged(out: str | Path, force: bool, kind: str, make, finish=None) -> Iterator[Path]:
+    """Claim `out`, make its temporary sibling with `make`, yield it, publish it when the block
+    finishes; on any failure remove it and turn write errors into one clear message."""
+    with _claimed(out, force, kind) as claim:
         staging = _staging_path(claim.out)
         try:
-            os.mkdir(staging, 0o777)  # the umask applies
+            make(staging)
         except OSError as error:
             raise _write_failure(error, claim.out) or error from None
         try:
             yield staging
-            _follow_umask(staging)
+            if finish is not None:
+                finish(staging)
             _publish(staging, claim)
         except BaseException as error:
             failure = _write_failure(error, claim.out, staging)
@@ -429,26 +438,21 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             if failure is not None:
                 raise failure from None
             raise
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; it becomes `out` only if the block finishes, and only
+    if no one else created `out` meanwhile (with `force`, it replaces the `out` seen at the start)."""
+    with _staged(out, force, "dir", _make_dir, finish=_follow_umask) as staging:
+        yield staging
 
 
 @contextmanager
 def atomic_output_file(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `out`; it becomes `out` only if the block finishes (as above)."""
-    with _claimed(out, force, "file") as claim:
-        staging = _staging_path(claim.out)
-        try:
-            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
-        except OSError as error:
-            raise _write_failure(error, claim.out) or error from None
-        try:
-            yield staging
-            _publish(staging, claim)
-        except BaseException as error:
-            failure = _write_failure(error, claim.out, staging)
-            _remove(staging)
-            if failure is not None:
-                raise failure from None
-            raise
+    with _staged(out, force, "file", _make_file) as staging:
+        yield staging
 
 
 @contextmanager

@@ -57,6 +57,11 @@ class DtypeChoice:
     def as_dict(self) -> dict:
         return {"asked": self.asked, "dtype": self.name, "reason": self.reason}
 
+    @classmethod
+    def from_dict(cls, facts: dict) -> DtypeChoice:
+        dtype = None if facts["dtype"] == "checkpoint" else getattr(torch, facts["dtype"])
+        return cls(facts["asked"], dtype, facts["reason"])
+
     def __str__(self) -> str:
         return f"{self.name} ({self.reason})"
 

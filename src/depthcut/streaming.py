@@ -1,4 +1,4 @@
-"""Layer-streamed analysis: a model larger than memory, one decoder layer resident at a time.
+"""Layer-streamed analysis: a model larger than memory, one decoder layer computing at a time.
 
 The model is built as a skeleton on the meta device (parameters without storage; buffers such as
 rotary frequencies are computed for real). Then:
@@ -10,22 +10,38 @@ rotary frequencies are computed for real). Then:
    the per-layer inputs are exactly what the model would give its layers. The embeddings are
    freed afterwards.
 2. Layers. Layer l's weights are read from the shards, every batch's hidden state goes through
-   it with the call recorded for that batch, and the weights are freed before layer l+1.
+   it with the call recorded for that batch, and the weights are freed before layer l+1 runs.
+   While layer l runs, a background thread reads layer l+1 (on CUDA from pinned memory, copied
+   on a stream of its own), so at most two layers are resident: the one computing and the next.
 
 The residual stream is captured at the same positions and with the same arithmetic as the
-in-memory path (`depthcut.capture`), and fed to the same metric accumulators. Unit vectors at
-each sequence's last token stay in memory ((samples, L+1, hidden) float32). The all-token
-metrics need every token's state at every position at once, so those unit vectors are spilled
-to a file, position after position, and read back in token chunks for the cosine pass; the disk
-space this takes is checked before anything runs.
+in-memory path (`depthcut.capture`: states kept in the model's dtype, upcast and normalised in
+float32 when their cosines are taken), and fed to the same metric accumulators. The states at
+each sequence's last token stay on the device ((samples, L+1, hidden) in the model's dtype).
+Only what the chosen metrics read is kept beyond that:
+
+- the all-token angular distance needs every token's state at every position at once, so those
+  states (valid tokens only, in the model's dtype) are spilled to a file, position after position,
+  by a background writer, and read back in token chunks (the next chunk read while the current
+  one's cosines are taken); the disk space this takes is checked before anything runs;
+- Block Influence alone reads only cos(x_l, x_l+1), which is taken as each batch leaves layer l:
+  nothing is spilled;
+- the last-token metrics alone spill nothing either.
+
+On CUDA nothing in the per-batch loop waits for the device: the token indices are put on the
+device once beforehand, and spilled states (and states offloaded to CPU memory) go through pinned
+buffers whose copies only the threads that need them wait for.
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,12 +49,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.capture import StopForward, _store_unit, last_positions
+from depthcut.capture import StopForward, last_positions, unit_cosines
 from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
 from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, safetensors_header, shard_map
 
-READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size
+READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size (as float32)
+SPILL_QUEUE = 2  # batches' spilled states waiting for the writer thread at most
 
 
 def chunk_tokens(positions: int, width: int) -> int:
@@ -114,20 +131,35 @@ class CheckpointReader:
         """The checkpoint's name of the model parameter `name`."""
         return self.keys.get(name)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, pin: bool = False) -> torch.Tensor:
+        """The tensor `key`, read into memory of its own (see `own_memory`), or page-locked memory
+        with `pin` (for asynchronous copies to a GPU)."""
         path = self.folder / self.weight_map[key]
         header, data_start = safetensors_header(path)
         entry = header[key]
         start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        if end == start:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = torch.empty(end - start, dtype=torch.uint8, pin_memory=True) if pin else own_memory(end - start)
         with path.open("rb", buffering=0) as handle:
             handle.seek(data_start + start)
-            if handle.readinto(memoryview(buffer)) != len(buffer):
+            if handle.readinto(memoryview(buffer.numpy())) != len(buffer):
                 raise DepthcutError(f"{path} is truncated (tensor {key})")
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        return buffer.view(dtype).reshape(entry["shape"])
+
+
+def own_memory(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of `nbytes` in memory mapped for it alone, handed back to
+    the system the moment the last tensor using it is freed.
+
+    Weights are read into such memory, not into the heap: a layer's weights freed from the heap
+    leave holes between the activations allocated meanwhile, which the next layer's (allocated a
+    layer earlier, while this one computes) do not fit, so the resident set would creep up by
+    about a layer per layer unless the heap were trimmed, and trimming it also hands back the
+    activations' memory, which the next layer then faults back in, page by page.
+    """
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
@@ -167,26 +199,93 @@ def _malloc_trim():
 
 
 def _release_freed_memory() -> None:
-    """Hand memory freed by the last batch or layer back to the system. Weights and activations
-    come in sizes that glibc serves from its heap, and a heap keeps what it frees: without this,
-    the resident set would creep up by about a layer's size per layer."""
+    """Hand memory freed on the heap back to the system (glibc's `malloc_trim`)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
+def _resident_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _HeapWatch:
+    """Keeps the resident set of the layer loop from creeping up, without handing back memory that
+    the next layer needs again.
+
+    Weights and parked states live in memory of their own (`own_memory`); the heap serves one
+    batch's working set, the same shapes at every batch and layer. Blocks of up to 32 MiB come from
+    the heap once glibc has freed one that big (its mmap threshold rises to the size freed, as it
+    does early in the in-memory path, while the model loads); one is made and freed here, or every
+    MLP activation would be a fresh mapping, faulted in page by page. The heap then stays as it is
+    after the first layer. Trimming it after every layer would hand back the working set the next
+    layer faults back in (on SmolLM2-135M about a tenth of the streamed analysis's time), so it is
+    trimmed only when the resident set has grown by more than `slack` bytes above the highest it
+    was after the first two layers (by then the loop has reached its steady state: a layer computing,
+    the next one read, the spill buffers and the parked states made).
+    """
+
+    SETTLING_LAYERS = 2
+
+    def __init__(self):
+        self.level, self.layers = 0, 0
+        torch.empty(30 * 2**20, dtype=torch.uint8)  # settle: mapped for itself, freed at once
+
+    def after_layer(self, slack: int) -> None:
+        resident = _resident_bytes()
+        self.layers += 1
+        if resident is None:
+            _release_freed_memory()
+        elif self.layers <= self.SETTLING_LAYERS:
+            self.level = max(self.level, resident)
+        elif resident > self.level + slack:
+            _release_freed_memory()
+
+
+def _read_parameters(names: dict[str, str], reader: CheckpointReader, dtype: torch.dtype | None,
+                     device: torch.device, stream=None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors `names` (parameter name -> checkpoint key) in `dtype` on `device`.
+
+    For a CUDA device they are read into pinned memory and copied on `stream` (a stream of the
+    caller's thread's own, so the copies overlap the compute on the default stream); this thread
+    waits for the copies, so the caller may use the tensors at once.
+    """
+    state = {}
+    cuda = device.type == "cuda"
+    for name, key in names.items():
+        tensor = reader.get(key, pin=cuda)
+        convert = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+        if cuda:
+            with torch.cuda.stream(stream):  # converted where it is cheapest: on the GPU
+                tensor = tensor.to(device, non_blocking=True)
+                tensor = tensor.to(dtype) if convert else tensor
+        elif convert and device.type == "cpu":  # into memory of its own too
+            tensor = own_memory(tensor.numel() * dtype.itemsize).view(dtype).reshape(tensor.shape).copy_(tensor)
+        else:
+            tensor = (tensor.to(dtype) if convert else tensor).to(device)
+        state[name] = tensor
+    if cuda:
+        stream.synchronize()  # waited for here, in the reader's thread: the caller can use the tensors at once
+    return state
+
+
+def _assign_parameters(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Give `module` the tensors `state` (from `_read_parameters`); returns their bytes."""
+    for tensor in state.values():
+        if tensor.device.type == "cuda":  # made on the reader's stream, used and freed on this one
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+    module.load_state_dict(state, strict=False, assign=True)
+    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+
+
 def _load_parameters(module: torch.nn.Module, names: dict[str, str], reader: CheckpointReader,
                      dtype: torch.dtype | None, device: torch.device) -> int:
     """Give `module` the checkpoint tensors `names` (parameter name in module -> checkpoint key); returns bytes."""
-    state, total = {}, 0
-    for name, key in names.items():
-        tensor = reader.get(key)
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device)
-        total += state[name].numel() * state[name].element_size()
-    module.load_state_dict(state, strict=False, assign=True)
-    return total
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    return _assign_parameters(module, _read_parameters(names, reader, dtype, device, stream))
 
 
 def _parameter_keys(module: torch.nn.Module, path: str, reader: CheckpointReader,
@@ -247,37 +346,55 @@ def _recording_layers(stack: LayerStack, record, style):
 
 
 class SpilledStates:
-    """Unit vectors of every valid token at every position, in a float32 file laid out
-    (position, token, hidden), written a position at a time and read back in token chunks."""
+    """States of every valid token at every position, in the model's dtype (as the in-memory path
+    keeps them), in a file laid out (position, token, hidden): written a position of a batch at a
+    time, read back in token chunks."""
 
-    def __init__(self, directory: Path, positions: int, tokens: int, width: int):
-        self.positions, self.tokens, self.width = positions, tokens, width
-        self.row_bytes = width * 4
-        self.path = directory / "unit-states.f32"
+    def __init__(self, directory: Path, positions: int, tokens: int, width: int, dtype: torch.dtype):
+        self.positions, self.tokens, self.width, self.dtype = positions, tokens, width, dtype
+        self.row_bytes = width * dtype.itemsize
+        self.path = directory / "states.bin"
         self.file = open(self.path, "w+b")  # noqa: SIM115 (closed by close())
         self.file.truncate(positions * tokens * self.row_bytes)
 
     @staticmethod
-    def bytes_needed(positions: int, tokens: int, width: int) -> int:
-        return positions * tokens * width * 4
+    def bytes_needed(positions: int, tokens: int, width: int, itemsize: int) -> int:
+        return positions * tokens * width * itemsize
 
-    def write(self, position: int, first_token: int, units: torch.Tensor) -> None:
-        data = units.detach().to("cpu", torch.float32).contiguous().numpy()
-        os.pwrite(self.file.fileno(), data.tobytes(), (position * self.tokens + first_token) * self.row_bytes)
+    def write(self, position: int, first_token: int, states: torch.Tensor, ready=None) -> None:
+        """Write the (tokens, width) CPU tensor `states` (once the CUDA event `ready` has passed, if given)."""
+        if ready is not None:
+            ready.synchronize()
+        data = memoryview(states.view(torch.uint8).numpy())
+        offset = (position * self.tokens + first_token) * self.row_bytes
+        if os.pwrite(self.file.fileno(), data, offset) != data.nbytes:
+            raise DepthcutError(f"could not write the spilled states to {self.path} (is the disk full?)")
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """(stop - start, positions, width) float32: the tokens start..stop-1 at every position."""
-        out = np.empty((self.positions, stop - start, self.width), dtype=np.float32)
+    def read(self, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """(positions, stop - start, width): the tokens start..stop-1 at every position, read into
+        the first columns of `into` ((positions, >= stop - start, width), reused chunk after chunk)."""
+        if into is None:
+            into = torch.empty(self.positions, stop - start, self.width, dtype=self.dtype)
+        raw = into.view(torch.uint8).numpy()
         for position in range(self.positions):
+            view = memoryview(raw[position, : stop - start]).cast("B")
             offset = (position * self.tokens + start) * self.row_bytes
-            view = memoryview(out[position]).cast("B")
             if os.preadv(self.file.fileno(), [view], offset) != view.nbytes:
                 raise DepthcutError(f"{self.path} was truncated while the analysis ran")
-        return torch.from_numpy(out).transpose(0, 1)
+        return into[:, : stop - start]
 
     def close(self) -> None:
         self.file.close()
         self.path.unlink(missing_ok=True)
+
+
+def _check_space(root: Path, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.05:
+        raise DepthcutError(
+            f"the all-token metrics spill {needed / 2**30:.2f} GiB of activations to {root}, which has "
+            f"{free / 2**30:.2f} GiB free; pass --spill-dir on a bigger disk, fewer --samples or a shorter "
+            f"--seq-len, or leave the all-token angular distance out (--metrics angular_last_token,block_influence)")
 
 
 def _spill_folder(spill_dir: str | Path | None, needed: int) -> Path:
@@ -285,13 +402,34 @@ def _spill_folder(spill_dir: str | Path | None, needed: int) -> Path:
     root = Path(spill_dir or tempfile.gettempdir())
     if not root.is_dir():
         raise DepthcutError(f"the spill folder {root} does not exist")
-    free = shutil.disk_usage(root).free
-    if free < needed * 1.05:
-        raise DepthcutError(
-            f"the all-token metrics spill {needed / 2**30:.2f} GiB of activations to {root}, which has "
-            f"{free / 2**30:.2f} GiB free; pass --spill-dir on a bigger disk, fewer --samples or a shorter "
-            f"--seq-len, or leave the all-token metrics out (--metrics angular_last_token)")
+    _check_space(root, needed)
     return Path(tempfile.mkdtemp(prefix="depthcut-spill-", dir=root))
+
+
+def _reads_consecutive_only(metric) -> bool:
+    """Whether an all-token metric reads only the cosines between consecutive positions,
+    cos(x_l, x_l+1) (Block Influence): those are taken as each layer runs, nothing is spilled for it."""
+    from depthcut.metrics.block_influence import BlockInfluence
+
+    return bool(getattr(metric, "consecutive_only", False)) or isinstance(metric, BlockInfluence)
+
+
+def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An empty CPU tensor: page-locked if asked and possible (for copies from and to a GPU that
+    do not hold up the host)."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # no more memory can be locked: a plain buffer (copies then wait)
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+def _unit_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(K, H) float32 unit vectors of the flattened tokens `rows` of `hidden` (B, T, H), with
+    `unit_cosines`' arithmetic (upcast, then divide by the norm)."""
+    units = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).float()
+    return units.div_(torch.linalg.vector_norm(units, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def _record_layer_calls(model, stack: LayerStack, batches: list, device: torch.device, progress: bool) -> list:
@@ -352,11 +490,15 @@ def stream_states(
     model, dtype = build_skeleton(folder, dtype, device, trust_remote_code)
     reader = CheckpointReader(folder, model)
     stack = find_layer_stack(model, layer_path)
-    all_tokens = any(m.level == "all_tokens" for m in metrics)
+    layer_keys = [_parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
+    all_token_metrics = [m for m in metrics if m.level == "all_tokens"]
+    spill_needed = any(not _reads_consecutive_only(m) for m in all_token_metrics)
+    consecutive_needed = bool(all_token_metrics) and not spill_needed
     batches = [b for i, b in enumerate(calibration.batches(batch_size)) if i % world == rank]
     sizes = [int(mask.shape[0]) for _, mask in batches]
     token_counts = [int(mask.sum()) for _, mask in batches]
     positions = len(stack) + 1
+    cuda = device.type == "cuda"
     if offload_states is None:
         states_bytes = sum(token.numel() for token, _ in batches) * text_config(model).hidden_size * dtype.itemsize
         free = available_memory_bytes(device) if device.type != "cpu" else None
@@ -364,9 +506,13 @@ def stream_states(
     parking = torch.device("cpu") if offload_states else device  # where hidden states wait between layers
 
     spill = None
-    # Checked before any work; the file itself is made once the real width is known.
+    # Checked before any work; the file itself is made once the states' width and dtype are known.
     spill_root = _spill_folder(spill_dir, SpilledStates.bytes_needed(
-        positions, sum(token_counts), text_config(model).hidden_size)) if all_tokens else None
+        positions, sum(token_counts), text_config(model).hidden_size, dtype.itemsize)) if spill_needed else None
+    # One thread reads the next layer, one writes the spilled states, one reads them back.
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="depthcut-prefetch")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="depthcut-spill") if spill_needed else None
+    writing: deque = deque()  # (write in progress, its buffer), oldest first
 
     try:
         # 1. Embeddings and the recorded layer calls.
@@ -376,62 +522,153 @@ def stream_states(
         skip |= {id(p) for p in stack.layers.parameters()}
         resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
         calls = _record_layer_calls(model, stack, batches, device, progress)  # per batch, the L layer calls
-        states = [first_tensor(*batch_calls[0]).to(parking) for batch_calls in calls]  # entering layer 0
-        last_index = [last_positions(mask) for _, mask in batches]
+        entering = [first_tensor(*batch_calls[0]) for batch_calls in calls]  # the states entering layer 0
         model.to("meta")  # the embeddings are done with
         _release_freed_memory()
-        width = states[0].shape[-1]
-        if spill_root is not None:
-            spill = SpilledStates(spill_root, positions, sum(token_counts), width)
+        width, state_dtype = entering[0].shape[-1], entering[0].dtype
 
-        last_token = torch.empty(sum(sizes), positions, width, dtype=torch.float32)
+        # Per batch, on the device once: the rows and positions of the last tokens, the valid tokens.
+        last_rows = [(torch.arange(size, device=device), last_positions(mask).to(device))
+                     for size, (_, mask) in zip(sizes, batches, strict=True)]
+        valid = [mask.reshape(-1).nonzero()[:, 0].to(device) for _, mask in batches] \
+            if spill_needed or consecutive_needed else None
+        last_token = torch.empty(sum(sizes), positions, width, dtype=state_dtype, device=device)
+        consecutive = [torch.empty(count, positions - 1, dtype=torch.float32, device=device)
+                       for count in token_counts] if consecutive_needed else None
+        if spill_root is not None:
+            needed = SpilledStates.bytes_needed(positions, sum(token_counts), width, state_dtype.itemsize)
+            if needed > SpilledStates.bytes_needed(positions, sum(token_counts), text_config(model).hidden_size,
+                                                   dtype.itemsize):
+                _check_space(spill_root, needed)  # the states came out wider than the config said
+            spill = SpilledStates(spill_root, positions, sum(token_counts), width, state_dtype)
         row_starts = np.cumsum([0, *sizes])
         token_starts = np.cumsum([0, *token_counts])
 
-        def capture(position: int, b: int, hidden: torch.Tensor) -> None:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            _store_unit(last_token[row_starts[b] : row_starts[b + 1], position],
-                        hidden[rows, last_index[b].to(hidden.device)])
-            if spill is not None:
-                valid = batches[b][1].reshape(-1).bool().to(hidden.device)
-                units = torch.empty(int(valid.sum()), width, dtype=torch.float32, device=hidden.device)
-                _store_unit(units, hidden.reshape(-1, width)[valid])
-                spill.write(position, int(token_starts[b]), units)
+        # The spilled states of a batch at one position go through a few buffers, reused: a steady
+        # memory (no allocation per batch) and at most SPILL_QUEUE writes waiting.
+        spill_buffers = [_host_buffer((max(token_counts), width), state_dtype, pin=cuda)
+                         for _ in range(SPILL_QUEUE + 1)] if spill is not None else []
 
-        # 2. The layers, one resident at a time.
-        for b, hidden in enumerate(states):
+        def write_spill(position: int, b: int, hidden: torch.Tensor) -> None:
+            if not spill_buffers:  # all are being written: wait for the oldest
+                done, buffer = writing.popleft()
+                done.result()
+                spill_buffers.append(buffer)
+            buffer = spill_buffers.pop()
+            rows, ready = buffer[: token_counts[b]], None
+            flat = hidden.reshape(-1, width)
+            if flat.device.type == "cpu":
+                torch.index_select(flat, 0, valid[b], out=rows)
+            else:  # to pinned memory without waiting; the writer thread waits for the copy
+                rows.copy_(flat.index_select(0, valid[b]), non_blocking=True)
+                if flat.device.type == "cuda":
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(flat.device))
+            writing.append((writer.submit(spill.write, position, int(token_starts[b]), rows, ready), buffer))
+
+        def capture(position: int, b: int, hidden: torch.Tensor, entered: torch.Tensor | None = None) -> None:
+            """Keep what the metrics read of the state `hidden` (B, T, H) of batch b at `position`
+            (`entered`: the state that entered the layer that gave it)."""
+            rows, last = last_rows[b]
+            last_token[row_starts[b] : row_starts[b + 1], position].copy_(hidden[rows, last])
+            if spill is not None:
+                write_spill(position, b, hidden)
+            if consecutive is not None and entered is not None:
+                before, after = _unit_rows(entered, valid[b]), _unit_rows(hidden, valid[b])
+                consecutive[b][:, position - 1] = (before * after).sum(dim=-1)
+
+        def park(hidden: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+            """`hidden` where the states wait between layers, in `slot` (the batch's buffer) where
+            they wait in CPU memory. The buffers are made once: from a GPU they are pinned, so the
+            copy (after the copy of the previous state back to the device, on the same stream)
+            does not hold up the host; on the CPU they are memory of their own, so the heap only
+            ever holds one batch's working set, the same at every layer."""
+            if parking.type != "cpu":
+                return hidden
+            if slot is None or slot.shape != hidden.shape or slot.dtype != hidden.dtype:
+                if hidden.device.type == "cpu":
+                    slot = own_memory(hidden.numel() * hidden.element_size()).view(hidden.dtype).view(hidden.shape)
+                else:
+                    slot = _host_buffer(hidden.shape, hidden.dtype, pin=hidden.device.type == "cuda")
+            return slot.copy_(hidden, non_blocking=True)
+
+        for b, hidden in enumerate(entering):
             capture(0, b, hidden)
-        peak_layer = 0
+        states = [park(hidden) for hidden in entering]
+        del entering
+
+        # 2. The layers: one computing, the next one read meanwhile.
+        stream = torch.cuda.Stream(device) if cuda else None
+        upcoming = prefetch.submit(_read_parameters, layer_keys[0], reader, dtype, device, stream)
+        peak_layer, heap = 0, _HeapWatch()
         for index, layer in enumerate(tqdm(stack.layers, desc="layers", unit="layer", disable=not progress)):
-            path = f"{stack.path}.{index}"
-            peak_layer = max(peak_layer, _load_parameters(layer, _parameter_keys(layer, path, reader),
-                                                          reader, dtype, device))
+            state, upcoming = upcoming.result(), None
+            peak_layer = max(peak_layer, _assign_parameters(layer, state))
+            del state
+            if index + 1 < len(stack):  # at most two layers resident: this one and the next
+                upcoming = prefetch.submit(_read_parameters, layer_keys[index + 1], reader, dtype, device, stream)
             with torch.inference_mode():
                 for b in range(len(states)):
-                    args, kwargs = _replace_hidden(*calls[b][index], states[b].to(device))
-                    states[b] = output_tensor(layer(*args, **kwargs)).to(parking)
-                    capture(index + 1, b, states[b])
-                    _release_freed_memory()  # the batch's working set
+                    entered = states[b].to(device, non_blocking=True)
+                    args, kwargs = _replace_hidden(*calls[b][index], entered)
+                    hidden = output_tensor(layer(*args, **kwargs))
+                    capture(index + 1, b, hidden, entered)
+                    states[b] = park(hidden, states[b])
+                    del entered, args, kwargs, hidden
             layer.to("meta")
-            _release_freed_memory()
+            heap.after_layer(slack=2 * peak_layer)
         del states, calls
+        while writing:
+            writing.popleft()[0].result()
+        spill_buffers.clear()
 
-        # 3. Cosines, with the in-memory path's shapes: (B, P, P) per batch, (K, P, P) per token chunk.
+        # 3. Cosines, with the in-memory path's arithmetic: (B, P, P) per batch, (K, P, P) per token chunk.
         for b in range(len(batches)):
-            units = last_token[row_starts[b] : row_starts[b + 1]]
-            cosines = units @ units.transpose(1, 2)
+            cosines = unit_cosines(last_token[row_starts[b] : row_starts[b + 1]])
             for metric in metrics:
                 if metric.level == "last_token":
                     metric.update(cosines)
+        if consecutive is not None:  # only cos(x_l, x_l+1) is read: the rest of each matrix is NaN
+            step = max(1, READ_BACK_BYTES // (positions * positions * 4))
+            index = torch.arange(positions - 1, device=device)
+            for values in consecutive:
+                for start in range(0, len(values), step):
+                    part = values[start : start + step]
+                    cosines = torch.full((len(part), positions, positions), float("nan"), device=device)
+                    cosines[:, index, index + 1] = part
+                    for metric in all_token_metrics:
+                        metric.update(cosines)
         if spill is not None:
             chunk = chunk_tokens(positions, width)
-            for start in tqdm(range(0, spill.tokens, chunk), desc="cosines", unit="chunk", disable=not progress):
-                flat = spill.read(start, min(start + chunk, spill.tokens))
-                cosines = flat @ flat.transpose(1, 2)
-                for metric in metrics:
-                    if metric.level == "all_tokens":
+            starts = list(range(0, spill.tokens, chunk))
+            # Two buffers: the next chunk is read into one while the other's cosines are taken.
+            buffers = [_host_buffer((positions, chunk, width), spill.dtype, pin=cuda) for _ in range(2)]
+            copied = [None, None]  # CUDA: the event after which a buffer's copy to the device is done
+
+            def read(i: int, after) -> torch.Tensor:
+                if after is not None:
+                    after.synchronize()  # the buffer's previous chunk has reached the device
+                return spill.read(starts[i], min(starts[i] + chunk, spill.tokens), into=buffers[i % 2])
+
+            with ThreadPoolExecutor(1, thread_name_prefix="depthcut-read-back") as read_back:
+                upcoming = read_back.submit(read, 0, None)
+                for i in tqdm(range(len(starts)), desc="cosines", unit="chunk", disable=not progress):
+                    block, upcoming = upcoming.result(), None
+                    if i + 1 < len(starts):
+                        upcoming = read_back.submit(read, i + 1, copied[(i + 1) % 2])
+                    block = block.to(device, non_blocking=True)
+                    if cuda:
+                        copied[i % 2] = torch.cuda.Event()
+                        copied[i % 2].record(torch.cuda.current_stream(device))
+                    cosines = unit_cosines(block.transpose(0, 1))  # (tokens, P, H) -> (tokens, P, P)
+                    del block
+                    for metric in all_token_metrics:
                         metric.update(cosines)
+            del buffers
     finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
         if spill is not None:
             spill.close()
         if spill_root is not None:
@@ -442,6 +679,8 @@ def stream_states(
         "architecture": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "streamed": {"resident_outside_layers_bytes": resident, "largest_layer_bytes": peak_layer,
-                     "hidden_states_on": str(parking),
-                     "spilled_bytes": 0 if spill is None else spill.bytes_needed(positions, spill.tokens, width)},
+                     "resident_layers_at_most": 2, "hidden_states_on": str(parking),
+                     "spilled_bytes": 0 if spill is None else spill.bytes_needed(positions, spill.tokens, width,
+                                                                                 spill.dtype.itemsize),
+                     "spilled_dtype": None if spill is None else str(spill.dtype).removeprefix("torch.")},
     }

@@ -153,7 +153,7 @@ def make_figures(points: list[dict], analysis: dict | None, folder: Path, model:
     left.set_ylabel("parameters (millions)")
     _plot_lines(right, _series(unhealed, _forward))
     timings = [p["forward_seconds"] for p in unhealed if p.get("forward_seconds")]
-    shape = f"{timings[0]['batch']} x {timings[0]['length']}" if timings else "2 x 128"
+    shape = f"{timings[0]['batch']} x {timings[0]['length']}" if timings else "1 x 128"
     right.set_ylabel(f"forward pass, {shape} tokens (ms)")
     repeats = sorted({t["repeats"] for t in timings})
     right.set_title(f"median; bars: interquartile range over {', '.join(map(str, repeats))} passes" if repeats

@@ -57,7 +57,7 @@ class SweepPlan:
         self.points += [(s, n, h) for n in self.drops if n for s in self.strategies for h in self.healed]
 
 
-FORWARD_BATCH, FORWARD_LENGTH, FORWARD_WARMUP, FORWARD_REPEATS = 2, 128, 1, 7
+FORWARD_BATCH, FORWARD_LENGTH, FORWARD_WARMUP, FORWARD_REPEATS = 1, 128, 1, 7
 
 
 @torch.inference_mode()
