@@ -21,7 +21,7 @@ from pathlib import Path
 
 import depthcut
 from depthcut.healing.recipe import HealRecipe
-from depthcut.healing.trainer import heal
+from depthcut.healing.trainer import full_precision_loader, heal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
@@ -59,12 +59,10 @@ def main() -> None:
             student, tokenizer, loaded = depthcut.load_model(folder, dtype=args.dtype, device=args.device,
                                                              quantize=quantize)
 
-            def full_precision_base():
-                return depthcut.load_model(folder, dtype=args.dtype, device=args.device, with_tokenizer=False)[0]
-
             began = time.perf_counter()
             result = heal(student, tokenizer, data, HealRecipe(quantize=quantize, **recipe), progress=True,
-                          full_precision_base=full_precision_base)
+                          full_precision_base=full_precision_loader(
+                              folder, dtype=args.dtype, device=args.device))
             runs[method] = {
                 "loss_before": result.loss_before["loss"], "loss_after": result.loss_after["loss"],
                 "loss_drop": result.loss_before["loss"] - result.loss_after["loss"],

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -6,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from heal_worker import DOCS, RECIPE
+from tiny import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from depthcut import DepthcutError
@@ -14,8 +15,6 @@ from depthcut.data import TextSource
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
 from depthcut.healing.trainer import heal, split_documents
-from heal_worker import DOCS, RECIPE
-from tiny import CONFIGS, tiny_model
 
 WORKER = Path(__file__).parent / "heal_worker.py"
 MLP_NAMES = {"llama": {"gate_proj", "up_proj", "down_proj"}, "gpt2": {"c_fc", "c_proj"}, "opt": {"fc1", "fc2"},
@@ -128,8 +127,6 @@ def test_heal_command_writes_a_reloadable_model_with_provenance(capsys, tmp_path
         (["--rank", "0"], "--rank must be at least 1"),
         (["--seq-len", "4096"], "beyond this model's context of 128"),
         (["--targets", "q_proj_typo"], "matches no linear layer"),
-        pytest.param(["--quantize", "4bit"], "bitsandbytes", marks=pytest.mark.skipif(
-            importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")),
         (["--batch-size", "500"], "too little training text"),
     ],
 )
@@ -140,3 +137,14 @@ def test_heal_bad_input(capsys, tmp_path, tiny_llama_dir, corpus_file, extra, me
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install_it(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                           monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    out = tmp_path / "healed"
+    code = main(["heal", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--steps", "2",
+                 "--seq-len", "32", "--batch-size", "2", "--quiet", "--quantize", "4bit"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'depthcut[qlora]'" in err and "Traceback" not in err
+    assert not out.exists()

@@ -60,10 +60,6 @@ def test_unreadable_flags_fall_back_to_a_timed_product(fake_cpu, faster):
     assert native is faster and "timed" in reason
 
 
-def test_the_timed_product_runs():
-    assert isinstance(precision._bf16_product_is_faster(), bool)
-
-
 def test_aten_capability_variable_is_honoured_in_a_fresh_process():
     code = "from depthcut.precision import choose_dtype; print(choose_dtype('auto', 'cpu').name)"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}

@@ -13,7 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from depthcut.cli import main  # noqa: E402
 from depthcut.data import TextSource, load_texts  # noqa: E402
 from depthcut.healing.recipe import HealRecipe  # noqa: E402
-from depthcut.healing.trainer import heal, keep_4bit_differentiable  # noqa: E402
+from depthcut.healing.trainer import full_precision_loader, heal, keep_4bit_differentiable  # noqa: E402
 from depthcut.models import load_model  # noqa: E402
 
 # bitsandbytes quantizes in blocks of 64 inputs: the tiny model needs widths that are multiples of it.
@@ -118,12 +118,9 @@ def test_qlora_trains_as_lora_does(model_dir, corpus_file, device):
     drops = {}
     for quantize in (None, "4bit"):
         model, tokenizer, _ = load_model(str(model_dir), dtype="float32", device=device, quantize=quantize)
-
-        def full_precision_base():
-            return load_model(str(model_dir), dtype="float32", device=device, with_tokenizer=False)[0]
-
         result = heal(model, tokenizer, TextSource(data.description, data.documents), _recipe(quantize=quantize),
-                      progress=False, full_precision_base=full_precision_base)
+                      progress=False, full_precision_base=full_precision_loader(str(model_dir), dtype="float32",
+                                                                                device=device))
         drops[quantize] = result.loss_before["loss"] - result.loss_after["loss"]
         if quantize:
             assert result.loss_after_adapter["loss"] < result.loss_before["loss"]

@@ -514,7 +514,7 @@ def cmd_heal(args) -> None:
     from depthcut.data import load_texts
     from depthcut.healing.checkpoint import remove_stale_checkpoints
     from depthcut.healing.export import run_totals, save_healed
-    from depthcut.healing.trainer import _check_quantization, heal
+    from depthcut.healing.trainer import _check_quantization, full_precision_loader, heal
     from depthcut.models import resolve_model
 
     recipe = _heal_recipe(args)
@@ -533,17 +533,13 @@ def cmd_heal(args) -> None:
     model, tokenizer, source = _load(args, quantize=recipe.quantize)
     _check_context_length(model, recipe.seq_len)
     log_path = checkpoints / "train_log.jsonl"
-    def full_precision_base():  # QLoRA's adapter is merged into the unquantized weights
-        from depthcut.models import load_model
-
-        return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                          with_tokenizer=False)[0]
-
     existed = checkpoints.exists()
     try:
         result = heal(model, tokenizer, data, recipe, layer_path=args.layer_path, checkpoint_dir=checkpoints,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, log_path=log_path,
-                      progress=not args.quiet, full_precision_base=full_precision_base if recipe.quantize else None)
+                      progress=not args.quiet, full_precision_base=full_precision_loader(
+                          args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+                      if recipe.quantize else None)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # data-parallel run: the first process writes the result
         save_healed(result, tokenizer, args.out, base_model=source.as_dict(), data=data.description,

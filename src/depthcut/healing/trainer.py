@@ -123,6 +123,18 @@ def _peft_renamed_property_quiet():
         yield
 
 
+def full_precision_loader(spec: str, **load_options) -> Callable[[], torch.nn.Module]:
+    """`heal(..., full_precision_base=...)` for a QLoRA run on MODEL `spec`: loads it unquantized,
+    without a tokenizer, with the same `depthcut.load_model` options (dtype, device, ...)."""
+
+    def load():
+        from depthcut.models import load_model
+
+        return load_model(spec, with_tokenizer=False, **load_options)[0]
+
+    return load
+
+
 def merge_adapter(base_model, result: HealResult):
     """Merge a finished heal's LoRA weights into `base_model` (e.g. the unquantized weights of a QLoRA base)."""
     from peft import get_peft_model, set_peft_model_state_dict
