@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.io.text import read_jsonl, read_utf8, utf8_lines  # noqa: F401 (utf8_lines: re-exported)
 
 DATA_DIR_ENV = "DEPTHCUT_DATA_DIR"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -43,45 +44,6 @@ class TextSource:
                 yield text
 
 
-def read_utf8(path: Path) -> str:
-    """The text of `path`, decoded as UTF-8 (a leading byte-order mark is dropped): the one decoding
-    policy of every text format depthcut reads. Bytes that are not UTF-8, or a NUL byte (binary
-    data), are an error naming the file, line and column; nothing is replaced silently."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line_start = data.rfind(b"\n", 0, error.start) + 1
-        raise _not_text(path, data.count(b"\n", 0, error.start) + 1, data[line_start:], error.start - line_start)
-    if "\x00" in text:
-        offset = data.index(b"\x00")
-        line_start = data.rfind(b"\n", 0, offset) + 1
-        raise _not_text(path, data.count(b"\n", 0, offset) + 1, data[line_start:], offset - line_start)
-    return text
-
-
-def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based number, text) of each line of `path`, decoded as `read_utf8` decodes, one line in
-    memory at a time."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                raise _not_text(path, number, raw, error.start) from None
-            if "\x00" in line:
-                raise _not_text(path, number, raw, raw.index(b"\x00"))
-            yield number, line
-
-
-def _not_text(path: Path, line: int, raw: bytes, column: int) -> DepthcutError:
-    """The error for the byte at 0-based `column` of the line `raw`, which is not UTF-8 text."""
-    if raw[column:column + 1] == b"\x00":
-        return DepthcutError(f"{path}:{line}: a NUL byte at column {column + 1}: binary data, not text")
-    return DepthcutError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[column]:02x} at column {column + 1}); "
-                         "depthcut reads text data as UTF-8: convert it first (e.g. iconv -f latin1 -t utf-8)")
-
-
 def _read_txt(path: Path) -> list[str]:
     # A plain text file holds documents separated by blank lines.
     text = read_utf8(path)
@@ -101,19 +63,8 @@ def _pick_field(row: dict, field: str, path: Path, line: int) -> str | None:
 
 
 def _read_jsonl(path: Path, field: str, text: str | None = None) -> list[str]:
-    texts = []
-    lines = utf8_lines(path) if text is None else enumerate(text.split("\n"), 1)
-    for line_number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DepthcutError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-        text = _pick_field(row, field, path, line_number)
-        if text:
-            texts.append(text)
-    return texts
+    rows, lines = read_jsonl(path, text)
+    return [t for row, line in zip(rows, lines) if (t := _pick_field(row, field, path, line))]
 
 
 def _read_json(path: Path, field: str) -> list[str]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depthcut.data import read_utf8
+from depthcut.io.text import read_utf8
 from depthcut.errors import DepthcutError
 
 FORMAT_NAME = "depthcut.analysis"

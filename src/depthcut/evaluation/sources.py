@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from depthcut.data import DATA_DIR_ENV, data_dir, read_utf8, utf8_lines
+from depthcut.data import DATA_DIR_ENV, data_dir
+from depthcut.io.text import read_jsonl, read_utf8, utf8_lines  # noqa: F401 (read_jsonl: re-exported)
 from depthcut.errors import DepthcutError
 
 
@@ -24,21 +25,6 @@ class Split:
     rows: list[dict]
     source: str
     lines: list[int] | None = None
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
-    """The records of a JSON Lines file and their line numbers (blank lines skipped); strict UTF-8
-    as for all text data (depthcut.data.read_utf8)."""
-    rows, lines = [], []
-    for number, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DepthcutError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        lines.append(number)
-    return rows, lines
 
 
 @dataclass(frozen=True)

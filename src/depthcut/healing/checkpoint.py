@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.io.settings import settings_difference
 from depthcut.output import atomic_output_dir, remove_stale
 
 STATE_FILE = "state.pt"
@@ -59,8 +60,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(path: Path, recipe: dict) -> dict:
     """The saved state, after checking it belongs to a run with the same recipe."""
     saved = json.loads((path / RECIPE_FILE).read_text())
-    different = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
-    if different:
-        details = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in different[:5])
+    details = settings_difference(saved, recipe)
+    if details:
         raise DepthcutError(f"checkpoint {path} is from a different run ({details}); start afresh without --resume")
     return torch.load(path / STATE_FILE, weights_only=False)

@@ -9,8 +9,9 @@ import math
 import os
 from pathlib import Path
 
-from depthcut.data import read_utf8
+from depthcut.io.text import read_utf8
 from depthcut.errors import DepthcutError
+from depthcut.io.settings import settings_difference
 
 RESULTS_FILE = "results.jsonl"
 
@@ -62,9 +63,8 @@ class ResultsLog:
         if existing is None:
             self.append({"type": "settings", "settings": settings})
             return
-        different = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-        if different:
-            details = "; ".join(f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in different[:4])
+        details = settings_difference(existing, settings, most=4)
+        if details:
             raise DepthcutError(
                 f"{self.path} holds results of a different sweep ({details}). Use another --out, or --force "
                 "to start this folder afresh"

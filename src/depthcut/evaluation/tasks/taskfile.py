@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from depthcut.data import read_parquet_records, read_utf8
+from depthcut.data import read_parquet_records
 from depthcut.errors import DepthcutError
-from depthcut.evaluation.sources import read_jsonl
+from depthcut.io.text import read_jsonl, read_utf8
 from depthcut.evaluation.tasks import TASKS, Task
 from depthcut.evaluation.tasks.fewshot import with_seeded_shots
 from depthcut.evaluation.tasks.render import Doc
