@@ -12,7 +12,7 @@ from depthcut.calibration import CalibrationSet, build_calibration
 from depthcut.capture import ResidualCapture, StopForward
 from depthcut.data import TextSource, load_texts
 from depthcut.errors import DepthcutError
-from depthcut.layers import find_layer_stack
+from depthcut.layers import find_layer_stack, text_config
 from depthcut.metrics import DEFAULT_METRICS, METRICS
 from depthcut.result import Analysis
 
@@ -195,7 +195,7 @@ def analyze_streamed(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    num_layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
+    num_layers = getattr(text_config(config), "num_hidden_layers", None)
     if not num_layers:
         raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")
     chosen = [METRICS.get(name)(num_layers) for name in metrics]

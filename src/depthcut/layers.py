@@ -32,9 +32,10 @@ class LayerStack:
         return len(self.layers)
 
 
-def text_config(model: nn.Module):
-    """The config that holds the decoder's layer count (the text config of a multimodal model)."""
-    config = model.config
+def text_config(model_or_config):
+    """The config that holds the decoder's layer count (the text config of a multimodal model), of a
+    model or of a config."""
+    config = getattr(model_or_config, "config", model_or_config)
     if hasattr(config, "get_text_config"):
         return config.get_text_config(decoder=True)
     return config

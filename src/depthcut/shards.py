@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.layers import text_config
 from depthcut.surgery import update_config, validate_layers
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -211,7 +212,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     if (source / INDEX_FILE).is_file():
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
 
-    notes = update_config(config.get_text_config(decoder=True), kept, num_layers)
+    notes = update_config(text_config(config), kept, num_layers)
     config.save_pretrained(out)
     for extra in source.iterdir():  # tokenizer, generation config, chat template, ...
         if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX_FILE, "config.json"):

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from depthcut.layers import text_config
+
 
 @dataclass
 class _Group:
@@ -80,13 +82,12 @@ class Scorer:
         self.batch_size = batch_size
         self.mode = mode
         self.device = next(model.parameters()).device
-        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.max_length = max_length or getattr(text_config(model), "max_position_embeddings", None) or 2048
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         parameters = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in parameters
         self.takes_logits_to_keep = "logits_to_keep" in parameters
-        self.packed_window = self._packed_window(config) if mode == "packed" else 0
+        self.packed_window = self._packed_window(text_config(model)) if mode == "packed" else 0
 
     def _packed_window(self, config) -> float:
         """The longest row a packed batch may hold (0: packing is not exact for this model).
