@@ -10,14 +10,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
+import torch
+from tiny import tiny_model, tiny_tokenizer
 
-from depthcut.data import TextSource  # noqa: E402
-from depthcut.healing.recipe import HealRecipe  # noqa: E402
-from depthcut.healing.trainer import heal  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from depthcut.data import TextSource
+from depthcut.healing.recipe import HealRecipe
+from depthcut.healing.trainer import heal
 
-WORDS = "the quick brown fox jumps over the lazy dog depth pruning removes layers from models".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "depth", "pruning", "removes", "layers",
+         "from", "models"]
 DOCS = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(60)) for i in range(40)]
 RECIPE = HealRecipe(rank=4, steps=8, seq_len=24, batch_size=2, grad_accum=2, warmup_steps=2, lr=5e-3, dropout=0.1,
                     heldout_windows=2)

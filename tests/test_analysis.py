@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from reference import naive_metrics
+from tiny import CONFIGS, VOCAB, tiny_model, tolerance
 
 import depthcut
 from depthcut.calibration import CalibrationSet
 from depthcut.layers import find_layer_stack
-from reference import naive_metrics
-from tiny import CONFIGS, VOCAB, tiny_model, tolerance
 
 
 def _calibration(lengths, seed=3) -> CalibrationSet:

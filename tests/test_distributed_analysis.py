@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
                "-m", "depthcut.cli", "analyze", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(parallel),
                *ARGS]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = Analysis.load(single / "analysis.json"), Analysis.load(parallel / "analysis.json")
     assert (one.metadata["processes"], two.metadata["processes"]) == (1, 2)
@@ -24,3 +25,37 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, 
         flat_two = [v for row in (two.metrics[name] if isinstance(rows[0], list) else [two.metrics[name]])
                     for v in row if v is not None]
         assert max(abs(a - b) for a, b in zip(flat_one, flat_two)) < 1e-6
+
+
+PROBE = """
+import sys
+import torch
+from depthcut.distributed import is_main_process, process_state
+from depthcut.errors import DepthcutError
+
+print("main" if is_main_process() else "not main")
+print("group formed" if torch.distributed.is_initialized() else "no group", "accelerate" in sys.modules)
+try:
+    process_state(torch.device("cpu"))
+except DepthcutError as error:
+    print(f"DepthcutError: {error}")
+"""
+
+
+def _probe(**environment) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    run = subprocess.run([sys.executable, "-c", PROBE], check=False, capture_output=True, text=True, timeout=120,
+                         env={**env, **environment})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.splitlines()
+
+
+def test_a_plain_process_is_the_main_one_and_forms_no_group():
+    assert _probe()[:2] == ["main", "no group False"]
+
+
+def test_a_launched_process_knows_its_rank_and_says_why_its_group_did_not_form():
+    # rank 1 of 2 without MASTER_ADDR: the launcher's environment is incomplete, so no group can form
+    lines = _probe(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    assert lines[:2] == ["not main", "no group False"]
+    assert lines[2].startswith("DepthcutError: the process group did not form (") and "MASTER_ADDR" in lines[2]

@@ -1,8 +1,10 @@
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from heal_worker import DOCS, RECIPE
@@ -12,7 +14,9 @@ from transformers import AutoModelForCausalLM
 from depthcut import DepthcutError
 from depthcut.cli import main
 from depthcut.data import TextSource
+from depthcut.healing.checkpoint import STATE_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from depthcut.healing.recipe import HealRecipe
+from depthcut.healing.run import checkpoint_folder, heal_to
 from depthcut.healing.targets import find_targets
 from depthcut.healing.trainer import heal, split_documents
 
@@ -60,7 +64,7 @@ def test_healing_lowers_heldout_loss_and_merges(tokenizer, device):
 
 def _run_worker(tmp_path, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(WORKER), str(tmp_path / "ckpt"), str(tmp_path / "result.pt"), *extra],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -90,10 +94,57 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tokenizer):
              resume=True, progress=False)
 
 
+def _draws() -> tuple:
+    """One draw of every generator a checkpoint restores, Gaussians included (they cache a second value)."""
+    return random.random(), random.gauss(0, 1), float(np.random.standard_normal()), float(torch.rand(1))
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_values_and_restores_every_generator(tmp_path):
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # each now holds a cached Gaussian
+    state = {"adapter": layer.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "log": [{"step": 3, "loss": 1.5}]}
+    expected = _draws()
+    path = save_checkpoint(tmp_path, 3, state, {"lr": 0.1})
+
+    raw = torch.load(path / STATE_FILE, weights_only=True)
+    assert raw["step"] == 3 and torch.equal(raw["adapter"]["weight"], layer.weight.detach())
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    loaded = load_checkpoint(path, {"lr": 0.1})
+    set_rng_state(loaded["rng"])
+    assert _draws() == expected
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+
+
+class _OpensAFile:
+    """Unpickling this object would create a file: it stands for any code a pickle can run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_not_run(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", 2, {"log": []}, {"lr": 0.1})
+    marker = tmp_path / "ran"
+    torch.save({"format": 2, "step": 2, "log": [], "extra": _OpensAFile(marker)}, path / STATE_FILE)
+    with pytest.raises(DepthcutError, match=r"holds a pickled `\S*open`: it was refused, not unpickled"):
+        load_checkpoint(path, {"lr": 0.1})
+    assert not marker.exists()
+
+
 def test_two_processes_train_data_parallel_and_agree(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                str(WORKER), str(tmp_path / "ckpt"), str(tmp_path / "result.pt")]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     first, second = (torch.load(tmp_path / f"result-rank{r}.pt") for r in (0, 1))
     assert first["losses"] == second["losses"]  # reduced across processes
@@ -148,3 +199,29 @@ def test_qlora_without_bitsandbytes_says_how_to_install_it(capsys, tmp_path, tin
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'depthcut[qlora]'" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_heal_to_writes_what_the_heal_command_writes(capsys, tmp_path, tiny_llama_dir, corpus_file, device):
+    out = tmp_path / "healed"
+    recipe = HealRecipe(rank=4, steps=4, seq_len=32, batch_size=2, warmup_steps=1, heldout_windows=2)
+    result = heal_to(str(tiny_llama_dir), str(corpus_file), out, recipe, device=str(device), checkpoint_every=2,
+                     progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]  # no checkpoints left, the claim's lock released
+    assert f"loading {tiny_llama_dir} ..." in capsys.readouterr().err
+    provenance = json.loads((out / "depthcut.json").read_text())
+    assert provenance["healing"]["steps"] == 4 == len(result.log)
+    assert provenance["base_model"]["spec"] == str(tiny_llama_dir)
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, result.model.state_dict()[name].cpu()), name
+
+
+def test_heal_to_refuses_an_earlier_runs_checkpoints_without_resume_or_force(tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "healed"
+    checkpoint_folder(out).mkdir()
+    with pytest.raises(DepthcutError, match="pass --resume to continue it or --force to start over"):
+        heal_to(str(tiny_llama_dir), str(corpus_file), out, HealRecipe(steps=2), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed-checkpoints"]

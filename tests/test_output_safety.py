@@ -21,6 +21,7 @@ import pytest
 from depthcut import output
 from depthcut.cli import main
 from depthcut.errors import DepthcutError
+from depthcut.io import atomic
 from depthcut.output import atomic_output_dir, atomic_output_file
 from depthcut.sweep.results import ResultsLog
 
@@ -38,6 +39,7 @@ def pause():
             return
         time.sleep(0.05)
 
+import depthcut.io.atomic as atomic
 import depthcut.output as output
 
 def after(module, name):
@@ -56,14 +58,14 @@ def before(module, name):
     setattr(module, name, hooked)
 
 if point == "claimed":        # --out locked, the model not loaded yet
-    after(output, "claim_output")
+    after(atomic, "claim_output")
 elif point == "loaded":       # the model loaded, nothing written yet
     import depthcut.models as models
     after(models, "load_model")
 elif point == "writing":      # weights written into the temporary sibling, the rest not yet
     before(output, "write_json")
 elif point == "publishing":   # the temporary sibling complete, about to become --out
-    before(output, "_publish")
+    before(atomic, "_publish")
 elif point == "checkpointed": # heal: the first checkpoint written, training goes on
     import depthcut.healing.trainer as trainer
     after(trainer, "save_checkpoint")
@@ -184,13 +186,13 @@ def test_a_claim_in_this_process_blocks_a_second_claim_in_another(tmp_path):
 # --- a folder or file that appears at --out while the command runs --------------------------------
 
 def _appear_at_publish(monkeypatch, make):
-    original = output._publish
+    original = atomic._publish
 
     def publish(staging, claim):
         make(claim.out)
         return original(staging, claim)
 
-    monkeypatch.setattr(output, "_publish", publish)
+    monkeypatch.setattr(atomic, "_publish", publish)
 
 
 def _users_folder(path: Path) -> None:
@@ -236,7 +238,7 @@ def test_a_result_file_created_mid_run_is_never_replaced(capsys, monkeypatch, tm
 
 @pytest.mark.parametrize("kind", ["dir", "file"])
 def test_publishing_without_renameat2_still_never_replaces(monkeypatch, tmp_path, kind):
-    monkeypatch.setattr(output, "_renameat2_function", lambda: None)
+    monkeypatch.setattr(atomic, "_renameat2_function", lambda: None)
     out = tmp_path / "out"
     writer = atomic_output_dir if kind == "dir" else atomic_output_file
 
@@ -277,6 +279,19 @@ def test_sighup_cleans_up_too(tmp_path, tiny_llama_dir):
     code, _, err = run.finish()
     assert code == 129 and "terminated by SIGHUP" in err and "Traceback" not in err
     assert not out.exists() and _hidden(tmp_path) == []
+
+
+def test_a_signal_during_a_publish_takes_effect_when_it_is_done():
+    from depthcut.output import Terminated, handle_signals
+
+    finished = []
+    with pytest.raises(Terminated), handle_signals():
+        with atomic._critical():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run (and deferred the signal) by now
+            finished.append("publish")
+        finished.append("after")  # never reached: the signal is handled as the publish ends
+    assert finished == ["publish"]
 
 
 @pytest.mark.parametrize("point", ["claimed", "writing", "publishing"])
@@ -472,14 +487,14 @@ def test_a_sweep_folder_follows_the_same_rules(capsys, monkeypatch, tmp_path, ti
     # --force starts afresh in a new folder beside the old one, which stays until the new one is in place
     (out / "mine.txt").write_text("old run's notes")
     seen = {}
-    original = output._publish
+    original = atomic._publish
 
     def publish(staging, claim):
         if claim.out == out:
             seen["old kept"] = (out / "mine.txt").is_file() and (out / "results.jsonl").read_text() == first
         return original(staging, claim)
 
-    monkeypatch.setattr(output, "_publish", publish)
+    monkeypatch.setattr(atomic, "_publish", publish)
     assert main([*argv, "--force"]) == 0, capsys.readouterr().err
     assert seen == {"old kept": True}
     assert not (out / "mine.txt").exists() and (out / "report.html").is_file()

@@ -10,14 +10,14 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from depthcut.cli import main  # noqa: E402
-from depthcut.data import TextSource, load_texts  # noqa: E402
-from depthcut.healing.recipe import HealRecipe  # noqa: E402
-from depthcut.healing.trainer import full_precision_loader, heal, keep_4bit_differentiable  # noqa: E402
-from depthcut.models import load_model  # noqa: E402
+from depthcut.cli import main
+from depthcut.data import TextSource, load_texts
+from depthcut.healing.recipe import HealRecipe
+from depthcut.healing.trainer import full_precision_loader, heal, keep_4bit_differentiable
+from depthcut.models import load_model
 
 # bitsandbytes quantizes in blocks of 64 inputs: the tiny model needs widths that are multiples of it.
-WIDTHS = dict(hidden_size=64, intermediate_size=128, head_dim=16)
+WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def _recipe(**overrides):
-    values = dict(rank=8, steps=12, seq_len=32, batch_size=4, warmup_steps=1, lr=3e-3, seed=0, heldout_windows=4,
-                  heldout_fraction=0.1)
+    values = {"rank": 8, "steps": 12, "seq_len": 32, "batch_size": 4, "warmup_steps": 1, "lr": 3e-3, "seed": 0,
+              "heldout_windows": 4, "heldout_fraction": 0.1}
     return HealRecipe(**{**values, **overrides})
 
 

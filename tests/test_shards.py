@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import depthcut
 from depthcut.cli import main
 from depthcut.shards import INDEX_FILE, prune_shards
-from tiny import random_ids, tiny_model
 
 
 def _tensors(folder):
@@ -17,7 +17,7 @@ def _tensors(folder):
     tensors = {}
     for name in files:
         with safe_open(folder / name, "pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 (not a dict)
     return tensors
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_analysis import _assert_close, _calibration
+from tiny import tiny_model
 
 import depthcut
 from depthcut.errors import DepthcutError
-from test_analysis import _assert_close, _calibration
-from tiny import tiny_model
 
 # Sliding windows, per-layer attention types (masks differ by layer), tuple-returning layers,
 # learned positions, a multimodal wrapper: the recorded layer calls must be the model's own.
@@ -107,13 +107,14 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
     _, folder = _saved("llama", tmp_path, tokenizer)
     skeletons, reads, computes = [], [], []
     read_started = {}  # layer -> set once its first tensor is being read
-    build, get = streaming.build_skeleton, streaming.CheckpointReader.get
+    build, get = streaming.meta_skeleton, streaming.CheckpointReader.get
 
     def resident():
         return {i for i, layer in enumerate(skeletons[0].model.layers) if not next(layer.parameters()).is_meta}
 
     def watched_build(*args, **kwargs):
-        model, dtype = build(*args, **kwargs)
+        skeleton = build(*args, **kwargs)
+        model = skeleton.model
         skeletons.append(model)
         for index, layer in enumerate(model.model.layers):
             read_started[index] = threading.Event()
@@ -126,7 +127,7 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
                 computes.append((index, resident()))
 
             layer.register_forward_pre_hook(before, with_kwargs=True)
-        return model, dtype
+        return skeleton
 
     def watched_get(self, key, *args, **kwargs):
         match = re.search(r"\.layers\.(\d+)\.", key)
@@ -136,7 +137,7 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
             read_started[index].set()
         return get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "build_skeleton", watched_build)
+    monkeypatch.setattr(streaming, "meta_skeleton", watched_build)
     monkeypatch.setattr(streaming.CheckpointReader, "get", watched_get)
     analysis = depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, dtype=F32,
                                          spill_dir=tmp_path, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -11,6 +12,7 @@ from depthcut import __version__
 from depthcut.calibration import CalibrationSet, build_calibration
 from depthcut.capture import ResidualCapture, StopForward
 from depthcut.data import TextSource, load_texts
+from depthcut.distributed import rank_and_world, sum_across_processes
 from depthcut.errors import DepthcutError
 from depthcut.layers import find_layer_stack, text_config
 from depthcut.metrics import DEFAULT_METRICS, METRICS
@@ -33,31 +35,38 @@ def _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -
     return build_calibration(tokenizer, source, samples, seq_len, mode, seed)
 
 
-def _process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world size) when launched with torchrun / accelerate launch, else (0, 1)."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        try:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        except (RuntimeError, ValueError) as error:
-            raise DepthcutError(f"the process group did not form ({str(error).splitlines()[0]})") from None
-    return dist.get_rank(), dist.get_world_size()
+def _check_arguments(batch_size: int, metrics: Sequence[str]) -> None:
+    if batch_size < 1:
+        raise DepthcutError("batch size must be at least 1")
+    if not metrics:
+        raise DepthcutError("no metrics asked for")
+    for name in metrics:
+        METRICS.get(name)  # an unknown name fails here, before any loading
 
 
-def _sum_across_processes(metrics, device) -> None:
-    import torch.distributed as dist
+@dataclass
+class _Run:
+    """What both entry points set up alike: the metric accumulators, the samples, this process's share."""
 
-    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    for metric in metrics:
-        for tensor in metric.state():
-            total = tensor.to(backend_device)
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            tensor.copy_(total.to(tensor.device))
+    metrics: list
+    calibration: CalibrationSet
+    rank: int
+    world: int
+
+    def finish(self, num_layers: int, device, **facts) -> Analysis:
+        """The `Analysis`, after summing every process's accumulators (each process returns the same one)."""
+        if self.world > 1:
+            sum_across_processes(tensor for metric in self.metrics for tensor in metric.state())
+        metadata = _metadata(self.calibration, self.metrics, self.world, device, **facts)
+        return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in self.metrics}, metadata=metadata)
+
+
+def _set_up(num_layers: int, metrics: Sequence[str], device, data, tokenizer, samples, seq_len, mode, seed,
+            text_field) -> _Run:
+    chosen = [METRICS.get(name)(num_layers) for name in metrics]
+    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+    rank, world = rank_and_world(device)  # launched as several: the process group forms here
+    return _Run(chosen, calibration, rank, world)
 
 
 @torch.inference_mode()
@@ -85,17 +94,12 @@ def analyze(
     Launched as several processes (`accelerate launch`, `torchrun`), each runs a share of the
     batches and the metric accumulators are summed, so every process returns the same result.
     """
-    if batch_size < 1:
-        raise DepthcutError("batch size must be at least 1")
+    _check_arguments(batch_size, metrics)
     stack = find_layer_stack(model, layer_path)
     num_layers = len(stack)
-    chosen = [METRICS.get(name)(num_layers) for name in metrics]
-    if not chosen:
-        raise DepthcutError("no metrics asked for")
-    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
-
     device = next(model.parameters()).device
-    rank, world = _process_group(device)
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
+    chosen, calibration, rank, world = run.metrics, run.calibration, run.rank, run.world
     capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
     was_training = model.training
     model.eval()
@@ -122,14 +126,9 @@ def analyze(
     finally:
         bar.close()
         model.train(was_training)
-    if world > 1:
-        _sum_across_processes(chosen, device)
-
-    dtype = next(model.parameters()).dtype
-    metadata = _metadata(calibration, chosen, world, device, model=getattr(model.config, "_name_or_path", None)
-                         or type(model).__name__, architecture=type(model).__name__, layer_path=stack.path,
-                         dtype=str(dtype).removeprefix("torch."))
-    return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)
+    return run.finish(num_layers, device, model=getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                      architecture=type(model).__name__, layer_path=stack.path,
+                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
 def _metadata(calibration: CalibrationSet, metrics: list, world: int, device, **facts) -> dict:
@@ -183,8 +182,7 @@ def analyze_streamed(
     from depthcut.precision import choose_dtype
     from depthcut.streaming import is_safetensors_folder, stream_states
 
-    if batch_size < 1:
-        raise DepthcutError("batch size must be at least 1")
+    _check_arguments(batch_size, metrics)
     if not is_safetensors_folder(folder):
         raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights; {folder} is not "
                             "one (save the model with `model.save_pretrained(folder)` first)")
@@ -198,22 +196,15 @@ def analyze_streamed(
     num_layers = getattr(text_config(config), "num_hidden_layers", None)
     if not num_layers:
         raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")
-    chosen = [METRICS.get(name)(num_layers) for name in metrics]
-    if not chosen:
-        raise DepthcutError("no metrics asked for")
-    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    rank, world = _process_group(device)
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
     choice = choose_dtype(dtype, device)
-    facts = stream_states(folder, calibration, chosen, batch_size=batch_size, dtype=choice.dtype,
-                          device=device, layer_path=layer_path, spill_dir=spill_dir, rank=rank, world=world,
-                          offload_states=offload_states,
-                          trust_remote_code=trust_remote_code, progress=progress and rank == 0)
+    facts = stream_states(folder, run.calibration, run.metrics, batch_size=batch_size, dtype=choice.dtype,
+                          device=device, layer_path=layer_path, spill_dir=spill_dir, rank=run.rank, world=run.world,
+                          offload_states=offload_states, trust_remote_code=trust_remote_code,
+                          progress=progress and run.rank == 0)
     if facts["num_layers"] != num_layers:
         raise DepthcutError(f"the layer stack holds {facts['num_layers']} layers, the config says {num_layers}")
-    if world > 1:
-        _sum_across_processes(chosen, device)
-    metadata = _metadata(calibration, chosen, world, device, model=str(Path(folder)),
-                         architecture=facts["architecture"], layer_path=facts["layer_path"], dtype=facts["dtype"],
-                         streamed=facts["streamed"], dtype_choice=choice.as_dict())
-    return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in chosen}, metadata=metadata)
+    return run.finish(num_layers, device, model=str(Path(folder)), architecture=facts["architecture"],
+                      layer_path=facts["layer_path"], dtype=facts["dtype"], streamed=facts["streamed"],
+                      dtype_choice=choice.as_dict())

@@ -102,7 +102,7 @@ except ImportError:  # older safetensors
 def check_weights(source: ModelSource) -> None:
     """Read the header of every safetensors file of a local model folder, so that a truncated or
     corrupt file is named before loading starts (reading a header costs a few kilobytes)."""
-    from depthcut.shards import safetensors_header
+    from depthcut.io.safetensors import safetensors_header
 
     folder = Path(source.location)
     if source.gguf_file or not folder.is_dir():
@@ -196,3 +196,43 @@ def load_model(
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, source
+
+
+def quiet_model_loading() -> None:
+    """No progress bars while transformers loads or converts a model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:  # the GGUF converter's bar is a plain tqdm that the switch above does not reach
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
+        pass
+
+
+def load_model_announced(spec: str, *, quiet: bool = False, **options):
+    """`load_model(spec, **options)`, saying on stderr what it loads and in which dtype and why
+    (what the commands print); `quiet`: no progress bars."""
+    import sys
+
+    from depthcut.precision import announce
+
+    print(f"loading {spec} ...", file=sys.stderr)
+    if quiet:
+        quiet_model_loading()
+    loaded = load_model(spec, **options)
+    announce(loaded[2].dtype)
+    return loaded
+
+
+def check_context_length(model, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse sequences longer than the model's context (its position embeddings end there)."""
+    from depthcut.layers import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DepthcutError(f"{option} {seq_len} is beyond this model's context of {limit} tokens")

@@ -1,20 +1,21 @@
 """Pruning a safetensors checkpoint shard by shard, without ever building the model.
 
 The layer stack's name comes from a skeleton of the model on the meta device (no weights).
-Each output shard is written by streaming one tensor at a time into a safetensors file whose
-header is computed up front, so peak memory is one tensor, not one shard or one model.
+Each output shard is written by copying one tensor at a time into a safetensors file whose
+header is computed up front (`depthcut.io.safetensors`), so peak memory is one tensor, not one
+shard or one model.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import shutil
-import struct
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.io.safetensors import copied_entry, safetensors_header, write_safetensors
+from depthcut.io.skeleton import meta_skeleton
 from depthcut.layers import text_config
 from depthcut.surgery import update_config, validate_layers
 
@@ -41,23 +42,13 @@ def shard_map(folder: Path) -> dict[str, str]:
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def meta_skeleton(folder: Path):
-    """The model of the checkpoint in `folder`, built on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config), config
-
-
 def layer_prefix(folder: Path, layer_path: str | None = None) -> tuple[str, int, object]:
     """(layer stack path, layer count, config) from a weightless skeleton of the model."""
     from depthcut.layers import find_layer_stack
 
-    skeleton, config = meta_skeleton(folder)
-    stack = find_layer_stack(skeleton, layer_path)
-    return stack.path, len(stack), config
+    skeleton = meta_skeleton(folder)
+    stack = find_layer_stack(skeleton.model, layer_path)
+    return stack.path, len(stack), skeleton.config
 
 
 def model_names(checkpoint_names, model) -> tuple[dict[str, str], set[str]]:
@@ -113,105 +104,34 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int])
     return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
 
 
-def safetensors_header(shard: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, offsets) and where its data begins.
-    Read once per version of the file: a file rewritten in place is read again."""
-    stat = shard.stat()
-    return _read_header(shard, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_header(shard: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
-    with shard.open("rb") as handle:
-        start = handle.read(8)
-        if len(start) < 8:
-            raise _corrupt(shard, f"{size} bytes, too short for a header")
-        length = struct.unpack("<Q", start)[0]
-        if length > size - 8 or length > 100 * 2**20:
-            raise _corrupt(shard, "the header length is beyond the end of the file")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise _corrupt(shard, "the header is not valid JSON") from None
-    _check_offsets(shard, header, size - 8 - length)
-    return header, 8 + length
-
-
-def _check_offsets(shard: Path, header, data_size: int) -> None:
-    """Every tensor's bytes must lie inside the file: a truncated file fails here, not mid-copy."""
-    if not isinstance(header, dict):
-        raise _corrupt(shard, "the header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = entry["data_offsets"]
-            valid = 0 <= start <= end and isinstance(entry["dtype"], str) and isinstance(entry["shape"], list)
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise _corrupt(shard, f"the entry of tensor {name!r} is malformed")
-        if end > data_size:
-            raise _corrupt(shard, f"tensor {name!r} ends {end - data_size:,} bytes past the end of the file (truncated?)")
-
-
-def _corrupt(shard: Path, why: str) -> DepthcutError:
-    return DepthcutError(f"{shard} is not a valid safetensors file: {why}")
-
-
-def _write_streamed(path: Path, tensors: list[tuple[str, str, Path]]) -> int:
-    """Write (new name, old name, shard path) tensors into one safetensors file, a tensor at a time."""
-    header, offset, spans = {}, 0, []
-    for new_name, old_name, shard in tensors:
-        source_header, data_start = safetensors_header(shard)
-        entry = source_header[old_name]
-        start, end = entry["data_offsets"]
-        header[new_name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - start]}
-        spans.append((shard, data_start + start, end - start))
-        offset += end - start
-    header["__metadata__"] = {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    with path.open("wb") as out:
-        out.write(struct.pack("<Q", len(encoded)))
-        out.write(encoded)
-        for shard, position, size in spans:
-            with shard.open("rb") as handle:  # one tensor's bytes in memory at a time
-                handle.seek(position)
-                data = handle.read(size)
-            if len(data) != size:
-                raise DepthcutError(f"{shard} is truncated")
-            out.write(data)
-    return offset
-
-
 def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None) -> dict:
     """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary."""
     from depthcut.layers import find_layer_stack
 
     source = Path(source)
-    skeleton, config = meta_skeleton(source)
-    stack = find_layer_stack(skeleton, layer_path)
+    skeleton = meta_skeleton(source)
+    stack = find_layer_stack(skeleton.model, layer_path)
     path, num_layers = stack.path, len(stack)
     removed = validate_layers(layers, num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     position = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
-    names, _ = model_names(weight_map, skeleton)
-    by_shard: dict[str, list[tuple[str, str, str]]] = {}
+    names, _ = model_names(weight_map, skeleton.model)
+    by_shard: dict[str, list] = {}  # shard file -> the entries (renamed tensors) it keeps
     for name, shard in sorted(weight_map.items()):
         new_name = _renamed(name, names.get(name, name), pattern, position)
         if new_name is not None:
-            by_shard.setdefault(shard, []).append((new_name, name, source / shard))
+            by_shard.setdefault(shard, []).append(copied_entry(new_name, source / shard, name))
 
     new_map, total = {}, 0
-    for shard, tensors in sorted(by_shard.items()):
-        total += _write_streamed(out / shard, tensors)
-        new_map.update({new_name: shard for new_name, _, _ in tensors})
+    for shard, entries in sorted(by_shard.items()):
+        total += write_safetensors(out / shard, entries)
+        new_map.update({entry.name: shard for entry in entries})
     if (source / INDEX_FILE).is_file():
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
 
+    config = skeleton.config
     notes = update_config(text_config(config), kept, num_layers)
     config.save_pretrained(out)
     for extra in source.iterdir():  # tokenizer, generation config, chat template, ...

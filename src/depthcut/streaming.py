@@ -36,7 +36,6 @@ buffers whose copies only the threads that need them wait for.
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import shutil
 import tempfile
@@ -51,8 +50,10 @@ from tqdm.auto import tqdm
 
 from depthcut.capture import StopForward, last_positions, unit_cosines
 from depthcut.errors import DepthcutError
+from depthcut.io.safetensors import own_memory, read_tensor
+from depthcut.io.skeleton import checkpoint_dtype, meta_skeleton
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
-from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, safetensors_header, shard_map
+from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
 
 READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size (as float32)
 SPILL_QUEUE = 2  # batches' spilled states waiting for the writer thread at most
@@ -106,20 +107,9 @@ def would_not_fit(folder: str | Path, dtype: torch.dtype | None, device: torch.d
     return f"the weights take {size / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available on {device}"
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
 class CheckpointReader:
-    """Tensors by name from a folder of safetensors shards, one tensor read at a time.
-
-    The bytes are read with plain file reads, not through a memory map: mapped pages of a shard
-    stay in the process's resident set while the file is open, which would bring the whole
-    checkpoint back into memory layer by layer.
-    """
+    """Tensors by name from a folder of safetensors shards, one tensor read at a time, by plain file
+    reads (`depthcut.io.safetensors.read_tensor`), never through a memory map."""
 
     def __init__(self, folder: str | Path, model):
         self.folder = Path(folder)
@@ -134,58 +124,7 @@ class CheckpointReader:
     def get(self, key: str, pin: bool = False) -> torch.Tensor:
         """The tensor `key`, read into memory of its own (see `own_memory`), or page-locked memory
         with `pin` (for asynchronous copies to a GPU)."""
-        path = self.folder / self.weight_map[key]
-        header, data_start = safetensors_header(path)
-        entry = header[key]
-        start, end = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        if end == start:
-            return torch.empty(entry["shape"], dtype=dtype)
-        buffer = torch.empty(end - start, dtype=torch.uint8, pin_memory=True) if pin else own_memory(end - start)
-        with path.open("rb", buffering=0) as handle:
-            handle.seek(data_start + start)
-            if handle.readinto(memoryview(buffer.numpy())) != len(buffer):
-                raise DepthcutError(f"{path} is truncated (tensor {key})")
-        return buffer.view(dtype).reshape(entry["shape"])
-
-
-def own_memory(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of `nbytes` in memory mapped for it alone, handed back to
-    the system the moment the last tensor using it is freed.
-
-    Weights are read into such memory, not into the heap: a layer's weights freed from the heap
-    leave holes between the activations allocated meanwhile, which the next layer's (allocated a
-    layer earlier, while this one computes) do not fit, so the resident set would creep up by
-    about a layer per layer unless the heap were trimmed, and trimming it also hands back the
-    activations' memory, which the next layer then faults back in, page by page.
-    """
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
-
-
-def checkpoint_dtype(config) -> torch.dtype | None:
-    """The dtype a config (a transformers config or its JSON as a dict) says the weights are saved in."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    value = get("dtype") or get("torch_dtype")
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def build_skeleton(folder: str | Path, dtype: torch.dtype | None, device: torch.device,
-                   trust_remote_code: bool = False):
-    """The model without weights: parameters on the meta device, buffers computed and put on `device`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    dtype = dtype or checkpoint_dtype(config) or torch.float32
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
-    return model.eval(), dtype
+        return read_tensor(self.folder / self.weight_map[key], key, pin=pin)
 
 
 @functools.cache
@@ -487,188 +426,50 @@ def stream_states(
     Every sample's hidden state stays on `device` between layers, unless `offload_states` (None:
     when they would take more than half the accelerator's free memory): then they wait in CPU
     memory and each batch visits the device only to go through the layer."""
-    model, dtype = build_skeleton(folder, dtype, device, trust_remote_code)
+    model, _, dtype = meta_skeleton(folder, dtype, device, trust_remote_code)
     reader = CheckpointReader(folder, model)
     stack = find_layer_stack(model, layer_path)
     layer_keys = [_parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
     all_token_metrics = [m for m in metrics if m.level == "all_tokens"]
     spill_needed = any(not _reads_consecutive_only(m) for m in all_token_metrics)
-    consecutive_needed = bool(all_token_metrics) and not spill_needed
     batches = [b for i, b in enumerate(calibration.batches(batch_size)) if i % world == rank]
-    sizes = [int(mask.shape[0]) for _, mask in batches]
-    token_counts = [int(mask.sum()) for _, mask in batches]
     positions = len(stack) + 1
-    cuda = device.type == "cuda"
+    tokens = sum(int(mask.sum()) for _, mask in batches)  # valid tokens, over all batches
+    hidden_size = text_config(model).hidden_size
     if offload_states is None:
-        states_bytes = sum(token.numel() for token, _ in batches) * text_config(model).hidden_size * dtype.itemsize
-        free = available_memory_bytes(device) if device.type != "cpu" else None
-        offload_states = free is not None and states_bytes > free / 2
+        offload_states = _states_exceed_half_the_memory(batches, hidden_size, dtype, device)
     parking = torch.device("cpu") if offload_states else device  # where hidden states wait between layers
-
-    spill = None
     # Checked before any work; the file itself is made once the states' width and dtype are known.
-    spill_root = _spill_folder(spill_dir, SpilledStates.bytes_needed(
-        positions, sum(token_counts), text_config(model).hidden_size, dtype.itemsize)) if spill_needed else None
-    # One thread reads the next layer, one writes the spilled states, one reads them back.
-    prefetch = ThreadPoolExecutor(1, thread_name_prefix="depthcut-prefetch")
-    writer = ThreadPoolExecutor(1, thread_name_prefix="depthcut-spill") if spill_needed else None
-    writing: deque = deque()  # (write in progress, its buffer), oldest first
-
+    spill_root = None
+    if spill_needed:
+        spill_root = _spill_folder(spill_dir, SpilledStates.bytes_needed(positions, tokens, hidden_size, dtype.itemsize))
+    spill = keeper = None
     try:
         # 1. Embeddings and the recorded layer calls.
-        output_head = model.get_output_embeddings()
-        skip = {id(p) for p in output_head.parameters()} if output_head is not None else set()
-        skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied: the embeddings stay
-        skip |= {id(p) for p in stack.layers.parameters()}
-        resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
-        calls = _record_layer_calls(model, stack, batches, device, progress)  # per batch, the L layer calls
-        entering = [first_tensor(*batch_calls[0]) for batch_calls in calls]  # the states entering layer 0
-        model.to("meta")  # the embeddings are done with
-        _release_freed_memory()
+        resident, calls, entering = _embed(model, stack, reader, batches, dtype, device, progress)
         width, state_dtype = entering[0].shape[-1], entering[0].dtype
-
-        # Per batch, on the device once: the rows and positions of the last tokens, the valid tokens.
-        last_rows = [(torch.arange(size, device=device), last_positions(mask).to(device))
-                     for size, (_, mask) in zip(sizes, batches, strict=True)]
-        valid = [mask.reshape(-1).nonzero()[:, 0].to(device) for _, mask in batches] \
-            if spill_needed or consecutive_needed else None
-        last_token = torch.empty(sum(sizes), positions, width, dtype=state_dtype, device=device)
-        consecutive = [torch.empty(count, positions - 1, dtype=torch.float32, device=device)
-                       for count in token_counts] if consecutive_needed else None
         if spill_root is not None:
-            needed = SpilledStates.bytes_needed(positions, sum(token_counts), width, state_dtype.itemsize)
-            if needed > SpilledStates.bytes_needed(positions, sum(token_counts), text_config(model).hidden_size,
-                                                   dtype.itemsize):
+            needed = SpilledStates.bytes_needed(positions, tokens, width, state_dtype.itemsize)
+            if needed > SpilledStates.bytes_needed(positions, tokens, hidden_size, dtype.itemsize):
                 _check_space(spill_root, needed)  # the states came out wider than the config said
-            spill = SpilledStates(spill_root, positions, sum(token_counts), width, state_dtype)
-        row_starts = np.cumsum([0, *sizes])
-        token_starts = np.cumsum([0, *token_counts])
-
-        # The spilled states of a batch at one position go through a few buffers, reused: a steady
-        # memory (no allocation per batch) and at most SPILL_QUEUE writes waiting.
-        spill_buffers = [_host_buffer((max(token_counts), width), state_dtype, pin=cuda)
-                         for _ in range(SPILL_QUEUE + 1)] if spill is not None else []
-
-        def write_spill(position: int, b: int, hidden: torch.Tensor) -> None:
-            if not spill_buffers:  # all are being written: wait for the oldest
-                done, buffer = writing.popleft()
-                done.result()
-                spill_buffers.append(buffer)
-            buffer = spill_buffers.pop()
-            rows, ready = buffer[: token_counts[b]], None
-            flat = hidden.reshape(-1, width)
-            if flat.device.type == "cpu":
-                torch.index_select(flat, 0, valid[b], out=rows)
-            else:  # to pinned memory without waiting; the writer thread waits for the copy
-                rows.copy_(flat.index_select(0, valid[b]), non_blocking=True)
-                if flat.device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record(torch.cuda.current_stream(flat.device))
-            writing.append((writer.submit(spill.write, position, int(token_starts[b]), rows, ready), buffer))
-
-        def capture(position: int, b: int, hidden: torch.Tensor, entered: torch.Tensor | None = None) -> None:
-            """Keep what the metrics read of the state `hidden` (B, T, H) of batch b at `position`
-            (`entered`: the state that entered the layer that gave it)."""
-            rows, last = last_rows[b]
-            last_token[row_starts[b] : row_starts[b + 1], position].copy_(hidden[rows, last])
-            if spill is not None:
-                write_spill(position, b, hidden)
-            if consecutive is not None and entered is not None:
-                before, after = _unit_rows(entered, valid[b]), _unit_rows(hidden, valid[b])
-                consecutive[b][:, position - 1] = (before * after).sum(dim=-1)
-
-        def park(hidden: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
-            """`hidden` where the states wait between layers, in `slot` (the batch's buffer) where
-            they wait in CPU memory. The buffers are made once: from a GPU they are pinned, so the
-            copy (after the copy of the previous state back to the device, on the same stream)
-            does not hold up the host; on the CPU they are memory of their own, so the heap only
-            ever holds one batch's working set, the same at every layer."""
-            if parking.type != "cpu":
-                return hidden
-            if slot is None or slot.shape != hidden.shape or slot.dtype != hidden.dtype:
-                if hidden.device.type == "cpu":
-                    slot = own_memory(hidden.numel() * hidden.element_size()).view(hidden.dtype).view(hidden.shape)
-                else:
-                    slot = _host_buffer(hidden.shape, hidden.dtype, pin=hidden.device.type == "cuda")
-            return slot.copy_(hidden, non_blocking=True)
-
+            spill = SpilledStates(spill_root, positions, tokens, width, state_dtype)
+        keeper = _StateKeeper(batches, positions, width, state_dtype, device, spill,
+                              consecutive=bool(all_token_metrics) and not spill_needed)
         for b, hidden in enumerate(entering):
-            capture(0, b, hidden)
-        states = [park(hidden) for hidden in entering]
+            keeper.capture(0, b, hidden)
+        states = [_park(hidden, parking) for hidden in entering]
         del entering
 
         # 2. The layers: one computing, the next one read meanwhile.
-        stream = torch.cuda.Stream(device) if cuda else None
-        upcoming = prefetch.submit(_read_parameters, layer_keys[0], reader, dtype, device, stream)
-        peak_layer, heap = 0, _HeapWatch()
-        for index, layer in enumerate(tqdm(stack.layers, desc="layers", unit="layer", disable=not progress)):
-            state, upcoming = upcoming.result(), None
-            peak_layer = max(peak_layer, _assign_parameters(layer, state))
-            del state
-            if index + 1 < len(stack):  # at most two layers resident: this one and the next
-                upcoming = prefetch.submit(_read_parameters, layer_keys[index + 1], reader, dtype, device, stream)
-            with torch.inference_mode():
-                for b in range(len(states)):
-                    entered = states[b].to(device, non_blocking=True)
-                    args, kwargs = _replace_hidden(*calls[b][index], entered)
-                    hidden = output_tensor(layer(*args, **kwargs))
-                    capture(index + 1, b, hidden, entered)
-                    states[b] = park(hidden, states[b])
-                    del entered, args, kwargs, hidden
-            layer.to("meta")
-            heap.after_layer(slack=2 * peak_layer)
+        peak_layer = _run_layers(stack, layer_keys, reader, dtype, device, calls, states, keeper, parking, progress)
         del states, calls
-        while writing:
-            writing.popleft()[0].result()
-        spill_buffers.clear()
+        keeper.finish_writes()
 
-        # 3. Cosines, with the in-memory path's arithmetic: (B, P, P) per batch, (K, P, P) per token chunk.
-        for b in range(len(batches)):
-            cosines = unit_cosines(last_token[row_starts[b] : row_starts[b + 1]])
-            for metric in metrics:
-                if metric.level == "last_token":
-                    metric.update(cosines)
-        if consecutive is not None:  # only cos(x_l, x_l+1) is read: the rest of each matrix is NaN
-            step = max(1, READ_BACK_BYTES // (positions * positions * 4))
-            index = torch.arange(positions - 1, device=device)
-            for values in consecutive:
-                for start in range(0, len(values), step):
-                    part = values[start : start + step]
-                    cosines = torch.full((len(part), positions, positions), float("nan"), device=device)
-                    cosines[:, index, index + 1] = part
-                    for metric in all_token_metrics:
-                        metric.update(cosines)
-        if spill is not None:
-            chunk = chunk_tokens(positions, width)
-            starts = list(range(0, spill.tokens, chunk))
-            # Two buffers: the next chunk is read into one while the other's cosines are taken.
-            buffers = [_host_buffer((positions, chunk, width), spill.dtype, pin=cuda) for _ in range(2)]
-            copied = [None, None]  # CUDA: the event after which a buffer's copy to the device is done
-
-            def read(i: int, after) -> torch.Tensor:
-                if after is not None:
-                    after.synchronize()  # the buffer's previous chunk has reached the device
-                return spill.read(starts[i], min(starts[i] + chunk, spill.tokens), into=buffers[i % 2])
-
-            with ThreadPoolExecutor(1, thread_name_prefix="depthcut-read-back") as read_back:
-                upcoming = read_back.submit(read, 0, None)
-                for i in tqdm(range(len(starts)), desc="cosines", unit="chunk", disable=not progress):
-                    block, upcoming = upcoming.result(), None
-                    if i + 1 < len(starts):
-                        upcoming = read_back.submit(read, i + 1, copied[(i + 1) % 2])
-                    block = block.to(device, non_blocking=True)
-                    if cuda:
-                        copied[i % 2] = torch.cuda.Event()
-                        copied[i % 2].record(torch.cuda.current_stream(device))
-                    cosines = unit_cosines(block.transpose(0, 1))  # (tokens, P, H) -> (tokens, P, P)
-                    del block
-                    for metric in all_token_metrics:
-                        metric.update(cosines)
-            del buffers
+        # 3. Cosines, with the in-memory path's arithmetic.
+        keeper.update(metrics, progress)
     finally:
-        prefetch.shutdown(wait=True, cancel_futures=True)
-        if writer is not None:
-            writer.shutdown(wait=True, cancel_futures=True)
+        if keeper is not None:
+            keeper.close()
         if spill is not None:
             spill.close()
         if spill_root is not None:
@@ -684,3 +485,208 @@ def stream_states(
                                                                                  spill.dtype.itemsize),
                      "spilled_dtype": None if spill is None else str(spill.dtype).removeprefix("torch.")},
     }
+
+
+def _states_exceed_half_the_memory(batches: list, hidden_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every sample's hidden state takes more than half the accelerator's free memory."""
+    states_bytes = sum(token.numel() for token, _ in batches) * hidden_size * dtype.itemsize
+    free = available_memory_bytes(device) if device.type != "cpu" else None
+    return free is not None and states_bytes > free / 2
+
+
+def _embed(model, stack: LayerStack, reader: CheckpointReader, batches: list, dtype: torch.dtype,
+           device: torch.device, progress: bool) -> tuple[int, list, list]:
+    """Load the parameters outside the decoder stack (but an untied output head), record every
+    batch's layer calls, then free them again. Returns (their bytes, per batch the L layer calls,
+    per batch the state entering layer 0)."""
+    output_head = model.get_output_embeddings()
+    skip = {id(p) for p in output_head.parameters()} if output_head is not None else set()
+    skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied: the embeddings stay
+    skip |= {id(p) for p in stack.layers.parameters()}
+    resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
+    calls = _record_layer_calls(model, stack, batches, device, progress)
+    entering = [first_tensor(*batch_calls[0]) for batch_calls in calls]
+    model.to("meta")  # the embeddings are done with
+    _release_freed_memory()
+    return resident, calls, entering
+
+
+def _run_layers(stack: LayerStack, layer_keys: list[dict[str, str]], reader: CheckpointReader, dtype: torch.dtype,
+                device: torch.device, calls: list, states: list, keeper: _StateKeeper, parking: torch.device,
+                progress: bool) -> int:
+    """Every batch through every layer, layer after layer, while a background thread reads the next
+    layer's weights: at most two layers hold weights. `states` (per batch) are replaced by each
+    layer's output. Returns the largest layer's bytes."""
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="depthcut-prefetch")
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    try:
+        upcoming = prefetch.submit(_read_parameters, layer_keys[0], reader, dtype, device, stream)
+        peak_layer, heap = 0, _HeapWatch()
+        for index, layer in enumerate(tqdm(stack.layers, desc="layers", unit="layer", disable=not progress)):
+            state, upcoming = upcoming.result(), None
+            peak_layer = max(peak_layer, _assign_parameters(layer, state))
+            del state
+            if index + 1 < len(stack):  # at most two layers resident: this one and the next
+                upcoming = prefetch.submit(_read_parameters, layer_keys[index + 1], reader, dtype, device, stream)
+            _layer_step(layer, index, calls, states, keeper, parking, device)
+            layer.to("meta")
+            heap.after_layer(slack=2 * peak_layer)
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+    return peak_layer
+
+
+def _layer_step(layer: torch.nn.Module, index: int, calls: list, states: list, keeper: _StateKeeper,
+                parking: torch.device, device: torch.device) -> None:
+    """Every batch's state through `layer` (the index-th, its weights loaded), with the call recorded for that batch."""
+    with torch.inference_mode():
+        for b in range(len(states)):
+            entered = states[b].to(device, non_blocking=True)
+            args, kwargs = _replace_hidden(*calls[b][index], entered)
+            hidden = output_tensor(layer(*args, **kwargs))
+            keeper.capture(index + 1, b, hidden, entered)
+            states[b] = _park(hidden, parking, states[b])
+            del entered, args, kwargs, hidden
+
+
+def _park(hidden: torch.Tensor, parking: torch.device, slot: torch.Tensor | None = None) -> torch.Tensor:
+    """`hidden` where the states wait between layers (`parking`), in `slot` (the batch's buffer) where
+    they wait in CPU memory. The buffers are made once: from a GPU they are pinned, so the copy (after
+    the copy of the previous state back to the device, on the same stream) does not hold up the host;
+    on the CPU they are memory of their own, so the heap only ever holds one batch's working set, the
+    same at every layer."""
+    if parking.type != "cpu":
+        return hidden
+    if slot is None or slot.shape != hidden.shape or slot.dtype != hidden.dtype:
+        if hidden.device.type == "cpu":
+            slot = own_memory(hidden.numel() * hidden.element_size()).view(hidden.dtype).view(hidden.shape)
+        else:
+            slot = _host_buffer(hidden.shape, hidden.dtype, pin=hidden.device.type == "cuda")
+    return slot.copy_(hidden, non_blocking=True)
+
+
+class _StateKeeper:
+    """What the metrics read of each state as it leaves a layer, and the cosines taken of it at the end.
+
+    Always the state at each sequence's last token ((samples, L+1, hidden), on the device). With
+    all-token metrics also either cos(x_l, x_l+1) of every valid token (Block Influence alone reads
+    nothing else), or every valid token's state, spilled to `spill` by a background writer.
+    """
+
+    def __init__(self, batches: list, positions: int, width: int, dtype: torch.dtype, device: torch.device,
+                 spill: SpilledStates | None, consecutive: bool):
+        sizes = [int(mask.shape[0]) for _, mask in batches]
+        self.token_counts = [int(mask.sum()) for _, mask in batches]
+        self.positions, self.width, self.device, self.spill = positions, width, device, spill
+        # Per batch, on the device once: the rows and positions of the last tokens, the valid tokens.
+        self.last_rows = [(torch.arange(size, device=device), last_positions(mask).to(device))
+                          for size, (_, mask) in zip(sizes, batches, strict=True)]
+        self.valid = [mask.reshape(-1).nonzero()[:, 0].to(device) for _, mask in batches] \
+            if spill is not None or consecutive else None
+        self.last_token = torch.empty(sum(sizes), positions, width, dtype=dtype, device=device)
+        self.consecutive = [torch.empty(count, positions - 1, dtype=torch.float32, device=device)
+                            for count in self.token_counts] if consecutive else None
+        self.row_starts = np.cumsum([0, *sizes])
+        self.token_starts = np.cumsum([0, *self.token_counts])
+        # The spilled states of a batch at one position go through a few buffers, reused: a steady
+        # memory (no allocation per batch) and at most SPILL_QUEUE writes waiting.
+        self.spill_buffers = [_host_buffer((max(self.token_counts), width), dtype, pin=device.type == "cuda")
+                              for _ in range(SPILL_QUEUE + 1)] if spill is not None else []
+        self.writing: deque = deque()  # (write in progress, its buffer), oldest first
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="depthcut-spill") if spill is not None else None
+
+    def capture(self, position: int, b: int, hidden: torch.Tensor, entered: torch.Tensor | None = None) -> None:
+        """Keep what the metrics read of the state `hidden` (B, T, H) of batch b at `position`
+        (`entered`: the state that entered the layer that gave it)."""
+        rows, last = self.last_rows[b]
+        self.last_token[self.row_starts[b] : self.row_starts[b + 1], position].copy_(hidden[rows, last])
+        if self.spill is not None:
+            self._write_spill(position, b, hidden)
+        if self.consecutive is not None and entered is not None:
+            before, after = _unit_rows(entered, self.valid[b]), _unit_rows(hidden, self.valid[b])
+            self.consecutive[b][:, position - 1] = (before * after).sum(dim=-1)
+
+    def _write_spill(self, position: int, b: int, hidden: torch.Tensor) -> None:
+        if not self.spill_buffers:  # all are being written: wait for the oldest
+            done, buffer = self.writing.popleft()
+            done.result()
+            self.spill_buffers.append(buffer)
+        buffer = self.spill_buffers.pop()
+        rows, ready = buffer[: self.token_counts[b]], None
+        flat = hidden.reshape(-1, self.width)
+        if flat.device.type == "cpu":
+            torch.index_select(flat, 0, self.valid[b], out=rows)
+        else:  # to pinned memory without waiting; the writer thread waits for the copy
+            rows.copy_(flat.index_select(0, self.valid[b]), non_blocking=True)
+            if flat.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(flat.device))
+        self.writing.append((self.writer.submit(self.spill.write, position, int(self.token_starts[b]), rows, ready),
+                             buffer))
+
+    def finish_writes(self) -> None:
+        """Wait for every spilled state to be written (raising a writer's error), and free the buffers."""
+        while self.writing:
+            self.writing.popleft()[0].result()
+        self.spill_buffers.clear()
+
+    def update(self, metrics: list, progress: bool) -> None:
+        """Feed `metrics` the cosines of what was kept: (B, P, P) per batch, (K, P, P) per token chunk."""
+        all_token_metrics = [m for m in metrics if m.level == "all_tokens"]
+        for b in range(len(self.last_rows)):
+            cosines = unit_cosines(self.last_token[self.row_starts[b] : self.row_starts[b + 1]])
+            for metric in metrics:
+                if metric.level == "last_token":
+                    metric.update(cosines)
+        if self.consecutive is not None:
+            _consecutive_cosines(self.consecutive, self.positions, all_token_metrics, self.device)
+        if self.spill is not None:
+            _spilled_cosines(self.spill, all_token_metrics, self.device, progress)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _consecutive_cosines(consecutive: list[torch.Tensor], positions: int, metrics: list, device: torch.device) -> None:
+    """Feed `metrics` the cosines cos(x_l, x_l+1) (per batch, (tokens, P-1)) as (K, P, P) matrices
+    whose other entries are NaN: they read nothing else."""
+    step = max(1, READ_BACK_BYTES // (positions * positions * 4))
+    index = torch.arange(positions - 1, device=device)
+    for values in consecutive:
+        for start in range(0, len(values), step):
+            part = values[start : start + step]
+            cosines = torch.full((len(part), positions, positions), float("nan"), device=device)
+            cosines[:, index, index + 1] = part
+            for metric in metrics:
+                metric.update(cosines)
+
+
+def _spilled_cosines(spill: SpilledStates, metrics: list, device: torch.device, progress: bool) -> None:
+    """Feed `metrics` the cosines of every spilled token, read back in chunks: the next chunk is read
+    (in another thread) into one of two buffers while the other's cosines are taken."""
+    cuda = device.type == "cuda"
+    chunk = chunk_tokens(spill.positions, spill.width)
+    starts = list(range(0, spill.tokens, chunk))
+    buffers = [_host_buffer((spill.positions, chunk, spill.width), spill.dtype, pin=cuda) for _ in range(2)]
+    copied = [None, None]  # CUDA: the event after which a buffer's copy to the device is done
+
+    def read(i: int, after) -> torch.Tensor:
+        if after is not None:
+            after.synchronize()  # the buffer's previous chunk has reached the device
+        return spill.read(starts[i], min(starts[i] + chunk, spill.tokens), into=buffers[i % 2])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="depthcut-read-back") as read_back:
+        upcoming = read_back.submit(read, 0, None)
+        for i in tqdm(range(len(starts)), desc="cosines", unit="chunk", disable=not progress):
+            block, upcoming = upcoming.result(), None
+            if i + 1 < len(starts):
+                upcoming = read_back.submit(read, i + 1, copied[(i + 1) % 2])
+            block = block.to(device, non_blocking=True)
+            if cuda:
+                copied[i % 2] = torch.cuda.Event()
+                copied[i % 2].record(torch.cuda.current_stream(device))
+            cosines = unit_cosines(block.transpose(0, 1))  # (tokens, P, H) -> (tokens, P, P)
+            del block
+            for metric in metrics:
+                metric.update(cosines)

@@ -1,9 +1,24 @@
-"""Checkpoints that survive a kill at any moment: written to a temporary folder, then renamed."""
+"""Checkpoints that survive a kill at any moment: written to a temporary folder, then renamed.
+
+A checkpoint `step-N/` holds `recipe.json` (the settings it belongs to) and `state.pt`: tensors and
+plain values only (dicts, lists, tuples, numbers, strings), read back with
+`torch.load(weights_only=True)`, so resuming never unpickles an arbitrary object:
+
+    format     2
+    step       the optimizer steps done
+    adapter    {peft parameter name: tensor}: the LoRA weights
+    optimizer  torch optimizer state dict; scheduler: its LR scheduler's
+    rng        {"torch": uint8 tensor, "python": random.getstate() (version, tuple of ints, gauss),
+                "numpy": {"kind", "key" (int64 tensor of the uint32 key), "pos", "has_gauss", "cached_gaussian"}}
+    log        [{"step", "loss", "lr", "tokens", "tokens_per_s"}, ...]: every step so far
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -16,16 +31,24 @@ from depthcut.output import atomic_output_dir, remove_stale
 
 STATE_FILE = "state.pt"
 RECIPE_FILE = "recipe.json"
+FORMAT = 2  # 1: state.pt pickled numpy's state as an array (it needed weights_only=False)
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The torch, python and numpy generators' states, as tensors and plain values."""
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+             "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, recipe: dict) -> Path:
@@ -34,7 +57,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, recipe: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
     with atomic_output_dir(final, force=True) as staging:
-        torch.save({"step": step, **state}, staging / STATE_FILE)
+        torch.save({"format": FORMAT, "step": step, **state}, staging / STATE_FILE)
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
     for older in folder.glob("step-*"):
         if older != final:
@@ -58,9 +81,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, recipe: dict) -> dict:
-    """The saved state, after checking it belongs to a run with the same recipe."""
+    """The saved state, after checking it belongs to a run with the same recipe. Only tensors and
+    plain values are read: a state file holding any other object is refused, never unpickled."""
     saved = json.loads((path / RECIPE_FILE).read_text())
     details = settings_difference(saved, recipe)
     if details:
         raise DepthcutError(f"checkpoint {path} is from a different run ({details}); start afresh without --resume")
-    return torch.load(path / STATE_FILE, weights_only=False)
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"a pickled `{found.group(1)}`" if found else "objects other than tensors and plain values"
+        raise DepthcutError(f"checkpoint {path / STATE_FILE} holds {what}: it was refused, not unpickled (a checkpoint "
+                            "of an older depthcut cannot be resumed either); start afresh without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DepthcutError(f"checkpoint {path} is not in the format this depthcut writes; start afresh without "
+                            "--resume")
+    return state

@@ -32,10 +32,10 @@ def heal_card(provenance: dict) -> str:
         lines.append(f"| pruning | layers {pruning.get('removed_layers')} removed ({pruning.get('strategy')}) |")
     recipe = healing["recipe"]
     lines += [
-        f"| LoRA | rank {recipe['rank']}, alpha {recipe['alpha'] or recipe['rank']}, dropout {recipe['dropout']}, "
-        f"targets {recipe['targets']} |",
-        f"| training | {healing['steps']} steps, {healing['tokens']:,} tokens, lr {recipe['lr']} cosine, "
-        f"{recipe['warmup_steps']} warmup |",
+        (f"| LoRA | rank {recipe['rank']}, alpha {recipe['alpha'] or recipe['rank']}, dropout {recipe['dropout']}, "
+         f"targets {recipe['targets']} |"),
+        (f"| training | {healing['steps']} steps, {healing['tokens']:,} tokens, lr {recipe['lr']} cosine, "
+         f"{recipe['warmup_steps']} warmup |"),
         f"| held-out loss | {before:.4f} → {after:.4f} |", "",
         "The LoRA weights are merged into this model; the adapter alone is in `adapter/`.",
         f"`{PROVENANCE_FILE}` records the whole recipe, and `train_log.jsonl` every step.", "",

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from depthcut.calibration import build_calibration
 from depthcut.data import TextSource
+from depthcut.distributed import process_state
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -168,6 +169,181 @@ def _wrap_with_lora(model, recipe: HealRecipe, layer_path):
         return get_peft_model(model, config), targets
 
 
+@dataclass
+class _Run:
+    """One healing run between its set-up and its end: what every step reads and advances."""
+
+    recipe: HealRecipe
+    accelerator: object  # accelerate.Accelerator
+    model: torch.nn.Module  # the peft model; wrapped for data parallelism once `prepare`d
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    windows: torch.Tensor  # (windows, seq_len) token ids of the training split
+    held: object  # CalibrationSet of the held-out split
+    total_steps: int
+    fingerprint: dict  # what a checkpoint must match to be resumed
+    loss_before: dict
+    precision_reason: str
+    start: int = 0
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def prepare(self) -> None:
+        """Hand the model and optimizer to accelerate (after any restore: it loads into the unwrapped ones)."""
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def peft_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+def _set_up(model, tokenizer, data: TextSource, recipe: HealRecipe, layer_path) -> _Run:
+    """Everything before the first step: the process group, the training and held-out windows, the
+    loss before healing, the LoRA-wrapped model, its optimizer and learning-rate schedule."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    _check_quantization(recipe)
+    if recipe.quantize:
+        keep_4bit_differentiable(model)
+    device = next(model.parameters()).device
+    recipe, precision_reason = resolve_mixed_precision(recipe, device)
+    state = process_state(device)  # launched as several: the process group forms here, or a DepthcutError says why
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision, cpu=device.type == "cpu")
+    world = state.num_processes
+    total_steps = recipe.total_steps(world)
+    train_source, held_source = split_documents(data, recipe.heldout_fraction, recipe.seed)
+    windows = _training_windows(tokenizer, train_source, recipe, total_steps * recipe.batch_size * recipe.grad_accum * world)
+    held = build_calibration(tokenizer, held_source, recipe.heldout_windows, recipe.seq_len, "windows", recipe.seed,
+                             allow_fewer=True)
+    loss_before = heldout_loss(model, held, batch_size=recipe.batch_size)
+
+    model, targets = _wrap_with_lora(model, recipe, layer_path)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                                  weight_decay=recipe.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, total_steps)
+    fingerprint = {**recipe.as_dict(), "world_size": world, "targets_resolved": len(targets),
+                   "data": data.description, "documents": len(data.documents), "windows": len(windows)}
+    return _Run(recipe, accelerator, model, optimizer, scheduler, windows, held, total_steps, fingerprint, loss_before,
+                precision_reason)
+
+
+def _restore(run: _Run, checkpoints: Path) -> None:
+    """Continue from the newest checkpoint in `checkpoints`, if there is one (before `run.prepare()`)."""
+    from peft import set_peft_model_state_dict
+
+    found = latest_checkpoint(checkpoints)
+    if found is None:
+        return
+    state = load_checkpoint(found, run.fingerprint)
+    set_peft_model_state_dict(run.model, state["adapter"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    run.start, run.log = state["step"], state["log"]
+
+
+def _save(run: _Run, checkpoints: Path, step: int) -> None:
+    """Checkpoint after `step` steps; every process waits for it, the first one writes it."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        save_checkpoint(checkpoints, step, {
+            "adapter": _adapter_state(run.peft_model()), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "log": run.log}, run.fingerprint)
+
+
+def _step(run: _Run, step: int) -> float:
+    """One optimizer step over `grad_accum` micro-batches; the loss, averaged over the processes."""
+    recipe, accelerator = run.recipe, run.accelerator
+    torch.manual_seed(recipe.seed * 7919 + step * 104729 + run.rank)  # dropout noise of this step
+    step_loss = 0.0
+    for micro in range(recipe.grad_accum):
+        ids = _batch(run.windows, recipe, step, micro, run.rank, run.world).to(accelerator.device)
+        # Gradients are averaged across processes only on the last micro-batch.
+        sync = accelerator.no_sync(run.model) if micro < recipe.grad_accum - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            loss = run.model(input_ids=ids, labels=ids, use_cache=False).loss / recipe.grad_accum
+        accelerator.backward(loss)
+        step_loss += float(loss.detach())
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+
+
+@contextmanager
+def _step_log(path: str | Path | None, append: bool):
+    """A function that writes a step's log entry as one JSON line of `path` (for no path, nowhere)."""
+    if path is None:
+        yield lambda entry: None
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w", encoding="utf-8") as file:
+
+        def write(entry: dict) -> None:
+            file.write(json.dumps(entry) + "\n")
+            file.flush()
+
+        yield write
+
+
+def _train(run: _Run, checkpoints: Path | None, checkpoint_every: int, log_path, progress: bool,
+           on_step: Callable[[int, dict], None] | None) -> float:
+    """Steps from `run.start` to the end, logging each; the seconds they took."""
+    main = run.accelerator.is_main_process
+    per_step = run.recipe.tokens_per_step(run.world)
+    bar = tqdm(total=run.total_steps, initial=run.start, desc="heal", unit="step", disable=not progress or not main)
+    began = time.perf_counter()
+    run.model.train()
+    with bar, _step_log(log_path if main and log_path else None, append=run.start > 0) as write_log:
+        for step in range(run.start, run.total_steps):
+            loss = _step(run, step)
+            elapsed = time.perf_counter() - began
+            entry = {"step": step + 1, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "tokens": (step + 1) * per_step,
+                     "tokens_per_s": (step + 1 - run.start) * per_step / max(elapsed, 1e-9)}
+            run.log.append(entry)
+            write_log(entry)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            bar.update(1)
+            if checkpoints is not None and (step + 1) % checkpoint_every == 0 and step + 1 < run.total_steps:
+                _save(run, checkpoints, step + 1)
+            if on_step is not None:
+                on_step(step + 1, entry)
+    return time.perf_counter() - began
+
+
+def _finish(run: _Run, seconds: float, full_precision_base: Callable[[], torch.nn.Module] | None) -> HealResult:
+    """The result: the adapter merged (into `full_precision_base()` for QLoRA), the held-out loss after."""
+    recipe, held = run.recipe, run.held
+    peft_model = run.peft_model()
+    peft_model.eval()
+    adapter = {k: v.detach().clone() for k, v in _adapter_state(peft_model).items()}
+    steps = run.total_steps - run.start
+    result = HealResult(None, recipe, adapter, peft_model.peft_config["default"], run.loss_before, None, steps,
+                        steps * recipe.tokens_per_step(run.world), seconds, run.log, run.precision_reason)
+    if recipe.quantize:
+        result.loss_after_adapter = heldout_loss(peft_model, held, batch_size=recipe.batch_size)
+        if full_precision_base is None:
+            result.model, result.loss_after = peft_model, result.loss_after_adapter
+            return result
+        run.model = None  # the 4-bit model goes before the full-precision one is loaded
+        del peft_model
+        merged = merge_adapter(full_precision_base(), result)
+    else:
+        merged = peft_model.merge_and_unload()
+    if recipe.gradient_checkpointing:
+        merged.gradient_checkpointing_disable()
+    result.model = merged
+    result.loss_after = heldout_loss(merged, held, batch_size=recipe.batch_size)
+    return result
+
+
 def heal(
     model,
     tokenizer,
@@ -191,108 +367,10 @@ def heal(
     `loss_after_adapter` is the loss of the 4-bit base with the adapter, as it was trained.
     Without `full_precision_base`, `result.model` is the 4-bit model with the adapter unmerged.
     """
-    recipe = recipe or HealRecipe()
-    from accelerate import Accelerator
-    from peft import set_peft_model_state_dict
-    from transformers import get_cosine_schedule_with_warmup
-
-    _check_quantization(recipe)
-    if recipe.quantize:
-        keep_4bit_differentiable(model)
-    recipe, precision_reason = resolve_mixed_precision(recipe, next(model.parameters()).device)
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision, cpu=next(model.parameters()).device.type == "cpu")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    total_steps = recipe.total_steps(world)
-    train_source, held_source = split_documents(data, recipe.heldout_fraction, recipe.seed)
-    windows = _training_windows(tokenizer, train_source, recipe, total_steps * recipe.batch_size * recipe.grad_accum * world)
-    held = build_calibration(tokenizer, held_source, recipe.heldout_windows, recipe.seq_len, "windows", recipe.seed,
-                             allow_fewer=True)
-    loss_before = heldout_loss(model, held, batch_size=recipe.batch_size)
-
-    model, targets = _wrap_with_lora(model, recipe, layer_path)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, total_steps)
-    fingerprint = {**recipe.as_dict(), "world_size": world, "targets_resolved": len(targets),
-                   "data": data.description, "documents": len(data.documents), "windows": len(windows)}
-
-    start, log = 0, []
+    run = _set_up(model, tokenizer, data, recipe or HealRecipe(), layer_path)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None
-    if resume and checkpoints is not None and (found := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(found, fingerprint)
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, log = state["step"], state["log"]
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    log_file = None
-    if log_path and accelerator.is_main_process:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "a" if start else "w", encoding="utf-8")
-    bar = tqdm(total=total_steps, initial=start, desc="heal", unit="step", disable=not progress or not accelerator.is_main_process)
-    began = time.perf_counter()
-    model.train()
-    try:
-        for step in range(start, total_steps):
-            torch.manual_seed(recipe.seed * 7919 + step * 104729 + rank)  # dropout noise of this step
-            step_loss = 0.0
-            for micro in range(recipe.grad_accum):
-                ids = _batch(windows, recipe, step, micro, rank, world).to(accelerator.device)
-                # Gradients are averaged across processes only on the last micro-batch.
-                sync = accelerator.no_sync(model) if micro < recipe.grad_accum - 1 else nullcontext()
-                with sync, accelerator.autocast():
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss / recipe.grad_accum
-                accelerator.backward(loss)
-                step_loss += float(loss.detach())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
-            elapsed = time.perf_counter() - began
-            entry = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                     "tokens": (step + 1) * recipe.tokens_per_step(world),
-                     "tokens_per_s": (step + 1 - start) * recipe.tokens_per_step(world) / max(elapsed, 1e-9)}
-            log.append(entry)
-            if log_file:
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            bar.update(1)
-            if checkpoints is not None and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    unwrapped = accelerator.unwrap_model(model)
-                    save_checkpoint(checkpoints, step + 1, {
-                        "adapter": _adapter_state(unwrapped), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "log": log}, fingerprint)
-            if on_step is not None:
-                on_step(step + 1, entry)
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
-    seconds = time.perf_counter() - began
-
-    peft_model = accelerator.unwrap_model(model)
-    peft_model.eval()
-    adapter = {k: v.detach().clone() for k, v in _adapter_state(peft_model).items()}
-    result = HealResult(None, recipe, adapter, peft_model.peft_config["default"], loss_before, None,
-                        total_steps - start, (total_steps - start) * recipe.tokens_per_step(world), seconds, log,
-                        precision_reason)
-    if recipe.quantize:
-        result.loss_after_adapter = heldout_loss(peft_model, held, batch_size=recipe.batch_size)
-        if full_precision_base is None:
-            result.model, result.loss_after = peft_model, result.loss_after_adapter
-            return result
-        del peft_model, model
-        merged = merge_adapter(full_precision_base(), result)
-    else:
-        merged = peft_model.merge_and_unload()
-    if recipe.gradient_checkpointing:
-        merged.gradient_checkpointing_disable()
-    result.model = merged
-    result.loss_after = heldout_loss(merged, held, batch_size=recipe.batch_size)
-    return result
-
+    if resume and checkpoints is not None:
+        _restore(run, checkpoints)
+    run.prepare()
+    seconds = _train(run, checkpoints, checkpoint_every, log_path, progress, on_step)
+    return _finish(run, seconds, full_precision_base)

@@ -2,4 +2,9 @@
 
 - `depthcut.io.text`: UTF-8 text and JSON Lines with line-numbered errors.
 - `depthcut.io.settings`: the "made with other settings" check shared by resumable outputs.
+- `depthcut.io.safetensors`: safetensors headers (checked), one tensor read by plain file reads,
+  files written a tensor at a time (copied bytes or in-memory tensors); the dtype table.
+- `depthcut.io.atomic`: outputs that appear whole or not at all (claims of --out, temporary
+  siblings, atomic publish, write failures as one clear error).
+- `depthcut.io.skeleton`: a model built from its config with no weights (meta parameters).
 """

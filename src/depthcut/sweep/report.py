@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.output import atomic_output_dir, atomic_output_file
+from depthcut.io.atomic import atomic_output_dir, atomic_output_file
 from depthcut.sweep.figures import make_figures
 from depthcut.sweep.results import ResultsLog, finite, forward_ms, task_accuracy
 
@@ -221,7 +221,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     log = ResultsLog(folder)
     settings, points = log.settings() or {}, sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p["healed"]))
     model = str(settings.get("model") or "")
-    # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.output).
+    # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.io.atomic).
     with atomic_output_dir(folder / "figures", force=True) as staging:
         drawn = make_figures(points, log.analysis(), staging, model=model or None)
         images = {name: _image(path) for name, path in drawn.items()}

@@ -1,0 +1,123 @@
+"""`heal_to`: what `depthcut heal` does and writes, as one call (from the CLI or a notebook).
+
+Checkpoints go to `OUT-checkpoints` while the run lasts: a failed or interrupted run keeps them
+for `resume=True`, a finished one removes them. In a data-parallel launch every process trains
+and returns the result; the first one writes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from depthcut.distributed import is_main_process
+from depthcut.errors import DepthcutError
+from depthcut.healing.recipe import HealRecipe
+from depthcut.healing.trainer import HealResult
+from depthcut.io.atomic import claimed_for_writing
+
+
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where a heal writing `out` keeps its checkpoints: `OUT-checkpoints`, beside it."""
+    return Path(f"{str(out).rstrip('/')}-checkpoints")
+
+
+def heal_to(
+    model_spec: str,
+    data_spec: str,
+    out: str | Path,
+    recipe: HealRecipe,
+    *,
+    text_field: str = "text",
+    dtype: str = "auto",
+    device: str = "auto",
+    layer_path: str | None = None,
+    trust_remote_code: bool = False,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> HealResult:
+    """Heal MODEL `model_spec` on DATA `data_spec` with `recipe` and save the merged model to `out`
+    (with `adapter/`, `train_log.jsonl`, `depthcut.json` and a model card), as `depthcut heal` does.
+
+    `out` is claimed before any heavy work: it must not exist unless `force`. Checkpoints of an
+    earlier run in `OUT-checkpoints` are continued with `resume`, or replaced with `force`.
+    """
+    from depthcut.data import load_texts
+    from depthcut.healing.export import save_healed
+    from depthcut.healing.trainer import _check_quantization, full_precision_loader, heal
+    from depthcut.models import check_context_length, load_model_announced, resolve_model
+
+    _check_quantization(recipe)
+    if checkpoint_every < 1:
+        raise DepthcutError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    with claimed_for_writing(out, force):
+        checkpoints = _checkpoints_for(out, resume, force)
+        resolve_model(model_spec)  # a bad MODEL fails here, before the data and the heavy imports
+        data = load_texts(data_spec, text_field)
+        model, tokenizer, source = load_model_announced(model_spec, quiet=not progress, dtype=dtype, device=device,
+                                                        trust_remote_code=trust_remote_code, quantize=recipe.quantize)
+        check_context_length(model, recipe.seq_len)
+        full_precision_base = full_precision_loader(model_spec, dtype=dtype, device=device,
+                                                    trust_remote_code=trust_remote_code) if recipe.quantize else None
+        log_path = checkpoints / "train_log.jsonl"
+        with _kept_on_failure(checkpoints):
+            result = heal(model, tokenizer, data, recipe, layer_path=layer_path, checkpoint_dir=checkpoints,
+                          checkpoint_every=checkpoint_every, resume=resume, log_path=log_path, progress=progress,
+                          full_precision_base=full_precision_base)
+            if not is_main_process():
+                return result  # data-parallel run: the first process writes the result
+            save_healed(result, tokenizer, out, base_model=source.as_dict(), data=data.description,
+                        log_path=log_path, force=force)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return result
+
+
+def print_heal_summary(result: HealResult, out: str | Path, stream=None) -> None:
+    """The lines `depthcut heal` ends with: the held-out loss before and after, the run's size, where it went."""
+    from depthcut.healing.export import run_totals
+
+    before, after, totals = result.loss_before, result.loss_after, run_totals(result)
+    print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (normalized {before['normalized_loss']:.4f} -> "
+          f"{after['normalized_loss']:.4f}); {totals['steps']} steps, {totals['tokens']:,} tokens, "
+          f"{result.tokens / max(result.seconds, 1e-9):.0f} tokens/s", file=stream or sys.stdout)
+    print(f"healed model: {out}", file=stream or sys.stdout)
+
+
+def _checkpoints_for(out: str | Path, resume: bool, force: bool) -> Path:
+    """`OUT-checkpoints`, ready for this run: an earlier run's checkpoints are continued (resume),
+    removed (force) or refused; half-written ones are removed."""
+    from depthcut.healing.checkpoint import remove_stale_checkpoints
+
+    checkpoints = checkpoint_folder(out)
+    if checkpoints.exists() and not resume and not force:
+        raise DepthcutError(f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it "
+                            "or --force to start over")
+    if is_main_process():
+        if not resume:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        remove_stale_checkpoints(checkpoints)
+    return checkpoints
+
+
+@contextmanager
+def _kept_on_failure(checkpoints: Path) -> Iterator[None]:
+    """When the block fails or is interrupted, checkpoints stay for --resume (and the user is told);
+    a checkpoint folder it made without a checkpoint in it is removed."""
+    from depthcut.healing.checkpoint import latest_checkpoint
+
+    existed = checkpoints.exists()
+    try:
+        yield
+    except BaseException:
+        if is_main_process() and checkpoints.exists():
+            if latest_checkpoint(checkpoints) is not None:
+                print(f"depthcut: checkpoints kept in {checkpoints}: the same command with --resume continues",
+                      file=sys.stderr)
+            elif not existed:
+                shutil.rmtree(checkpoints, ignore_errors=True)
+        raise

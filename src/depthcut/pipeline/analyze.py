@@ -1,0 +1,115 @@
+"""`analyze_to`: what `depthcut analyze` writes, from Python: the analysis of a model on calibration
+text, in memory or one layer at a time, saved with its heatmap and provenance."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from depthcut.distributed import is_main_process
+from depthcut.errors import DepthcutError
+from depthcut.io.atomic import claimed_for_writing
+from depthcut.pipeline.common import (
+    DataOptions,
+    DeviceMapOption,
+    ModelOptions,
+    OutputOptions,
+    check_data_options,
+    load,
+    run_analysis,
+)
+from depthcut.pipeline.options import make_config, option
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
+    data: str = option(help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
+                            "hf:NAME[:CONFIG][:SPLIT], or c4")
+    stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
+                                      "shards (for models bigger than memory; automatic when a local model would "
+                                      "not fit)")
+    spill_dir: str | None = option(None, metavar="DIR",
+                                   help="where --stream writes the all-token states (default: the temp folder; the "
+                                        "space needed is checked first)")
+
+
+def should_stream(config: AnalyzeConfig, source) -> bool:
+    """--stream, or a local safetensors model bigger than the memory it would be loaded into."""
+    from depthcut.streaming import is_safetensors_folder, would_not_fit
+
+    if config.spill_dir is not None and not Path(config.spill_dir).is_dir():
+        raise DepthcutError(f"the spill folder {config.spill_dir} does not exist")
+    if config.stream:
+        if not is_safetensors_folder(source.location):
+            raise DepthcutError(f"--stream needs a local folder of safetensors weights with its config.json; "
+                                f"{config.model} is not one (for a hub model, download it first: "
+                                f"huggingface-cli download {config.model} --local-dir DIR)")
+        if config.device_map:
+            raise DepthcutError("--stream and --device-map exclude each other: streaming holds one layer at a time")
+        return True
+    if config.device_map or not is_safetensors_folder(source.location):
+        return False
+    from depthcut.models import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    verdict = would_not_fit(source.location, resolve_dtype(config.dtype, device), device)
+    if verdict:
+        print(f"depthcut: {verdict}: analyzing it one layer at a time (--stream)", file=sys.stderr)
+    return bool(verdict)
+
+
+def _analyze_streamed(config: AnalyzeConfig, source):
+    from depthcut.analysis import analyze_streamed
+    from depthcut.precision import DtypeChoice, announce
+
+    analysis = analyze_streamed(source.location, data=config.data, layer_path=config.layer_path, dtype=config.dtype,
+                                device=config.device, spill_dir=config.spill_dir,
+                                trust_remote_code=config.trust_remote_code, progress=not config.quiet,
+                                **config.analysis_options())
+    source.dtype = DtypeChoice.from_dict(analysis.metadata["dtype_choice"])
+    announce(source.dtype)
+    return analysis, source
+
+
+def analyze_to(config: AnalyzeConfig | None = None, /, **fields):
+    """Analyze a model and write `out/analysis.json` and `out/heatmap.png`, as `depthcut analyze` does.
+
+    Takes an `AnalyzeConfig`, or its fields: `analyze_to(model="smollm2-135m", data="c4", out="runs/a")`.
+    Streams the model one layer at a time when asked or when it would not fit. Returns the `Analysis`.
+    In a data-parallel launch every process returns it and the first one writes it.
+    """
+    config = make_config(AnalyzeConfig, config, fields)
+    check_data_options(config)
+    with claimed_for_writing(config.out, config.force):
+        return _analyze(config)
+
+
+def _analyze(config: AnalyzeConfig):
+    from depthcut.models import resolve_model
+    from depthcut.output import atomic_output_dir, environment
+    from depthcut.plotting import plot_heatmap
+
+    source = resolve_model(config.model)  # a bad MODEL fails here, before the heavy imports
+    if should_stream(config, source):
+        analysis, source = _analyze_streamed(config, source)
+    else:
+        model, tokenizer, source = load(config, quiet=config.quiet)
+        analysis = run_analysis(model, tokenizer, config, config.layer_path, progress=not config.quiet)
+    analysis.metadata["model"] = source.as_dict()
+    analysis.metadata["environment"] = environment()
+    if is_main_process():
+        with atomic_output_dir(config.out, config.force) as staging:
+            analysis.save(staging / "analysis.json")
+            plot_heatmap(analysis, staging / "heatmap.png")
+    return analysis
+
+
+def analysis_summary(analysis, out: str | Path) -> list[str]:
+    """The lines `depthcut analyze` prints: where the files are and the best block of each size."""
+    out = Path(out)
+    lines = [f"analysis: {out / 'analysis.json'}", f"heatmap:  {out / 'heatmap.png'}",
+             "most redundant block per size n (0-based, half-open [l, l+n)):"]
+    for n, (first, stop) in list(analysis.best_blocks().items())[: min(8, analysis.num_layers - 1)]:
+        lines.append(f"  n={n:>2}: [{first}, {stop})  d={analysis.distance(first, int(n)):.4f}")
+    return lines

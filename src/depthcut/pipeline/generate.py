@@ -1,0 +1,38 @@
+"""`generate`: greedy completions of prompts, to compare models by eye (`depthcut generate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from depthcut.pipeline.common import ModelOptions, check_positive, load
+from depthcut.pipeline.options import make_config, option
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(ModelOptions):
+    prompt: tuple[str, ...] = option(positional=True, help="one or more prompts")
+    max_new_tokens: int = option(40, help="tokens generated per prompt")
+    chat: bool = option(False, help="wrap each prompt in the model's chat template")
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = False) -> str:
+    """The greedy completion of `prompt` (inside the chat template when `chat` and the model has one)."""
+    import torch
+
+    text = prompt
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(config: GenerateConfig | None = None, /, **fields) -> dict[str, str]:
+    """Load a model and complete each prompt greedily: {prompt: completion}."""
+    config = make_config(GenerateConfig, config, fields)
+    check_positive(max_new_tokens=config.max_new_tokens)
+    model, tokenizer, _ = load(config)
+    return {prompt: complete(model, tokenizer, prompt, config.max_new_tokens, config.chat) for prompt in config.prompt}

@@ -1,0 +1,276 @@
+"""`prune_to`: what `depthcut prune` writes, from Python: the chosen layers removed, saved as a
+standard Hugging Face folder with a model card and provenance, in memory or shard by shard."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from depthcut.errors import DepthcutError
+from depthcut.io.atomic import claimed_for_writing
+from depthcut.pipeline.common import (
+    DataOptions,
+    ModelOptions,
+    OutputOptions,
+    check_data_options,
+    load,
+    run_analysis,
+)
+from depthcut.pipeline.options import make_config, option
+from depthcut.strategies import STRATEGIES
+
+WHAT = "what to remove"
+
+
+def _strategy_help() -> str:
+    described = "; ".join(f"{name}: {STRATEGIES.get(name).description}" for name in STRATEGIES.names())
+    return f"how to choose them: {', '.join(STRATEGIES.names())} (default: angular). {described}"
+
+
+@dataclass(kw_only=True)
+class PruneConfig(OutputOptions, DataOptions, ModelOptions):
+    drop: int | None = option(None, group=WHAT, help="number of layers to remove")
+    strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False)
+    layers: str | None = option(None, group=WHAT,
+                                help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
+    analysis: str | None = option(None, group=WHAT,
+                                  help="an analysis.json from `depthcut analyze` (else --data is analyzed)")
+    stream: bool = option(False, group=WHAT,
+                          help="rewrite the safetensors shards one tensor at a time without loading the model "
+                               "(automatic for a sharded folder when no analysis has to run)")
+
+
+@dataclass
+class PruneResult:
+    """What `prune_to` did: the layers removed and the provenance written beside the model."""
+
+    out: Path
+    removed: list[int]
+    strategy: str
+    num_layers: int
+    provenance: dict
+
+    def summary(self) -> list[str]:
+        """The lines `depthcut prune` prints."""
+        after = self.num_layers - len(self.removed)
+        if self.provenance.get("streamed"):
+            size = f"{self.provenance['tensor_bytes']:,} bytes of tensors written"
+        else:
+            size = f"{self.provenance['parameters_before']:,} -> {self.provenance['parameters_after']:,} parameters"
+        return [f"removed layers {self.removed} ({self.strategy}); {self.num_layers} -> {after} layers, {size}",
+                f"pruned model: {self.out}"]
+
+
+def load_analysis(path: str):
+    from depthcut.result import Analysis
+
+    try:
+        return Analysis.load(path)
+    except UnicodeDecodeError as error:
+        raise DepthcutError(f"cannot read analysis file {path}: not UTF-8 text (byte {error.start}); "
+                            "is it an analysis.json?") from None
+
+
+def configured_layers(config: PruneConfig, source) -> int | None:
+    """The decoder layer count a local model's config gives (None when it cannot tell cheaply)."""
+    if source.gguf_file or not (Path(source.location) / "config.json").is_file() or config.layer_path:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        from depthcut.layers import text_config
+
+        count = text_config(AutoConfig.from_pretrained(source.location,
+                                                       trust_remote_code=config.trust_remote_code)).num_hidden_layers
+    except Exception:  # noqa: BLE001 (the model load that follows reports what is wrong with it)
+        return None
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def _check_choice(config: PruneConfig, analysis) -> None:
+    """Everything about what to remove that can be checked without the model."""
+    from depthcut.strategies import check_drop
+
+    if (config.layers is None) == (config.drop is None):
+        raise DepthcutError("give either --drop N (with a --strategy) or --layers")
+    if config.layers is not None and config.analysis:
+        raise DepthcutError("--layers names the layers itself; it takes no --analysis")
+    if config.layers is None:
+        STRATEGIES.get(config.strategy)
+    check_data_options(config)
+    if analysis is not None and config.drop is not None:
+        check_drop(config.drop, analysis.num_layers)
+
+
+def _check_against_config(config: PruneConfig, num_layers: int | None) -> None:
+    """--drop and --layers checked against the configured layer count before the model loads
+    (impossible values fail in a second, not after minutes of loading)."""
+    from depthcut.strategies import check_drop
+    from depthcut.surgery import parse_layer_spec
+
+    if config.drop is not None:
+        if num_layers is not None:
+            check_drop(config.drop, num_layers)
+        elif config.drop < 1:
+            raise DepthcutError(f"--drop must be at least 1, got {config.drop}")
+    if config.layers is not None:
+        try:
+            parse_layer_spec(config.layers, num_layers or sys.maxsize)
+        except DepthcutError as error:
+            if num_layers is not None or "out of range" not in str(error):
+                raise
+
+
+def _check_space(config: PruneConfig, source, num_layers: int | None) -> None:
+    """A local model pruned in its stored dtype needs at least its kept layers' share of its weights."""
+    from depthcut.output import check_free_space
+    from depthcut.surgery import parse_layer_spec
+
+    folder = Path(source.location)
+    if config.dtype != "checkpoint" or num_layers is None or source.gguf_file or not folder.is_dir():
+        return
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    removed = config.drop if config.drop is not None else len(parse_layer_spec(config.layers, num_layers))
+    check_free_space(config.out, weights * (num_layers - removed) // num_layers, "the pruned model")
+
+
+def needs_analysis(config: PruneConfig, analysis) -> bool:
+    """Whether choosing the layers means analyzing calibration data first."""
+    return config.layers is None and STRATEGIES.get(config.strategy).needs_analysis and analysis is None
+
+
+def _streamable(config: PruneConfig, source, analysis) -> bool:
+    """Shard-by-shard surgery needs a local safetensors folder, the stored dtype, and no analysis to run."""
+    from depthcut.shards import INDEX_FILE
+
+    possible = (source.gguf_file is None and Path(source.location).is_dir() and config.dtype == "checkpoint"
+                and not needs_analysis(config, analysis))
+    if config.stream and not possible:
+        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint, and --layers, a "
+                            "strategy without analysis, or --analysis FILE")
+    return possible and (config.stream or (Path(source.location) / INDEX_FILE).is_file())
+
+
+def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=None, tokenizer=None, source=None):
+    """(removed layers, how they were chosen, the analysis used); analyzes `config.data` (default c4)
+    on the loaded model when the strategy needs an analysis and none was given."""
+    from depthcut.strategies import check_drop, select
+    from depthcut.surgery import parse_layer_spec
+
+    if config.layers is not None:
+        return parse_layer_spec(config.layers, num_layers), "explicit", None
+    check_drop(config.drop, num_layers)
+    if not STRATEGIES.get(config.strategy).needs_analysis:
+        return select(config.strategy, config.drop, num_layers, seed=config.seed), config.strategy, analysis
+    if analysis is None:
+        data = dataclasses.replace(config, data=config.data or "c4")
+        print(f"analyzing {data.data} to choose layers ...", file=sys.stderr)
+        analysis = run_analysis(model, tokenizer, data, config.layer_path, progress=not config.quiet)
+        analysis.metadata["model"] = source.as_dict()
+    return select(config.strategy, config.drop, num_layers, analysis, config.seed), config.strategy, analysis
+
+
+def _block_facts(removed: list[int], analysis) -> dict:
+    contiguous = removed == list(range(removed[0], removed[-1] + 1))
+    metrics = analysis.metrics if analysis else {}
+    return {
+        "removed_block": [removed[0], removed[-1] + 1] if contiguous else None,
+        "block_distance": analysis.distance(removed[0], len(removed))
+        if contiguous and "angular_last_token" in metrics else None,
+    }
+
+
+def provenance(removed, strategy, analysis, source, num_layers, before, model, notes) -> dict:
+    """What `depthcut.json` records about an in-memory prune."""
+    from depthcut.export import parameter_count
+
+    metrics = analysis.metrics if analysis else {}
+    return {
+        "base_model": source.as_dict(),
+        "strategy": strategy,
+        "removed_layers": removed,
+        **_block_facts(removed, analysis),
+        "num_layers_before": num_layers,
+        "num_layers_after": num_layers - len(removed),
+        "parameters_before": before,
+        "parameters_after": parameter_count(model),
+        "block_influence": [metrics["block_influence"][i] for i in removed] if "block_influence" in metrics else None,
+        "calibration": analysis.metadata.get("data") if analysis else None,
+        "analysis": analysis.to_dict() if analysis else None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config_warnings": notes,
+    }
+
+
+def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
+    from depthcut.export import model_card
+    from depthcut.output import atomic_output_dir, environment, write_json
+    from depthcut.shards import layer_prefix, prune_shards
+
+    _, num_layers, _ = layer_prefix(Path(source.location), config.layer_path)
+    removed, strategy, analysis = choose_layers(config, num_layers, analysis)
+    print(f"pruning {source.location} shard by shard (the model is never loaded) ...", file=sys.stderr)
+    with atomic_output_dir(config.out, config.force) as staging:
+        summary = prune_shards(source.location, staging, removed, config.layer_path)
+        record = {"base_model": source.as_dict(), "strategy": strategy, **summary, "streamed": True,
+                  **_block_facts(removed, analysis), "analysis": analysis.to_dict() if analysis else None,
+                  "environment": environment()}
+        write_json(staging / "depthcut.json", record)
+        (staging / "README.md").write_text(model_card(record))
+    for note in summary["config_warnings"]:
+        print(f"warning: {note}", file=sys.stderr)
+    return PruneResult(Path(config.out), removed, strategy, num_layers, record)
+
+
+def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
+    from depthcut.export import parameter_count, save_pruned
+    from depthcut.layers import find_layer_stack
+    from depthcut.surgery import prune
+
+    model, tokenizer, source = load(config, quiet=config.quiet)
+    num_layers = len(find_layer_stack(model, config.layer_path))
+    removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
+    before = parameter_count(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, removed, config.layer_path)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    record = provenance(removed, strategy, analysis, source, num_layers, before, model, notes)
+    save_pruned(model, tokenizer, config.out, record, force=config.force)
+    return PruneResult(Path(config.out), removed, strategy, num_layers, record)
+
+
+def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
+    """Remove layers from a model and save it, as `depthcut prune` does.
+
+    Takes a `PruneConfig`, or its fields: `prune_to(model="smollm2-135m", drop=8, strategy="deepest",
+    out="pruned")`. Layers come from `layers` ("21:29", "3,7,12") or `drop` with a `strategy`, which
+    reads `analysis` (a file) or analyzes `data`. A local safetensors folder is rewritten shard by
+    shard without loading the model when nothing has to be computed (`stream`, automatic for sharded
+    folders).
+    """
+    config = make_config(PruneConfig, config, fields)
+    analysis = load_analysis(config.analysis) if config.analysis else None
+    _check_choice(config, analysis)
+    with claimed_for_writing(config.out, config.force):
+        return _prune(config, analysis)
+
+
+def _prune(config: PruneConfig, analysis) -> PruneResult:
+    from depthcut.models import resolve_model
+
+    source = resolve_model(config.model)
+    configured = configured_layers(config, source)
+    _check_against_config(config, configured)
+    if config.dtype == "auto" and not needs_analysis(config, analysis):
+        # nothing is computed, so the hardware has no say: keep the weights as stored
+        config = dataclasses.replace(config, dtype="checkpoint")
+    _check_space(config, source, configured)
+    if _streamable(config, source, analysis):
+        return _prune_streamed(config, source, analysis)
+    return _prune_in_memory(config, analysis)
