@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -150,20 +151,12 @@ def analyze_streamed(
     tokenizer=None,
     data="c4",
     *,
-    samples: int = 64,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    mode: str = "windows",
-    seed: int = 0,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    layer_path: str | None = None,
-    text_field: str = "text",
     dtype="auto",
     device="cpu",
     spill_dir=None,
     offload_states: bool | None = None,
     trust_remote_code: bool = False,
-    progress: bool = True,
+    **options,
 ) -> Analysis:
     """`analyze` for a checkpoint folder too big for memory: at most two decoder layers resident
     (the one computing, and the next, read from the shards meanwhile).
@@ -172,7 +165,8 @@ def analyze_streamed(
     chosen as `load_model` chooses it ("auto": what `device` computes natively; "checkpoint": as
     stored). The result equals `analyze` on the model loaded in the same dtype up to float
     rounding; see `depthcut.streaming` for how, and for the disk space `angular_all_tokens` takes
-    (`spill_dir`, default the temp folder).
+    (`spill_dir`, default the temp folder). `options` are `analyze`'s (samples, seq_len, batch_size,
+    mode, seed, metrics, layer_path, text_field, progress), with its defaults.
     `offload_states` keeps the samples' hidden states in CPU memory between layers (default: when
     they would take more than half of the accelerator's free memory).
     """
@@ -182,6 +176,15 @@ def analyze_streamed(
     from depthcut.precision import choose_dtype
     from depthcut.streaming import is_safetensors_folder, stream_states
 
+    try:  # the options and their defaults are analyze's: written once
+        bound = inspect.signature(analyze).bind(None, tokenizer, data, **options)
+    except TypeError as error:
+        raise TypeError(f"analyze_streamed: {error}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    samples, seq_len, batch_size, mode, seed, metrics, layer_path, text_field, progress = (
+        arguments[name] for name in ("samples", "seq_len", "batch_size", "mode", "seed", "metrics", "layer_path",
+                                     "text_field", "progress"))
     _check_arguments(batch_size, metrics)
     if not is_safetensors_folder(folder):
         raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights; {folder} is not "
