@@ -4,11 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import tolerance
 from transformers import AutoModelForCausalLM
 
 from depthcut.cli import main
-from depthcut.output import atomic_output_dir
-from tiny import tolerance
+from depthcut.io.atomic import atomic_output_dir
 
 DATA = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--quiet"]
 
@@ -126,10 +126,9 @@ def test_existing_output_needs_force(capsys, tmp_path, tiny_llama_dir):
 
 def test_failure_while_writing_leaves_nothing(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as staging:
-            (staging / "half.bin").write_bytes(b"x")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_output_dir(out) as staging:
+        (staging / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,7 @@ from depthcut import output
 from depthcut.cli import main
 from depthcut.errors import DepthcutError
 from depthcut.io import atomic
-from depthcut.output import atomic_output_dir, atomic_output_file
+from depthcut.io.atomic import atomic_output_dir, atomic_output_file
 from depthcut.sweep.results import ResultsLog
 
 # Runs `depthcut ARGV...`, pausing at POINT: writes MARKER there, then waits for the file GO (or 120 s).
@@ -63,7 +63,7 @@ elif point == "loaded":       # the model loaded, nothing written yet
     import depthcut.models as models
     after(models, "load_model")
 elif point == "writing":      # weights written into the temporary sibling, the rest not yet
-    before(output, "write_json")
+    before(atomic, "write_json")
 elif point == "publishing":   # the temporary sibling complete, about to become --out
     before(atomic, "_publish")
 elif point == "checkpointed": # heal: the first checkpoint written, training goes on
@@ -170,7 +170,7 @@ def test_two_runs_started_together_one_wins_whole(tmp_path, tiny_llama_dir):
 
 
 def test_a_claim_in_this_process_blocks_a_second_claim_in_another(tmp_path):
-    from depthcut.output import claim_output, release_claims
+    from depthcut.io.atomic import claim_output, release_claims
 
     out = tmp_path / "out"
     claim_output(out)
@@ -505,15 +505,15 @@ def test_a_sweep_folder_follows_the_same_rules(capsys, monkeypatch, tmp_path, ti
 def test_a_sweep_folder_created_by_someone_else_before_the_first_point(capsys, monkeypatch, tmp_path, tiny_llama_dir,
                                                                       corpus_file):
     out = tmp_path / "sweep"
-    import depthcut.output
+    import depthcut.io.atomic
 
-    original = depthcut.output.continued_output_dir
+    original = depthcut.io.atomic.continued_output_dir
 
     def appear_first(path, force=False):
         _users_folder(out)
         return original(path, force)
 
-    monkeypatch.setattr(depthcut.output, "continued_output_dir", appear_first)
+    monkeypatch.setattr(depthcut.io.atomic, "continued_output_dir", appear_first)
     code = main(["sweep", str(tiny_llama_dir), "--out", str(out), "--data", str(corpus_file), "--loss",
                  str(corpus_file), *SWEEP])
     _assert_one_error(code, capsys.readouterr().err, "was created by something else")

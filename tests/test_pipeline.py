@@ -15,7 +15,6 @@ from depthcut.cli import COMMANDS, build_parser, main
 from depthcut.errors import DepthcutError
 from depthcut.pipeline import (
     AnalyzeConfig,
-    PruneConfig,
     analyze_to,
     evaluate_to,
     generate,

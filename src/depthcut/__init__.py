@@ -10,20 +10,21 @@ import logging as _logging
 # there is nothing for a user to act on.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-from depthcut.analysis import analyze, analyze_streamed  # noqa: E402
-from depthcut.calibration import CalibrationSet, build_calibration  # noqa: E402
-from depthcut.data import load_texts  # noqa: E402
-from depthcut.errors import DepthcutError  # noqa: E402
-from depthcut.layers import find_layer_stack  # noqa: E402
-from depthcut.models import load_model  # noqa: E402
-from depthcut.result import Analysis  # noqa: E402
-from depthcut.strategies import select  # noqa: E402
-from depthcut.surgery import prune  # noqa: E402
+from depthcut.analysis import analyze, analyze_streamed
+from depthcut.calibration import CalibrationSet, build_calibration
+from depthcut.data import load_texts
+from depthcut.errors import DepthcutError
+from depthcut.layers import find_layer_stack
+from depthcut.models import load_model
+from depthcut.result import Analysis
+from depthcut.strategies import select
+from depthcut.surgery import prune
 
 __all__ = [
     "Analysis",
     "CalibrationSet",
     "DepthcutError",
+    "__version__",
     "analyze",
     "analyze_streamed",
     "build_calibration",
@@ -32,5 +33,4 @@ __all__ = [
     "load_texts",
     "prune",
     "select",
-    "__version__",
 ]

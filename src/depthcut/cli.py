@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from depthcut.output import handle_signals, release_claims
+    from depthcut.io.atomic import release_claims
+    from depthcut.output import handle_signals
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from depthcut.output import atomic_output_dir, environment, write_json
+from depthcut.io.atomic import atomic_output_dir, write_json
+from depthcut.output import environment
 
 PROVENANCE_FILE = "depthcut.json"
 

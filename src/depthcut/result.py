@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depthcut.io.text import read_utf8
 from depthcut.errors import DepthcutError
+from depthcut.io.text import read_utf8
 
 FORMAT_NAME = "depthcut.analysis"
 FORMAT_VERSION = 1

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.io.atomic import atomic_output_dir, remove_stale
 from depthcut.io.settings import settings_difference
-from depthcut.output import atomic_output_dir, remove_stale
 
 STATE_FILE = "state.pt"
 RECIPE_FILE = "recipe.json"

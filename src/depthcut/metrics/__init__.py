@@ -60,6 +60,6 @@ def angular(cosines: torch.Tensor) -> torch.Tensor:
 
 
 # Importing the plugin modules registers them.
-from depthcut.metrics import angular_distance, block_influence  # noqa: E402,F401
+from depthcut.metrics import angular_distance, block_influence  # noqa: F401
 
 DEFAULT_METRICS = ("angular_last_token", "angular_all_tokens", "block_influence")

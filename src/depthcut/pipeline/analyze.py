@@ -86,8 +86,9 @@ def analyze_to(config: AnalyzeConfig | None = None, /, **fields):
 
 
 def _analyze(config: AnalyzeConfig):
+    from depthcut.io.atomic import atomic_output_dir
     from depthcut.models import resolve_model
-    from depthcut.output import atomic_output_dir, environment
+    from depthcut.output import environment
     from depthcut.plotting import plot_heatmap
 
     source = resolve_model(config.model)  # a bad MODEL fails here, before the heavy imports

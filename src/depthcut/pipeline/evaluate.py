@@ -75,8 +75,9 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
 
 def _evaluate(config: EvalConfig) -> dict:
     from depthcut.evaluation import evaluate
+    from depthcut.io.atomic import atomic_output_file, write_json
     from depthcut.models import resolve_model
-    from depthcut.output import atomic_output_file, environment, write_json
+    from depthcut.output import environment
 
     resolve_model(config.model)
     model, tokenizer, source = load(config, quiet=config.quiet)

@@ -207,7 +207,8 @@ def provenance(removed, strategy, analysis, source, num_layers, before, model, n
 
 def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     from depthcut.export import model_card
-    from depthcut.output import atomic_output_dir, environment, write_json
+    from depthcut.io.atomic import atomic_output_dir, write_json
+    from depthcut.output import environment
     from depthcut.shards import layer_prefix, prune_shards
 
     _, num_layers, _ = layer_prefix(Path(source.location), config.layer_path)

@@ -120,9 +120,9 @@ def sweep_to(config: SweepConfig | None = None, /, **fields) -> Path:
 
 def _sweep(config: SweepConfig) -> Path:
     from depthcut.data import load_texts
+    from depthcut.io.atomic import continued_output_dir
     from depthcut.layers import find_layer_stack
     from depthcut.models import check_context_length, resolve_model
-    from depthcut.output import continued_output_dir
     from depthcut.sweep.report import build_report
     from depthcut.sweep.results import ResultsLog
     from depthcut.sweep.run import SweepPlan, parse_drops, run_sweep

@@ -56,4 +56,4 @@ def select(strategy: str, drop: int, num_layers: int | None = None, analysis: An
     return sorted(chosen.choose(drop, num_layers, analysis, seed))
 
 
-from depthcut.strategies import angular, block_influence, deepest, random_block  # noqa: E402,F401
+from depthcut.strategies import angular, block_influence, deepest, random_block  # noqa: F401

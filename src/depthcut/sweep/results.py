@@ -9,9 +9,9 @@ import math
 import os
 from pathlib import Path
 
-from depthcut.io.text import read_utf8
 from depthcut.errors import DepthcutError
 from depthcut.io.settings import settings_difference
+from depthcut.io.text import read_utf8
 
 RESULTS_FILE = "results.jsonl"
 

@@ -15,7 +15,7 @@ import torch
 
 from depthcut.errors import DepthcutError
 from depthcut.export import parameter_count
-from depthcut.output import atomic_output_dir
+from depthcut.io.atomic import atomic_output_dir
 from depthcut.layers import find_layer_stack
 from depthcut.strategies import STRATEGIES, select
 from depthcut.surgery import prune
