@@ -172,3 +172,35 @@ def test_options_from_fields():
     assert "how many (default: 3)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["p", "--limit", "1", "--tokens", "2"])
+
+
+def test_prune_with_a_repair_folds_it_and_records_its_fit(tmp_path, tiny_llama_dir, corpus_file):
+    argv = ["prune", str(tiny_llama_dir), "--layers", "2:4", "--repair", "lstsq", "--data", str(corpus_file),
+            *SMALL_ARGS]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    result = prune_to(model=str(tiny_llama_dir), layers="2:4", repair="lstsq", data=str(corpus_file),
+                      out=str(tmp_path / "lib"), **SMALL)
+    assert_same_outputs(tmp_path / "cli", tmp_path / "lib")
+    fit = result.provenance["repair"]
+    assert fit["method"] == "lstsq" and fit["block"] == [2, 4]
+    assert fit["relative_error_after"] < fit["relative_error_before"]
+    # In the stored dtype, the repaired model differs from the plainly pruned one in one tensor only.
+    prune_to(model=str(tiny_llama_dir), layers="2:4", repair="lstsq", data=str(corpus_file), dtype="float32",
+             out=str(tmp_path / "repaired32"), **SMALL)
+    plain = prune_to(model=str(tiny_llama_dir), layers="2:4", out=str(tmp_path / "plain"))
+    from safetensors.torch import load_file
+
+    repaired, unrepaired = load_file(tmp_path / "repaired32" / "model.safetensors"), load_file(
+        tmp_path / "plain" / "model.safetensors")
+    changed = [name for name in repaired if not (repaired[name] == unrepaired[name]).all()]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]  # T folded into the last kept MLP, nothing else
+    assert plain.provenance["repair"] is None
+
+
+def test_a_repair_that_cannot_be_folded_is_refused_with_nothing_written(capsys, tmp_path, tiny_llama_dir,
+                                                                        corpus_file):
+    code = main(["prune", str(tiny_llama_dir), "--layers", "0:2", "--repair", "lstsq", "--data", str(corpus_file),
+                 "--out", str(tmp_path / "x"), *SMALL_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "layer 0" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

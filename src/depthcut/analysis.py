@@ -20,7 +20,7 @@ from depthcut.metrics import DEFAULT_METRICS, METRICS
 from depthcut.result import Analysis
 
 
-def _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -> CalibrationSet:
+def as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field) -> CalibrationSet:
     if isinstance(data, CalibrationSet):
         return data
     if tokenizer is None:
@@ -65,7 +65,7 @@ class _Run:
 def _set_up(num_layers: int, metrics: Sequence[str], device, data, tokenizer, samples, seq_len, mode, seed,
             text_field) -> _Run:
     chosen = [METRICS.get(name)(num_layers) for name in metrics]
-    calibration = _as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+    calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     rank, world = rank_and_world(device)  # launched as several: the process group forms here
     return _Run(chosen, calibration, rank, world)
 

@@ -38,12 +38,17 @@ def model_card(provenance: dict) -> str:
         lines.append(f"| parameters | {provenance['parameters_before']:,} → {provenance['parameters_after']:,} |")
     if provenance.get("block_distance") is not None:
         lines.append(f"| angular distance of the removed block | {provenance['block_distance']:.4f} |")
+    if provenance.get("repair"):
+        fit = provenance["repair"]
+        lines.append(f"| repair (no training) | {fit['method']}: relative error at the cut {fit['relative_error_before']:.4f}"
+                     f" → {fit['relative_error_after']:.4f} on {fit['data']} |")
     if provenance.get("calibration"):
         data = provenance["calibration"]
         lines.append(f"| calibration data | {data.get('source')} ({data.get('samples')} samples, {data.get('tokens')} tokens) |")
     lines += [
         "",
-        "The model is not healed: expect a loss increase until it is finetuned.",
+        "The model is not healed (a repair, if any, was fitted without training): expect a loss increase until it "
+        "is finetuned.",
         "It loads with plain transformers:",
         "",
         "```python",

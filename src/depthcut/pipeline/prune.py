@@ -38,6 +38,11 @@ class PruneConfig(OutputOptions, DataOptions, ModelOptions):
                                 help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
     analysis: str | None = option(None, group=WHAT,
                                   help="an analysis.json from `depthcut analyze` (else --data is analyzed)")
+    repair: str = option("none", group=WHAT, choices=("none", "lstsq", "cosine", "magnitude"),
+                         help="repair the cut without training, folded into the weights (docs/repair.md): lstsq "
+                              "(ReplaceMe's least-squares map into the last kept MLP), cosine (the same map fitted "
+                              "to the cosine distance), magnitude (Prune&Comp's scale); fitted on --data (default c4) "
+                              "with the original model", show_default=False)
     stream: bool = option(False, group=WHAT,
                           help="rewrite the safetensors shards one tensor at a time without loading the model "
                                "(automatic for a sharded folder when no analysis has to run)")
@@ -100,6 +105,10 @@ def _check_choice(config: PruneConfig, analysis) -> None:
         raise DepthcutError("--layers names the layers itself; it takes no --analysis")
     if config.layers is None:
         STRATEGIES.get(config.strategy)
+    if config.repair != "none":
+        from depthcut.repair import REPAIRS
+
+        REPAIRS.get(config.repair)
     check_data_options(config)
     if analysis is not None and config.drop is not None:
         check_drop(config.drop, analysis.num_layers)
@@ -147,10 +156,10 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
     from depthcut.shards import INDEX_FILE
 
     possible = (source.gguf_file is None and Path(source.location).is_dir() and config.dtype == "checkpoint"
-                and not needs_analysis(config, analysis))
+                and not needs_analysis(config, analysis) and config.repair == "none")
     if config.stream and not possible:
-        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint, and --layers, a "
-                            "strategy without analysis, or --analysis FILE")
+        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint, --repair none, and "
+                            "--layers, a strategy without analysis, or --analysis FILE")
     return possible and (config.stream or (Path(source.location) / INDEX_FILE).is_file())
 
 
@@ -226,6 +235,21 @@ def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)
 
 
+def _repair(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
+    """Fit `config.repair` on the original model's activations and fold it into its weights (before
+    the layers go); what provenance records of it."""
+    if config.repair == "none":
+        return None
+    from depthcut.repair import repair
+
+    data = config.data or "c4"
+    print(f"repairing the cut with {config.repair} on {data} ...", file=sys.stderr)
+    fit = repair(model, tokenizer, data, removed, config.repair, samples=config.samples, seq_len=config.seq_len,
+                 seed=config.seed, batch_size=config.batch_size, mode=config.sample_mode,
+                 text_field=config.text_field, layer_path=config.layer_path, progress=not config.quiet)
+    return {**fit.as_dict(), "data": data, "samples": config.samples, "seq_len": config.seq_len, "seed": config.seed}
+
+
 def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     from depthcut.export import parameter_count, save_pruned
     from depthcut.layers import find_layer_stack
@@ -235,6 +259,7 @@ def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     num_layers = len(find_layer_stack(model, config.layer_path))
     removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
     before = parameter_count(model)
+    fit = _repair(config, model, tokenizer, removed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prune(model, removed, config.layer_path)
@@ -242,6 +267,7 @@ def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     record = provenance(removed, strategy, analysis, source, num_layers, before, model, notes)
+    record["repair"] = fit
     save_pruned(model, tokenizer, config.out, record, force=config.force)
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)
 
@@ -268,7 +294,7 @@ def _prune(config: PruneConfig, analysis) -> PruneResult:
     source = resolve_model(config.model)
     configured = configured_layers(config, source)
     _check_against_config(config, configured)
-    if config.dtype == "auto" and not needs_analysis(config, analysis):
+    if config.dtype == "auto" and not needs_analysis(config, analysis) and config.repair == "none":
         # nothing is computed, so the hardware has no say: keep the weights as stored
         config = dataclasses.replace(config, dtype="checkpoint")
     _check_space(config, source, configured)

@@ -1,0 +1,166 @@
+"""Training-free repair of a pruned model, folded into the weights of the model it came from.
+
+After the contiguous block of layers [l, l+n) is removed, the stream that enters layer l+n is
+x_l instead of x_{l+n}. A repair method fits, on calibration data, a cheap map that brings the
+one closer to the other and folds it into weights the model already has: the repaired model
+gains no parameter and stays a plain architecture. Each method is a small registered plugin
+(see `REPAIRS`); the flow is
+
+    stats = repair_statistics(model, calibration, range(l, l + n), ["lstsq"])
+    fit = fit_repair("lstsq", stats)
+    apply_repair(model, fit)            # on the UNPRUNED model, original layer indices
+    depthcut.prune(model, range(l, l + n))
+
+or `repair(model, tokenizer, data, block, method)` for all three at once. See docs/repair.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from depthcut.errors import DepthcutError
+from depthcut.layers import LayerStack, find_layer_stack
+from depthcut.registry import Registry
+from depthcut.repair.architectures import Architecture, architecture_of
+from depthcut.repair.statistics import RepairStatistics, contiguous_block, repair_statistics
+
+
+@dataclass
+class RepairFit:
+    """A fitted repair for the block [first, stop) of a `num_layers`-layer model.
+
+    `error_before` / `error_after`: relative squared error sum |pred - x_{l+n}|^2 / sum |x_{l+n}|^2
+    over the calibration tokens, with pred = x_l (plain pruning) and pred = the repaired stream.
+    """
+
+    method: str
+    first: int
+    stop: int
+    num_layers: int
+    tokens: int
+    error_before: float
+    error_after: float
+    ridge: float | None = None
+    transform: torch.Tensor | None = None  # (d, d) float64 T, lstsq/cosine
+    alpha: float | None = None  # magnitude
+    details: dict = field(default_factory=dict)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.first, self.stop)
+
+    def as_dict(self) -> dict:
+        result = {
+            "method": self.method,
+            "block": [self.first, self.stop],
+            "layers": list(range(self.first, self.stop)),
+            "tokens": self.tokens,
+            "ridge": self.ridge,
+            "relative_error_before": self.error_before,
+            "relative_error_after": self.error_after,
+        }
+        if self.alpha is not None:
+            result["alpha"] = self.alpha
+        return {**result, **self.details}
+
+
+class RepairMethod:
+    """Base class: `check` refuses before any work, `fit` reads statistics, `apply` folds."""
+
+    name: str = ""
+    linear: bool = False  # needs M^T M, M^T R (and an MLP at layer l-1)
+    description: str = ""
+
+    def check(self, model: nn.Module, stack: LayerStack, arch: Architecture, first: int, stop: int) -> None:
+        raise NotImplementedError
+
+    def fit(self, statistics: RepairStatistics, **options) -> RepairFit:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> None:
+        raise NotImplementedError
+
+
+REPAIRS: Registry[RepairMethod] = Registry("repair method")
+
+
+def register_repair(cls: type[RepairMethod]) -> type[RepairMethod]:
+    REPAIRS.register(cls.name)(cls())
+    return cls
+
+
+def fit_repair(method: str, statistics: RepairStatistics, **options) -> RepairFit:
+    """Fit `method` on `statistics` (which must have been gathered for it); `options` go to the method
+    (lstsq: ridge; cosine: ridge, steps, lr, batch_rows, seed)."""
+    chosen = REPAIRS.get(method)
+    if method not in statistics.methods:
+        raise DepthcutError(
+            f"these statistics were gathered for {', '.join(statistics.methods)}, not {method!r}; "
+            f"pass methods=[..., {method!r}] to repair_statistics"
+        )
+    return chosen.fit(statistics, **options)
+
+
+@torch.no_grad()
+def apply_repair(model: nn.Module, fit: RepairFit, layer_path: str | None = None) -> nn.Module:
+    """Fold `fit` into the weights of the UNPRUNED `model`, in place; prune the block afterwards."""
+    stack = find_layer_stack(model, layer_path)
+    if len(stack) != fit.num_layers:
+        raise DepthcutError(
+            f"this repair was fitted on a model of {fit.num_layers} layers, this one has {len(stack)}: "
+            "apply it to the original model, before pruning"
+        )
+    method = REPAIRS.get(fit.method)
+    arch = architecture_of(model)
+    method.check(model, stack, arch, fit.first, fit.stop)
+    method.apply(model, stack, arch, fit)
+    return model
+
+
+def repair(
+    model,
+    tokenizer,
+    data,
+    block,
+    method: str,
+    *,
+    samples: int = 64,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    mode: str = "windows",
+    text_field: str = "text",
+    layer_path: str | None = None,
+    progress: bool = False,
+    **options,
+) -> RepairFit:
+    """Gather statistics on `data` (a DATA string, list of texts, `TextSource` or `CalibrationSet`), fit
+    `method` and fold it into `model`, which still has every layer; prune `block` afterwards."""
+    from depthcut.analysis import as_calibration
+
+    REPAIRS.get(method)
+    calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+    statistics = repair_statistics(model, calibration, block, [method], layer_path,
+                                   batch_size=batch_size, seed=seed, progress=progress)
+    fit = fit_repair(method, statistics, **options)
+    apply_repair(model, fit, layer_path)
+    return fit
+
+
+# Importing the plugin modules registers them.
+from depthcut.repair import cosine, lstsq, magnitude  # noqa: F401
+
+__all__ = [
+    "REPAIRS",
+    "RepairFit",
+    "RepairMethod",
+    "RepairStatistics",
+    "apply_repair",
+    "contiguous_block",
+    "fit_repair",
+    "repair",
+    "repair_statistics",
+]

@@ -1,0 +1,244 @@
+"""Training-free repair (depthcut.repair): fitted maps against naive references, folds against the
+unfolded computation, refusals, and round trips through plain transformers."""
+
+import pytest
+import torch
+import transformers as T
+from tiny import VOCAB, random_ids, tiny_model
+
+import depthcut
+from depthcut.calibration import CalibrationSet
+from depthcut.errors import DepthcutError
+from depthcut.layers import find_layer_stack, first_tensor, output_tensor
+from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair, repair_statistics
+from depthcut.repair.architectures import architecture_of
+
+pytestmark = pytest.mark.filterwarnings("ignore:config field 'max_window_layers'")
+
+FIRST, STOP = 2, 4
+LINEAR_ARCHS = ["llama", "qwen2", "gpt2", "opt", "falcon", "gpt_neox", "phi3"]
+
+
+def _calibration(lengths=(16, 11, 16, 9, 16, 14, 16, 12), seed=3) -> CalibrationSet:
+    """Right-padded rows of unequal length: padding must be left out of every sum."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, :length] = 1
+    return CalibrationSet(ids, mask, "random", "documents", seed)
+
+
+@torch.no_grad()
+def _naive_states(model, calibration, first=FIRST, stop=STOP):
+    """x_l, m_{l-1} and x_{l+n} over every non-padding token, by the test's own hooks, in float64."""
+    stack = find_layer_stack(model)
+    arch = architecture_of(model)
+    seen = {}
+    handles = [
+        stack.layers[first].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.__setitem__("x", first_tensor(args, kwargs).double().clone()), with_kwargs=True),
+        stack.layers[stop].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.__setitem__("y", first_tensor(args, kwargs).double().clone()), with_kwargs=True),
+    ]
+    if first > 0:
+        mlp = stack.layers[first - 1].get_submodule(arch.mlp)
+        handles.append(mlp.register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("m", output_tensor(out).double().clone())))
+    rows = {"x": [], "m": [], "y": []}
+    try:
+        for row in range(len(calibration)):
+            length = int(calibration.attention_mask[row].sum())
+            model(input_ids=calibration.input_ids[row : row + 1, :length], use_cache=False)
+            for name, state in seen.items():  # OPT's fc2 sees (B*T, d): flatten everything alike
+                rows[name].append(state.reshape(-1, state.shape[-1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(value) for name, value in rows.items() if value}
+
+
+@torch.no_grad()
+def _entering(model, index, calibration):
+    """The stream entering layer `index` of `model` over every non-padding token, float64."""
+    stack = find_layer_stack(model)
+    seen = []
+    handle = stack.layers[index].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(first_tensor(args, kwargs)[0].double().clone()), with_kwargs=True)
+    try:
+        for row in range(len(calibration)):
+            length = int(calibration.attention_mask[row].sum())
+            model(input_ids=calibration.input_ids[row : row + 1, :length], use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _without_norm_epsilon(model):
+    for module in model.modules():
+        for name in ("eps", "variance_epsilon"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 1e-300)
+    return model
+
+
+def _relative(a, b) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_lstsq_transform_equals_naive_lstsq(arch):
+    model = tiny_model(arch).double()
+    calibration = _calibration()
+    stats = repair_statistics(model, calibration, range(FIRST, STOP), ["lstsq"], batch_size=3)
+    fit = fit_repair("lstsq", stats)
+    states = _naive_states(model, calibration)
+    assert stats.tokens == calibration.num_tokens == len(states["x"])
+    target = states["y"] - states["x"] + states["m"]
+    expected = torch.linalg.lstsq(states["m"], target, driver="gelsd").solution
+    assert _relative(fit.transform, expected) < 1e-6
+    pred = states["x"] - states["m"] + states["m"] @ expected
+    assert fit.error_before == pytest.approx(_relative(states["x"], states["y"]) ** 2, rel=1e-9)
+    assert fit.error_after == pytest.approx(_relative(pred, states["y"]) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "cosine"])
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_folded_transform_gives_the_unfolded_stream_after_pruning(arch, method):
+    model = tiny_model(arch).double()
+    calibration = _calibration()
+    stats = repair_statistics(model, calibration, range(FIRST, STOP), [method], batch_size=4)
+    fit = fit_repair(method, stats, **({"steps": 20} if method == "cosine" else {}))
+    states = _naive_states(model, calibration)
+    expected = states["x"] - states["m"] + states["m"] @ fit.transform  # (x_l - m) + m T
+    apply_repair(model, fit)
+    depthcut.prune(model, range(FIRST, STOP))
+    actual = _entering(model, FIRST, calibration)
+    assert _relative(actual, expected) < 1e-9
+    # A real repair: the cut is closer to the original stream than plain pruning leaves it.
+    assert _relative(actual, states["y"]) ** 2 == pytest.approx(fit.error_after, rel=1e-6)
+    assert fit.error_after < 0.7 * fit.error_before
+
+
+def test_float32_model_folds_to_within_float32_rounding():
+    model = tiny_model("llama")
+    calibration = _calibration()
+    fit = fit_repair("lstsq", repair_statistics(model, calibration, range(FIRST, STOP), ["lstsq"]))
+    states = _naive_states(model, calibration)
+    expected = states["x"] - states["m"] + states["m"] @ fit.transform
+    apply_repair(model, fit)
+    depthcut.prune(model, range(FIRST, STOP))
+    assert _relative(_entering(model, FIRST, calibration), expected) < 1e-4
+
+
+def test_cosine_lowers_the_cosine_distance_of_the_lstsq_start():
+    model = tiny_model("qwen2").double()
+    stats = repair_statistics(model, _calibration(), range(FIRST, STOP), ["cosine"], max_rows=50, seed=1)
+    assert len(stats.rows["m"]) == 50  # the kept rows are bounded
+    fit = fit_repair("cosine", stats, steps=100, lr=1e-3)
+    assert fit.details["cosine_distance_after"] < fit.details["cosine_distance_lstsq"]
+    assert fit.as_dict()["rows"] == 50
+
+
+@pytest.mark.parametrize("first", [0, FIRST])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox", "falcon"])
+def test_magnitude_factor_and_fold(arch, first):
+    model = tiny_model(arch, tie_word_embeddings=False).double()
+    calibration = _calibration()
+    stop = first + 2
+    stats = repair_statistics(model, calibration, range(first, stop), ["magnitude"])
+    fit = fit_repair("magnitude", stats)
+    states = _naive_states(model, calibration, first, stop)
+    alpha = states["y"].norm(dim=-1).mean() / states["x"].norm(dim=-1).mean()
+    assert fit.alpha == pytest.approx(float(alpha), rel=1e-10)
+    apply_repair(model, fit)
+    depthcut.prune(model, range(first, stop))
+    # Pre-norm layers before the cut see alpha x: the same up to their norm's epsilon ...
+    assert _relative(_entering(model, first, calibration), fit.alpha * states["x"]) < 1e-3
+    # ... and the same without it, to float32 rounding (RMSNorm computes in float32 even in a float64 model).
+    original = _without_norm_epsilon(tiny_model(arch, tie_word_embeddings=False).double())
+    exact = _naive_states(original, calibration, first, stop)["x"]
+    assert _relative(_entering(_without_norm_epsilon(model), first, calibration), fit.alpha * exact) < 1e-6
+
+
+@pytest.mark.parametrize(("arch", "method", "overrides"), [
+    ("llama", "lstsq", {}),
+    ("gpt2", "lstsq", {}),
+    ("opt", "cosine", {}),
+    ("gpt_neox", "magnitude", {}),
+    ("gpt2", "magnitude", {"tie_word_embeddings": False}),
+])
+def test_repaired_pruned_model_reloads_with_plain_transformers(arch, method, overrides, tmp_path):
+    model = tiny_model(arch, **overrides)
+    stats = repair_statistics(model, _calibration(), range(FIRST, STOP), [method])
+    apply_repair(model, fit_repair(method, stats, **({"steps": 10} if method == "cosine" else {})))
+    depthcut.prune(model, range(FIRST, STOP))
+    model.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    prompt = ids[:1, :5]
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    cached = reloaded.generate(prompt, use_cache=True, **settings)
+    uncached = reloaded.generate(prompt, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+
+
+def test_repair_from_tokenizer_and_data(tokenizer, corpus_file):
+    model = tiny_model("llama")
+    before = model.model.layers[FIRST - 1].mlp.down_proj.weight.clone()
+    fit = repair(model, tokenizer, str(corpus_file), range(FIRST, STOP), "lstsq", samples=8, seq_len=16)
+    assert fit.as_dict()["block"] == [FIRST, STOP] and fit.tokens == 8 * 16
+    assert fit.error_after < fit.error_before
+    assert not torch.equal(model.model.layers[FIRST - 1].mlp.down_proj.weight, before)
+
+
+@pytest.mark.parametrize(("arch", "overrides", "block", "method", "message"), [
+    ("gemma2", {}, range(2, 4), "lstsq", "post_feedforward_layernorm"),
+    ("gemma2", {}, range(2, 4), "cosine", "post_feedforward_layernorm"),
+    ("gemma3", {"tie_word_embeddings": False}, range(2, 4), "magnitude", "post_feedforward"),
+    ("gpt2", {}, range(2, 4), "magnitude", "tied"),
+    ("opt", {}, range(2, 4), "magnitude", "tied"),
+    ("llama", {}, range(2), "lstsq", "layer 0"),
+    ("llama", {}, range(2), "cosine", "layer 0"),
+    ("llama", {}, [1, 3], "lstsq", "contiguous"),
+    ("llama", {}, [1, 3], "magnitude", "contiguous"),
+    ("opt", {"do_layer_norm_before": False}, range(2, 4), "lstsq", "do_layer_norm_before"),
+    ("llama", {}, range(2, 4), "lstsqq", "Did you mean 'lstsq'"),
+])
+def test_refusals(arch, overrides, block, method, message):
+    model = tiny_model(arch, **overrides)
+    with pytest.raises(DepthcutError, match=message):
+        repair_statistics(model, _calibration(), block, [method])
+
+
+def test_refuses_a_missing_mlp_output_projection():
+    model = tiny_model("llama")
+    del model.model.layers[FIRST - 1].mlp.down_proj
+    with pytest.raises(DepthcutError, match="MLP output projection"):
+        repair_statistics(model, _calibration(), range(FIRST, STOP), ["lstsq"])
+
+
+def test_apply_refuses_an_already_pruned_model():
+    model = tiny_model("llama")
+    fit = fit_repair("lstsq", repair_statistics(model, _calibration(), range(FIRST, STOP), ["lstsq"]))
+    depthcut.prune(model, range(FIRST, STOP))
+    with pytest.raises(DepthcutError, match="before pruning"):
+        apply_repair(model, fit)
+
+
+def test_registry_and_statistics_for_another_method():
+    assert REPAIRS.names() == ["cosine", "lstsq", "magnitude"]
+    stats = repair_statistics(tiny_model("llama"), _calibration(), range(FIRST, STOP), ["magnitude"])
+    with pytest.raises(DepthcutError, match="not 'lstsq'"):
+        fit_repair("lstsq", stats)
+
+
+def test_a_cut_that_reaches_the_last_layer_targets_its_output():
+    model = tiny_model("llama")
+    stats = repair_statistics(model, _calibration(), range(4, 6), ["lstsq", "magnitude"])
+    assert stats.block == (4, 6) and stats.tokens == _calibration().num_tokens
+    assert fit_repair("lstsq", stats).error_after < stats.error_before
