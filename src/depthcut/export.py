@@ -47,8 +47,8 @@ def model_card(provenance: dict) -> str:
         lines.append(f"| calibration data | {data.get('source')} ({data.get('samples')} samples, {data.get('tokens')} tokens) |")
     lines += [
         "",
-        "The model is not healed (a repair, if any, was fitted without training): expect a loss increase until it "
-        "is finetuned.",
+        ("The model is not healed (a repair, if any, was fitted without training): expect a loss increase until "
+         "it is finetuned."),
         "It loads with plain transformers:",
         "",
         "```python",
