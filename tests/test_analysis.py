@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from reference import naive_metrics
-from tiny import CONFIGS, VOCAB, tiny_model, tolerance
+from tiny import CONFIGS, padded_calibration, tiny_model, tolerance
 
 import depthcut
 from depthcut.calibration import CalibrationSet
@@ -11,15 +11,7 @@ from depthcut.layers import find_layer_stack
 
 
 def _calibration(lengths, seed=3) -> CalibrationSet:
-    """Sequences of unequal length, right-padded: exercises 'last token = last non-pad token'."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
-        mask[row, :length] = 1
-    return CalibrationSet(ids, mask, "random", "documents", seed)
+    return padded_calibration(lengths, seed)
 
 
 def _assert_close(actual, expected, tol):

@@ -4,7 +4,7 @@ unfolded computation, refusals, and round trips through plain transformers."""
 import pytest
 import torch
 import transformers as T
-from tiny import VOCAB, random_ids, tiny_model
+from tiny import padded_calibration, random_ids, tiny_model
 
 import depthcut
 from depthcut.calibration import CalibrationSet
@@ -20,15 +20,7 @@ LINEAR_ARCHS = ["llama", "qwen2", "gpt2", "opt", "falcon", "gpt_neox", "phi3"]
 
 
 def _calibration(lengths=(16, 11, 16, 9, 16, 14, 16, 12), seed=3) -> CalibrationSet:
-    """Right-padded rows of unequal length: padding must be left out of every sum."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
-        mask[row, :length] = 1
-    return CalibrationSet(ids, mask, "random", "documents", seed)
+    return padded_calibration(lengths, seed)
 
 
 @torch.no_grad()

@@ -326,3 +326,46 @@ def test_kept_models_are_whole_folders_that_reload(capsys, tmp_path, tiny_llama_
     assert model.config.num_hidden_layers == 4
     weights = out / "models" / "deepest-2-pruned" / "model.safetensors"
     assert weights.stat().st_mode & 0o044  # readable by others, as the umask allows
+
+
+def test_training_free_repairs_are_a_dimension_of_the_sweep(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "repairs"
+    argv = ["sweep", tiny_llama_dir, "--out", out, "--data", corpus_file, "--loss", corpus_file, "--drop", "0,2",
+            "--strategies", "deepest", "--samples", "4", "--seq-len", "16", "--loss-samples", "2",
+            "--loss-seq-len", "16", "--quiet"]
+    code, printed, err = run(capsys, *argv, "--repair", "none,lstsq,magnitude")
+    assert code == 0, err
+    points = ResultsLog(out).points()
+    assert set(points) == {"none/0/pruned", "deepest/2/pruned", "deepest/2/pruned/lstsq", "deepest/2/pruned/magnitude"}
+    plain, lstsq = points["deepest/2/pruned"], points["deepest/2/pruned/lstsq"]
+    assert "repair" not in plain and lstsq["repair"] == "lstsq" and lstsq["removed_layers"] == [3, 4]
+    fit = lstsq["repair_fit"]
+    assert fit["block"] == [3, 5] and fit["relative_error_after"] < fit["relative_error_before"]
+    assert lstsq["loss"]["loss"] != plain["loss"]["loss"]  # the repair changed the model that was measured
+    assert points["deepest/2/pruned/magnitude"]["repair_fit"]["alpha"] > 0
+    page = (out / "report.html").read_text()
+    assert "Methods compared" in page
+    assert "deepest + lstsq, no healing" in page and "deepest + magnitude, no healing" in page
+    assert (out / "figures" / "loss.png").stat().st_size > 1000
+    assert "deepest/2/pruned/lstsq" in printed  # the summary table
+    # The repairs may change between runs (like strategies): a rerun adds the new one only.
+    code, _, err = run(capsys, *argv, "--repair", "none,lstsq,cosine")
+    assert code == 0, err
+    assert set(ResultsLog(out).points()) - set(points) == {"deepest/2/pruned/cosine"}
+
+
+def test_an_unknown_repair_is_refused_before_loading(capsys, tmp_path, tiny_llama_dir):
+    code, _, err = run(capsys, "sweep", tiny_llama_dir, "--out", tmp_path / "x", "--drop", "0,2", "--loss", "c4",
+                       "--repair", "none,lstsqq")
+    assert code == 2 and "lstsq" in err and "loading" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_gap_closed_is_the_share_of_the_pruning_loss_recovered():
+    from depthcut.sweep.report import gap_closed
+
+    base, plain = {"loss": {"loss": 2.0}}, {"loss": {"loss": 3.0}}
+    assert gap_closed({"loss": {"loss": 2.25}}, plain, base) == pytest.approx(0.75)
+    assert gap_closed({"loss": {"loss": 3.5}}, plain, base) == pytest.approx(-0.5)  # worse than plain pruning
+    assert gap_closed({"loss": {"loss": 2.5}}, plain, {"loss": {"loss": 3.0}}) is None  # no gap to close
+    assert gap_closed({"loss": None}, plain, base) is None

@@ -100,3 +100,18 @@ def tiny_tokenizer():
     return T.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+
+
+def padded_calibration(lengths, seed: int = 3):
+    """Random token rows of unequal length, right-padded: padding must be left out of every sum, and
+    the last token is the last non-pad one."""
+    from depthcut.calibration import CalibrationSet
+
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, :length] = 1
+    return CalibrationSet(ids, mask, "random", "documents", seed)

@@ -24,6 +24,10 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
     fractions: str | None = option(None, group=DEPTH, help="fractions of layers START:STOP:STEP, e.g. 0:0.6:0.1")
     strategies: tuple[str, ...] = option(("angular", "deepest"), parse=comma_list, group=DEPTH,
                                          help="comma-separated strategies")
+    repair: tuple[str, ...] = option(("none",), parse=comma_list, group=DEPTH,
+                                     help="training-free repairs to compare, e.g. none,lstsq,cosine,magnitude "
+                                          "(fitted on --data with the unpruned model; with --heal, each is also "
+                                          "followed by LoRA)")
     loss_samples: int = option(32, group=MEASURE, help="windows of held-out text")
     loss_seq_len: int = option(256, group=MEASURE, help="tokens per loss window")
     eval_batch_size: int = option(32, group=MEASURE, help="contexts per scoring pass")
@@ -83,6 +87,13 @@ def _check(config: SweepConfig) -> None:
     config.check_measures()
     for name in config.strategies:
         STRATEGIES.get(name)
+    if not config.repair:
+        raise DepthcutError("--repair names no method (none for plain pruning)")
+    for name in config.repair:
+        if name != "none":
+            from depthcut.repair import REPAIRS
+
+            REPAIRS.get(name)
     check_data_options(config)
     check_tolerance(config.tolerance)
     config.recipe()  # its own checks
@@ -104,6 +115,16 @@ def _sweep_analysis(config: SweepConfig, folder: Path, model, tokenizer, source)
     analysis = run_analysis(model, tokenizer, config, config.layer_path, progress=not config.quiet)
     analysis.metadata["model"] = source.as_dict()
     return analysis
+
+
+def _repair_data(config: SweepConfig, tokenizer):
+    """The calibration samples every training-free repair of the sweep is fitted on (None without one)."""
+    if all(name == "none" for name in config.repair):
+        return None
+    from depthcut.analysis import as_calibration
+
+    return as_calibration(config.data, tokenizer, config.samples, config.seq_len, config.sample_mode, config.seed,
+                          config.text_field)
 
 
 def sweep_to(config: SweepConfig | None = None, /, **fields) -> Path:
@@ -134,7 +155,7 @@ def _sweep(config: SweepConfig) -> Path:
     model, tokenizer, source = load(config, quiet=config.quiet)
     num_layers = len(find_layer_stack(model, config.layer_path))
     plan = SweepPlan(parse_drops(config.drop, config.fractions, num_layers), list(config.strategies),
-                     [False, True] if config.heal else [False])
+                     [False, True] if config.heal else [False], list(dict.fromkeys(config.repair)))
     if recipe is not None:
         check_context_length(model, recipe.seq_len, "--heal-seq-len")
     heal_data = load_texts(config.heal_data or config.data) if recipe else None
@@ -144,7 +165,8 @@ def _sweep(config: SweepConfig) -> Path:
         evaluation = {"tasks": list(config.tasks), "seed": config.seed, "batch_size": config.eval_batch_size,
                       "progress": not config.quiet, **config.evaluation_options()}
         run_sweep(model, tokenizer, folder, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
-                  heal_data=heal_data, keep_models=config.keep_models, seed=config.seed, progress=not config.quiet)
+                  heal_data=heal_data, repair_data=_repair_data(config, tokenizer), keep_models=config.keep_models,
+                  seed=config.seed, progress=not config.quiet)
         build_report(folder, config.tolerance)
     return out / "report.html"
 

@@ -21,7 +21,8 @@ class SweepProgress:
     yet, the other kind's mean stands in (a healed point then counts double).
     """
 
-    def __init__(self, pending: list[tuple[str, int, bool]], stream=None, enabled: bool = True):
+    def __init__(self, pending: list[tuple], stream=None, enabled: bool = True):
+        """`pending`: the plan's points still to run, (strategy, drop, healed, ...) each."""
         self.pending = list(pending)
         self.total = len(pending)
         self.stream = stream or sys.stderr
@@ -43,7 +44,7 @@ class SweepProgress:
     def seconds_left(self) -> float | None:
         """Estimated seconds for the points not yet finished, the current one counted whole."""
         left = 0.0
-        for _, _, healed in self.pending[self.index - 1 if self.index else 0:]:
+        for _, _, healed, *_ in self.pending[self.index - 1 if self.index else 0:]:
             mean = self._mean(healed)
             if mean is None:
                 return None
@@ -86,7 +87,8 @@ def summary_table(points: list[dict], tasks: list[str]) -> str:
     """A plain-text table of the finished points: layers, loss and task accuracy with standard errors."""
     header = ["point", "layers", "loss"] + [f"{task} acc (n)" for task in tasks] + ["seconds"]
     rows = []
-    order = sorted(points, key=lambda p: (p["drop"], p["strategy"] != "none", p["strategy"], p["healed"]))
+    order = sorted(points, key=lambda p: (p["drop"], p["strategy"] != "none", p["strategy"], p.get("repair") or "",
+                                          p["healed"]))
     for point in order:
         loss = point.get("loss") or {}
         row = [point["key"], f"{point['num_layers'] - point['drop']}/{point['num_layers']}",

@@ -14,7 +14,7 @@ from pathlib import Path
 from depthcut.errors import DepthcutError
 from depthcut.io.atomic import atomic_output_dir, atomic_output_file
 from depthcut.sweep.figures import make_figures
-from depthcut.sweep.results import ResultsLog, finite, forward_ms, task_accuracy
+from depthcut.sweep.results import ResultsLog, configuration, configuration_name, finite, forward_ms, task_accuracy
 
 REPORT_FILE = "report.html"
 NOISE_Z = 2.0  # a drop is told from noise when it exceeds this many combined standard errors
@@ -64,10 +64,6 @@ def items_needed(accuracy: float, margin: float, z: float = NOISE_Z) -> int | No
     return max(step, math.ceil(needed / step) * step)
 
 
-def _name(strategy: str, healed: bool) -> str:
-    return f"{strategy}, {'healed' if healed else 'no healing'}"
-
-
 def tolerable_fraction(points: list[dict], task: str, tolerance: float, z: float = NOISE_Z) -> dict:
     """Per (strategy, healed): the largest fraction up to which every point is judged kept (see RULE),
     what ended the curve, and the best of these over all configurations with how sure it is:
@@ -83,11 +79,11 @@ def tolerable_fraction(points: list[dict], task: str, tolerance: float, z: float
               "floor": baseline - margin, "comparison_noise": comparison_noise,
               "resolvable": comparison_noise is not None and z * comparison_noise <= margin,
               "items_needed": items_needed(baseline, margin, z), "points": {}, "by_configuration": {}, "ended_by": {}}
-    for strategy, healed in sorted({(p["strategy"], p["healed"]) for p in points if p["drop"]}):
-        name = _name(strategy, healed)
+    for key in sorted({configuration(p) for p in points if p["drop"]}):
+        name = configuration_name(*key)
         curve = []
-        for p in sorted((p for p in points if p["drop"] and (p["strategy"], p["healed"]) == (strategy, healed)
-                         and task in p.get("tasks", {})), key=lambda p: p["fraction"]):
+        for p in sorted((p for p in points if p["drop"] and configuration(p) == key and task in p.get("tasks", {})),
+                        key=lambda p: p["fraction"]):
             accuracy, stderr, count = task_accuracy(p, task)
             if accuracy is None:
                 continue
@@ -115,6 +111,35 @@ def tolerable_fraction(points: list[dict], task: str, tolerance: float, z: float
     else:
         answer["verdict"] = "at least" if best[1] > 0 else "cannot tell"
     return answer
+
+
+def gap_closed(point: dict, plain: dict | None, base: dict | None) -> float | None:
+    """The share of the pruning gap in held-out loss that a repaired or healed point closes:
+    (loss of plain pruning - its loss) / (loss of plain pruning - loss of the unpruned model)."""
+    def loss(p):
+        return ((p or {}).get("loss") or {}).get("loss")
+
+    pruned, unpruned, own = loss(plain), loss(base), loss(point)
+    if None in (pruned, unpruned, own) or pruned - unpruned <= 0:
+        return None
+    return (pruned - own) / (pruned - unpruned)
+
+
+def _methods_rows(points: list[dict], tasks: list[str]) -> list[list]:
+    """One row per repaired or healed point beside plain pruning at the same depth and strategy."""
+    base = next((p for p in points if p["drop"] == 0), None)
+    rows = []
+    for p in sorted((p for p in points if p["drop"]), key=lambda p: (p["strategy"], p["drop"], configuration(p))):
+        plain = next((q for q in points if q["drop"] == p["drop"] and configuration(q) == (p["strategy"], "none", False)),
+                     None)
+        loss = p.get("loss") or {}
+        seconds = (p.get("repair_fit") or {}).get("seconds", 0.0) + (p.get("heal") or {}).get("seconds", 0.0)
+        row = [configuration_name(*configuration(p)), p["drop"], _percent(p["fraction"]),
+               _pm(loss.get("loss"), loss.get("loss_stderr"), 4), _percent(gap_closed(p, plain, base))
+               if configuration(p)[1:] != ("none", False) else "-"]
+        row += [_pm(*task_accuracy(p, t)[:2]) for t in tasks]
+        rows.append(row + [f"{seconds:.1f}" if seconds else "-"])
+    return rows
 
 
 def _image(path: Path) -> str:
@@ -219,7 +244,8 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     tolerance = check_tolerance(tolerance)
     folder = Path(folder)
     log = ResultsLog(folder)
-    settings, points = log.settings() or {}, sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p["healed"]))
+    settings = log.settings() or {}
+    points = sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p.get("repair") or "", p["healed"]))
     model = str(settings.get("model") or "")
     # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.io.atomic).
     with atomic_output_dir(folder / "figures", force=True) as staging:
@@ -243,7 +269,8 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     point_rows = []
     for p in points:
         loss = p.get("loss") or {}
-        row = [p["strategy"], p["drop"], _percent(p["fraction"]), "yes" if p["healed"] else "no",
+        row = [p["strategy"], p["drop"], _percent(p["fraction"]), p.get("repair") or "none",
+               "yes" if p["healed"] else "no",
                ", ".join(map(str, p["removed_layers"])) or "-",
                _pm(loss.get("normalized_loss"), loss.get("normalized_loss_stderr"), 4)]
         for t in tasks:
@@ -272,12 +299,19 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
         *[f"<p class='warning'>{html.escape(s)}</p>" for s in sentences],
         _table(["task", "configuration", "kept up to", "ended by", "every point"], detail_rows) if detail_rows else "",
         RULE,
+        *(["<h2>Methods compared</h2>",
+           ("<p>Each way of repairing the cut beside plain pruning at the same depth: held-out loss (nats per "
+            "token &plusmn; s.e.), the share of the pruning gap in loss it closes ((plain - it) / (plain - "
+            "unpruned)), task accuracy, and the seconds its repair and healing took.</p>"),
+           _table(["method", "dropped", "fraction", "loss", "gap closed", *[f"{t} acc" for t in tasks],
+                   "repair + heal s"], _methods_rows(points, tasks))]
+          if any(p.get("repair") or p["healed"] for p in points) else []),
         "<h2>Figures</h2>",
         *[f"<figure>{image}<figcaption>{html.escape(name)}</figcaption></figure>" for name, image in images.items()],
         "<h2>Every point</h2>",
         ("<p>Accuracy &plusmn; one standard error and the number of items it was scored on; normalized loss "
          "&plusmn; its standard error over the held-out windows.</p>"),
-        _table(["strategy", "dropped", "fraction", "healed", "removed layers (0-based)", "loss / log V",
+        _table(["strategy", "dropped", "fraction", "repair", "healed", "removed layers (0-based)", "loss / log V",
                 *[c for t in tasks for c in (f"{t} acc", f"{t} items")], "parameters", forward_header], point_rows),
         timing_note,
         "<h2>Settings</h2>",

@@ -16,8 +16,23 @@ from depthcut.io.text import read_utf8
 RESULTS_FILE = "results.jsonl"
 
 
-def point_key(strategy: str, drop: int, healed: bool) -> str:
-    return f"{strategy}/{drop}/{'healed' if healed else 'pruned'}"
+def point_key(strategy: str, drop: int, healed: bool, repair: str = "none") -> str:
+    """`angular/8/pruned`, `angular/8/healed`; with a training-free repair `angular/8/pruned/lstsq`
+    (points of sweeps without repairs keep their keys)."""
+    key = f"{strategy}/{drop}/{'healed' if healed else 'pruned'}"
+    return key if repair == "none" else f"{key}/{repair}"
+
+
+def configuration(point: dict) -> tuple[str, str, bool]:
+    """(strategy, repair, healed) of a point: one line of the figures, one row group of the report
+    (points written before repairs existed have none)."""
+    return point["strategy"], point.get("repair") or "none", point["healed"]
+
+
+def configuration_name(strategy: str, repair: str, healed: bool) -> str:
+    """`angular, no healing`; `angular + lstsq, healed`."""
+    method = strategy if repair == "none" else f"{strategy} + {repair}"
+    return f"{method}, {'healed' if healed else 'no healing'}"
 
 
 class ResultsLog:

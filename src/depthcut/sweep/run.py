@@ -46,15 +46,21 @@ def parse_drops(drop: str | None, fractions: str | None, num_layers: int) -> lis
 
 @dataclass
 class SweepPlan:
+    """Every point: (strategy, drop count, healed, repair). Training-free repairs ("none" is plain
+    pruning) are a dimension beside strategy and healing: `repair + healed` is a repair followed
+    by LoRA."""
+
     drops: list[int]
     strategies: list[str]
     healed: list[bool]
-    points: list[tuple[str, int, bool]] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=lambda: ["none"])
+    points: list[tuple[str, int, bool, str]] = field(default_factory=list)
 
     def __post_init__(self):
-        # drop 0 is the unpruned model, shared by every strategy; it is never healed.
-        self.points = [("none", 0, False)] if 0 in self.drops else []
-        self.points += [(s, n, h) for n in self.drops if n for s in self.strategies for h in self.healed]
+        # drop 0 is the unpruned model, shared by every strategy; it is never healed nor repaired.
+        self.points = [("none", 0, False, "none")] if 0 in self.drops else []
+        self.points += [(s, n, h, r) for n in self.drops if n for s in self.strategies for r in self.repairs
+                        for h in self.healed]
 
 
 FORWARD_BATCH, FORWARD_LENGTH, FORWARD_WARMUP, FORWARD_REPEATS = 1, 128, 1, 7
@@ -98,12 +104,13 @@ def _measure(model, tokenizer, evaluation: dict) -> dict:
 
 
 def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, evaluation: dict, *, analysis=None,
-              heal_recipe=None, heal_data=None, keep_models: bool = False, seed: int = 0, progress: bool = True,
-              announce: bool = True) -> ResultsLog:
+              heal_recipe=None, heal_data=None, repair_data=None, keep_models: bool = False, seed: int = 0,
+              progress: bool = True, announce: bool = True) -> ResultsLog:
     """Evaluate every point of `plan` not already in `out/results.jsonl`, appending each at once.
 
-    `progress` draws the bars of each step; `announce` prints a line per stage with the point's
-    number and the time left (see `SweepProgress`).
+    `repair_data` (a `CalibrationSet`) is what the training-free repairs are fitted on, with the
+    unpruned model's activations. `progress` draws the bars of each step; `announce` prints a line
+    per stage with the point's number and the time left (see `SweepProgress`).
     """
     log = ResultsLog(out)
     log.start(settings)
@@ -116,8 +123,8 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         print(f"sweep: {len(plan.points) - len(pending)} of {len(plan.points)} points already in {log.path}",
               file=sys.stderr)
     tracker = SweepProgress(pending, enabled=announce)
-    for strategy, drop, healed in pending:
-        key = point_key(strategy, drop, healed)
+    for strategy, drop, healed, repair in pending:
+        key = point_key(strategy, drop, healed, repair)
         tracker.start_point(key)
         began = time.perf_counter()
         if drop == 0:
@@ -126,11 +133,14 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
             needs = analysis if STRATEGIES.get(strategy).needs_analysis else None
             removed = select(strategy, drop, num_layers, needs, seed)
         working = copy.deepcopy(model)  # `model` stays the unpruned base
+        fit = _repair(working, repair, removed, repair_data, tracker)
         if removed:
             tracker.stage(f"pruning layers {_span(removed)}")
             prune(working, removed)
         record = {"type": "point", "key": key, "strategy": strategy, "drop": drop, "fraction": drop / num_layers,
                   "healed": healed, "removed_layers": removed, "num_layers": num_layers}
+        if fit is not None:
+            record.update(repair=repair, repair_fit=fit)
         if healed:
             from depthcut.healing.trainer import heal
 
@@ -152,6 +162,18 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         del working
         tracker.finish_point(key)
     return log
+
+
+def _repair(working, method: str, removed: list[int], calibration, tracker) -> dict | None:
+    """Fit `method` on the unpruned `working` model and fold it in (before the layers go)."""
+    if method == "none" or not removed:
+        return None
+    from depthcut.repair import repair
+
+    tracker.stage(f"repairing the cut: {method}")
+    began = time.perf_counter()
+    fit = repair(working, None, calibration, removed, method)
+    return {**fit.as_dict(), "seconds": time.perf_counter() - began}
 
 
 def _span(layers: list[int]) -> str:
