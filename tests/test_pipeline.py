@@ -184,6 +184,8 @@ def test_prune_with_a_repair_folds_it_and_records_its_fit(tmp_path, tiny_llama_d
     fit = result.provenance["repair"]
     assert fit["method"] == "lstsq" and fit["block"] == [2, 4]
     assert fit["relative_error_after"] < fit["relative_error_before"]
+    assert fit["relative_error_heldout_after"] < fit["relative_error_heldout_before"]  # on documents the fit never saw
+    assert fit["heldout_tokens"] > 0 and fit["heldout_samples"] == 1
     # In the stored dtype, the repaired model differs from the plainly pruned one in one tensor only.
     prune_to(model=str(tiny_llama_dir), layers="2:4", repair="lstsq", data=str(corpus_file), dtype="float32",
              out=str(tmp_path / "repaired32"), **SMALL)

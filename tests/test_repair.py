@@ -94,6 +94,13 @@ def test_lstsq_transform_equals_naive_lstsq(arch):
     pred = states["x"] - states["m"] + states["m"] @ expected
     assert fit.error_before == pytest.approx(_relative(states["x"], states["y"]) ** 2, rel=1e-9)
     assert fit.error_after == pytest.approx(_relative(pred, states["y"]) ** 2, rel=1e-6)
+    # judged on other text (held out): the same closed form as the naive error there
+    other = _calibration(seed=11)
+    judged = repair_statistics(model, other, range(FIRST, STOP), ["lstsq"], batch_size=3)
+    elsewhere = _naive_states(model, other)
+    pred = elsewhere["x"] - elsewhere["m"] + elsewhere["m"] @ fit.transform
+    assert fit.error_on(judged) == pytest.approx(_relative(pred, elsewhere["y"]) ** 2, rel=1e-6)
+    assert fit.error_on(stats) == pytest.approx(fit.error_after, rel=1e-9)
 
 
 @pytest.mark.parametrize("method", ["lstsq", "cosine"])
@@ -145,6 +152,8 @@ def test_magnitude_factor_and_fold(arch, first):
     states = _naive_states(model, calibration, first, stop)
     alpha = states["y"].norm(dim=-1).mean() / states["x"].norm(dim=-1).mean()
     assert fit.alpha == pytest.approx(float(alpha), rel=1e-10)
+    naive_error = float(((alpha * states["x"] - states["y"]) ** 2).sum() / (states["y"] ** 2).sum())
+    assert fit.error_on(stats) == pytest.approx(naive_error, rel=1e-8)
     apply_repair(model, fit)
     depthcut.prune(model, range(first, stop))
     # Pre-norm layers before the cut see alpha x: the same up to their norm's epsilon ...

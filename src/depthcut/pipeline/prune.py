@@ -23,6 +23,7 @@ from depthcut.pipeline.options import make_config, option
 from depthcut.strategies import STRATEGIES
 
 WHAT = "what to remove"
+HELDOUT_FRACTION = 0.1  # of the repair data's documents, to judge the fit on
 
 
 def _strategy_help() -> str:
@@ -240,14 +241,28 @@ def _repair(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict |
     the layers go); what provenance records of it."""
     if config.repair == "none":
         return None
-    from depthcut.repair import repair
+    from depthcut.calibration import build_calibration
+    from depthcut.data import load_texts
+    from depthcut.healing.trainer import split_documents
+    from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair_statistics
 
     data = config.data or "c4"
     print(f"repairing the cut with {config.repair} on {data} ...", file=sys.stderr)
-    fit = repair(model, tokenizer, data, removed, config.repair, samples=config.samples, seq_len=config.seq_len,
-                 seed=config.seed, batch_size=config.batch_size, mode=config.sample_mode,
-                 text_field=config.text_field, layer_path=config.layer_path, progress=not config.quiet)
-    return {**fit.as_dict(), "data": data, "samples": config.samples, "seq_len": config.seq_len, "seed": config.seed}
+    # A tenth of the documents is held out: the fit is judged on text it never saw.
+    fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+    samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
+    calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
+    heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
+    options = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
+    fit = fit_repair(config.repair, repair_statistics(model, calibration, removed, [config.repair],
+                                                      progress=not config.quiet, **options))
+    judged = repair_statistics(model, heldout, removed, ["lstsq" if REPAIRS.get(config.repair).linear else "magnitude"],
+                               **options)
+    apply_repair(model, fit, config.layer_path)
+    return {**fit.as_dict(), "relative_error_heldout_before": judged.error_before,
+            "relative_error_heldout_after": fit.error_on(judged), "heldout_tokens": judged.tokens,
+            "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
+            "seq_len": config.seq_len, "seed": config.seed}
 
 
 def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:

@@ -52,6 +52,21 @@ class RepairFit:
     def block(self) -> tuple[int, int]:
         return (self.first, self.stop)
 
+    def error_on(self, statistics: RepairStatistics) -> float:
+        """The relative squared error at the cut of this repair on other statistics of the same block
+        (held-out text): exact from the sums, as on the calibration data."""
+        if statistics.block != self.block:
+            raise DepthcutError(f"statistics of block {statistics.block} cannot judge a fit of block {self.block}")
+        if self.transform is not None:
+            if statistics.mtm is None:
+                raise DepthcutError("judging a linear repair needs statistics gathered for lstsq")
+            from depthcut.repair.lstsq import relative_error
+
+            return relative_error(statistics, self.transform)
+        alpha = self.alpha
+        squared = alpha * alpha * statistics.x_sq - 2 * alpha * statistics.xy + statistics.y_sq
+        return max(squared, 0.0) / statistics.y_sq
+
     def as_dict(self) -> dict:
         result = {
             "method": self.method,
