@@ -64,6 +64,7 @@ EPILOG_HEAL = """examples:
       --mixed-precision bf16
   depthcut heal pruned --data c4 --out healed --tokens 20000000 --quantize 4bit    # QLoRA, CUDA only
   depthcut heal pruned --data c4 --out healed --steps 200 --resume                 # continue a killed run
+  depthcut heal pruned --teacher smollm2-135m --objective kd --data c4 --out healed --steps 200  # distil
   accelerate launch --num_processes 2 $(which depthcut) heal pruned --data c4 --out healed --steps 200
 
 defaults follow the paper: LoRA rank 64, alpha = rank, dropout 0.05 on the MLP projections, AdamW,

@@ -10,7 +10,10 @@ plain values only (dicts, lists, tuples, numbers, strings), read back with
     optimizer  torch optimizer state dict; scheduler: its LR scheduler's
     rng        {"torch": uint8 tensor, "python": random.getstate() (version, tuple of ints, gauss),
                 "numpy": {"kind", "key" (int64 tensor of the uint32 key), "pos", "has_gauss", "cached_gaussian"}}
-    log        [{"step", "loss", "lr", "tokens", "tokens_per_s"}, ...]: every step so far
+    log        [{"step", "loss", "lr", "tokens", "tokens_per_s"}, ...]: every step so far ("kd" and "lm"
+               too for the kd+lm objective)
+
+The teacher of a distillation run is not in a checkpoint: the resumed run is given it again.
 """
 
 from __future__ import annotations

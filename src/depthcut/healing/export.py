@@ -31,12 +31,19 @@ def heal_card(provenance: dict) -> str:
         pruning = provenance["pruning"]
         lines.append(f"| pruning | layers {pruning.get('removed_layers')} removed ({pruning.get('strategy')}) |")
     recipe = healing["recipe"]
+    if healing.get("teacher"):
+        weight = recipe["kd_weight"]
+        objective = {"kd": "distillation", "kd+lm": f"{weight:g} × distillation + {1 - weight:g} × next-token loss"}
+        lines.append(f"| objective | {objective.get(recipe['objective'], recipe['objective'])} from "
+                     f"`{healing['teacher']['spec']}`, temperature {recipe['kd_temperature']} |")
     lines += [
         (f"| LoRA | rank {recipe['rank']}, alpha {recipe['alpha'] or recipe['rank']}, dropout {recipe['dropout']}, "
          f"targets {recipe['targets']} |"),
         (f"| training | {healing['steps']} steps, {healing['tokens']:,} tokens, lr {recipe['lr']} cosine, "
          f"{recipe['warmup_steps']} warmup |"),
-        f"| held-out loss | {before:.4f} → {after:.4f} |", "",
+        f"| held-out loss | {before:.4f} → {after:.4f} |",
+        *([f"| held-out KL to the teacher | {healing['kl_before']['kl']:.4f} → {healing['kl_after']['kl']:.4f} |"]
+          if healing.get("kl_after") else []), "",
         "The LoRA weights are merged into this model; the adapter alone is in `adapter/`.",
         f"`{PROVENANCE_FILE}` records the whole recipe, and `train_log.jsonl` every step.", "",
     ]
@@ -56,7 +63,8 @@ def run_totals(result: HealResult) -> dict:
 
 
 def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: str, log_path: Path | None,
-                force: bool = False) -> Path:
+                force: bool = False, teacher: dict | None = None) -> Path:
+    """Write the healed folder; `teacher`: the source (spec, dtype, ...) of the model distilled from."""
     from safetensors.torch import save_file
 
     pruning = previous_provenance(base_model["spec"])
@@ -65,9 +73,11 @@ def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: s
         "pruning": pruning,
         "healing": {
             "recipe": result.recipe.as_dict(), "data": data,
+            "objective": result.recipe.objective, "teacher": teacher,
             "mixed_precision": {"used": result.recipe.mixed_precision, "reason": result.mixed_precision_reason},
             "loss_after_adapter": result.loss_after_adapter,
             "loss_before": result.loss_before, "loss_after": result.loss_after,
+            "kl_before": result.kl_before, "kl_after": result.kl_after,
             **run_totals(result), "seconds_this_run": result.seconds,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
         },

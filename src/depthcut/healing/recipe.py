@@ -8,12 +8,17 @@ from dataclasses import asdict, dataclass
 from depthcut.errors import DepthcutError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+OBJECTIVES = ("lm", "kd", "kd+lm")
 
 
 @dataclass(frozen=True)
 class HealRecipe:
     """Defaults follow Gromov et al. 2024 (QLoRA on the MLP, rank 64, alpha = rank, dropout 0.05,
-    AdamW, peak lr 3e-4, cosine decay, 100 warmup steps, batch 16 x 2048 tokens, 5000 steps)."""
+    AdamW, peak lr 3e-4, cosine decay, 100 warmup steps, batch 16 x 2048 tokens, 5000 steps).
+
+    `objective`: "lm", the next-token loss; "kd", distillation from a teacher (the unpruned model):
+    tau^2 * KL(teacher || student) at temperature `kd_temperature`; "kd+lm", `kd_weight` * KD +
+    (1 - `kd_weight`) * LM."""
 
     rank: int = 64
     alpha: float | None = None  # None: alpha = rank
@@ -33,6 +38,9 @@ class HealRecipe:
     quantize: str | None = None
     heldout_fraction: float = 0.05
     heldout_windows: int = 32
+    objective: str = "lm"
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5  # the KD term's share of the kd+lm loss
 
     def __post_init__(self):
         problems = []
@@ -57,6 +65,12 @@ class HealRecipe:
             problems.append(f"--quantize takes only 4bit, got {self.quantize!r}")
         if not 0 < self.heldout_fraction < 1:
             problems.append("--heldout-fraction must be between 0 and 1")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not self.kd_temperature > 0:
+            problems.append(f"--kd-temperature must be positive, got {self.kd_temperature}")
+        if not 0 <= self.kd_weight <= 1:
+            problems.append(f"--kd-weight must be between 0 and 1, got {self.kd_weight}")
         if problems:
             raise DepthcutError("; ".join(problems))
 
@@ -74,5 +88,19 @@ class HealRecipe:
             return max(1, math.ceil(self.tokens / self.tokens_per_step(world_size)))
         return 5000
 
+    @property
+    def distils(self) -> bool:
+        """Whether the loss has a distillation term (and so needs a teacher)."""
+        return self.objective != "lm"
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must agree on: every field, less the distillation settings of a run
+        that does not distil (they change nothing there; checkpoints from before they existed resume)."""
+        fields = self.as_dict()
+        if not self.distils:
+            for name in ("objective", "kd_temperature", "kd_weight"):
+                del fields[name]
+        return fields

@@ -3,6 +3,7 @@
 Every step's data and dropout noise are functions of (seed, step, process rank) alone, so a run
 resumed from a checkpoint ends with the same weights as one that was never interrupted.
 Multi-process data parallelism comes from `accelerate` (`accelerate launch ... depthcut heal`).
+With a teacher (the unpruned model), the loss can be distillation from it (`healing.distill`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from depthcut.distributed import process_state
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from depthcut.healing.distill import check_teacher, distillation_loss, heldout_kl, teacher_description, teacher_logits
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
 
@@ -43,6 +45,8 @@ class HealResult:
     log: list[dict] = field(default_factory=list)
     mixed_precision_reason: str = ""
     loss_after_adapter: dict | None = None  # QLoRA: the 4-bit base with the unmerged adapter
+    kl_before: dict | None = None  # with a teacher: the held-out distillation loss (healing.distill.heldout_kl)
+    kl_after: dict | None = None
 
 
 def split_documents(source: TextSource, fraction: float, seed: int) -> tuple[TextSource, TextSource]:
@@ -184,6 +188,8 @@ class _Run:
     fingerprint: dict  # what a checkpoint must match to be resumed
     loss_before: dict
     precision_reason: str
+    teacher: torch.nn.Module | None = None  # frozen, in eval mode; never checkpointed
+    kl_before: dict | None = None
     start: int = 0
     log: list[dict] = field(default_factory=list)
 
@@ -203,12 +209,18 @@ class _Run:
         return self.accelerator.unwrap_model(self.model)
 
 
-def _set_up(model, tokenizer, data: TextSource, recipe: HealRecipe, layer_path) -> _Run:
+def _set_up(model, tokenizer, data: TextSource, recipe: HealRecipe, layer_path, teacher=None) -> _Run:
     """Everything before the first step: the process group, the training and held-out windows, the
-    loss before healing, the LoRA-wrapped model, its optimizer and learning-rate schedule."""
+    loss (and KL to the teacher) before healing, the LoRA-wrapped model, its optimizer and
+    learning-rate schedule."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
+    if recipe.distils and teacher is None:
+        raise DepthcutError(f"objective {recipe.objective!r} distils from a teacher: pass the unpruned model as "
+                            "teacher (--teacher MODEL)")
+    if teacher is not None:
+        check_teacher(model, teacher)
     _check_quantization(recipe)
     if recipe.quantize:
         keep_4bit_differentiable(model)
@@ -223,15 +235,24 @@ def _set_up(model, tokenizer, data: TextSource, recipe: HealRecipe, layer_path) 
     held = build_calibration(tokenizer, held_source, recipe.heldout_windows, recipe.seq_len, "windows", recipe.seed,
                              allow_fewer=True)
     loss_before = heldout_loss(model, held, batch_size=recipe.batch_size)
+    kl_before = _heldout_kl(model, teacher, held, recipe)
 
     model, targets = _wrap_with_lora(model, recipe, layer_path)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                   weight_decay=recipe.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, total_steps)
-    fingerprint = {**recipe.as_dict(), "world_size": world, "targets_resolved": len(targets),
+    fingerprint = {**recipe.fingerprint(), "world_size": world, "targets_resolved": len(targets),
                    "data": data.description, "documents": len(data.documents), "windows": len(windows)}
+    if recipe.distils:
+        fingerprint["teacher"] = teacher_description(teacher)
     return _Run(recipe, accelerator, model, optimizer, scheduler, windows, held, total_steps, fingerprint, loss_before,
-                precision_reason)
+                precision_reason, teacher, kl_before)
+
+
+def _heldout_kl(model, teacher, held, recipe: HealRecipe) -> dict | None:
+    if teacher is None:
+        return None
+    return heldout_kl(model, teacher, held, recipe.kd_temperature, batch_size=recipe.batch_size)
 
 
 def _restore(run: _Run, checkpoints: Path) -> None:
@@ -258,23 +279,40 @@ def _save(run: _Run, checkpoints: Path, step: int) -> None:
             "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "log": run.log}, run.fingerprint)
 
 
-def _step(run: _Run, step: int) -> float:
-    """One optimizer step over `grad_accum` micro-batches; the loss, averaged over the processes."""
+def _micro_batch_losses(run: _Run, ids: torch.Tensor, sync) -> dict[str, torch.Tensor]:
+    """The micro-batch's loss under the recipe's objective ("loss"), and its "lm" and "kd" parts
+    when it has two; the forward passes run under `sync`."""
+    recipe = run.recipe
+    with sync, run.accelerator.autocast():
+        output = run.model(input_ids=ids, labels=None if recipe.objective == "kd" else ids, use_cache=False)
+        if not recipe.distils:
+            return {"loss": output.loss}
+        theirs = teacher_logits(run.teacher, ids)  # (B, T, V), no gradient
+    kd = distillation_loss(output.logits, theirs, temperature=recipe.kd_temperature)
+    if recipe.objective == "kd":
+        return {"loss": kd}
+    return {"loss": recipe.kd_weight * kd + (1 - recipe.kd_weight) * output.loss, "kd": kd, "lm": output.loss}
+
+
+def _step(run: _Run, step: int) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches: the loss (and its parts, for kd+lm),
+    averaged over the processes."""
     recipe, accelerator = run.recipe, run.accelerator
     torch.manual_seed(recipe.seed * 7919 + step * 104729 + run.rank)  # dropout noise of this step
-    step_loss = 0.0
+    sums: dict[str, float] = {}
     for micro in range(recipe.grad_accum):
         ids = _batch(run.windows, recipe, step, micro, run.rank, run.world).to(accelerator.device)
         # Gradients are averaged across processes only on the last micro-batch.
         sync = accelerator.no_sync(run.model) if micro < recipe.grad_accum - 1 else nullcontext()
-        with sync, accelerator.autocast():
-            loss = run.model(input_ids=ids, labels=ids, use_cache=False).loss / recipe.grad_accum
-        accelerator.backward(loss)
-        step_loss += float(loss.detach())
+        losses = {name: value / recipe.grad_accum for name, value in _micro_batch_losses(run, ids, sync).items()}
+        accelerator.backward(losses["loss"])
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+    reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+    return {name: float(value) for name, value in zip(sums, reduced)}
 
 
 @contextmanager
@@ -303,9 +341,10 @@ def _train(run: _Run, checkpoints: Path | None, checkpoint_every: int, log_path,
     run.model.train()
     with bar, _step_log(log_path if main and log_path else None, append=run.start > 0) as write_log:
         for step in range(run.start, run.total_steps):
-            loss = _step(run, step)
+            losses = _step(run, step)
+            loss = losses["loss"]
             elapsed = time.perf_counter() - began
-            entry = {"step": step + 1, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "tokens": (step + 1) * per_step,
+            entry = {"step": step + 1, **losses, "lr": run.scheduler.get_last_lr()[0], "tokens": (step + 1) * per_step,
                      "tokens_per_s": (step + 1 - run.start) * per_step / max(elapsed, 1e-9)}
             run.log.append(entry)
             write_log(entry)
@@ -326,11 +365,13 @@ def _finish(run: _Run, seconds: float, full_precision_base: Callable[[], torch.n
     adapter = {k: v.detach().clone() for k, v in _adapter_state(peft_model).items()}
     steps = run.total_steps - run.start
     result = HealResult(None, recipe, adapter, peft_model.peft_config["default"], run.loss_before, None, steps,
-                        steps * recipe.tokens_per_step(run.world), seconds, run.log, run.precision_reason)
+                        steps * recipe.tokens_per_step(run.world), seconds, run.log, run.precision_reason,
+                        kl_before=run.kl_before)
     if recipe.quantize:
         result.loss_after_adapter = heldout_loss(peft_model, held, batch_size=recipe.batch_size)
         if full_precision_base is None:
             result.model, result.loss_after = peft_model, result.loss_after_adapter
+            result.kl_after = _heldout_kl(peft_model, run.teacher, held, recipe)
             return result
         run.model = None  # the 4-bit model goes before the full-precision one is loaded
         del peft_model
@@ -341,6 +382,7 @@ def _finish(run: _Run, seconds: float, full_precision_base: Callable[[], torch.n
         merged.gradient_checkpointing_disable()
     result.model = merged
     result.loss_after = heldout_loss(merged, held, batch_size=recipe.batch_size)
+    result.kl_after = _heldout_kl(merged, run.teacher, held, recipe)
     return result
 
 
@@ -358,6 +400,7 @@ def heal(
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
     full_precision_base: Callable[[], torch.nn.Module] | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> HealResult:
     """Finetune LoRA adapters on `data`, then merge them; see `HealRecipe` for the settings.
 
@@ -366,8 +409,13 @@ def heal(
     unquantized) and the held-out loss after healing is measured on that merged model;
     `loss_after_adapter` is the loss of the 4-bit base with the adapter, as it was trained.
     Without `full_precision_base`, `result.model` is the 4-bit model with the adapter unmerged.
+
+    `teacher`, the unpruned model (the same vocabulary), is what `recipe.objective` "kd" and "kd+lm"
+    distil from: it is frozen and put in eval mode, and runs each micro-batch without gradients.
+    With a teacher, `kl_before` and `kl_after` hold the distillation loss on the held-out windows
+    (with objective "lm" too, where it is only measured).
     """
-    run = _set_up(model, tokenizer, data, recipe or HealRecipe(), layer_path)
+    run = _set_up(model, tokenizer, data, recipe or HealRecipe(), layer_path, teacher)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None
     if resume and checkpoints is not None:
         _restore(run, checkpoints)

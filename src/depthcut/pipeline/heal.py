@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from depthcut.healing.recipe import MIXED_PRECISION, HealRecipe
+from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
 from depthcut.pipeline.common import ModelOptions, OutputOptions
 from depthcut.pipeline.options import make_config, option
 
 _RECIPE = {field.name: field.default for field in dataclasses.fields(HealRecipe)}
-LORA, TRAINING, RUN = "LoRA", "training", "the run"
+LORA, TRAINING, DISTILLATION, RUN = "LoRA", "training", "distillation", "the run"
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,14 @@ class HealConfig(OutputOptions, ModelOptions):
                                           help="trade compute for activation memory")
     heldout_fraction: float = option(_RECIPE["heldout_fraction"], group=TRAINING, help="share of documents held out")
     heldout_windows: int = option(_RECIPE["heldout_windows"], group=TRAINING, help="held-out windows for the loss")
+    teacher: str | None = option(None, group=DISTILLATION, metavar="MODEL",
+                                 help="the unpruned model to distil from; needs --objective kd or kd+lm")
+    objective: str = option(_RECIPE["objective"], group=DISTILLATION, choices=OBJECTIVES,
+                            help="lm: next-token loss; kd: KL(teacher || student) at --kd-temperature, times its "
+                                 "square; kd+lm: --kd-weight x kd + (1 - --kd-weight) x lm")
+    kd_temperature: float = option(_RECIPE["kd_temperature"], group=DISTILLATION,
+                                   help="softmax temperature of the distillation loss")
+    kd_weight: float = option(_RECIPE["kd_weight"], group=DISTILLATION, help="the KD term's share of kd+lm")
     checkpoint_every: int = option(100, group=RUN, help="steps between checkpoints")
     resume: bool = option(False, group=RUN, help="continue from the newest checkpoint in OUT-checkpoints")
 
@@ -62,4 +70,5 @@ def heal_to(config: HealConfig | None = None, /, **fields):
     return run_heal(config.model, config.data, config.out, config.recipe(), text_field=config.text_field,
                     dtype=config.dtype, device=config.device, layer_path=config.layer_path,
                     trust_remote_code=config.trust_remote_code, checkpoint_every=config.checkpoint_every,
-                    resume=config.resume, force=config.force, progress=not config.quiet)
+                    resume=config.resume, force=config.force, progress=not config.quiet,
+                    teacher_spec=config.teacher)
