@@ -369,3 +369,19 @@ def test_gap_closed_is_the_share_of_the_pruning_loss_recovered():
     assert gap_closed({"loss": {"loss": 3.5}}, plain, base) == pytest.approx(-0.5)  # worse than plain pruning
     assert gap_closed({"loss": {"loss": 2.5}}, plain, {"loss": {"loss": 3.0}}) is None  # no gap to close
     assert gap_closed({"loss": None}, plain, base) is None
+
+
+def test_a_repair_refused_for_one_cut_stops_the_sweep_before_its_first_point(capsys, tmp_path, tokenizer,
+                                                                             corpus_file):
+    from tiny import tiny_model
+
+    # A model with tied embeddings (as SmolLM2): magnitude compensation would scale its LM head.
+    tied = tmp_path / "tied"
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tied)
+    tokenizer.save_pretrained(tied)
+    code, _, err = run(capsys, "sweep", tied, "--out", tmp_path / "x", "--data", corpus_file, "--loss",
+                       corpus_file, "--drop", "0,2", "--strategies", "deepest", "--repair", "none,magnitude",
+                       "--samples", "4", "--seq-len", "16", "--loss-samples", "2", "--loss-seq-len", "16", "--quiet")
+    assert code == 2 and "--repair magnitude cannot repair the cut of layers [3, 5)" in err and "tied" in err
+    assert "sweep [1/" not in err
+    assert not (tmp_path / "x").exists(), sorted(p.name for p in (tmp_path / "x").rglob("*"))

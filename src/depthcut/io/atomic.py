@@ -20,6 +20,7 @@ One mechanism serves every file and folder depthcut writes:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -481,7 +482,8 @@ def continued_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]
             with atomic_output_dir(out, force=True) as staging:
                 yield staging
             return
-        if claim.existing is None:
+        made = claim.existing is None
+        if made:
             try:
                 os.mkdir(claim.out, 0o777)
             except FileExistsError:
@@ -489,7 +491,13 @@ def continued_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]
             except OSError as error:
                 raise _write_failure(error, claim.out) or error from None
             claim.existing = _identity(claim.out)
-        yield claim.out
+        try:
+            yield claim.out
+        except BaseException:
+            if made:  # a folder this run made and that holds nothing yet goes with the failure
+                with contextlib.suppress(OSError):
+                    os.rmdir(claim.out)
+            raise
 
 
 # --- failures of the destination ----------------------------------------------------------------

@@ -107,6 +107,13 @@ def register_repair(cls: type[RepairMethod]) -> type[RepairMethod]:
     return cls
 
 
+def check_repair(model: nn.Module, block, method: str, layer_path: str | None = None) -> None:
+    """Raise the refusal `method` would give for removing `block` from `model`, without computing."""
+    stack = find_layer_stack(model, layer_path)
+    first, stop = contiguous_block(block, len(stack))
+    REPAIRS.get(method).check(model, stack, architecture_of(model), first, stop)
+
+
 def fit_repair(method: str, statistics: RepairStatistics, **options) -> RepairFit:
     """Fit `method` on `statistics` (which must have been gathered for it); `options` go to the method
     (lstsq: ridge; cosine: ridge, steps, lr, batch_rows, seed)."""

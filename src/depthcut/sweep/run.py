@@ -112,12 +112,19 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
     unpruned model's activations. `progress` draws the bars of each step; `announce` prints a line
     per stage with the point's number and the time left (see `SweepProgress`).
     """
+    num_layers = len(find_layer_stack(model))
+
+    def removed_by(strategy: str, drop: int) -> list[int]:
+        if drop == 0:
+            return []
+        return select(strategy, drop, num_layers, analysis if STRATEGIES.get(strategy).needs_analysis else None, seed)
+
+    _check_repairs(model, [(removed_by(s, n), r) for s, n, _, r in plan.points if n and r != "none"])
     log = ResultsLog(out)
     log.start(settings)
     if analysis is not None and log.analysis() is None:
         log.append({"type": "analysis", "analysis": analysis.to_dict()})
     done = log.points()
-    num_layers = len(find_layer_stack(model))
     pending = [point for point in plan.points if point_key(*point) not in done]
     if len(pending) < len(plan.points):
         print(f"sweep: {len(plan.points) - len(pending)} of {len(plan.points)} points already in {log.path}",
@@ -127,11 +134,7 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         key = point_key(strategy, drop, healed, repair)
         tracker.start_point(key)
         began = time.perf_counter()
-        if drop == 0:
-            removed = []
-        else:
-            needs = analysis if STRATEGIES.get(strategy).needs_analysis else None
-            removed = select(strategy, drop, num_layers, needs, seed)
+        removed = removed_by(strategy, drop)
         working = copy.deepcopy(model)  # `model` stays the unpruned base
         fit = _repair(working, repair, removed, repair_data, tracker)
         if removed:
@@ -162,6 +165,21 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         del working
         tracker.finish_point(key)
     return log
+
+
+def _check_repairs(model, cuts: list[tuple[list[int], str]]) -> None:
+    """A repair that cannot be folded for one of the sweep's cuts stops the sweep before its first
+    point, saying which (a sweep that fails hours in helps nobody)."""
+    if not cuts:
+        return
+    from depthcut.repair import check_repair
+
+    for removed, method in cuts:
+        try:
+            check_repair(model, removed, method)
+        except DepthcutError as refusal:
+            raise DepthcutError(f"--repair {method} cannot repair the cut of layers {_span(removed)}: {refusal}; "
+                                f"leave {method} out of --repair") from None
 
 
 def _repair(working, method: str, removed: list[int], calibration, tracker) -> dict | None:
