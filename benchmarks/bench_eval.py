@@ -1,19 +1,21 @@
-"""Benchmark: throughput of depthcut's multiple-choice scorer versus lm-evaluation-harness's HFLM.
+"""Benchmark: items/s of depthcut's lm-eval model (`DepthcutLM`) versus lm-eval's own `hf` model (HFLM).
 
-Both tools score the same documents (the first `--limit` of ARC-Easy and HellaSwag by default)
-with the same in-memory model, dtype and batch size, zero-shot:
+Both models answer the very same lm-eval requests: the `Instance`s lm-eval builds from its own
+task definitions over depthcut's local copy of the data (a seeded random subset of `--limit`
+documents per task, zero-shot), with the same in-memory model and dtype:
 
-- ``lm_eval``: ``HFLM.loglikelihood`` on the requests lm-eval's own task builds from its default
-  task YAML (the dataset replaced by the local copy, see ``lm_eval_local.py``);
-- ``depthcut``: ``Scorer(mode="packed").loglikelihoods`` (the default) on the items depthcut's task
-  builds from an identical copy of those documents (each context and all its choices in one row);
-- ``depthcut_full``: the same with ``mode="full"`` (one sequence per choice, as lm-eval does).
+- ``hf``: ``HFLM.loglikelihood`` (one padded sequence per choice);
+- ``depthcut``: ``DepthcutLM(scoring="packed").loglikelihood`` (the default: each context and all
+  its choices in one masked row);
+- ``depthcut_full``: ``DepthcutLM(scoring="full")`` (one sequence per choice, as HFLM).
 
-Only the scoring call is timed (tokenization included, task and data loading not). The runs are
-interleaved (lm_eval, depthcut, depthcut_full per task, `--repeats` rounds) and the fastest of
-each is kept, so a slow phase of a shared machine hits all of them. Throughput is documents
-(questions) per second. The script also checks, document by document, whether both tools pick
-the same answer (acc and acc_norm predictions), which also shows that they scored the same thing.
+The batch size means different things (HFLM: sequences per forward pass; DepthcutLM: distinct
+contexts, each with all its choices), so every variant runs at each of `--batch-sizes` and its
+best counts. Only the `loglikelihood` call is timed (tokenization included; building the
+requests not). Rounds are interleaved (every variant and batch size per task, `--repeats`
+times) so that a slow phase of a shared machine hits all of them. Throughput is documents per
+second. Per document, the answers (acc and acc_norm predictions) and log-likelihoods are compared
+with HFLM's at its first batch size.
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_eval.py
 """
@@ -24,137 +26,120 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import environment  # noqa: E402
-import lm_eval_local  # noqa: E402
+import environment
 
-VARIANTS = ("lm_eval", "depthcut", "depthcut_full")
+VARIANTS = ("hf", "depthcut", "depthcut_full")
 DEFAULT_TASKS = ["arc_easy", "hellaswag"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_eval.json"
-RATIO_TARGET = 1.5  # depthcut items/s / lm-eval items/s must be at least this
+RATIO_TARGET = 1.5  # depthcut items/s / HFLM items/s (each at its best batch size) must be at least this
 
 
-def lm_eval_scorer(lm, folder: Path, name: str):
-    """A function scoring task `name` with lm-eval: per document (log-likelihoods, prediction, prediction_norm)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+def task_requests(name: str, limit: int | None, seed: int):
+    """lm-eval's requests for task `name` (zero-shot, a seeded subset), sorted by document and
+    choice, and a function turning their log-likelihoods into per-document answers."""
+    from depthcut.evaluation.evaluate import subsets
+    from depthcut.evaluation.tasks import get_task, load_task
 
-    task = get_task_dict([name], TaskManager(include_path=str(folder / "lm_eval"), include_defaults=False))[name]
+    task = load_task(get_task(name))["tasks"][name]
     task.set_config(key="num_fewshot", value=0)
-    task.build_all_requests(rank=0, world_size=1)
+    ids = (subsets({name: task}, limit, seed) or {}).get(name)
+    task.build_all_requests(samples=ids, rank=0, world_size=1)
     instances = sorted(task.instances, key=lambda r: (r.doc_id, r.idx))
-    delimiter = task.config.target_delimiter
+    docs = dict(task.doc_iterator(samples=ids))
+    lengths = {doc_id: [max(len(c), 1) for c in task.doc_to_choice(doc)] for doc_id, doc in docs.items()}
 
-    def run() -> list[tuple]:
-        scores = lm.loglikelihood(instances, disable_tqdm=True)
-        docs: dict[int, tuple[list, list]] = {}
+    def answers(scores) -> list[tuple]:
+        by_doc: dict[int, list[float]] = {}
         for request, (loglikelihood, _) in zip(instances, scores):
-            lls, continuations = docs.setdefault(request.doc_id, ([], []))
-            lls.append(loglikelihood)
-            continuations.append(request.args[1])
-        return [(lls, *lm_eval_local.predictions(lls, conts, delimiter)) for _, (lls, conts) in sorted(docs.items())]
-
-    return run, len({r.doc_id for r in instances})
-
-
-def depthcut_scorer(model, tokenizer, name: str, batch_size: int, mode: str):
-    """A function scoring task `name` with depthcut's Scorer, returning what `lm_eval_scorer`'s does."""
-    from depthcut.evaluation.metrics import item_outcomes
-    from depthcut.evaluation.scoring import Scorer
-    from depthcut.evaluation.tasks import get_task, load_items
-
-    items, _ = load_items(get_task(name), num_fewshot=0)
-    requests = [pair for item in items for pair in item.requests()]
-    scorer = Scorer(model, tokenizer, batch_size=batch_size, mode=mode)
-
-    def run() -> list[tuple]:
-        scores, start, out = scorer.loglikelihoods(requests), 0, []
-        for item in items:
-            lls = scores[start : start + item.num_choices]
-            start += item.num_choices
-            outcome = item_outcomes(item, lls)
-            out.append((lls, outcome["prediction"], outcome["prediction_norm"]))
+            by_doc.setdefault(request.doc_id, []).append(loglikelihood)
+        out = []
+        for doc_id, lls in sorted(by_doc.items()):
+            order = range(len(lls))
+            out.append((lls, max(order, key=lls.__getitem__),
+                        max(order, key=lambda i: lls[i] / lengths[doc_id][i])))
         return out
 
-    return run, len(items)
+    return instances, answers, len(docs)
 
 
-def build_scorers(model, tokenizer, folder: Path, tasks: list[str], batch_size: int) -> dict:
-    """{task: {variant: (run, number of documents)}}, every variant on the documents in `folder`."""
+def build_models(model, tokenizer, batch_sizes: list[int]) -> dict:
+    """{(variant, batch size): lm-eval model} for every variant at every batch size."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    os.environ["DEPTHCUT_DATA_DIR"] = str(folder / "data")
-    return {
-        name: {
-            "lm_eval": lm_eval_scorer(lm, folder, name),
-            "depthcut": depthcut_scorer(model, tokenizer, name, batch_size, "packed"),
-            "depthcut_full": depthcut_scorer(model, tokenizer, name, batch_size, "full"),
-        }
-        for name in tasks
-    }
+    from depthcut.evaluation.lm import DepthcutLM
+
+    models = {}
+    for size in batch_sizes:
+        models["hf", size] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size)
+        models["depthcut", size] = DepthcutLM(model, tokenizer, batch_size=size, scoring="packed", progress=False)
+        models["depthcut_full", size] = DepthcutLM(model, tokenizer, batch_size=size, scoring="full", progress=False)
+    return models
 
 
-def measure(scorers: dict, repeats: int) -> dict:
-    """Time every variant of every task `repeats` times, interleaved; keep all times and the predictions."""
-    runs = {name: {variant: {"seconds": []} for variant in VARIANTS} for name in scorers}
+def measure(models: dict, tasks: dict, repeats: int) -> dict:
+    """{task: {(variant, size): {"seconds": [...], "answers": [...]}}}, interleaved rounds."""
+    runs = {name: {key: {"seconds": []} for key in models} for name in tasks}
     for repeat in range(repeats):
-        for name, variants in scorers.items():
-            for variant in VARIANTS:
-                run, docs = variants[variant]
+        for name, (instances, answers, docs) in tasks.items():
+            for key, lm in models.items():
                 start = time.perf_counter()
-                predicted = run()
+                scores = lm.loglikelihood(instances, disable_tqdm=True)
                 seconds = time.perf_counter() - start
-                runs[name][variant]["seconds"].append(seconds)
-                runs[name][variant]["predictions"] = predicted
-                print(f"  round {repeat + 1}  {name:<10} {variant:<14} {docs / seconds:7.2f} items/s", flush=True)
+                runs[name][key]["seconds"].append(seconds)
+                runs[name][key]["answers"] = answers(scores)
+                print(f"  round {repeat + 1}  {name:<10} {key[0]:<14} batch {key[1]:<3} {docs / seconds:7.2f} items/s",
+                      flush=True)
     return runs
 
 
-def summarise(name: str, runs: dict, docs: int) -> dict:
-    """Best items/s per variant, ratios to lm-eval, and how far each variant's answers and
-    log-likelihoods are from lm-eval's, document by document."""
-    reference = runs["lm_eval"]["predictions"]
-    if any(len(runs[variant]["predictions"]) != len(reference) for variant in VARIANTS):
-        raise RuntimeError(f"{name}: the tools scored different numbers of documents")
+def summarise(name: str, runs: dict, docs: int, batch_sizes: list[int]) -> dict:
+    """Per variant: best items/s over batch sizes (and each size's), ratios to HFLM, and how far the
+    answers and log-likelihoods are from HFLM's, document by document."""
+    reference = runs["hf", batch_sizes[0]]["answers"]
     row: dict = {"task": name, "docs": docs}
     for variant in VARIANTS:
-        pairs = list(zip(runs[variant]["predictions"], reference))
+        per_size = {size: docs / min(runs[variant, size]["seconds"]) for size in batch_sizes}
+        best = max(per_size, key=per_size.get)
+        pairs = list(zip(runs[variant, best]["answers"], reference))
+        if len(pairs) != len(reference):
+            raise RuntimeError(f"{name}: {variant} answered {len(pairs)} documents, HFLM {len(reference)}")
         row[variant] = {
-            "items_per_s": docs / min(runs[variant]["seconds"]),
-            "seconds": runs[variant]["seconds"],
+            "items_per_s": per_size[best], "best_batch_size": best, "items_per_s_by_batch_size": per_size,
+            "seconds": {size: runs[variant, size]["seconds"] for size in batch_sizes},
             "acc_mismatches": sum(a[1] != b[1] for a, b in pairs),
             "acc_norm_mismatches": sum(a[2] != b[2] for a, b in pairs),
             "max_loglikelihood_gap": max(abs(x - y) for a, b in pairs for x, y in zip(a[0], b[0])),
         }
     for variant in VARIANTS[1:]:
-        row[f"{variant}_ratio"] = row[variant]["items_per_s"] / row["lm_eval"]["items_per_s"]
+        row[f"{variant}_ratio"] = row[variant]["items_per_s"] / row["hf"]["items_per_s"]
     row["pass"] = row["depthcut_ratio"] >= RATIO_TARGET
     return row
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'task':<10} {'docs':>5} | {'lm-eval':>8} {'depthcut':>8} {'dc full':>8} | {'ratio':>6} "
+    header = (f"{'task':<10} {'docs':>5} | {'hf':>12} {'depthcut':>12} {'dc full':>12} | {'ratio':>6} "
               f"{f'(>={RATIO_TARGET})':>8} {'full':>5} | {'differing acc/acc_norm':>22} {'full':>7} | "
               f"{'max |dLL|':>9} {'full':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        packed, full = row["depthcut"], row["depthcut_full"]
+        hf, packed, full = row["hf"], row["depthcut"], row["depthcut_full"]
+        cells = [f"{v['items_per_s']:7.2f} (b{v['best_batch_size']})" for v in (hf, packed, full)]
         differing = [f"{v['acc_mismatches']}/{v['acc_norm_mismatches']}" for v in (packed, full)]
         lines.append(
-            f"{row['task']:<10} {row['docs']:>5} | {row['lm_eval']['items_per_s']:>8.2f} {packed['items_per_s']:>8.2f} "
-            f"{full['items_per_s']:>8.2f} | {row['depthcut_ratio']:>6.2f} {'PASS' if row['pass'] else 'FAIL':>8} "
-            f"{row['depthcut_full_ratio']:>5.2f} | {differing[0]:>22} {differing[1]:>7} | "
-            f"{packed['max_loglikelihood_gap']:>9.2e} {full['max_loglikelihood_gap']:>8.2e}"
+            f"{row['task']:<10} {row['docs']:>5} | {cells[0]:>12} {cells[1]:>12} {cells[2]:>12} | "
+            f"{row['depthcut_ratio']:>6.2f} {'PASS' if row['pass'] else 'FAIL':>8} {row['depthcut_full_ratio']:>5.2f} | "
+            f"{differing[0]:>22} {differing[1]:>7} | {packed['max_loglikelihood_gap']:>9.2e} "
+            f"{full['max_loglikelihood_gap']:>8.2e}"
         )
     return "\n".join(lines)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    """Load the model, write the subsets, build every scorer, measure, summarise."""
+    """Load the model, build every task's requests and every model, measure, summarise."""
     import torch
 
     import depthcut
@@ -163,19 +148,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device=args.device)
-    with tempfile.TemporaryDirectory(prefix="depthcut-bench-eval-") as tmp:
-        folder = Path(tmp)
-        for name in args.tasks:
-            lm_eval_local.write_task(name, folder, limit=args.limit)
-        scorers = build_scorers(model, tokenizer, folder, args.tasks, args.batch_size)
-        print(f"measuring {', '.join(VARIANTS)} on {', '.join(args.tasks)}; {args.repeats} rounds", flush=True)
-        runs = measure(scorers, args.repeats)
-    rows = [summarise(name, runs[name], scorers[name]["lm_eval"][1]) for name in args.tasks]
+    tasks = {name: task_requests(name, args.limit, args.seed) for name in args.tasks}
+    models = build_models(model, tokenizer, args.batch_sizes)
+    print(f"measuring {', '.join(VARIANTS)} at batch sizes {args.batch_sizes} on {', '.join(args.tasks)}; "
+          f"{args.repeats} rounds", flush=True)
+    runs = measure(models, tasks, args.repeats)
+    rows = [summarise(name, runs[name], tasks[name][2], args.batch_sizes) for name in args.tasks]
     return {
         "config": {"model": args.model, "dtype": args.dtype, "device": str(model.device), "tasks": args.tasks,
-                   "limit": args.limit,
-                   "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
-                   "num_fewshot": 0, "ratio_target": RATIO_TARGET, "model_source": source.as_dict()},
+                   "limit": args.limit, "seed": args.seed, "batch_sizes": args.batch_sizes, "repeats": args.repeats,
+                   "threads": args.threads, "num_fewshot": 0, "ratio_target": RATIO_TARGET,
+                   "model_source": source.as_dict()},
         "environment": {**environment.record(model.device, args.dtype), "load_average_before": load_before,
                         "load_average_after": os.getloadavg()},
         "results": rows,
@@ -187,14 +170,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="MODEL as depthcut.load_model takes it")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tasks", type=lambda text: text.split(","), default=DEFAULT_TASKS,
-                        help=f"comma-separated, from {', '.join(lm_eval_local.TASKS)}")
-    parser.add_argument("--limit", type=int, default=300, help="the first N documents of each task")
-    parser.add_argument("--batch-size", type=int, default=16)
+                        help="comma-separated lm-eval task names (default: arc_easy,hellaswag)")
+    parser.add_argument("--limit", type=int, default=300, help="a seeded random subset of N documents per task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(x) for x in text.split(",")], default=[8, 32],
+                        help="every variant runs at each; its best counts (default: 8,32)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both tools score on it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every variant scores on it)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return parser.parse_args(argv)
 
@@ -209,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     env = results["environment"]
     print()
     print(results["table"])
-    print(f"\nitems/s: documents per second, fastest of {args.repeats}; ratio: depthcut / lm-eval "
-          f"(batch size {args.batch_size}, {args.dtype}, {env['threads']} threads)")
+    print(f"\nitems/s: documents per second, fastest of {args.repeats} rounds at the best batch size (bN); "
+          f"ratio: depthcut / hf ({args.dtype}, {env['threads']} threads)")
     print(environment.describe(env))
     print(f"load average before {env['load_average_before'][0]:.2f}, after "
           f"{env['load_average_after'][0]:.2f} on {env['cpu_count']} CPUs")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import environment  # noqa: E402
+import environment
 
 
 def _timed(function, repeats: int) -> tuple[float, object]:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stats = repair_statistics(model, calibration, block, [method], batch_size=args.batch_size)
                 return stats, fit_repair(method, stats)
 
-            seconds, (stats, fit) = _timed(run, args.repeats)
+            seconds, (_, fit) = _timed(run, args.repeats)
         except depthcut.DepthcutError as refusal:
             figures["methods"][method] = {"refused": str(refusal)}
             print(f"{method}: refused ({refusal})")

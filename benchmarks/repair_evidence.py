@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import environment  # noqa: E402
+import environment
 
 
 def split_c4(folder: Path, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
@@ -134,19 +134,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-samples", type=int, default=64)
     args = parser.parse_args(argv)
 
+    import depthcut
     from depthcut.pipeline import sweep_to
+    from depthcut.repair import check_repair
 
     args.out.mkdir(parents=True, exist_ok=True)
+    repairs, refused = ["none"], []
+    probe, _, _ = depthcut.load_model(args.model, dtype="float32")
+    for method in ("lstsq", "cosine", "magnitude"):
+        try:
+            check_repair(probe, range(4, 8), method)
+            repairs.append(method)
+        except depthcut.DepthcutError as refusal:
+            refused.append(f"{method}: refused ({refusal})")
+    del probe
     fit_data, heldout = split_c4(args.out)
     sweep_folder = args.out / "sweep"
     sweep_to(model=args.model, dtype=args.dtype, out=str(sweep_folder), drop=args.drop,
-             strategies=("angular", "deepest"), repair=("none", "lstsq", "cosine", "magnitude"),
+             strategies=("angular", "deepest"), repair=tuple(repairs),
              data=str(fit_data), samples=args.samples, seq_len=args.seq_len, tasks=tuple(args.tasks.split(",")),
              limit=args.limit, loss=str(heldout), loss_samples=args.loss_samples, loss_seq_len=args.seq_len,
              heal=True, heal_data=str(fit_data), heal_steps=args.steps, heal_seq_len=args.seq_len,
              heal_batch_size=args.batch_size, heal_warmup_steps=args.warmup, heal_heldout_windows=8, quiet=True)
     kd = _kd_points(args, fit_data, heldout, sweep_folder)
-    lines = table(sweep_folder, kd, args.tasks.split(","))
+    lines = table(sweep_folder, kd, args.tasks.split(",")) + refused
     facts = environment.record("cpu", args.dtype)
     lines.append(f"CPU capability {facts.get('cpu_capability')}, {facts.get('cpu')}")
     print("\n".join(lines))
