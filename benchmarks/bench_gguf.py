@@ -4,11 +4,13 @@
   peak RSS, in a fresh subprocess (this script with ``--worker``; on Linux a child's ``ru_maxrss``
   starts from its parent's peak, so the parent stays small). The worker records its RSS after its
   imports (the baseline); the peak above it is what the prune itself takes, beside the file's size.
-- ``llama.cpp``: prompt processing and generation speed (tokens/s, from llama.cpp's own timings)
-  of the original and the pruned file, in xllamacpp's in-process server, greedy, a fixed number of
-  tokens (end of text ignored); the two files alternate for ``--repeats`` rounds and the best
-  round of each counts. The speed-up is set beside the ideal 30 / 22 (the layers' share of the
-  compute; the embeddings and output head do not shrink).
+- ``llama.cpp``: prompt processing and generation speed of the original and the pruned file, in
+  xllamacpp's in-process server, greedy, a fixed number of tokens (end of text ignored): tokens
+  per second from llama.cpp's own timings, and the CPU seconds of the request (one thread by
+  default, so that CPU time is the work done even on a machine busy with other work, where wall
+  times wander). The two files alternate for ``--repeats`` rounds and the best round of each
+  counts. The speed-up is set beside the ideal 30 / 22 (the layers' share of the compute; the
+  embeddings and the output head do not shrink).
 - sizes: the pruned file beside the original.
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_gguf.py
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import environment  # noqa: E402  (standard library only until record() is called)
+import environment  # standard library only until record() is called
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gguf.json"
 REMOVED = list(range(12, 20))  # 8 of SmolLM2's 30 layers (its greedy text stays readable without them)
@@ -61,8 +63,15 @@ def run_prune(source: Path, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # llama.cpp's threads are this process's
+    return usage.ru_utime + usage.ru_stime
+
+
 def llama_cpp_speed(path: Path, tokens: int, threads: int) -> dict:
-    """llama.cpp's prompt and generation speed on `path` (one fresh in-process server)."""
+    """llama.cpp's prompt and generation speed on `path` (one fresh in-process server, one request):
+    its own wall timings, and the CPU seconds the request took, which other work on a shared machine
+    disturbs much less than wall time."""
     import xllamacpp
 
     params = xllamacpp.CommonParams()
@@ -72,21 +81,24 @@ def llama_cpp_speed(path: Path, tokens: int, threads: int) -> dict:
     params.cpuparams_batch.n_threads = threads
     server = xllamacpp.Server(params)
     try:
+        started = cpu_seconds()
         reply = server.handle_completions({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "top_k": 1,
                                            "ignore_eos": True, "cache_prompt": False})
+        cpu = cpu_seconds() - started
     finally:
         del server
     timings = reply["timings"]
     return {"prompt_tokens": timings["prompt_n"], "prompt_per_second": timings["prompt_per_second"],
             "generated_tokens": timings["predicted_n"], "generated_per_second": timings["predicted_per_second"],
-            "text": reply["choices"][0]["text"]}
+            "request_cpu_seconds": cpu, "text": reply["choices"][0]["text"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per llama.cpp run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each measurement (the best counts)")
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="llama.cpp threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="llama.cpp threads (default 1: its CPU time is then its work, whatever else runs)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the figures are stored as JSON")
     parser.add_argument("--worker", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,15 +135,20 @@ def main() -> None:
             print("llama.cpp: skipped (pip install xllamacpp)")
         llama = {}
         if speeds["original"]:
-            for name in speeds:
-                llama[name] = {key: max(run[key] for run in speeds[name])
-                               for key in ("prompt_per_second", "generated_per_second")}
-                llama[name]["text"] = speeds[name][0]["text"]
+            for name, runs in speeds.items():
+                llama[name] = {key: max(run[key] for run in runs) for key in ("prompt_per_second", "generated_per_second")}
+                llama[name]["request_cpu_seconds"] = min(run["request_cpu_seconds"] for run in runs)
+                llama[name]["text"] = runs[0]["text"]
             ideal = summary["num_layers_before"] / summary["num_layers_after"]
-            for key, label in (("prompt_per_second", "prompt"), ("generated_per_second", "generation")):
+            by_bytes = summary["tensor_bytes_before"] / summary["tensor_bytes_after"]
+            print(f"llama.cpp, {args.threads} thread(s), {speeds['original'][0]['prompt_tokens']}-token prompt, "
+                  f"{args.tokens} generated (best of {args.repeats}; ideal speed-up {ideal:.2f}x by layers, "
+                  f"{by_bytes:.2f}x by weight bytes read per token, the tied output head included):")
+            for key, label in (("prompt_per_second", "prompt tokens/s"), ("generated_per_second", "generated tokens/s")):
                 before, after = llama["original"][key], llama["pruned"][key]
-                print(f"llama.cpp {label}: {before:.1f} -> {after:.1f} tokens/s, speed-up {after / before:.2f}x "
-                      f"(ideal {ideal:.2f}x)")
+                print(f"  {label}: {before:.1f} -> {after:.1f}, speed-up {after / before:.2f}x")
+            before, after = llama["original"]["request_cpu_seconds"], llama["pruned"]["request_cpu_seconds"]
+            print(f"  CPU seconds per request: {before:.2f} -> {after:.2f}, speed-up {before / after:.2f}x")
             print(f"  pruned greedy text: {llama['pruned']['text'][:80]!r}")
     print(f"CPU capability: {facts['cpu_capability']} ({facts['cpu']}); {environment.describe(facts)}; "
           f"load average {facts['load_average']}")

@@ -161,7 +161,8 @@ def analyze_streamed(
     """`analyze` for a checkpoint folder too big for memory: at most two decoder layers resident
     (the one computing, and the next, read from the shards meanwhile).
 
-    `folder` is a local folder of safetensors shards (with its config and tokenizer). `dtype` is
+    `folder` is a local folder of safetensors shards (with its config and tokenizer), or a .gguf
+    file (dequantized a tensor at a time, as transformers loads it). `dtype` is
     chosen as `load_model` chooses it ("auto": what `device` computes natively; "checkpoint": as
     stored). The result equals `analyze` on the model loaded in the same dtype up to float
     rounding; see `depthcut.streaming` for how, and for the disk space `angular_all_tokens` takes
@@ -186,16 +187,18 @@ def analyze_streamed(
         arguments[name] for name in ("samples", "seq_len", "batch_size", "mode", "seed", "metrics", "layer_path",
                                      "text_field", "progress"))
     _check_arguments(batch_size, metrics)
-    if not is_safetensors_folder(folder):
-        raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights; {folder} is not "
-                            "one (save the model with `model.save_pretrained(folder)` first)")
+    gguf = {"gguf_file": Path(folder).name} if str(folder).lower().endswith(".gguf") and Path(folder).is_file() else {}
+    if not gguf and not is_safetensors_folder(folder):
+        raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights, or a .gguf "
+                            f"file; {folder} is neither (save the model with `model.save_pretrained(folder)` first)")
+    location = Path(folder).parent if gguf else folder
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
     num_layers = getattr(text_config(config), "num_hidden_layers", None)
     if not num_layers:
         raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")

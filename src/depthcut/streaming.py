@@ -421,13 +421,20 @@ def stream_states(
     progress: bool = True,
 ) -> dict:
     """Run the calibration set through the checkpoint in `folder` layer by layer, feeding `metrics`
-    (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata.
+    (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata. `folder` may
+    also be a .gguf file, dequantized a tensor at a time (`depthcut.gguf.stream`).
 
     Every sample's hidden state stays on `device` between layers, unless `offload_states` (None:
     when they would take more than half the accelerator's free memory): then they wait in CPU
     memory and each batch visits the device only to go through the layer."""
-    model, _, dtype = meta_skeleton(folder, dtype, device, trust_remote_code)
-    reader = CheckpointReader(folder, model)
+    if str(folder).lower().endswith(".gguf"):  # a GGUF file: its tensors dequantized one at a time
+        from depthcut.gguf.stream import GGUFCheckpointReader, gguf_skeleton
+
+        model, _, dtype = gguf_skeleton(folder, dtype, device, trust_remote_code)
+        reader = GGUFCheckpointReader(folder, model)
+    else:
+        model, _, dtype = meta_skeleton(folder, dtype, device, trust_remote_code)
+        reader = CheckpointReader(folder, model)
     stack = find_layer_stack(model, layer_path)
     layer_keys = [_parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
     all_token_metrics = [m for m in metrics if m.level == "all_tokens"]

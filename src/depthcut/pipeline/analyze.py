@@ -40,6 +40,10 @@ def should_stream(config: AnalyzeConfig, source) -> bool:
 
     if config.spill_dir is not None and not Path(config.spill_dir).is_dir():
         raise DepthcutError(f"the spill folder {config.spill_dir} does not exist")
+    if config.stream and source.gguf_file:
+        if config.device_map:
+            raise DepthcutError("--stream and --device-map exclude each other: streaming holds one layer at a time")
+        return True  # a GGUF file: dequantized one layer's tensors at a time
     if config.stream:
         if not is_safetensors_folder(source.location):
             raise DepthcutError(f"--stream needs a local folder of safetensors weights with its config.json; "
@@ -63,7 +67,8 @@ def _analyze_streamed(config: AnalyzeConfig, source):
     from depthcut.analysis import analyze_streamed
     from depthcut.precision import DtypeChoice, announce
 
-    analysis = analyze_streamed(source.location, data=config.data, layer_path=config.layer_path, dtype=config.dtype,
+    location = Path(source.location) / source.gguf_file if source.gguf_file else source.location
+    analysis = analyze_streamed(location, data=config.data, layer_path=config.layer_path, dtype=config.dtype,
                                 device=config.device, spill_dir=config.spill_dir,
                                 trust_remote_code=config.trust_remote_code, progress=not config.quiet,
                                 **config.analysis_options())

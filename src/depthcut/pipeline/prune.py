@@ -24,6 +24,13 @@ from depthcut.strategies import STRATEGIES
 
 WHAT = "what to remove"
 HELDOUT_FRACTION = 0.1  # of the repair data's documents, to judge the fit on
+# --out names a folder (a Hugging Face model) or a .gguf file; these endings are neither
+NOT_AN_OUTPUT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".ggml", ".json", ".onnx")
+
+
+def gguf_output(out: str) -> bool:
+    """Whether `--out` asks for a GGUF file (the output's format follows its name)."""
+    return str(out).lower().endswith(".gguf")
 
 
 def _strategy_help() -> str:
@@ -62,7 +69,13 @@ class PruneResult:
     def summary(self) -> list[str]:
         """The lines `depthcut prune` prints."""
         after = self.num_layers - len(self.removed)
-        if self.provenance.get("streamed"):
+        if self.provenance.get("gguf"):
+            written = self.provenance["gguf"]
+            size = f"{written.get('file_bytes_after', 0):,} bytes written (GGUF, quantization kept)"
+            changed = written.get("sliced_keys") or []
+            if changed:
+                size += f"; per-layer metadata sliced: {', '.join(changed)}"
+        elif self.provenance.get("streamed"):
             size = f"{self.provenance['tensor_bytes']:,} bytes of tensors written"
         else:
             size = f"{self.provenance['parameters_before']:,} -> {self.provenance['parameters_after']:,} parameters"
@@ -110,6 +123,16 @@ def _check_choice(config: PruneConfig, analysis) -> None:
         from depthcut.repair import REPAIRS
 
         REPAIRS.get(config.repair)
+    if str(config.out).lower().endswith(NOT_AN_OUTPUT):
+        raise DepthcutError(f"--out {config.out}: depthcut writes a pruned model as a folder (a Hugging Face model) "
+                            "or as one .gguf file; give a folder name or a name ending in .gguf")
+    if gguf_output(config.out):
+        if config.repair != "none":
+            raise DepthcutError("--repair writes repaired weights, which a .gguf output cannot carry yet: prune to a "
+                                "folder, or without --repair")
+        if config.stream:
+            raise DepthcutError("--stream is for safetensors folders; a .gguf output is always written tensor by "
+                                "tensor")
     check_data_options(config)
     if analysis is not None and config.drop is not None:
         check_drop(config.drop, analysis.num_layers)
@@ -265,6 +288,30 @@ def _repair(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict |
             "seq_len": config.seq_len, "seed": config.seed}
 
 
+def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
+    """A GGUF model pruned into a GGUF file: kept tensors copied byte for byte, in their own
+    quantization (depthcut.gguf); the model is loaded only when an analysis has to run."""
+    from depthcut.gguf.prune import gguf_block_count, prune_gguf_to
+    from depthcut.output import environment
+
+    if not source.gguf_file:
+        raise DepthcutError(f"--out {config.out} asks for a .gguf file, which depthcut writes only from a GGUF model; "
+                            f"{config.model} is not one (prune it to a folder instead)")
+    num_layers = gguf_block_count(Path(source.location) / source.gguf_file)
+    model = tokenizer = None
+    if needs_analysis(config, analysis):
+        model, tokenizer, source = load(config, quiet=config.quiet)
+    removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
+    del model
+    print(f"pruning {source.gguf_file} tensor by tensor (quantized tensors are copied as they are) ...",
+          file=sys.stderr)
+    record = {"strategy": strategy, "removed_layers": removed, **_block_facts(removed, analysis),
+              "num_layers_before": num_layers, "num_layers_after": num_layers - len(removed),
+              "analysis": analysis.to_dict() if analysis else None, "environment": environment()}
+    summary = prune_gguf_to(config.model, config.out, removed, force=config.force, provenance=record)
+    return PruneResult(Path(config.out), removed, strategy, num_layers, {**record, "gguf": summary})
+
+
 def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     from depthcut.export import parameter_count, save_pruned
     from depthcut.layers import find_layer_stack
@@ -299,7 +346,7 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
     config = make_config(PruneConfig, config, fields)
     analysis = load_analysis(config.analysis) if config.analysis else None
     _check_choice(config, analysis)
-    with claimed_for_writing(config.out, config.force):
+    with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir"):
         return _prune(config, analysis)
 
 
@@ -307,6 +354,8 @@ def _prune(config: PruneConfig, analysis) -> PruneResult:
     from depthcut.models import resolve_model
 
     source = resolve_model(config.model)
+    if gguf_output(config.out):
+        return _prune_gguf(config, source, analysis)
     configured = configured_layers(config, source)
     _check_against_config(config, configured)
     if config.dtype == "auto" and not needs_analysis(config, analysis) and config.repair == "none":
