@@ -66,18 +66,17 @@ def task_requests(name: str, limit: int | None, seed: int):
     return instances, answers, len(docs)
 
 
-def build_models(model, tokenizer, batch_sizes: list[int]) -> dict:
+def build_models(model, tokenizer, batch_sizes: list[int], variants: list[str]) -> dict:
     """{(variant, batch size): lm-eval model} for every variant at every batch size."""
     from lm_eval.models.huggingface import HFLM
 
     from depthcut.evaluation.lm import DepthcutLM
 
-    models = {}
-    for size in batch_sizes:
-        models["hf", size] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size)
-        models["depthcut", size] = DepthcutLM(model, tokenizer, batch_size=size, scoring="packed", progress=False)
-        models["depthcut_full", size] = DepthcutLM(model, tokenizer, batch_size=size, scoring="full", progress=False)
-    return models
+    makers = {"hf": lambda size: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size),
+              "depthcut": lambda size: DepthcutLM(model, tokenizer, batch_size=size, scoring="packed", progress=False),
+              "depthcut_full": lambda size: DepthcutLM(model, tokenizer, batch_size=size, scoring="full",
+                                                       progress=False)}
+    return {(variant, size): makers[variant](size) for size in batch_sizes for variant in variants}
 
 
 def measure(models: dict, tasks: dict, repeats: int) -> dict:
@@ -96,12 +95,12 @@ def measure(models: dict, tasks: dict, repeats: int) -> dict:
     return runs
 
 
-def summarise(name: str, runs: dict, docs: int, batch_sizes: list[int]) -> dict:
+def summarise(name: str, runs: dict, docs: int, batch_sizes: list[int], variants: list[str]) -> dict:
     """Per variant: best items/s over batch sizes (and each size's), ratios to HFLM, and how far the
     answers and log-likelihoods are from HFLM's, document by document."""
     reference = runs["hf", batch_sizes[0]]["answers"]
     row: dict = {"task": name, "docs": docs}
-    for variant in VARIANTS:
+    for variant in variants:
         per_size = {size: docs / min(runs[variant, size]["seconds"]) for size in batch_sizes}
         best = max(per_size, key=per_size.get)
         pairs = list(zip(runs[variant, best]["answers"], reference))
@@ -114,7 +113,7 @@ def summarise(name: str, runs: dict, docs: int, batch_sizes: list[int]) -> dict:
             "acc_norm_mismatches": sum(a[2] != b[2] for a, b in pairs),
             "max_loglikelihood_gap": max(abs(x - y) for a, b in pairs for x, y in zip(a[0], b[0])),
         }
-    for variant in VARIANTS[1:]:
+    for variant in variants[1:]:
         row[f"{variant}_ratio"] = row[variant]["items_per_s"] / row["hf"]["items_per_s"]
     row["pass"] = row["depthcut_ratio"] >= RATIO_TARGET
     return row
@@ -125,15 +124,17 @@ def format_table(rows: list[dict]) -> str:
               f"{f'(>={RATIO_TARGET})':>8} {'full':>5} | {'differing acc/acc_norm':>22} {'full':>7} | "
               f"{'max |dLL|':>9} {'full':>8}")
     lines = [header, "-" * len(header)]
+    missing = {"items_per_s": float("nan"), "best_batch_size": "-", "acc_mismatches": "-", "acc_norm_mismatches": "-",
+               "max_loglikelihood_gap": float("nan")}  # a variant not run (--variants)
     for row in rows:
-        hf, packed, full = row["hf"], row["depthcut"], row["depthcut_full"]
+        hf, packed, full = (row.get(v, missing) for v in VARIANTS)
         cells = [f"{v['items_per_s']:7.2f} (b{v['best_batch_size']})" for v in (hf, packed, full)]
         differing = [f"{v['acc_mismatches']}/{v['acc_norm_mismatches']}" for v in (packed, full)]
         lines.append(
             f"{row['task']:<10} {row['docs']:>5} | {cells[0]:>12} {cells[1]:>12} {cells[2]:>12} | "
-            f"{row['depthcut_ratio']:>6.2f} {'PASS' if row['pass'] else 'FAIL':>8} {row['depthcut_full_ratio']:>5.2f} | "
-            f"{differing[0]:>22} {differing[1]:>7} | {packed['max_loglikelihood_gap']:>9.2e} "
-            f"{full['max_loglikelihood_gap']:>8.2e}"
+            f"{row['depthcut_ratio']:>6.2f} {'PASS' if row['pass'] else 'FAIL':>8} "
+            f"{row.get('depthcut_full_ratio', float('nan')):>5.2f} | {differing[0]:>22} {differing[1]:>7} | "
+            f"{packed['max_loglikelihood_gap']:>9.2e} {full['max_loglikelihood_gap']:>8.2e}"
         )
     return "\n".join(lines)
 
@@ -149,14 +150,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     started, load_before = time.perf_counter(), os.getloadavg()
     model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype, device=args.device)
     tasks = {name: task_requests(name, args.limit, args.seed) for name in args.tasks}
-    models = build_models(model, tokenizer, args.batch_sizes)
-    print(f"measuring {', '.join(VARIANTS)} at batch sizes {args.batch_sizes} on {', '.join(args.tasks)}; "
+    models = build_models(model, tokenizer, args.batch_sizes, args.variants)
+    print(f"measuring {', '.join(args.variants)} at batch sizes {args.batch_sizes} on {', '.join(args.tasks)}; "
           f"{args.repeats} rounds", flush=True)
     runs = measure(models, tasks, args.repeats)
-    rows = [summarise(name, runs[name], tasks[name][2], args.batch_sizes) for name in args.tasks]
+    rows = [summarise(name, runs[name], tasks[name][2], args.batch_sizes, args.variants) for name in args.tasks]
     return {
         "config": {"model": args.model, "dtype": args.dtype, "device": str(model.device), "tasks": args.tasks,
-                   "limit": args.limit, "seed": args.seed, "batch_sizes": args.batch_sizes, "repeats": args.repeats,
+                   "limit": args.limit, "seed": args.seed, "batch_sizes": args.batch_sizes, "variants": args.variants, "repeats": args.repeats,
                    "threads": args.threads, "num_fewshot": 0, "ratio_target": RATIO_TARGET,
                    "model_source": source.as_dict()},
         "environment": {**environment.record(model.device, args.dtype), "load_average_before": load_before,
@@ -165,6 +166,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "table": format_table(rows),
         "wall_seconds": time.perf_counter() - started,
     }
+
+
+def variant_list(text: str) -> list[str]:
+    asked = {v.strip() for v in text.split(",")} | {"hf", "depthcut"}
+    if asked - set(VARIANTS):
+        raise argparse.ArgumentTypeError(f"unknown variants {sorted(asked - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+    return [v for v in VARIANTS if v in asked]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset")
     parser.add_argument("--batch-sizes", type=lambda text: [int(x) for x in text.split(",")], default=[8, 32],
                         help="every variant runs at each; its best counts (default: 8,32)")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"which to time, from {', '.join(VARIANTS)} (hf and depthcut always; default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every variant scores on it)")

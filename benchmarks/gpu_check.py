@@ -278,41 +278,33 @@ def cmd_stream(args) -> None:
 
 def cmd_eval_speed(args) -> None:
     import depthcut
-    from depthcut.evaluation.metrics import item_outcomes
-    from depthcut.evaluation.scoring import Scorer
-    from depthcut.evaluation.tasks import get_task, load_items
+    from bench_eval import task_requests
+    from depthcut.evaluation.lm import DepthcutLM
 
     model, tokenizer, _ = depthcut.load_model(str(args.model), dtype=args.dtype, device=args.device)
+    models = {mode: DepthcutLM(model, tokenizer, batch_size=args.batch_size, scoring=mode, progress=False)
+              for mode in ("packed", "full")}
     rows = []
     for name in args.tasks.split(","):
-        items, _ = load_items(get_task(name), num_fewshot=0)
-        items = items[: args.limit]
-        requests = [pair for item in items for pair in item.requests()]
-        scorers = {mode: Scorer(model, tokenizer, batch_size=args.batch_size, mode=mode) for mode in ("packed", "full")}
-        seconds: dict[str, list[float]] = {mode: [] for mode in scorers}
+        requests, answers, documents = task_requests(name, args.limit, 0)  # lm-eval's own requests
+        seconds: dict[str, list[float]] = {mode: [] for mode in models}
         scores = {}
-        scorers["packed"].loglikelihoods(requests[: args.batch_size])  # warm-up: kernels, allocator
+        models["packed"].loglikelihood(requests[: args.batch_size], disable_tqdm=True)  # warm-up: kernels, allocator
         for _ in range(args.repeats):
-            for mode, scorer in scorers.items():
+            for mode, lm in models.items():
                 sync(args.device)
                 started = time.perf_counter()
-                scores[mode] = scorer.loglikelihoods(requests)  # floats: the GPU work is done when it returns
+                scores[mode] = lm.loglikelihood(requests, disable_tqdm=True)  # floats: the GPU work is done
                 seconds[mode].append(time.perf_counter() - started)
-        predictions = {}
-        for mode, values in scores.items():
-            start, predicted = 0, []
-            for item in items:
-                predicted.append(item_outcomes(item, values[start : start + item.num_choices])["prediction"])
-                start += item.num_choices
-            predictions[mode] = predicted
-        row = {"task": name, "items": len(items), "requests": len(requests),
-               **{f"{mode}_items_per_s": len(items) / min(seconds[mode]) for mode in scorers},
+        predictions = {mode: [answer[1] for answer in answers(values)] for mode, values in scores.items()}
+        row = {"task": name, "items": documents, "requests": len(requests),
+               **{f"{mode}_items_per_s": documents / min(seconds[mode]) for mode in models},
                "seconds": seconds,
                "differing_predictions": sum(a != b for a, b in zip(predictions["packed"], predictions["full"])),
-               "max_loglikelihood_gap": max(abs(a - b) for a, b in zip(scores["packed"], scores["full"]))}
+               "max_loglikelihood_gap": max(abs(a[0] - b[0]) for a, b in zip(scores["packed"], scores["full"]))}
         row["packed_over_full"] = row["packed_items_per_s"] / row["full_items_per_s"]
         rows.append(row)
-        print(f"  {name:<10} {len(items):4d} items: packed {row['packed_items_per_s']:8.1f} items/s, full "
+        print(f"  {name:<10} {documents:4d} items: packed {row['packed_items_per_s']:8.1f} items/s, full "
               f"{row['full_items_per_s']:8.1f} items/s ({row['packed_over_full']:.2f}x); differing answers "
               f"{row['differing_predictions']}, max |dLL| {row['max_loglikelihood_gap']:.2e}", flush=True)
     write(args.out, {"settings": {k: str(v) for k, v in vars(args).items() if k not in ("func", "out")},

@@ -144,8 +144,9 @@ def test_a_byte_order_mark_is_not_an_error(capsys, tmp_path, tiny_llama_dir, cor
 
 def test_task_data_that_is_not_utf8(capsys, tmp_path, tiny_llama_dir):
     (tmp_path / "items.jsonl").write_bytes(b'{"q": "a", "choices": ["x", "y"], "label": 0}\n{"q": "\xff"}\n')
-    (tmp_path / "task.yaml").write_text("name: mine\ndata: items.jsonl\nprompt: '{{q}}'\nchoices: choices\n"
-                                        "answer: label\n")
+    (tmp_path / "task.yaml").write_text(  # lm-eval's task format, data beside the file
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: items.jsonl}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n")
     code, _, err = _run(capsys, "eval", tiny_llama_dir, "--tasks", tmp_path / "task.yaml", "--out", tmp_path / "e.json")
     _assert_refused(code, err, "items.jsonl:2: not UTF-8 text (byte 0xff at column 8)")
     assert not (tmp_path / "e.json").exists()

@@ -1,12 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
+from tiny import tiny_model
 
 from depthcut.cli import main
 from depthcut.evaluation import evaluate
-from depthcut.evaluation.scoring import Scorer
-from depthcut.evaluation.tasks import load_items
-from tiny import tiny_model, tolerance
 
 
 def run(capsys, *argv):
@@ -48,32 +47,35 @@ def test_eval_with_a_device_map_scores_like_the_plain_model(capsys, tmp_path, ti
     assert [x for row in mapped for x in row] == pytest.approx([x for row in plain for x in row], abs=1e-5)
 
 
-def test_logged_loglikelihoods_are_the_scorers(tokenizer, device):
-    model = tiny_model("llama", device=device)
-    result = evaluate(model, tokenizer, ["piqa"], limit=3, log_samples=True, progress=False, seed=1)
-    items, _ = load_items("piqa")
-    scorer = Scorer(model, tokenizer, mode="full")
-    for sample in result["samples"]:
-        item = items[sample["doc_id"]]
-        expected = scorer.loglikelihoods(item.requests())
-        assert sample["loglikelihoods"] == pytest.approx(expected, abs=tolerance(device, 1e-4, 1e-3))
-
-
-def test_mmlu_reports_subjects_and_both_averages(tokenizer, device):
-    result = evaluate(tiny_model("llama", device=device), tokenizer, ["mmlu"], limit=40, num_fewshot=1, progress=False)
+def test_mmlu_reports_lm_evals_figure_the_mean_over_subjects_and_each_subject(tokenizer, device):
+    result = evaluate(tiny_model("llama", device=device), tokenizer, ["mmlu"], limit=2, num_fewshot=1, progress=False,
+                      log_samples=True)
     mmlu = result["tasks"]["mmlu"]
-    assert mmlu["num_fewshot"] == 1 and mmlu["num_items"] == 40
-    assert sum(s["num_items"] for s in mmlu["subjects"].values()) == 40
-    assert {"acc", "acc_by_question", "acc_stderr"} <= set(mmlu)
+    assert mmlu["num_fewshot"] == 1 and mmlu["num_items"] == 57 * 2 and len(mmlu["subjects"]) == 57
+    assert all(s["num_items"] == 2 for s in mmlu["subjects"].values())
+    assert {"acc", "acc_stderr", "acc_by_subtask", "acc_by_subtask_stderr", "chance"} <= set(mmlu)
+    assert mmlu["acc"] == pytest.approx(sum(s["acc"] for s in result["samples"]) / 114)
+    assert {s["subtask"] for s in result["samples"]} == {f"mmlu_{name}" for name in mmlu["subjects"]}
+
+
+def test_limit_is_a_seeded_random_subset_and_a_small_task_runs_whole(tokenizer):
+    model = tiny_model("llama")
+    example = str(Path(__file__).parents[1] / "docs" / "examples" / "sciq_style_task.yaml")  # 6 documents
+    runs = [evaluate(model, tokenizer, ["piqa", example], limit=5, seed=seed,
+                     log_samples=True, progress=False) for seed in (0, 0, 1)]
+    ids = [[s["doc_id"] for s in run["samples"] if s["task"] == "piqa"] for run in runs]
+    assert ids[0] == ids[1] != ids[2] and ids[0] == sorted(ids[0]) and ids[0] != list(range(5))
+    assert runs[0]["tasks"]["piqa"] == runs[1]["tasks"]["piqa"]
+    assert runs[0]["tasks"]["sciq_style"]["num_items"] == 5 and runs[0]["tasks"]["piqa"]["num_items"] == 5
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--tasks", "arc_esay"], "Did you mean 'arc_easy'"),
-        (["--tasks", "arc_easy", "--limit", "5000"], "larger than task 'arc_easy', which has 2376 items"),
+        (["--tasks", "arc_easy", "--limit", "0"], "--limit must be"),
         ([], "nothing to evaluate"),
-        (["--tasks", "{bad_task}"], "prompt"),
+        (["--tasks", "{bad_task}"], "former task-file format"),
         (["--tasks", "piqa", "--num-fewshot", "-1"], "0 or more"),
     ],
 )
@@ -88,9 +90,9 @@ def test_eval_bad_input(capsys, tmp_path, tiny_llama_dir, argv, message):
 
 
 def test_missing_task_data_says_where_it_looked(capsys, tmp_path, tiny_llama_dir, monkeypatch):
-    from depthcut.evaluation import sources
+    from depthcut.evaluation import local_data
 
     monkeypatch.setenv("DEPTHCUT_DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(sources, "olmo_root", lambda: None)
+    monkeypatch.setattr(local_data, "olmo_root", lambda: None)
     code, _, err = run(capsys, "eval", tiny_llama_dir, "--tasks", "piqa", "--out", tmp_path / "o.json", "--quiet")
     assert code == 2 and str(tmp_path) in err and "Traceback" not in err

@@ -1,61 +1,160 @@
+"""Parity with lm-eval's own `hf` model (HFLM): the same task definitions and documents scored by
+both, identical answers and log-likelihoods equal within float32 rounding; and the ways lm-eval
+reaches `DepthcutLM` (its registry, simple_evaluate, `python -m depthcut.lm_eval`)."""
+
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lm_eval.models.huggingface import HFLM
+from tiny import tiny_model
 
-from depthcut.errors import DepthcutError
-from depthcut.evaluation.harness import run_harness
-from depthcut.evaluation.scoring import Scorer
-from tiny import tiny_model, tiny_tokenizer
+from depthcut.evaluation.evaluate import run_tasks
+from depthcut.evaluation.lm import DepthcutLM
+from depthcut.evaluation.tasks import resolve_tasks, task_manager
 
-DOCS = [
-    ("the quick brown fox", ["jumps", "dog", "layers"], 0),
-    ("depth pruning removes", ["layers", "fox"], 0),
-    ("the lazy", ["dog", "models", "brown", "quick"], 0),
-    ("over the lazy dog the", ["quick", "pruning"], 1),
-    ("models", ["from", "the"], 1),
-]
+LIMITS = {"mmlu": 1}  # per subject: 57 five-shot documents
 
 
-def write_local_arc(folder: Path) -> Path:
-    """A 5-document task that includes lm-eval's own arc_easy.yaml and reads a local JSONL file."""
+def documents(lm, names, limit, seed=0):
+    """Per (task, doc_id): the document as run_tasks logs it, for `lm` on the same seeded subset."""
+    _, docs = run_tasks(lm, resolve_tasks(names), limit=limit, seed=seed, log_samples=True, progress=False)
+    return {(d.get("subtask", d["task"]), d["doc_id"]): d for d in docs}
+
+
+def assert_same_answers(ours: dict, theirs: dict, tolerance: float) -> int:
+    """Log-likelihoods within `tolerance`, hence the same predictions but where two choices tie
+    within rounding (acc: lm-eval's best two log-likelihoods that close; acc_norm: the same per
+    character, which equal log-likelihoods imply). Returns the number of predictions that differ."""
+    assert ours.keys() == theirs.keys() and ours
+    differing = 0
+    for key, doc in theirs.items():
+        mine = ours[key]
+        assert mine["loglikelihoods"] == pytest.approx(doc["loglikelihoods"], abs=tolerance), key
+        assert mine["gold"] == doc["gold"]
+        if mine["prediction"] != doc["prediction"]:
+            best, second = sorted(doc["loglikelihoods"], reverse=True)[:2]
+            assert best - second <= 2 * tolerance, key
+        differing += (mine["prediction"] != doc["prediction"]) + (mine["prediction_norm"] != doc["prediction_norm"])
+    return differing
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "boolq", "hellaswag", "mmlu", "piqa", "winogrande"])
+def test_answers_equal_lm_evals_hf_model_on_a_tiny_model(name, tokenizer, device):
+    model = tiny_model("llama", device=device, max_position_embeddings=1024)  # HellaSwag endings pass 128 tokens
+    limit = LIMITS.get(name, 4)
+    ours = documents(DepthcutLM(model, tokenizer, batch_size=4, progress=False), [name], limit)
+    theirs = documents(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), [name], limit)
+    assert assert_same_answers(ours, theirs, 1e-4 if device.type == "cpu" else 1e-3) <= 2
+
+
+@pytest.mark.parametrize("scoring", ["packed", "shared", "full"])
+def test_every_scoring_mode_gives_lm_evals_answers(scoring, tokenizer):
+    model = tiny_model("qwen2", max_position_embeddings=1024)
+    ours = documents(DepthcutLM(model, tokenizer, batch_size=3, scoring=scoring, progress=False),
+                     ["hellaswag", "winogrande"], 3)
+    theirs = documents(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3), ["hellaswag", "winogrande"], 3)
+    assert assert_same_answers(ours, theirs, 1e-4) <= 1
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import depthcut
+
+    model, tokenizer, _ = depthcut.load_model("smollm2-135m", dtype="float32", device="cpu")
+    return model, tokenizer
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,limit", [("arc_easy", 16), ("hellaswag", 8), ("winogrande", 16), ("boolq", 8)])
+def test_answers_equal_lm_evals_hf_model_on_smollm2(name, limit, smollm2):
+    model, tokenizer = smollm2
+    ours = documents(DepthcutLM(model, tokenizer, batch_size=8, progress=False), [name], limit)
+    theirs = documents(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8), [name], limit)
+    assert assert_same_answers(ours, theirs, 2e-3) <= 1
+
+
+GENERATE = """task: tiny_generate
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: prompts.jsonl}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["dog"], max_gen_toks: 8, do_sample: false}
+metric_list: [{metric: exact_match}]
+"""
+ROLLING = """task: tiny_perplexity
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: texts.jsonl}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}]
+"""
+
+
+def write(folder: Path, yaml: str, data: str, rows: list[dict]) -> str:
+    (folder / data).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = folder / f"{data}.yaml"
+    path.write_text(yaml)
+    return str(path)
+
+
+def test_generation_tasks_run_the_models_own_generate_as_hflm_does(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    rows = [{"prompt": p, "answer": "fox"} for p in ("the quick brown", "depth pruning", "the lazy", "over the")]
+    task = write(tmp_path, GENERATE, "prompts.jsonl", rows)
+    ours = documents(DepthcutLM(model, tokenizer, batch_size=3, progress=False), [task], None)
+    theirs = documents(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3), [task], None)
+    assert [d["response"] for d in ours.values()] == [d["response"] for d in theirs.values()]
+    assert all("dog" not in d["response"] and "exact_match" in d for d in ours.values())
+
+
+def test_perplexity_tasks_score_rolling_windows_as_hflm_does(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    rows = [{"text": "the quick brown fox jumps over the lazy dog " * n} for n in (1, 5, 20)]
+    task = write(tmp_path, ROLLING, "texts.jsonl", rows)
+    ours, _ = run_tasks(DepthcutLM(model, tokenizer, progress=False), resolve_tasks([task]), progress=False)
+    theirs, _ = run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), resolve_tasks([task]),
+                          progress=False)
+    assert ours["tiny_perplexity"]["word_perplexity"] == pytest.approx(theirs["tiny_perplexity"]["word_perplexity"],
+                                                                       rel=1e-4)
+
+
+def test_lm_evals_registry_builds_depthcut_from_model_args(tiny_llama_dir):
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("depthcut").create_from_arg_string(f"pretrained={tiny_llama_dir},dtype=float32,scoring=shared",
+                                                      {"batch_size": "auto", "max_batch_size": 64, "device": None})
+    assert isinstance(lm, DepthcutLM) and lm.scorer.mode == "shared" and lm.batch_size == 16
+    assert lm.source["spec"] == str(tiny_llama_dir) and get_model("hf") is HFLM  # lm-eval's own stay visible
+
+
+def test_simple_evaluate_runs_depthcut_by_name(tiny_llama_dir):
     import lm_eval
 
-    rows = [
-        {"id": str(i), "question": q, "choices": {"text": c, "label": list("ABCD")[: len(c)]},
-         "answerKey": "ABCD"[gold]}
-        for i, (q, c, gold) in enumerate(DOCS)
-    ]
-    data = folder / "tiny_arc.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    yaml = folder / "tiny_arc.yaml"
-    yaml.write_text(
-        f"include: {Path(lm_eval.__file__).parent / 'tasks' / 'arc' / 'arc_easy.yaml'}\n"
-        "task: tiny_arc\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files: {{test: {json.dumps(str(data))}}}\n"
-        f"  cache_dir: {json.dumps(str(folder / 'cache'))}\n"
-        "training_split: null\nvalidation_split: null\ntest_split: test\n"
-    )
-    return yaml
+    output = lm_eval.simple_evaluate(model="depthcut", model_args=f"pretrained={tiny_llama_dir},dtype=float32",
+                                     tasks=["arc_easy"], task_manager=task_manager(with_index=False), limit=3,
+                                     batch_size=2)
+    assert output["results"]["arc_easy"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
 
 
-def test_run_harness_scores_a_local_task_like_depthcut(tmp_path):
-    pytest.importorskip("lm_eval")
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    results = run_harness(model, tokenizer, [str(write_local_arc(tmp_path))], batch_size=4, num_fewshot=0)
-    figures = results["tiny_arc"]
-    json.dumps(results)  # plain values only
-    scorer = Scorer(model, tokenizer, batch_size=4)
-    correct = 0
-    for question, choices, gold in DOCS:
-        scores = scorer.loglikelihoods([(f"Question: {question}\nAnswer:", f" {c}") for c in choices])
-        correct += max(range(len(choices)), key=scores.__getitem__) == gold
-    assert figures["acc,none"] == pytest.approx(correct / len(DOCS))
-    assert 0.0 <= figures["acc_norm,none"] <= 1.0
-
-
-def test_run_harness_without_lm_eval_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
-    with pytest.raises(DepthcutError, match="pip install lm-eval"):
-        run_harness(tiny_model("llama"), tiny_tokenizer(), ["arc_easy"])
+def test_lm_evals_command_line_with_depthcut(tiny_llama_dir, tmp_path):
+    """`python -m depthcut.lm_eval` is lm-eval's command line with the model registered and the
+    built-in benchmarks on local data (the hub is out of reach here)."""
+    command = [sys.executable, "-m", "depthcut.lm_eval", "--model", "depthcut", "--model_args",
+               f"pretrained={tiny_llama_dir},dtype=float32", "--tasks", "arc_easy,piqa", "--limit", "3",
+               "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|arc_easy|" in done.stdout.replace(" ", "") and "depthcut" in done.stdout
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert set(results["results"]) == {"arc_easy", "piqa"}

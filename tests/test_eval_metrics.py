@@ -1,26 +1,14 @@
 import math
+import types
 
 import pytest
 import torch
-
-from depthcut import DepthcutError
-from depthcut.calibration import CalibrationSet
-from depthcut.evaluation.evaluate import subset
-from depthcut.evaluation.items import Item
-from depthcut.evaluation.loss import heldout_loss
-from depthcut.evaluation.metrics import item_outcomes, mean_stderr, summarize, summarize_by_subject
 from tiny import VOCAB, tiny_model, tolerance
 
-
-def _item(doc_id=0, gold=0, lengths=(1, 1, 1), subject=None):
-    return Item("t", doc_id, ("ctx",), tuple(f" c{i}" for i in range(len(lengths))), gold, lengths, subject)
-
-
-def test_acc_and_acc_norm_pick_different_choices_when_lengths_differ():
-    item = _item(gold=1, lengths=(2, 10, 3))
-    outcome = item_outcomes(item, [-4.0, -10.0, -9.0])  # raw: choice 0; per character: 1 (-1.0)
-    assert outcome["prediction"] == 0 and outcome["acc"] == 0.0
-    assert outcome["prediction_norm"] == 1 and outcome["acc_norm"] == 1.0
+from depthcut.calibration import CalibrationSet
+from depthcut.evaluation.evaluate import subsets
+from depthcut.evaluation.loss import heldout_loss
+from depthcut.evaluation.metrics import chance, group_summary, mean_stderr, metric_figures, task_summary
 
 
 def test_stderr_is_the_sample_standard_error():
@@ -30,24 +18,61 @@ def test_stderr_is_the_sample_standard_error():
     assert math.isnan(mean_stderr([1.0]))
 
 
-def test_subject_summary_reports_macro_and_micro_averages():
-    items = [_item(i, subject="a") for i in range(4)] + [_item(10, subject="b")]
-    outcomes = [{"acc": v} for v in (1.0, 1.0, 1.0, 0.0, 0.0)]
-    summary = summarize_by_subject(items, outcomes, ["acc"])
-    assert summary["subjects"]["a"]["acc"] == 0.75 and summary["subjects"]["b"]["acc"] == 0.0
-    assert summary["acc"] == pytest.approx(0.375)  # mean over subjects
-    assert summary["acc_by_question"] == pytest.approx(0.6)  # mean over questions
-    assert summarize(outcomes, ["acc"])["num_items"] == 5
+def test_lm_eval_figures_become_plain_metric_names():
+    figures = {"alias": "gsm8k", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25,
+               "acc_norm_stderr,none": "N/A", "exact_match,strict-match": 0.125, "exact_match_stderr,strict-match": 0.01}
+    out = metric_figures(figures)
+    assert out["acc"] == 0.5 and out["acc_stderr"] == 0.1 and out["acc_norm"] == 0.25
+    assert math.isnan(out["acc_norm_stderr"])  # lm-eval's "N/A"
+    assert out["exact_match,strict-match"] == 0.125 and out["exact_match_stderr,strict-match"] == 0.01
+    assert "alias" not in out
 
 
-def test_limit_draws_a_fixed_subset_of_documents():
-    items = [_item(i) for i in range(50)]
-    first = subset(items, 10, seed=3, task="t")
-    assert [i.doc_id for i in first] == [i.doc_id for i in subset(items, 10, seed=3, task="t")]
-    assert [i.doc_id for i in first] != [i.doc_id for i in subset(items, 10, seed=4, task="t")]
-    assert len(first) == 10 and subset(items, None, 0, "t") == items
-    with pytest.raises(DepthcutError, match="larger than task 't', which has 50 items"):
-        subset(items, 51, 0, "t")
+OUTPUT = {
+    "results": {"g": {"acc,none": 0.6, "acc_stderr,none": 0.2}, "g_a": {"acc,none": 0.75, "acc_stderr,none": 0.25},
+                "g_b": {"acc,none": 0.0, "acc_stderr,none": 0.0}},
+    "n-samples": {"g_a": {"original": 10, "effective": 4}, "g_b": {"original": 3, "effective": 1}},
+    "n-shot": {"g_a": 5, "g_b": 5},
+}
+
+
+def test_task_summary_keeps_the_keys_sweeps_read():
+    summary = task_summary("g_a", OUTPUT)
+    assert summary == {"acc": 0.75, "acc_stderr": 0.25, "num_items": 4, "num_fewshot": 5, "metrics": ["acc"]}
+
+
+def test_group_summary_reports_lm_evals_aggregate_and_the_mean_over_subtasks():
+    summary = group_summary("g", ["g_a", "g_b"], OUTPUT)
+    assert summary["acc"] == 0.6 and summary["acc_stderr"] == 0.2  # lm-eval's, weighted by size
+    assert summary["acc_by_subtask"] == pytest.approx(0.375)  # every subtask weighs the same
+    assert summary["acc_by_subtask_stderr"] == pytest.approx(math.sqrt(0.25 ** 2) / 2)
+    assert summary["num_items"] == 5 and summary["num_fewshot"] == 5 and summary["metrics"] == ["acc"]
+    assert set(summary["subjects"]) == {"a", "b"} and summary["subjects"]["a"]["num_items"] == 4
+
+
+def test_chance_is_the_mean_of_one_over_the_number_of_choices():
+    tasks = {"t": types.SimpleNamespace(OUTPUT_TYPE="multiple_choice"),
+             "gen": types.SimpleNamespace(OUTPUT_TYPE="generate_until")}
+    samples = {"t": [{"arguments": [0, 1]}, {"arguments": [0, 1, 2, 3]}], "gen": [{"arguments": [0]}]}
+    assert chance(tasks, samples) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert chance({"gen": tasks["gen"]}, samples) is None
+
+
+def _tasks(**sizes):
+    return {name: types.SimpleNamespace(eval_docs=range(size)) for name, size in sizes.items()}
+
+
+def test_limit_draws_a_fixed_sorted_subset_per_task():
+    first = subsets(_tasks(a=50, b=50), 10, seed=3)
+    assert first == subsets(_tasks(a=50, b=50), 10, seed=3) and first != subsets(_tasks(a=50, b=50), 10, seed=4)
+    assert all(len(ids) == 10 and ids == sorted(ids) and len(set(ids)) == 10 for ids in first.values())
+    assert first["a"] != first["b"]  # each task its own draw
+    assert subsets(_tasks(a=50), 10, seed=3)["a"] == first["a"]  # whatever else is evaluated
+
+
+def test_limit_takes_a_task_whole_when_it_is_not_larger():
+    assert subsets(_tasks(a=5, b=50), 10, seed=0).keys() == {"b"}
+    assert subsets(_tasks(a=5), 10, seed=0) is None and subsets(_tasks(a=50), None, seed=0) is None
 
 
 def test_heldout_loss_equals_the_models_own_loss_and_skips_padding(device):

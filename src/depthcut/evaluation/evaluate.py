@@ -1,56 +1,105 @@
-"""`evaluate()`: the loss and the tasks of one model, as one JSON-ready result."""
+"""`evaluate()`: the held-out loss and lm-evaluation-harness tasks of one model, as one JSON-ready result.
+
+The tasks run through lm-eval's evaluator with `DepthcutLM` as the model: lm-eval builds the
+prompts, few-shot contexts and metrics, depthcut scores the requests (lm.py).
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.evaluation.items import Item
-from depthcut.evaluation.metrics import item_outcomes, summarize, summarize_by_subject
-from depthcut.evaluation.scoring import Scorer
+from depthcut.evaluation.metrics import chance, document, group_summary, task_summary
 
 RESULT_FORMAT = "depthcut.eval"
 
 
-def subset(items: list[Item], limit: int | None, seed: int, task: str) -> list[Item]:
-    """A fixed random subset of `limit` documents (all items of a document stay together)."""
+def subsets(tasks: dict, limit: int | None, seed: int) -> dict[str, list[int]] | None:
+    """A fixed random subset of `limit` documents of every task (lm-eval's `samples`), drawn with
+    a generator seeded by (seed, task name); tasks with no more than `limit` documents run whole.
+    (lm-eval's own `limit` takes the first documents, which are often ordered by source or topic.)"""
     if limit is None:
-        return items
-    documents = sorted({item.doc_id for item in items})
-    if limit < 1:
-        raise DepthcutError("--limit must be at least 1")
-    if limit > len(documents):
-        raise DepthcutError(f"--limit {limit} is larger than task {task!r}, which has {len(documents)} items")
-    chosen = set(random.Random(seed).sample(documents, limit))
-    return [item for item in items if item.doc_id in chosen]
+        return None
+    chosen = {}
+    for name, task in tasks.items():
+        size = len(task.eval_docs)
+        if limit < size:
+            chosen[name] = sorted(random.Random(f"{seed}:{name}").sample(range(size), limit))
+    return chosen or None
 
 
-def _evaluate_task(scorer: Scorer, task, num_fewshot, limit, seed, log_samples, progress) -> tuple[dict, list[dict]]:
-    from depthcut.evaluation.tasks import load_items
+@contextmanager
+def _seeded(seed: int, quiet: bool):
+    """lm-eval's seeds for the run (its few-shot draws and any task's own randomness), the caller's
+    random state back afterwards; `quiet` turns lm-eval's and datasets' progress bars off."""
+    import datasets
+    import lm_eval.api.task
+    from tqdm import tqdm
 
-    items, source = load_items(task, num_fewshot=num_fewshot, seed=seed)
-    items = subset(items, limit, seed, task.name)
-    requests = [pair for item in items for pair in item.requests()]
-    scores = scorer.loglikelihoods(requests, progress=progress, desc=task.name)
-    outcomes, samples, position = [], [], 0
-    for item in items:
-        loglikelihoods = scores[position : position + item.num_choices]
-        position += item.num_choices
-        outcome = item_outcomes(item, loglikelihoods)
-        outcomes.append(outcome)
-        if log_samples:
-            samples.append({
-                "task": task.name, "doc_id": item.doc_id, "source_line": item.source_line, "subject": item.subject,
-                "loglikelihoods": loglikelihoods, "prediction": outcome["prediction"],
-                "prediction_norm": outcome["prediction_norm"], "gold": item.gold,
-            })
-    metrics = task.metrics
-    summary = summarize_by_subject(items, outcomes, metrics) if items and items[0].subject else summarize(outcomes, metrics)
-    summary.update({"chance": sum(1 / item.num_choices for item in items) / len(items),
-                    "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
-                    "source": source, "limit": limit, "seed": seed, "metrics": list(metrics)})
-    return summary, samples
+    states = random.getstate(), np.random.get_state()
+    task_bar, dataset_bars = lm_eval.api.task.tqdm, datasets.is_progress_bar_enabled()
+    if quiet:
+        lm_eval.api.task.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
+        datasets.disable_progress_bars()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        lm_eval.api.task.tqdm = task_bar
+        if dataset_bars:
+            datasets.enable_progress_bars()
+
+
+def run_tasks(lm, specs, *, limit: int | None = None, num_fewshot: int | None = None, seed: int = 0,
+              log_samples: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Summaries of `specs` (resolved --tasks entries) scored by `lm`, and their documents when
+    `log_samples`. Every task runs in one lm-eval evaluation, so all requests are batched together."""
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    from depthcut.evaluation.tasks import load_task
+
+    with _seeded(seed, quiet=not progress):
+        loaded = {spec.name: load_task(spec) for spec in specs}
+        everything = {"tasks": {}, "groups": {}, "group_map": {}}
+        for part in loaded.values():
+            for key, merged in everything.items():
+                merged.update(part.get(key, {}))
+        for task in everything["tasks"].values():  # what lm-eval's simple_evaluate does with num_fewshot
+            if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        output = lm_eval_evaluate(lm=lm, task_dict=everything, samples=subsets(everything["tasks"], limit, seed),
+                                  log_samples=True)
+    summaries, documents = {}, []
+    for spec in specs:
+        part = loaded[spec.name]
+        name = spec.name if spec.name in part.get("groups", {}) else None
+        if name is not None:
+            leaves = [t for t in part["tasks"] if t in output["results"]]
+            summary = group_summary(name, leaves, output)
+            entries = {name: summary}
+        else:
+            entries = {leaf: task_summary(leaf, output) for leaf in part["tasks"]}
+        for entry, summary in entries.items():
+            tasks = part["tasks"] if entry == name else {entry: part["tasks"][entry]}
+            summary.update(chance=chance(tasks, output["samples"]), source=spec.source, limit=limit, seed=seed)
+            summaries[entry] = summary
+            if log_samples:
+                documents += [document(entry, task, s, subtask=leaf if entry == name else None)
+                              for leaf, task in tasks.items() for s in output["samples"].get(leaf, [])]
+    return summaries, documents
 
 
 def evaluate(
@@ -69,14 +118,20 @@ def evaluate(
     log_samples: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Evaluate `model` on multiple-choice `tasks` (built-in names or task files) and/or the held-out
-    loss on `loss_data` (a DATA string, as for calibration). Returns a JSON-ready dict."""
-    from depthcut.evaluation.tasks import get_task
+    """Evaluate `model` on lm-evaluation-harness `tasks` (names, built-in benchmarks on local
+    data, task YAML files; docs/tasks.md) and/or the held-out loss on `loss_data` (a DATA string,
+    as for calibration). `limit`: a fixed random subset of that many documents per task (seeded
+    by `seed`, which also seeds lm-eval's few-shot draws). Returns a JSON-ready dict."""
+    from depthcut.evaluation.tasks import resolve_tasks
 
     if not tasks and loss_data is None:
         raise DepthcutError("nothing to evaluate: give tasks and/or loss data")
-    resolved = [get_task(name) for name in tasks]  # unknown names fail before any work
-    result: dict = {"format": RESULT_FORMAT, "format_version": 1, "tasks": {}}
+    if limit is not None and limit < 1:
+        raise DepthcutError("--limit must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise DepthcutError("--num-fewshot must be 0 or more")
+    specs = resolve_tasks(tasks)  # unknown names and bad task files fail before any work
+    result: dict = {"format": RESULT_FORMAT, "format_version": 2, "tasks": {}}
     if loss_data is not None:
         from depthcut.calibration import build_calibration
         from depthcut.data import load_texts
@@ -85,14 +140,14 @@ def evaluate(
         source = load_texts(loss_data) if isinstance(loss_data, str) else loss_data
         windows = build_calibration(tokenizer, source, loss_samples, loss_seq_len, "windows", seed)
         result["loss"] = heldout_loss(model, windows, batch_size=max(1, batch_size // 2), progress=progress)
-    scorer = Scorer(model, tokenizer, batch_size=batch_size, mode=scoring)
-    samples: list[dict] = []
-    for task in resolved:
-        summary, task_samples = _evaluate_task(scorer, task, num_fewshot, limit, seed, log_samples, progress)
-        result["tasks"][task.name] = summary
-        samples.extend(task_samples)
-    if log_samples:
-        result["samples"] = samples
+    if specs:
+        from depthcut.evaluation.lm import DepthcutLM
+
+        lm = DepthcutLM(model, tokenizer, batch_size=batch_size, scoring=scoring, progress=progress)
+        result["tasks"], samples = run_tasks(lm, specs, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                                             log_samples=log_samples, progress=progress)
+        if log_samples:
+            result["samples"] = samples
     result["settings"] = {"limit": limit, "num_fewshot": num_fewshot, "seed": seed, "batch_size": batch_size,
                           "scoring": scoring, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return result

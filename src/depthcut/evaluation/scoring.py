@@ -1,11 +1,9 @@
-"""Log-likelihood of continuations given contexts, batched, each shared context computed once.
+"""Log-likelihood of continuation tokens given context tokens, batched, each shared context computed once.
 
-Tokenization follows lm-evaluation-harness (`HFLM._encode_pair`): trailing spaces of the context
-move to the continuation, the pair is encoded as one string, and the continuation's tokens are
-what follows the context's own encoding. No special tokens are added; an empty context becomes
-the BOS (or EOS) token.
-
-Three ways to score, with the same result up to float rounding:
+The input is already tokenized, as lm-evaluation-harness hands it to `_loglikelihood_tokens`
+(`DepthcutLM` encodes the strings exactly as lm-eval's `HFLM` does). Every result is
+``(sum of log P(continuation token | everything before it), whether each of those tokens is the
+argmax)``, lm-eval's ``(logprob, is_greedy)``. Three ways to score, the same up to float rounding:
 
 - ``packed`` (default): each distinct context and all its continuations (less their last token)
   form one row, ``context + c1 + c2 + ...``, with a 4D attention mask that lets every
@@ -35,6 +33,8 @@ from tqdm.auto import tqdm
 
 from depthcut.layers import text_config
 
+Score = tuple[float, bool]  # (log-likelihood, every continuation token is the greedy choice)
+
 
 @dataclass
 class _Group:
@@ -42,18 +42,6 @@ class _Group:
 
     context: list[int]
     members: list[tuple[int, list[int]]]  # (request index, continuation tokens)
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    if not context_ids:  # nothing to condition on: the first continuation token needs a position
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], whole
-    return context_ids, whole[len(context_ids) :]
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,26 +55,33 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
+def _picked(logprobs: torch.Tensor, targets: Sequence[int]) -> Score:
+    """Sum of `logprobs` (T, V) at `targets` (T tokens) in float64, and whether each is the argmax."""
+    index = torch.tensor(targets, device=logprobs.device)[:, None]
+    value = float(logprobs.gather(-1, index).double().sum())
+    return value, bool((logprobs.argmax(-1) == index[:, 0]).all())
+
+
 class Scorer:
-    """Scores (context, continuation) pairs with a causal LM; see the module docstring."""
+    """Scores (context tokens, continuation tokens) pairs with a causal LM; see the module docstring."""
 
     MODES = ("packed", "shared", "full")
     # A packed batch carries a (rows, width, width) mask; wider rows use the KV-cache path.
     PACKED_MAX_WIDTH = 2048
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, mode: str = "packed"):
+    def __init__(self, model, batch_size: int = 16, max_length: int = 2048, mode: str = "packed", pad_id: int = 0):
         if mode not in self.MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; choose one of {', '.join(self.MODES)}")
         self.model = model
-        self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.mode = mode
+        self.max_length = max_length
+        self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        self.max_length = max_length or getattr(text_config(model), "max_position_embeddings", None) or 2048
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         parameters = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in parameters
         self.takes_logits_to_keep = "logits_to_keep" in parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
         self.packed_window = self._packed_window(text_config(model)) if mode == "packed" else 0
 
     def _packed_window(self, config) -> float:
@@ -120,17 +115,18 @@ class Scorer:
         return self.model(input_ids=ids, attention_mask=mask, **kwargs)
 
     @torch.inference_mode()
-    def loglikelihoods(self, requests: Sequence[tuple[str, str]], progress: bool = False, desc: str = "score") -> list[float]:
-        """Sum of log P(continuation tokens | context) for each pair, in float64."""
-        encoded = [encode_pair(self.tokenizer, c, x) for c, x in requests]
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], progress: bool = False,
+              desc: str = "score") -> list[Score]:
+        """(log-likelihood, is_greedy) of every (context, continuation) pair, in request order.
+        Contexts must not be empty (lm-eval puts the BOS or EOS token there)."""
         groups: dict[tuple[int, ...], _Group] = {}
-        for index, (context, continuation) in enumerate(encoded):
-            context, continuation = self._truncate(context, continuation)
+        for index, (context, continuation) in enumerate(requests):
+            context, continuation = self._truncate(list(context), list(continuation))
             key = (index, *context) if self.mode == "full" else tuple(context)
             groups.setdefault(key, _Group(context, [])).members.append((index, continuation))
         # Longest first: padding stays small and memory trouble shows at once.
         ordered = sorted(groups.values(), key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
-        results = [0.0] * len(requests)
+        results: list[Score] = [(0.0, True)] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress)
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
@@ -151,10 +147,9 @@ class Scorer:
             targets.append((index, continuation))
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         keep = max(len(c) for _, c in targets)
-        logprobs = self._forward(ids, mask, use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+        logits = self._forward(ids, mask, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
         for row, (index, continuation) in enumerate(targets):
-            picked = logprobs[row, keep - len(continuation) :].gather(-1, torch.tensor(continuation, device=self.device)[:, None])
-            yield index, float(picked.double().sum())
+            yield index, _picked(logits[row, keep - len(continuation) :].float().log_softmax(-1), continuation)
 
     @staticmethod
     def _packed_width(batch: list[_Group]) -> int:
@@ -193,14 +188,14 @@ class Scorer:
                             position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
         base = logits.shape[1] - width  # logits[:, p + base] are the logits at row position p
         for b, (last, segments) in enumerate(spans):
-            first = logits[b, last + base].float().log_softmax(-1)
+            first = logits[b, last + base].float().log_softmax(-1)  # (V,): every first continuation token
             for index, start, continuation in segments:
-                value = first[continuation[0]].double()
+                value, greedy = _picked(first[None], continuation[:1])
                 if len(continuation) > 1:
                     later = logits[b, start + base : start + base + len(continuation) - 1].float().log_softmax(-1)
-                    targets = torch.tensor(continuation[1:], device=self.device)[:, None]
-                    value = value + later.gather(-1, targets).double().sum()
-                yield index, float(value)
+                    more, more_greedy = _picked(later, continuation[1:])
+                    value, greedy = value + more, greedy and more_greedy
+                yield index, (value, greedy)
 
     def _score_shared(self, batch: list[_Group]):
         ids, mask = _left_pad([g.context for g in batch], self.pad_id, self.device)
@@ -210,12 +205,13 @@ class Scorer:
         for row, group in enumerate(batch):
             for index, continuation in group.members:
                 if len(continuation) == 1:
-                    yield index, float(first[row, continuation[0]].double())
+                    yield index, _picked(first[row][None], continuation)
                 else:
                     rest.append((index, row, continuation))
         if not rest:
             return
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None)
+        cache = out.past_key_values if cache is None else cache
         rows = torch.tensor([row for _, row, _ in rest], device=self.device)
         cache.reorder_cache(rows)  # one copy of the context cache per continuation
         inputs = [c[:-1] for _, _, c in rest]
@@ -229,10 +225,10 @@ class Scorer:
         positions = context_mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device)
         full_mask = torch.cat([context_mask, cont_mask], dim=1)
         kwargs = {"position_ids": positions} if self.takes_positions else {}
-        logits = self.model(input_ids=cont_ids, attention_mask=full_mask, past_key_values=cache, use_cache=True,
-                            **kwargs).logits
-        later = logits.float().log_softmax(-1)  # (R, W, V): tokens 2.. of each continuation
+        kwargs[self.cache_argument] = cache
+        logits = self.model(input_ids=cont_ids, attention_mask=full_mask, use_cache=True,
+                            **kwargs).logits  # (R, W, V): tokens 2.. of each continuation
         for i, (index, row, continuation) in enumerate(rest):
-            targets = torch.tensor(continuation[1:], device=self.device)[:, None]
-            tail = later[i, : len(continuation) - 1].gather(-1, targets).double().sum()
-            yield index, float(first[row, continuation[0]].double() + tail)
+            value, greedy = _picked(first[row][None], continuation[:1])
+            more, more_greedy = _picked(logits[i, : len(continuation) - 1].float().log_softmax(-1), continuation[1:])
+            yield index, (value + more, greedy and more_greedy)

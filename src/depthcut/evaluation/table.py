@@ -5,30 +5,30 @@ from __future__ import annotations
 import math
 
 
-def _pct(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
+def _figure(value, percent: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "      -"
+    return f"{100 * value:7.2f}" if percent else f"{value:7.4g}"
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'task':<16} {'metric':<16} {'value':>7} {'± se':>7} {'n':>6} {'shots':>5}"]
+    """Accuracy-like metrics (values in [0, 1]) as percentages; others (perplexity, ...) as they are."""
+    lines = [f"{'task':<16} {'metric':<22} {'value':>7} {'± se':>7} {'n':>6} {'shots':>5}"]
     lines.append("-" * len(lines[0]))
     for name, summary in result.get("tasks", {}).items():
+        shots = summary.get("num_fewshot")
+        shots = ",".join(map(str, shots)) if isinstance(shots, list) else shots
         for metric in summary["metrics"]:
-            lines.append(f"{name:<16} {metric:<16} {_pct(summary[metric])} {_pct(summary[f'{metric}_stderr'])} "
-                         f"{summary['num_items']:>6} {summary['num_fewshot']:>5}")
-            if f"{metric}_by_question" in summary:
-                lines.append(f"{'':<16} {metric + ' (by q.)':<16} {_pct(summary[f'{metric}_by_question'])} "
-                             f"{_pct(summary[f'{metric}_by_question_stderr'])}")
-    for name, figures in result.get("harness", {}).items():
-        for key, value in figures.items():
-            metric, _, _ = key.partition(",")
-            if isinstance(value, float) and not metric.endswith("_stderr"):
-                stderr = figures.get(key.replace(metric, metric + "_stderr", 1))
-                lines.append(f"{name + ' (lm-eval)':<16} {metric:<16} {_pct(value)} "
-                             f"{_pct(stderr if isinstance(stderr, float) else None)}")
+            value = summary.get(metric)
+            percent = value is not None and 0 <= value <= 1
+            lines.append(f"{name:<16} {metric:<22} {_figure(value, percent)} "
+                         f"{_figure(summary.get(f'{metric}_stderr'), percent)} {summary['num_items']:>6} {shots:>5}")
+            if f"{metric}_by_subtask" in summary:
+                lines.append(f"{'':<16} {metric + ' (by subtask)':<22} {_figure(summary[f'{metric}_by_subtask'], percent)} "
+                             f"{_figure(summary[f'{metric}_by_subtask_stderr'], percent)}")
     if "loss" in result:
         loss = result["loss"]
-        lines.append(f"{'loss':<16} {'nll / token':<16} {loss['loss']:7.4f} {'':>7} {loss['tokens']:>6}")
-        lines.append(f"{'':<16} {'normalized':<16} {loss['normalized_loss']:7.4f}")
-        lines.append(f"{'':<16} {'perplexity':<16} {loss['perplexity']:7.2f}")
+        lines.append(f"{'loss':<16} {'nll / token':<22} {loss['loss']:7.4f} {'':>7} {loss['tokens']:>6}")
+        lines.append(f"{'':<16} {'normalized':<22} {loss['normalized_loss']:7.4f}")
+        lines.append(f"{'':<16} {'perplexity':<22} {loss['perplexity']:7.2f}")
     return "\n".join(lines)

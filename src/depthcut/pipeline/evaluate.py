@@ -18,8 +18,10 @@ class MeasureOptions:
     """Tasks and held-out loss, shared by `eval` and `sweep`."""
 
     tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
-                                    help="comma-separated task names or task files (YAML/JSON)")
-    limit: int | None = option(None, group=MEASURE, help="a fixed random subset of N items per task")
+                                    help="comma-separated lm-evaluation-harness task, group or tag names, or task "
+                                         "YAML files (docs/tasks.md)")
+    limit: int | None = option(None, group=MEASURE,
+                               help="a seeded random subset of N documents per task (per subtask of a group)")
     num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
     loss: str | None = option(None, group=MEASURE, metavar="DATA", help="held-out text for the loss (e.g. c4)")
     loss_samples: int = option(64, group=MEASURE, help="windows of held-out text")
@@ -43,16 +45,13 @@ class MeasureOptions:
 
 @dataclass(kw_only=True)
 class EvalConfig(DeviceMapOption, MeasureOptions, ModelOptions):
-    seed: int = option(0, help="seed of --limit and few-shot draws")
+    seed: int = option(0, help="seed of --limit and lm-eval's few-shot draws")
     batch_size: int = option(16, help="contexts per forward pass")
     scoring: str = option("packed", choices=("packed", "shared", "full"),
                           help="packed: a context and all its choices in one masked row (default); shared: each "
                                "context once, its KV cache reused per choice; full: one sequence per choice",
                           show_default=False)
     log_samples: bool = option(False, help="add every item's scores to the output")
-    harness: tuple[str, ...] = option((), parse=comma_list, metavar="TASKS",
-                                      help="also run these lm-evaluation-harness tasks on the same in-memory model "
-                                           "(needs lm-eval; its --limit takes the first N documents)")
     out: str = option(help="the JSON result file (must not exist unless --force)")
     force: bool = option(False, help="replace an existing result file")
     quiet: bool = option(False, help="no progress bars")
@@ -65,8 +64,8 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
     out="eval.json")`. Returns the result written.
     """
     config = make_config(EvalConfig, config, fields)
-    if not config.tasks and not config.loss and not config.harness:
-        raise DepthcutError("nothing to evaluate: give --tasks, --loss and/or --harness")
+    if not config.tasks and not config.loss:
+        raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
     config.check_measures()
     check_positive(batch_size=config.batch_size)
     with claimed_for_writing(config.out, config.force, kind="file"):
@@ -86,11 +85,6 @@ def _evaluate(config: EvalConfig) -> dict:
         result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,
                           scoring=config.scoring, log_samples=config.log_samples, progress=not config.quiet,
                           **config.evaluation_options())
-    if config.harness:
-        from depthcut.evaluation.harness import run_harness
-
-        result["harness"] = run_harness(model, tokenizer, list(config.harness), batch_size=config.batch_size,
-                                        limit=config.limit, num_fewshot=config.num_fewshot)
     result["model"] = source.as_dict()
     result["environment"] = environment()
     with atomic_output_file(config.out, config.force) as staging:
