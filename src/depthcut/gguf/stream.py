@@ -10,7 +10,6 @@ the streamed weights equal those of `from_pretrained(folder, gguf_file=...)`.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 
 from depthcut.errors import DepthcutError
 from depthcut.gguf.files import gguf_module, open_gguf, read_bytes, reader_class
-from depthcut.io.skeleton import Skeleton, checkpoint_dtype
+from depthcut.io.skeleton import Skeleton
 
 # Processors that build one parameter out of several GGUF tensors (or several out of one): those
 # tensors cannot be handed out one at a time.
@@ -42,20 +41,9 @@ def gguf_config(path: str | Path, trust_remote_code: bool = False):
 def gguf_skeleton(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None,
                   trust_remote_code: bool = False) -> Skeleton:
     """`depthcut.io.skeleton.meta_skeleton` for a GGUF file: the model without weights, in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from depthcut.io.skeleton import skeleton_of
 
-    config = gguf_config(path, trust_remote_code)
-    dtype = dtype or checkpoint_dtype(config) or torch.float32
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code,
-                                                 dtype=dtype)
-    if device is not None:
-        for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(device)
-    return Skeleton(model.eval(), config, dtype)
+    return skeleton_of(gguf_config(path, trust_remote_code), dtype, device, trust_remote_code)
 
 
 def weights_map(model, processor) -> dict[str, str]:

@@ -31,12 +31,20 @@ def meta_skeleton(folder: str | Path, dtype: torch.dtype | None = None, device: 
     device in `dtype` (by default the dtype the checkpoint is saved in, else float32); buffers
     (rotary frequencies, ...) computed for real, on the CPU or put on `device`. The config returned
     is the folder's as it is: the model is built from a copy, which `from_config` changes (the dtype)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return skeleton_of(config, dtype, device, trust_remote_code)
+
+
+def skeleton_of(config, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                trust_remote_code: bool = False) -> Skeleton:
+    """The weightless model of `config` (see `meta_skeleton`), whatever file the config came from."""
     import copy
 
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dtype = dtype or checkpoint_dtype(config) or torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code, dtype=dtype)
