@@ -179,9 +179,15 @@ def test_heal_command_writes_a_reloadable_model_with_provenance(capsys, tmp_path
         (["--seq-len", "4096"], "beyond this model's context of 128"),
         (["--targets", "q_proj_typo"], "matches no linear layer"),
         (["--batch-size", "500"], "too little training text"),
+        # distillation settings that do not fit (TEACHER: the model itself)
+        (["--objective", "kd"], "--objective kd distils from a teacher: give the unpruned model as --teacher MODEL"),
+        (["--objective", "kd+lm"], "--objective kd+lm distils from a teacher"),
+        (["--teacher", "TEACHER"], "--teacher needs --objective kd or kd+lm"),
+        (["--teacher", "TEACHER", "--objective", "kd", "--kd-weight", "2"], "--kd-weight must be between 0 and 1"),
     ],
 )
 def test_heal_bad_input(capsys, tmp_path, tiny_llama_dir, corpus_file, extra, message):
+    extra = [str(tiny_llama_dir) if part == "TEACHER" else part for part in extra]
     out = tmp_path / "healed"
     code = main(["heal", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--steps", "2",
                  "--seq-len", "32", "--batch-size", "2", "--quiet", *extra])
