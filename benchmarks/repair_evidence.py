@@ -7,9 +7,10 @@ held-out C4 loss (with the share of the pruning gap it closes), arc_easy and piq
 --limit), and its wall time.
 
 C4's documents are split once: the repairs are fitted and the heals trained on one part; the loss is
-measured on the other, which neither saw. The sweep (`depthcut.pipeline.sweep_to`) runs none, the
-repairs and LoRA (after none and after lstsq) and keeps its results.jsonl, so a killed run continues;
-the KD points are appended to kd.jsonl beside it.
+measured on the other, which neither saw. One sweep (`depthcut.pipeline.sweep_to`) runs every point:
+the repairs as its repair dimension, LoRA and KD as its heals (`--heal-objective lm,kd`), after plain
+pruning and after lstsq (`--heal-after none,lstsq`). Its results.jsonl is appended point by point, so
+a killed run continues where it stopped; the sweep's report.html draws the methods side by side.
 
     .venv/bin/python benchmarks/repair_evidence.py --out /tmp/repair_evidence --steps 50
 """
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import environment
+
+# C4 and the benchmarks are read from the reference data beside the project (../shared/data) unless told otherwise.
+os.environ.setdefault("DEPTHCUT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def split_c4(folder: Path, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
@@ -42,69 +46,32 @@ def split_c4(folder: Path, heldout_fraction: float = 0.2, seed: int = 0) -> tupl
     return paths
 
 
-def _kd_points(args, fit_data: Path, heldout: Path, sweep_folder: Path) -> list[dict]:
-    """KD for N steps on each pruned point of the sweep, measured as the sweep measures."""
-    import copy
-
-    import depthcut
-    from depthcut.data import load_texts
-    from depthcut.evaluation import evaluate
-    from depthcut.healing.recipe import HealRecipe
-    from depthcut.healing.trainer import heal
-    from depthcut.sweep.results import ResultsLog
-
-    log = sweep_folder / "kd.jsonl"
-    done = {json.loads(line)["key"] for line in log.read_text().splitlines()} if log.is_file() else set()
-    teacher, tokenizer, _ = depthcut.load_model(args.model, dtype=args.dtype)
-    data = load_texts(str(fit_data))
-    recipe = HealRecipe(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=args.warmup,
-                        objective="kd", heldout_windows=8)
-    plain = [p for p in ResultsLog(sweep_folder).points().values() if p["drop"] and not p["healed"]
-             and not p.get("repair")]
-    for point in sorted(plain, key=lambda p: (p["strategy"], p["drop"])):
-        key = f"{point['strategy']}/{point['drop']}/kd"
-        if key in done:
-            continue
-        began = time.perf_counter()
-        student = copy.deepcopy(teacher)
-        depthcut.prune(student, point["removed_layers"])
-        result = heal(student, tokenizer, data, recipe, teacher=teacher, progress=False)
-        seconds = time.perf_counter() - began
-        measured = evaluate(result.model, tokenizer, args.tasks.split(","), loss_data=str(heldout),
-                            loss_samples=args.loss_samples, loss_seq_len=args.seq_len, limit=args.limit,
-                            batch_size=32, progress=False)
-        record = {"key": key, "strategy": point["strategy"], "drop": point["drop"], "fraction": point["fraction"],
-                  "loss": measured.get("loss"), "tasks": measured.get("tasks"), "seconds": seconds,
-                  "kl_before": result.kl_before, "kl_after": result.kl_after}
-        with log.open("a") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
-        print(f"{key}: loss {record['loss']['loss']:.4f}, {seconds:.0f} s", file=sys.stderr)
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+METHODS = {("none", ""): "none", ("lstsq", ""): "lstsq", ("cosine", ""): "cosine", ("magnitude", ""): "magnitude",
+           ("none", "lm"): "LoRA", ("none", "kd"): "KD", ("lstsq", "lm"): "lstsq+LoRA", ("lstsq", "kd"): "lstsq+KD"}
 
 
-def table(sweep_folder: Path, kd: list[dict], tasks: list[str]) -> list[str]:
+def table(sweep_folder: Path, tasks: list[str]) -> list[str]:
+    """One row per (strategy, drop, method): held-out loss, the share of the pruning gap closed,
+    task accuracies and the method's own seconds (the repair's fit plus the heal; measuring is
+    the same for every method and left out)."""
     from depthcut.sweep.report import gap_closed
     from depthcut.sweep.results import ResultsLog, configuration, task_accuracy
 
     points = list(ResultsLog(sweep_folder).points().values())
     base = next(p for p in points if p["drop"] == 0)
-    names = {("none", False): "none", ("lstsq", False): "lstsq", ("cosine", False): "cosine",
-             ("magnitude", False): "magnitude", ("none", True): "LoRA", ("lstsq", True): "lstsq+LoRA"}
     rows = []
-    for point in points + [{**p, "healed": True, "repair": "kd"} for p in kd]:
-        if not point["drop"]:
+    for point in points:
+        strategy, repair, heal = configuration(point)
+        name = METHODS.get((repair, heal))
+        if not point["drop"] or name is None:
             continue
-        strategy, repair, healed = configuration(point)
-        name = "KD" if repair == "kd" else names.get((repair, healed))
-        if name is None:
-            continue
-        plain = next(p for p in points if p["drop"] == point["drop"] and configuration(p) == (strategy, "none", False))
-        seconds = point.get("seconds") if name == "KD" else (point.get("repair_fit") or {}).get("seconds", 0) + (
-            point.get("heal") or {}).get("seconds", 0)
+        plain = next((p for p in points if p["drop"] == point["drop"] and configuration(p) == (strategy, "none", "")),
+                     None)
+        seconds = (point.get("repair_fit") or {}).get("seconds", 0) + (point.get("heal") or {}).get("seconds", 0)
         accuracies = [task_accuracy(point, t)[0] for t in tasks]
-        rows.append((strategy, point["drop"], name, point["loss"]["loss"], gap_closed(point, plain, base),
-                     accuracies, seconds))
-    order = ["none", "lstsq", "cosine", "magnitude", "LoRA", "KD", "lstsq+LoRA"]
+        gap = gap_closed(point, plain, base) if plain else None
+        rows.append((strategy, point["drop"], name, point["loss"]["loss"], gap, accuracies, seconds))
+    order = list(METHODS.values())
     rows.sort(key=lambda r: (r[0], r[1], order.index(r[2])))
     base_acc = " ".join(f"{task_accuracy(base, t)[0]:.4f}" for t in tasks)
     lines = [f"unpruned: loss {base['loss']['loss']:.4f}, {' '.join(tasks)} {base_acc}",
@@ -114,7 +81,7 @@ def table(sweep_folder: Path, kd: list[dict], tasks: list[str]) -> list[str]:
         closed = "-" if gap is None or name == "none" else f"{100 * gap:.0f}%"
         lines.append(f"{strategy:9} {drop:>4} {name:11} {loss:7.4f} {closed:>10} "
                      + " ".join(f"{a:9.4f}" if a is not None else f"{'-':>9}" for a in accuracies)
-                     + f"  {seconds or 0:7.1f}")
+                     + f"  {seconds:7.1f}")
     return lines
 
 
@@ -123,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--drop", default="0,4,8,12")
+    parser.add_argument("--drop", default="8,4,12", help="drop counts, run in this order, each with every method")
     parser.add_argument("--tasks", default="arc_easy,piqa")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: the full sets)")
     parser.add_argument("--steps", type=int, default=50, help="LoRA and KD steps")
@@ -150,14 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     del probe
     fit_data, heldout = split_c4(args.out)
     sweep_folder = args.out / "sweep"
-    sweep_to(model=args.model, dtype=args.dtype, out=str(sweep_folder), drop=args.drop,
-             strategies=("angular", "deepest"), repair=tuple(repairs),
-             data=str(fit_data), samples=args.samples, seq_len=args.seq_len, tasks=tuple(args.tasks.split(",")),
-             limit=args.limit, loss=str(heldout), loss_samples=args.loss_samples, loss_seq_len=args.seq_len,
-             heal=True, heal_data=str(fit_data), heal_steps=args.steps, heal_seq_len=args.seq_len,
-             heal_batch_size=args.batch_size, heal_warmup_steps=args.warmup, heal_heldout_windows=8, quiet=True)
-    kd = _kd_points(args, fit_data, heldout, sweep_folder)
-    lines = table(sweep_folder, kd, args.tasks.split(",")) + refused
+    common = dict(model=args.model, dtype=args.dtype, out=str(sweep_folder), strategies=("angular", "deepest"),
+                  data=str(fit_data), samples=args.samples, seq_len=args.seq_len, tasks=tuple(args.tasks.split(",")),
+                  limit=args.limit, loss=str(heldout), loss_samples=args.loss_samples, loss_seq_len=args.seq_len,
+                  heal=True, heal_data=str(fit_data), heal_steps=args.steps, heal_seq_len=args.seq_len,
+                  heal_batch_size=args.batch_size, heal_warmup_steps=args.warmup, heal_heldout_windows=8, quiet=True)
+    # One drop count at a time, every method at it, so that a run cut short holds whole comparisons.
+    # Two sweeps into one folder: the repairs with LoRA after none and after lstsq; then KD after none.
+    drops = [int(d) for d in args.drop.split(",") if int(d)]
+    for drop in drops:
+        sweep_to(**common, drop=f"0,{drop}", repair=tuple(repairs), heal_objective=("lm",),
+                 heal_after=tuple(r for r in ("none", "lstsq") if r in repairs))
+        sweep_to(**common, drop=f"0,{drop}", repair=("none",), heal_objective=("kd",))
+    lines = table(sweep_folder, args.tasks.split(",")) + refused
     facts = environment.record("cpu", args.dtype)
     lines.append(f"CPU capability {facts.get('cpu_capability')}, {facts.get('cpu')}")
     print("\n".join(lines))

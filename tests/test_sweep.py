@@ -385,3 +385,50 @@ def test_a_repair_refused_for_one_cut_stops_the_sweep_before_its_first_point(cap
     assert code == 2 and "--repair magnitude cannot repair the cut of layers [3, 5)" in err and "tied" in err
     assert "sweep [1/" not in err
     assert not (tmp_path / "x").exists(), sorted(p.name for p in (tmp_path / "x").rglob("*"))
+
+
+def test_distillation_is_a_heal_of_the_sweep_and_equals_healing_by_hand(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    import copy
+    import dataclasses
+
+    import depthcut
+    from depthcut.data import load_texts
+    from depthcut.healing.trainer import heal
+    from depthcut.pipeline import sweep_to
+    from depthcut.pipeline.sweep import SweepConfig
+
+    out = tmp_path / "heals"
+    fields = dict(model=str(tiny_llama_dir), out=str(out), data=str(corpus_file), loss=str(corpus_file), drop="0,2",
+                  strategies=("deepest",), repair=("none", "lstsq"), samples=4, seq_len=16, loss_samples=2,
+                  loss_seq_len=16, quiet=True, dtype="float32", heal=True, heal_objective=("lm", "kd"),
+                  heal_after=("none",), heal_steps=3, heal_seq_len=16, heal_batch_size=2, heal_rank=2,
+                  heal_warmup_steps=1, heal_heldout_windows=2)
+    sweep_to(**fields)
+    points = ResultsLog(out).points()
+    # heals follow plain pruning only (--heal-after none), once per objective
+    assert set(points) == {"none/0/pruned", "deepest/2/pruned", "deepest/2/pruned/lstsq", "deepest/2/healed",
+                           "deepest/2/healed-kd"}
+    lora, kd = points["deepest/2/healed"]["heal"], points["deepest/2/healed-kd"]["heal"]
+    assert lora["objective"] == "lm" and "kl_after" not in lora
+    assert kd["objective"] == "kd" and kd["kl_after"]["kl"] < kd["kl_before"]["kl"]
+    # the reference: the same heal run by hand, with the unpruned model as teacher
+    recipe = dataclasses.replace(SweepConfig(**fields).recipe(), objective="kd")
+    teacher, tokenizer, _ = depthcut.load_model(str(tiny_llama_dir), dtype="float32")
+    student = depthcut.prune(copy.deepcopy(teacher), [3, 4])
+    by_hand = heal(student, tokenizer, load_texts(str(corpus_file)), recipe, teacher=teacher, progress=False)
+    assert kd["loss_after"] == pytest.approx(by_hand.loss_after["loss"], rel=1e-6)
+    assert kd["kl_after"]["kl"] == pytest.approx(by_hand.kl_after["kl"], rel=1e-6)
+    page = (out / "report.html").read_text()
+    assert "deepest, healed by KD" in page and "deepest, healed" in page
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--heal-objective", "kd"], "add --heal"),
+    (["--heal", "--heal-objective", "lm,kl"], "--heal-objective takes lm, kd, kd+lm"),
+    (["--heal", "--repair", "none,lstsq", "--heal-after", "cosine"], "--heal-after names repairs of --repair"),
+])
+def test_bad_heal_choices_are_refused_before_loading(capsys, tmp_path, tiny_llama_dir, extra, message):
+    code, _, err = run(capsys, "sweep", tiny_llama_dir, "--out", tmp_path / "x", "--drop", "0,2", "--loss", "c4",
+                       *extra)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()

@@ -33,6 +33,14 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
     eval_batch_size: int = option(32, group=MEASURE, help="contexts per scoring pass")
     tolerance: float = option(0.05, group=MEASURE, help="relative accuracy loss accepted")
     heal: bool = option(False, group=HEALING, help="also heal every pruned model with LoRA")
+    heal_objective: tuple[str, ...] = option(("lm",), parse=comma_list, group=HEALING,
+                                             help="the heals to compare, comma-separated: lm (next-token loss), kd "
+                                                  "(distillation from the unpruned model), kd+lm")
+    heal_after: tuple[str, ...] | None = option(None, parse=comma_list, group=HEALING,
+                                                help="the --repair methods that heals follow, e.g. none,lstsq "
+                                                     "(default: every one)", show_default=False)
+    heal_kd_temperature: float = option(1.0, group=HEALING, help="distillation temperature")
+    heal_kd_weight: float = option(0.5, group=HEALING, help="the KD term's share of the kd+lm loss")
     heal_data: str | None = option(None, group=HEALING, help="healing text (default: --data)")
     heal_steps: int | None = option(None, group=HEALING, help="steps per heal (default: 5000)")
     heal_tokens: int | None = option(None, group=HEALING, help="tokens per heal, instead of steps")
@@ -59,10 +67,16 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
         return HealRecipe(rank=self.heal_rank, lr=self.heal_lr, warmup_steps=self.heal_warmup_steps,
                           steps=self.heal_steps, tokens=self.heal_tokens, seq_len=self.heal_seq_len,
                           batch_size=self.heal_batch_size, seed=self.seed, mixed_precision=self.heal_mixed_precision,
-                          heldout_windows=self.heal_heldout_windows)
+                          heldout_windows=self.heal_heldout_windows, kd_temperature=self.heal_kd_temperature,
+                          kd_weight=self.heal_kd_weight)
+
+    def heals(self) -> list[bool | str]:
+        """The healed dimension of the plan: False (no heal), then each --heal-objective."""
+        return [False, *dict.fromkeys(self.heal_objective)] if self.heal else [False]
 
     def settings(self) -> dict:
-        """What must not change between runs that share a results.jsonl (drops and strategies may)."""
+        """What must not change between runs that share a results.jsonl. Drops, strategies, repairs and
+        heal objectives may: they are the sweep's dimensions, and a rerun adds the points it lacks."""
         from depthcut.models import resolve_device
         from depthcut.precision import choose_dtype
 
@@ -96,7 +110,24 @@ def _check(config: SweepConfig) -> None:
             REPAIRS.get(name)
     check_data_options(config)
     check_tolerance(config.tolerance)
+    _check_heals(config)
     config.recipe()  # its own checks
+
+
+def _check_heals(config: SweepConfig) -> None:
+    from depthcut.healing.recipe import OBJECTIVES
+
+    unknown = [name for name in config.heal_objective if name not in OBJECTIVES]
+    if unknown or not config.heal_objective:
+        raise DepthcutError(f"--heal-objective takes {', '.join(OBJECTIVES)}, comma-separated; got "
+                            f"{','.join(config.heal_objective) or 'nothing'}")
+    if config.heal_after is not None:
+        stray = [name for name in config.heal_after if name not in config.repair]
+        if stray or not config.heal_after:
+            raise DepthcutError(f"--heal-after names repairs of --repair ({','.join(config.repair)}); got "
+                                f"{','.join(config.heal_after) or 'nothing'}")
+    if not config.heal and (config.heal_after is not None or config.heal_objective != ("lm",)):
+        raise DepthcutError("--heal-objective and --heal-after choose among heals: add --heal")
 
 
 def _sweep_analysis(config: SweepConfig, folder: Path, model, tokenizer, source):
@@ -154,8 +185,8 @@ def _sweep(config: SweepConfig) -> Path:
     resolve_model(config.model)
     model, tokenizer, source = load(config, quiet=config.quiet)
     num_layers = len(find_layer_stack(model, config.layer_path))
-    plan = SweepPlan(parse_drops(config.drop, config.fractions, num_layers), list(config.strategies),
-                     [False, True] if config.heal else [False], list(dict.fromkeys(config.repair)))
+    plan = SweepPlan(parse_drops(config.drop, config.fractions, num_layers), list(config.strategies), config.heals(),
+                     list(dict.fromkeys(config.repair)), list(config.heal_after) if config.heal_after else None)
     if recipe is not None:
         check_context_length(model, recipe.seq_len, "--heal-seq-len")
     heal_data = load_texts(config.heal_data or config.data) if recipe else None

@@ -6,6 +6,8 @@ import math
 import sys
 import time
 
+from depthcut.sweep.results import point_healing
+
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0, round(seconds))
@@ -32,7 +34,8 @@ class SweepProgress:
         self.began = time.perf_counter()
         self.point_began = self.began
 
-    def _mean(self, healed: bool) -> float | None:
+    def _mean(self, healed: bool | str) -> float | None:
+        healed = bool(healed)  # any heal (LoRA or distillation) counts as the healed kind
         own, other = self.durations[healed], self.durations[not healed]
         if own:
             return sum(own) / len(own)
@@ -70,7 +73,7 @@ class SweepProgress:
 
     def finish_point(self, key: str) -> float:
         seconds = time.perf_counter() - self.point_began
-        self.durations[self.pending[self.index - 1][2]].append(seconds)
+        self.durations[bool(self.pending[self.index - 1][2])].append(seconds)
         self._say(f"sweep [{self.index}/{self.total}] {key}: done in {format_seconds(seconds)}")
         return seconds
 
@@ -88,7 +91,7 @@ def summary_table(points: list[dict], tasks: list[str]) -> str:
     header = ["point", "layers", "loss"] + [f"{task} acc (n)" for task in tasks] + ["seconds"]
     rows = []
     order = sorted(points, key=lambda p: (p["drop"], p["strategy"] != "none", p["strategy"], p.get("repair") or "",
-                                          p["healed"]))
+                                          point_healing(p)))
     for point in order:
         loss = point.get("loss") or {}
         row = [point["key"], f"{point['num_layers'] - point['drop']}/{point['num_layers']}",

@@ -14,7 +14,15 @@ from pathlib import Path
 from depthcut.errors import DepthcutError
 from depthcut.io.atomic import atomic_output_dir, atomic_output_file
 from depthcut.sweep.figures import make_figures
-from depthcut.sweep.results import ResultsLog, configuration, configuration_name, finite, forward_ms, task_accuracy
+from depthcut.sweep.results import (
+    ResultsLog,
+    configuration,
+    configuration_name,
+    finite,
+    forward_ms,
+    point_healing,
+    task_accuracy,
+)
 
 REPORT_FILE = "report.html"
 NOISE_Z = 2.0  # a drop is told from noise when it exceeds this many combined standard errors
@@ -130,13 +138,13 @@ def _methods_rows(points: list[dict], tasks: list[str]) -> list[list]:
     base = next((p for p in points if p["drop"] == 0), None)
     rows = []
     for p in sorted((p for p in points if p["drop"]), key=lambda p: (p["strategy"], p["drop"], configuration(p))):
-        plain = next((q for q in points if q["drop"] == p["drop"] and configuration(q) == (p["strategy"], "none", False)),
+        plain = next((q for q in points if q["drop"] == p["drop"] and configuration(q) == (p["strategy"], "none", "")),
                      None)
         loss = p.get("loss") or {}
         seconds = (p.get("repair_fit") or {}).get("seconds", 0.0) + (p.get("heal") or {}).get("seconds", 0.0)
         row = [configuration_name(*configuration(p)), p["drop"], _percent(p["fraction"]),
                _pm(loss.get("loss"), loss.get("loss_stderr"), 4), _percent(gap_closed(p, plain, base))
-               if configuration(p)[1:] != ("none", False) else "-"]
+               if configuration(p)[1:] != ("none", "") else "-"]
         row += [_pm(*task_accuracy(p, t)[:2]) for t in tasks]
         rows.append(row + [f"{seconds:.1f}" if seconds else "-"])
     return rows
@@ -239,13 +247,16 @@ def _forward_cell(point: dict) -> str:
     return f"{timing['median']:.1f} ({timing['q1']:.1f}-{timing['q3']:.1f})"
 
 
+HEALED_CELLS = {"": "no", "lm": "LoRA", "kd": "LoRA, KD", "kd+lm": "LoRA, KD+LM"}  # the points table's "healed"
+
+
 def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     """Rebuild every figure and report.html from `folder/results.jsonl` alone."""
     tolerance = check_tolerance(tolerance)
     folder = Path(folder)
     log = ResultsLog(folder)
     settings = log.settings() or {}
-    points = sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p.get("repair") or "", p["healed"]))
+    points = sorted(log.points().values(), key=lambda p: (p["drop"], p["strategy"], p.get("repair") or "", point_healing(p)))
     model = str(settings.get("model") or "")
     # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.io.atomic).
     with atomic_output_dir(folder / "figures", force=True) as staging:
@@ -270,7 +281,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     for p in points:
         loss = p.get("loss") or {}
         row = [p["strategy"], p["drop"], _percent(p["fraction"]), p.get("repair") or "none",
-               "yes" if p["healed"] else "no",
+               HEALED_CELLS[point_healing(p)],
                ", ".join(map(str, p["removed_layers"])) or "-",
                _pm(loss.get("normalized_loss"), loss.get("normalized_loss_stderr"), 4)]
         for t in tasks:

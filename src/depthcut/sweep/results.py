@@ -16,23 +16,44 @@ from depthcut.io.text import read_utf8
 RESULTS_FILE = "results.jsonl"
 
 
-def point_key(strategy: str, drop: int, healed: bool, repair: str = "none") -> str:
-    """`angular/8/pruned`, `angular/8/healed`; with a training-free repair `angular/8/pruned/lstsq`
-    (points of sweeps without repairs keep their keys)."""
-    key = f"{strategy}/{drop}/{'healed' if healed else 'pruned'}"
+def point_key(strategy: str, drop: int, healed: bool | str, repair: str = "none") -> str:
+    """`angular/8/pruned`, `angular/8/healed` (LoRA on the next-token loss), `angular/8/healed-kd`
+    (distilled from the unpruned model); with a training-free repair `angular/8/pruned/lstsq`.
+    `healed` is False, True (the plain heal) or the heal's objective; points of sweeps without
+    repairs or distillation keep their keys."""
+    heal = healing_name(healed)
+    key = f"{strategy}/{drop}/{'pruned' if not heal else 'healed' if heal == 'lm' else 'healed-' + heal}"
     return key if repair == "none" else f"{key}/{repair}"
 
 
-def configuration(point: dict) -> tuple[str, str, bool]:
-    """(strategy, repair, healed) of a point: one line of the figures, one row group of the report
-    (points written before repairs existed have none)."""
-    return point["strategy"], point.get("repair") or "none", point["healed"]
+def healing_name(healed: bool | str) -> str:
+    """False -> "" (not healed), True -> "lm" (the plain LoRA heal); an objective stays itself."""
+    if healed is True:
+        return "lm"
+    return healed or ""
 
 
-def configuration_name(strategy: str, repair: str, healed: bool) -> str:
-    """`angular, no healing`; `angular + lstsq, healed`."""
+def point_healing(point: dict) -> str:
+    """A point's heal: "" when not healed, else its objective ("lm", "kd", "kd+lm"; points written
+    before distillation existed were healed on the next-token loss)."""
+    if not point["healed"]:
+        return ""
+    return (point.get("heal") or {}).get("objective") or "lm"
+
+
+def configuration(point: dict) -> tuple[str, str, str]:
+    """(strategy, repair, heal) of a point: one line of the figures, one row group of the report
+    (points written before repairs existed have none; `heal` as `point_healing`)."""
+    return point["strategy"], point.get("repair") or "none", point_healing(point)
+
+
+HEALING_NAMES = {"": "no healing", "lm": "healed", "kd": "healed by KD", "kd+lm": "healed by KD+LM"}
+
+
+def configuration_name(strategy: str, repair: str, heal: str | bool) -> str:
+    """`angular, no healing`; `angular + lstsq, healed`; `deepest, healed by KD`."""
     method = strategy if repair == "none" else f"{strategy} + {repair}"
-    return f"{method}, {'healed' if healed else 'no healing'}"
+    return f"{method}, {HEALING_NAMES[healing_name(heal)]}"
 
 
 class ResultsLog:

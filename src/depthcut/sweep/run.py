@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import statistics
 import sys
@@ -48,19 +49,22 @@ def parse_drops(drop: str | None, fractions: str | None, num_layers: int) -> lis
 class SweepPlan:
     """Every point: (strategy, drop count, healed, repair). Training-free repairs ("none" is plain
     pruning) are a dimension beside strategy and healing: `repair + healed` is a repair followed
-    by LoRA."""
+    by a heal. `healed` holds False (no heal) and the heals to run: True, or heal objectives
+    ("lm" for LoRA on the next-token loss, "kd" for distillation from the unpruned model).
+    `heal_after`, when given, names the repairs that are followed by heals (default: every one)."""
 
     drops: list[int]
     strategies: list[str]
-    healed: list[bool]
+    healed: list[bool | str]
     repairs: list[str] = field(default_factory=lambda: ["none"])
-    points: list[tuple[str, int, bool, str]] = field(default_factory=list)
+    heal_after: list[str] | None = None
+    points: list[tuple[str, int, bool | str, str]] = field(default_factory=list)
 
     def __post_init__(self):
         # drop 0 is the unpruned model, shared by every strategy; it is never healed nor repaired.
         self.points = [("none", 0, False, "none")] if 0 in self.drops else []
         self.points += [(s, n, h, r) for n in self.drops if n for s in self.strategies for r in self.repairs
-                        for h in self.healed]
+                        for h in self.healed if not h or self.heal_after is None or r in self.heal_after]
 
 
 FORWARD_BATCH, FORWARD_LENGTH, FORWARD_WARMUP, FORWARD_REPEATS = 1, 128, 1, 7
@@ -141,17 +145,11 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
             tracker.stage(f"pruning layers {_span(removed)}")
             prune(working, removed)
         record = {"type": "point", "key": key, "strategy": strategy, "drop": drop, "fraction": drop / num_layers,
-                  "healed": healed, "removed_layers": removed, "num_layers": num_layers}
+                  "healed": bool(healed), "removed_layers": removed, "num_layers": num_layers}
         if fit is not None:
             record.update(repair=repair, repair_fit=fit)
         if healed:
-            from depthcut.healing.trainer import heal
-
-            tracker.stage(f"healing: {heal_recipe.total_steps()} LoRA steps")
-            result = heal(working, tokenizer, heal_data, heal_recipe, progress=progress)
-            working = result.model
-            record["heal"] = {"loss_before": result.loss_before["loss"], "loss_after": result.loss_after["loss"],
-                              "tokens": result.tokens, "seconds": result.seconds}
+            working, record["heal"] = _heal(working, model, tokenizer, heal_data, heal_recipe, healed, tracker, progress)
         tracker.stage("measuring: " + ", ".join(filter(None, [
             "held-out loss" if evaluation.get("loss_data") else "", *evaluation.get("tasks", [])])))
         record.update(_measure(working, tokenizer, evaluation))
@@ -192,6 +190,25 @@ def _repair(working, method: str, removed: list[int], calibration, tracker) -> d
     began = time.perf_counter()
     fit = repair(working, None, calibration, removed, method)
     return {**fit.as_dict(), "seconds": time.perf_counter() - began}
+
+
+def _heal(working, unpruned, tokenizer, data, recipe, healed: bool | str, tracker, progress: bool):
+    """Heal the pruned `working` model with LoRA under `healed`'s objective; distillation takes the
+    unpruned model (the sweep's base, already in memory) as its teacher. Returns the healed model
+    and what the point records of the heal."""
+    from depthcut.healing.trainer import heal
+    from depthcut.sweep.results import healing_name
+
+    recipe = dataclasses.replace(recipe, objective=healing_name(healed))
+    teacher = unpruned if recipe.distils else None
+    what = "LoRA steps" if teacher is None else f"LoRA steps distilling from the unpruned model ({recipe.objective})"
+    tracker.stage(f"healing: {recipe.total_steps()} {what}")
+    result = heal(working, tokenizer, data, recipe, teacher=teacher, progress=progress)
+    record = {"objective": recipe.objective, "loss_before": result.loss_before["loss"],
+              "loss_after": result.loss_after["loss"], "tokens": result.tokens, "seconds": result.seconds}
+    if teacher is not None:
+        record.update(kl_before=result.kl_before, kl_after=result.kl_after)
+    return result.model, record
 
 
 def _span(layers: list[int]) -> str:
