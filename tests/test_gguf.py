@@ -520,16 +520,18 @@ def test_the_prune_command_writes_a_gguf_when_out_ends_in_gguf(capsys, tmp_path,
     assert gguf.GGUFReader(tmp_path / "d.gguf").fields["llama.block_count"].parts[-1][0] == 4
 
 
-@pytest.mark.parametrize(("out", "message"), [
-    ("pruned.safetensors", "as a folder (a Hugging Face model) or as one .gguf file"),
-    ("pruned.gguf", "--repair writes repaired weights"),
+@pytest.mark.parametrize(("out", "extra", "message"), [
+    ("pruned.safetensors", [], "as a folder (a Hugging Face model) or as one .gguf file"),
+    ("pruned.gguf", ["--stream"], "--stream is for safetensors folders"),
+    ("pruned.gguf", ["--layers", "0:2", "--repair", "lstsq"], "layer 0"),  # the repair's refusal, before any work
+    ("pruned.gguf", ["--repair", "lstsq"], "cannot load the tokenizer"),  # a GGUF without one: no data to fit on
 ])
-def test_a_gguf_output_that_cannot_be_written_is_refused_first(capsys, tmp_path, out, message):
+def test_a_gguf_output_that_cannot_be_written_is_refused_first(capsys, tmp_path, out, extra, message):
     from depthcut.cli import main
 
     source = make_case(tmp_path, "llama", Q.Q8_0)
-    repair = ["--repair", "lstsq"] if out.endswith(".gguf") else []
-    code = main(["prune", str(source), "--layers", "2:4", *repair, "--out", str(tmp_path / "out" / out)])
+    layers = [] if "--layers" in extra else ["--layers", "2:4"]
+    code = main(["prune", str(source), *layers, *extra, "--out", str(tmp_path / "out" / out)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -563,3 +565,38 @@ def test_analyze_stream_reads_a_gguf_layer_by_layer_as_the_command(tmp_path, cor
     for name, values in in_memory.metrics.items():
         np.testing.assert_allclose(np.array(streamed["metrics"][name], dtype=float), np.array(values, dtype=float),
                                    atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_repaired_smollm2_gguf_changes_one_tensor_equals_the_in_memory_repair_and_runs_in_llama_cpp(
+        smollm2_gguf, smollm2_pruned, tmp_path, shared_data):
+    """lstsq on the GGUF, never loaded: statistics streamed layer by layer, the last kept MLP's down
+    projection written in F32, every other tensor copied as it was. Reloaded by transformers it gives
+    the logits of the same repair done in memory on the dequantized model."""
+    from depthcut.pipeline import prune_to
+
+    # 32 x 128 tokens of C4 for a 576 x 576 map: an overdetermined fit that holds on held-out text
+    options = dict(layers="12:20", repair="lstsq", data="c4", samples=32, seq_len=128, batch_size=8,
+                   dtype="float32", quiet=True)
+    result = prune_to(model=str(smollm2_gguf), out=str(tmp_path / "repaired.gguf"), **options)
+    summary, fit = result.provenance["gguf"], result.provenance["repair"]
+    assert list(summary["replaced_tensors"]) == ["blk.11.ffn_down.weight"]
+    assert summary["replaced_tensors"]["blk.11.ffn_down.weight"]["now"] == "F32"
+    assert fit["changed_tensors"] == ["blk.11.ffn_down.weight"] and fit["streamed"]
+    assert fit["relative_error_heldout_after"] < fit["relative_error_heldout_before"]
+    repaired, plain = open_gguf(tmp_path / "repaired.gguf"), open_gguf(smollm2_pruned)
+    assert [t.name for t in repaired.tensors] == [t.name for t in plain.tensors]
+    for ours, theirs in zip(repaired.tensors, plain.tensors):
+        if ours.name == "blk.11.ffn_down.weight":
+            assert ours.qtype.name == "F32" and tensor_bytes(ours) != tensor_bytes(theirs)
+        else:
+            assert tensor_bytes(ours) == tensor_bytes(theirs) and ours.qtype == theirs.qtype, ours.name
+    in_memory = prune_to(model=str(smollm2_gguf), out=str(tmp_path / "in-memory"), **options)
+    assert in_memory.provenance["repair"]["relative_error_after"] == pytest.approx(fit["relative_error_after"],
+                                                                                   rel=1e-4)
+    ids = random_ids()
+    with torch.no_grad():
+        ours = load_gguf(tmp_path / "repaired.gguf")(ids).logits
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory", dtype=torch.float32)(ids).logits
+    assert torch.allclose(ours, reference, atol=2e-3, rtol=0), (ours - reference).abs().max()
+    assert llama_cpp_greedy(tmp_path / "repaired.gguf").strip()  # llama.cpp loads the F32 tensor and generates

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from depthcut.cli import COMMANDS, build_parser, main
 from depthcut.errors import DepthcutError
@@ -207,3 +209,33 @@ def test_a_repair_that_cannot_be_folded_is_refused_with_nothing_written(capsys, 
     err = capsys.readouterr().err
     assert code == 2 and "layer 0" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["lstsq", "cosine", "magnitude"])
+def test_a_streamed_prune_with_a_repair_equals_the_in_memory_one(tmp_path, tiny_llama_dir, corpus_file, method):
+    """--stream --repair: the statistics gathered one layer at a time (fitted and held-out samples in
+    one pass), only the tensors the fold changes read and rewritten, every other one copied; the
+    result is the in-memory repair's, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    options = dict(model=str(tiny_llama_dir), layers="2:4", repair=method, data=str(corpus_file), dtype="float32",
+                   **{**SMALL, "samples": 32})
+    streamed = prune_to(**options, stream=True, out=str(tmp_path / "streamed"))
+    in_memory = prune_to(**options, out=str(tmp_path / "in-memory"))
+    assert streamed.provenance["streamed"] and not in_memory.provenance.get("streamed")
+    ours, reference = streamed.provenance["repair"], in_memory.provenance["repair"]
+    for key in ("relative_error_before", "relative_error_after", "relative_error_heldout_before",
+                "relative_error_heldout_after"):
+        assert ours[key] == pytest.approx(reference[key], rel=1e-5), key
+    assert ours["tokens"] == reference["tokens"] and ours["heldout_tokens"] == reference["heldout_tokens"]
+    a, b = load_file(tmp_path / "streamed" / "model.safetensors"), load_file(tmp_path / "in-memory" / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    expected = {"lstsq": 1, "cosine": 1, "magnitude": 1 + 2 * 2}[method]  # magnitude: embeddings + 2 writers a layer
+    assert len(ours["changed_tensors"]) == expected
+    unchanged = [n for n in a if n.startswith("model.layers.0.") and "down_proj" not in n and "o_proj" not in n]
+    assert all(torch.equal(a[n], original[n]) for n in unchanged)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert model.config.num_hidden_layers == 4

@@ -243,3 +243,26 @@ def test_a_cut_that_reaches_the_last_layer_targets_its_output():
     stats = repair_statistics(model, _calibration(), range(4, 6), ["lstsq", "magnitude"])
     assert stats.block == (4, 6) and stats.tokens == _calibration().num_tokens
     assert fit_repair("lstsq", stats).error_after < stats.error_before
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_streamed_statistics_equal_the_in_memory_ones_with_a_batch_across_the_held_out_rows(tmp_path, arch):
+    """Layer by layer, the fitted rows [0, 5) and the held-out rows [5, 8) of one calibration set give
+    the sums the in-memory pass gives on each part alone, though batch 2 holds rows of both; the
+    stream stops at the cut's end."""
+    from depthcut.repair.streamed import streamed_repair_statistics
+
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    calibration = _calibration()
+    part = lambda rows: CalibrationSet(calibration.input_ids[rows], calibration.attention_mask[rows],  # noqa: E731
+                                       "part", "documents", 0)
+    fitted, held = streamed_repair_statistics(tmp_path, calibration, range(FIRST, STOP), ["lstsq"], heldout_from=5,
+                                              batch_size=4, dtype=torch.float32, max_rows=0)
+    for streamed, rows in ((fitted, slice(0, 5)), (held, slice(5, None))):
+        reference = repair_statistics(model, part(rows), range(FIRST, STOP), ["lstsq"], batch_size=4, max_rows=0)
+        assert streamed.tokens == reference.tokens == int(calibration.attention_mask[rows].sum())
+        for name in ("x_sq", "y_sq", "xy", "x_norm", "y_norm", "r_sq"):
+            assert getattr(streamed, name) == pytest.approx(getattr(reference, name), rel=1e-5), name
+        torch.testing.assert_close(streamed.mtm, reference.mtm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(streamed.mtr, reference.mtr, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.io.safetensors import copied_entry, safetensors_header, write_safetensors
+from depthcut.io.safetensors import copied_entry, safetensors_header, tensor_entry, write_safetensors
 from depthcut.io.skeleton import meta_skeleton
 from depthcut.layers import text_config
 from depthcut.surgery import update_config, validate_layers
@@ -104,8 +104,11 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int])
     return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
 
 
-def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None) -> dict:
-    """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary."""
+def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None,
+                 replaced: dict | None = None) -> dict:
+    """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary.
+    `replaced` (checkpoint tensor name -> tensor, of the same shape) is written in place of those
+    tensors (a repair folded in, `depthcut.repair.streamed`); every other tensor is copied byte for byte."""
     from depthcut.layers import find_layer_stack
 
     source = Path(source)
@@ -118,11 +121,21 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
     names, _ = model_names(weight_map, skeleton.model)
+    replaced = replaced or {}
+    unknown = sorted(set(replaced) - set(weight_map))
+    if unknown:
+        raise DepthcutError(f"the checkpoint in {source} has no tensor {unknown[0]!r} to replace")
     by_shard: dict[str, list] = {}  # shard file -> the entries (renamed tensors) it keeps
     for name, shard in sorted(weight_map.items()):
         new_name = _renamed(name, names.get(name, name), pattern, position)
-        if new_name is not None:
-            by_shard.setdefault(shard, []).append(copied_entry(new_name, source / shard, name))
+        if new_name is None:
+            continue
+        entry = copied_entry(new_name, source / shard, name)
+        if name in replaced:
+            if tuple(replaced[name].shape) != entry.shape:
+                raise DepthcutError(f"the new {name} has shape {tuple(replaced[name].shape)}, not {entry.shape}")
+            entry = tensor_entry(new_name, replaced[name])
+        by_shard.setdefault(shard, []).append(entry)
 
     new_map, total = {}, 0
     for shard, entries in sorted(by_shard.items()):
@@ -138,4 +151,4 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
         if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX_FILE, "config.json"):
             shutil.copy2(extra, out / extra.name)
     return {"removed_layers": removed, "num_layers_before": num_layers, "num_layers_after": len(kept),
-            "layer_path": path, "tensor_bytes": total, "config_warnings": notes}
+            "layer_path": path, "tensor_bytes": total, "config_warnings": notes, "replaced_tensors": sorted(replaced)}

@@ -418,6 +418,8 @@ def stream_states(
     world: int = 1,
     trust_remote_code: bool = False,
     offload_states: bool | None = None,
+    observer=None,
+    last_layer: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the calibration set through the checkpoint in `folder` layer by layer, feeding `metrics`
@@ -426,7 +428,12 @@ def stream_states(
 
     Every sample's hidden state stays on `device` between layers, unless `offload_states` (None:
     when they would take more than half the accelerator's free memory): then they wait in CPU
-    memory and each batch visits the device only to go through the layer."""
+    memory and each batch visits the device only to go through the layer.
+
+    `observer` (optional) sees the run: `observer.begin(model, stack, batches)` once the skeleton is
+    built (it may hook the skeleton's modules: they compute with real weights while their layer is
+    loaded), then `observer.after_layer(index, b, hidden)` as batch b leaves layer `index`.
+    `last_layer`: stop after that layer (nothing deeper is read or computed; no metric then)."""
     if str(folder).lower().endswith(".gguf"):  # a GGUF file: its tensors dequantized one at a time
         from depthcut.gguf.stream import GGUFCheckpointReader, gguf_skeleton
 
@@ -440,6 +447,10 @@ def stream_states(
     all_token_metrics = [m for m in metrics if m.level == "all_tokens"]
     spill_needed = any(not _reads_consecutive_only(m) for m in all_token_metrics)
     batches = [b for i, b in enumerate(calibration.batches(batch_size)) if i % world == rank]
+    if last_layer is not None and metrics:
+        raise ValueError("metrics read every layer: stream with last_layer=None")
+    if observer is not None:
+        observer.begin(model, stack, batches)
     positions = len(stack) + 1
     tokens = sum(int(mask.sum()) for _, mask in batches)  # valid tokens, over all batches
     hidden_size = text_config(model).hidden_size
@@ -468,12 +479,14 @@ def stream_states(
         del entering
 
         # 2. The layers: one computing, the next one read meanwhile.
-        peak_layer = _run_layers(stack, layer_keys, reader, dtype, device, calls, states, keeper, parking, progress)
+        peak_layer = _run_layers(stack, layer_keys, reader, dtype, device, calls, states, keeper, parking, progress,
+                                 observer, len(stack) - 1 if last_layer is None else last_layer)
         del states, calls
         keeper.finish_writes()
 
         # 3. Cosines, with the in-memory path's arithmetic.
-        keeper.update(metrics, progress)
+        if metrics:
+            keeper.update(metrics, progress)
     finally:
         if keeper is not None:
             keeper.close()
@@ -520,22 +533,24 @@ def _embed(model, stack: LayerStack, reader: CheckpointReader, batches: list, dt
 
 def _run_layers(stack: LayerStack, layer_keys: list[dict[str, str]], reader: CheckpointReader, dtype: torch.dtype,
                 device: torch.device, calls: list, states: list, keeper: _StateKeeper, parking: torch.device,
-                progress: bool) -> int:
+                progress: bool, observer=None, last_layer: int | None = None) -> int:
     """Every batch through every layer, layer after layer, while a background thread reads the next
     layer's weights: at most two layers hold weights. `states` (per batch) are replaced by each
-    layer's output. Returns the largest layer's bytes."""
+    layer's output, up to `last_layer` (default: the last). Returns the largest layer's bytes."""
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="depthcut-prefetch")
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     try:
         upcoming = prefetch.submit(_read_parameters, layer_keys[0], reader, dtype, device, stream)
         peak_layer, heap = 0, _HeapWatch()
-        for index, layer in enumerate(tqdm(stack.layers, desc="layers", unit="layer", disable=not progress)):
+        last_layer = len(stack) - 1 if last_layer is None else last_layer
+        for index, layer in enumerate(tqdm(stack.layers[: last_layer + 1], desc="layers", unit="layer",
+                                           disable=not progress)):
             state, upcoming = upcoming.result(), None
             peak_layer = max(peak_layer, _assign_parameters(layer, state))
             del state
-            if index + 1 < len(stack):  # at most two layers resident: this one and the next
+            if index < last_layer:  # at most two layers resident: this one and the next
                 upcoming = prefetch.submit(_read_parameters, layer_keys[index + 1], reader, dtype, device, stream)
-            _layer_step(layer, index, calls, states, keeper, parking, device)
+            _layer_step(layer, index, calls, states, keeper, parking, device, observer)
             layer.to("meta")
             heap.after_layer(slack=2 * peak_layer)
     finally:
@@ -544,7 +559,7 @@ def _run_layers(stack: LayerStack, layer_keys: list[dict[str, str]], reader: Che
 
 
 def _layer_step(layer: torch.nn.Module, index: int, calls: list, states: list, keeper: _StateKeeper,
-                parking: torch.device, device: torch.device) -> None:
+                parking: torch.device, device: torch.device, observer=None) -> None:
     """Every batch's state through `layer` (the index-th, its weights loaded), with the call recorded for that batch."""
     with torch.inference_mode():
         for b in range(len(states)):
@@ -552,6 +567,8 @@ def _layer_step(layer: torch.nn.Module, index: int, calls: list, states: list, k
             args, kwargs = _replace_hidden(*calls[b][index], entered)
             hidden = output_tensor(layer(*args, **kwargs))
             keeper.capture(index + 1, b, hidden, entered)
+            if observer is not None:
+                observer.after_layer(index, b, hidden)
             states[b] = _park(hidden, parking, states[b])
             del entered, args, kwargs, hidden
 

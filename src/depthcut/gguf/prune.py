@@ -14,6 +14,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from depthcut.errors import DepthcutError
 from depthcut.gguf.files import GGUFModel, copy_bytes, gguf_module, open_gguf
 from depthcut.gguf.layers import LayerPlan, plan_removal
@@ -81,7 +83,7 @@ def _provenance_values(model: GGUFModel, plan: LayerPlan, provenance: dict) -> d
 
 
 def prune_gguf(source_path, out_path, removed_layers, *, provenance: dict | None = None, force: bool = False,
-               global_keys=()) -> dict:
+               global_keys=(), replaced: dict | None = None) -> dict:
     """Write to `out_path` the GGUF model `source_path` without the decoder layers `removed_layers`
     (0-based; may be empty: a rewrite), and return a summary of what changed.
 
@@ -91,6 +93,8 @@ def prune_gguf(source_path, out_path, removed_layers, *, provenance: dict | None
     file. `provenance` (JSON-serializable) is stored in `depthcut.provenance`. The output appears
     only when complete (`depthcut.io.atomic`); with `force` it replaces an existing `out_path`.
     `global_keys`: metadata arrays known not to describe layers (others of unexpected length stop it).
+    `replaced` (GGUF tensor name -> tensor of its shape, e.g. a repair folded in) is written in F32 in
+    place of those tensors; the summary's `replaced_tensors` names them.
     """
     from depthcut.io.atomic import atomic_output_file
     from depthcut.surgery import validate_layers
@@ -103,8 +107,9 @@ def prune_gguf(source_path, out_path, removed_layers, *, provenance: dict | None
     if out_path.resolve() in {part.resolve() for part in model.parts}:
         raise DepthcutError(f"--out {out_path} is the model being pruned; choose another file")
     record = {"source_file": str(model.path), "removed_layers": removed, **(provenance or {})}
+    values = _replacement_values(model, replaced or {})
     with atomic_output_file(out_path, force) as staging:
-        written = write_pruned(model, plan, staging, _provenance_values(model, plan, record))
+        written = write_pruned(model, plan, staging, _provenance_values(model, plan, record), values)
     kept = [t for t in model.tensors if plan.rename(t.name) is not None]
     return {
         "source": str(model.path),
@@ -123,14 +128,32 @@ def prune_gguf(source_path, out_path, removed_layers, *, provenance: dict | None
         "tensor_bytes_after": sum(t.nbytes for t in kept),
         "file_bytes_before": sum(part.stat().st_size for part in model.parts),
         "file_bytes_after": written,
-        "quantization": dict(Counter(t.qtype.name for t in kept)),
+        "quantization": dict(Counter("F32" if t.name in values else t.qtype.name for t in kept)),
+        "replaced_tensors": {plan.rename(name): {"was": next(t.qtype.name for t in model.tensors if t.name == name),
+                                                 "now": "F32"} for name in sorted(values) if plan.rename(name)},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
 
-def write_pruned(model: GGUFModel, plan: LayerPlan, path: Path, extra: dict | None = None) -> int:
+def _replacement_values(model: GGUFModel, replaced: dict) -> dict[str, np.ndarray]:
+    """The `replaced` tensors as float32 arrays in the GGUF's own (numpy) shape, checked against the originals."""
+    shapes = {t.name: tuple(t.shape) for t in model.tensors}
+    values = {}
+    for name, tensor in replaced.items():
+        if name not in shapes:
+            raise DepthcutError(f"{model.path} has no tensor {name!r} to replace")
+        array = tensor.detach().float().cpu().numpy()
+        if array.shape != shapes[name]:
+            raise DepthcutError(f"the new {name} has shape {array.shape}, not {shapes[name]}")
+        values[name] = np.ascontiguousarray(array)
+    return values
+
+
+def write_pruned(model: GGUFModel, plan: LayerPlan, path: Path, extra: dict | None = None,
+                 replaced: dict[str, np.ndarray] | None = None) -> int:
     """Write the GGUF `model` changed as `plan` says to `path`, with the metadata `extra` (key ->
-    (value, type, item type)) added or replaced; returns the bytes written."""
+    (value, type, item type)) added or replaced and the tensors `replaced` (name -> float32 array)
+    written in F32 instead of copied; returns the bytes written."""
     writer = _writer_class()(path, model.architecture, endianess=model.endianess)
     writer.data_alignment = model.alignment
     kv = writer.kv_data[0]
@@ -151,6 +174,11 @@ def write_pruned(model: GGUFModel, plan: LayerPlan, path: Path, extra: dict | No
         name = plan.rename(tensor.name)
         if name is None:
             continue
+        new = (replaced or {}).get(tensor.name)
+        if new is not None:
+            writer.add_tensor_info(name, new.shape, new.dtype, new.nbytes)
+            copies.append(new)
+            continue
         stored = tensor.info.data  # the reader's view (dtype and byte shape), never its bytes
         writer.add_tensor_info(name, stored.shape, stored.dtype, tensor.nbytes, raw_dtype=tensor.qtype)
         copies.append(tensor)
@@ -165,8 +193,11 @@ def write_pruned(model: GGUFModel, plan: LayerPlan, path: Path, extra: dict | No
             writer.write_padding(out, out.tell())
             out.flush()
             start = out.tell()
-            copy_bytes(tensor.path, tensor.offset, tensor.nbytes, out.fileno(), start)
-            out.seek(start + tensor.nbytes)
+            if isinstance(tensor, np.ndarray):
+                out.write(tensor.tobytes())
+            else:
+                copy_bytes(tensor.path, tensor.offset, tensor.nbytes, out.fileno(), start)
+                out.seek(start + tensor.nbytes)
             writer.write_padding(out, tensor.nbytes)
         out.flush()
         return out.tell()
@@ -174,7 +205,8 @@ def write_pruned(model: GGUFModel, plan: LayerPlan, path: Path, extra: dict | No
         writer.close()
 
 
-def prune_gguf_to(model: str, out, removed_layers, *, force: bool = False, provenance: dict | None = None) -> dict:
+def prune_gguf_to(model: str, out, removed_layers, *, force: bool = False, provenance: dict | None = None,
+                  replaced: dict | None = None) -> dict:
     """What `depthcut prune MODEL --out X.gguf` does once the layers are chosen: `prune_gguf` on the
     GGUF file of the MODEL string (a .gguf path or a built-in name), its source recorded."""
     from depthcut.models import resolve_model
@@ -185,7 +217,7 @@ def prune_gguf_to(model: str, out, removed_layers, *, force: bool = False, prove
                             "only from a GGUF model (prune it to a folder instead)")
     path = Path(source.location) / source.gguf_file
     record = {"base_model": source.as_dict(), **(provenance or {})}
-    return prune_gguf(path, out, removed_layers, provenance=record, force=force)
+    return prune_gguf(path, out, removed_layers, provenance=record, force=force, replaced=replaced)
 
 
 def gguf_block_count(path) -> int:

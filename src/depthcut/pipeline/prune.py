@@ -126,13 +126,8 @@ def _check_choice(config: PruneConfig, analysis) -> None:
     if str(config.out).lower().endswith(NOT_AN_OUTPUT):
         raise DepthcutError(f"--out {config.out}: depthcut writes a pruned model as a folder (a Hugging Face model) "
                             "or as one .gguf file; give a folder name or a name ending in .gguf")
-    if gguf_output(config.out):
-        if config.repair != "none":
-            raise DepthcutError("--repair writes repaired weights, which a .gguf output cannot carry yet: prune to a "
-                                "folder, or without --repair")
-        if config.stream:
-            raise DepthcutError("--stream is for safetensors folders; a .gguf output is always written tensor by "
-                                "tensor")
+    if gguf_output(config.out) and config.stream:
+        raise DepthcutError("--stream is for safetensors folders; a .gguf output is always written tensor by tensor")
     check_data_options(config)
     if analysis is not None and config.drop is not None:
         check_drop(config.drop, analysis.num_layers)
@@ -179,12 +174,15 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
     """Shard-by-shard surgery needs a local safetensors folder, the stored dtype, and no analysis to run."""
     from depthcut.shards import INDEX_FILE
 
-    possible = (source.gguf_file is None and Path(source.location).is_dir() and config.dtype == "checkpoint"
-                and not needs_analysis(config, analysis) and config.repair == "none")
+    local = source.gguf_file is None and Path(source.location).is_dir()
+    # With a repair, --dtype is the dtype its statistics are computed in; the weights stay as stored.
+    possible = (local and (config.dtype == "checkpoint" or config.repair != "none")
+                and not needs_analysis(config, analysis))
     if config.stream and not possible:
-        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint, --repair none, and "
-                            "--layers, a strategy without analysis, or --analysis FILE")
-    return possible and (config.stream or (Path(source.location) / INDEX_FILE).is_file())
+        raise DepthcutError("--stream needs a local safetensors folder, --dtype auto or checkpoint (or any with "
+                            "--repair), and --layers, a strategy without analysis, or --analysis FILE")
+    # A repair streams only when asked: in memory its model is loaded once for statistics and surgery alike.
+    return possible and (config.stream or (config.repair == "none" and (Path(source.location) / INDEX_FILE).is_file()))
 
 
 def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=None, tokenizer=None, source=None):
@@ -246,12 +244,13 @@ def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
 
     _, num_layers, _ = layer_prefix(Path(source.location), config.layer_path)
     removed, strategy, analysis = choose_layers(config, num_layers, analysis)
+    fit, changed = _repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
     print(f"pruning {source.location} shard by shard (the model is never loaded) ...", file=sys.stderr)
     with atomic_output_dir(config.out, config.force) as staging:
-        summary = prune_shards(source.location, staging, removed, config.layer_path)
+        summary = prune_shards(source.location, staging, removed, config.layer_path, replaced=changed)
         record = {"base_model": source.as_dict(), "strategy": strategy, **summary, "streamed": True,
                   **_block_facts(removed, analysis), "analysis": analysis.to_dict() if analysis else None,
-                  "environment": environment()}
+                  "repair": fit, "environment": environment()}
         write_json(staging / "depthcut.json", record)
         (staging / "README.md").write_text(model_card(record))
     for note in summary["config_warnings"]:
@@ -259,33 +258,97 @@ def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)
 
 
+def _repair_samples(config: PruneConfig, tokenizer):
+    """(calibration samples the repair is fitted on, held-out samples that judge it, the data named):
+    a tenth of the documents is held out, so the fit is judged on text it never saw."""
+    from depthcut.calibration import build_calibration
+    from depthcut.data import load_texts
+    from depthcut.healing.trainer import split_documents
+
+    data = config.data or "c4"
+    fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+    samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
+    calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
+    heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
+    return calibration, heldout, data
+
+
+def _repair_record(config: PruneConfig, fit, judged, heldout, data: str) -> dict:
+    """What provenance records of a repair: its fit, and its error on the held-out samples."""
+    return {**fit.as_dict(), "relative_error_heldout_before": judged.error_before,
+            "relative_error_heldout_after": fit.error_on(judged), "heldout_tokens": judged.tokens,
+            "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
+            "seq_len": config.seq_len, "seed": config.seed}
+
+
 def _repair(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
     """Fit `config.repair` on the original model's activations and fold it into its weights (before
     the layers go); what provenance records of it."""
     if config.repair == "none":
         return None
-    from depthcut.calibration import build_calibration
-    from depthcut.data import load_texts
-    from depthcut.healing.trainer import split_documents
     from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair_statistics
 
-    data = config.data or "c4"
+    calibration, heldout, data = _repair_samples(config, tokenizer)
     print(f"repairing the cut with {config.repair} on {data} ...", file=sys.stderr)
-    # A tenth of the documents is held out: the fit is judged on text it never saw.
-    fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
-    samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
-    calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
-    heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
     options = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
     fit = fit_repair(config.repair, repair_statistics(model, calibration, removed, [config.repair],
                                                       progress=not config.quiet, **options))
     judged = repair_statistics(model, heldout, removed, ["lstsq" if REPAIRS.get(config.repair).linear else "magnitude"],
                                **options)
     apply_repair(model, fit, config.layer_path)
-    return {**fit.as_dict(), "relative_error_heldout_before": judged.error_before,
-            "relative_error_heldout_after": fit.error_on(judged), "heldout_tokens": judged.tokens,
-            "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
-            "seq_len": config.seq_len, "seed": config.seed}
+    return _repair_record(config, fit, judged, heldout, data)
+
+
+def _repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[dict, dict]:
+    """`_repair` for a model that is never loaded (a safetensors folder or a GGUF file): the
+    statistics gathered layer by layer (fitted and held-out samples in one pass, stopping at the
+    cut), then the changed tensors folded. Returns (what provenance records, {checkpoint tensor
+    name: new value})."""
+    import torch
+
+    from depthcut.calibration import CalibrationSet
+    from depthcut.models import resolve_device
+    from depthcut.precision import choose_dtype
+    from depthcut.repair import fit_repair
+    from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
+
+    location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
+    check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
+    tokenizer = _tokenizer_of(source, config.trust_remote_code)
+    calibration, heldout, data = _repair_samples(config, tokenizer)
+    width = max(calibration.input_ids.shape[1], heldout.input_ids.shape[1])
+
+    def padded(t):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    both = CalibrationSet(torch.cat([padded(calibration.input_ids), padded(heldout.input_ids)]),
+                          torch.cat([padded(calibration.attention_mask), padded(heldout.attention_mask)]),
+                          calibration.description, calibration.mode, calibration.seed)
+    device = resolve_device(config.device)
+    dtype = choose_dtype(config.dtype, device)
+    print(f"repairing the cut with {config.repair} on {data}, one layer at a time ({dtype.name}) ...", file=sys.stderr)
+    statistics, judged = streamed_repair_statistics(
+        location, both, removed, [config.repair], heldout_from=len(calibration), dtype=dtype.dtype, device=device,
+        batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
+        trust_remote_code=config.trust_remote_code, progress=not config.quiet)
+    statistics.calibration = calibration.as_dict()
+    fit = fit_repair(config.repair, statistics)
+    changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
+    record = {**_repair_record(config, fit, judged, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
+              "changed_tensors": sorted(changed)}
+    return record, changed
+
+
+def _tokenizer_of(source, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **gguf)
+    except Exception as error:  # transformers raises many kinds here; the user needs the one line
+        where = Path(source.location) / (source.gguf_file or "")
+        raise DepthcutError(f"cannot load the tokenizer of {where} to tokenize the repair's data "
+                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
@@ -303,12 +366,15 @@ def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
         model, tokenizer, source = load(config, quiet=config.quiet)
     removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
     del model
+    # A repair changes a few tensors: they are written dequantized (F32), every other one is copied.
+    fit, changed = _repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
     print(f"pruning {source.gguf_file} tensor by tensor (quantized tensors are copied as they are) ...",
           file=sys.stderr)
     record = {"strategy": strategy, "removed_layers": removed, **_block_facts(removed, analysis),
               "num_layers_before": num_layers, "num_layers_after": num_layers - len(removed),
-              "analysis": analysis.to_dict() if analysis else None, "environment": environment()}
-    summary = prune_gguf_to(config.model, config.out, removed, force=config.force, provenance=record)
+              "analysis": analysis.to_dict() if analysis else None, "repair": fit, "environment": environment()}
+    summary = prune_gguf_to(config.model, config.out, removed, force=config.force, provenance=record,
+                            replaced=changed)
     return PruneResult(Path(config.out), removed, strategy, num_layers, {**record, "gguf": summary})
 
 

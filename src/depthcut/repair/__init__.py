@@ -83,7 +83,9 @@ class RepairFit:
 
 
 class RepairMethod:
-    """Base class: `check` refuses before any work, `fit` reads statistics, `apply` folds."""
+    """Base class: `check` refuses before any work, `fit` reads statistics, `apply` folds the fit
+    into `modules` (the only ones whose weights change) one at a time with `fold`, so that a
+    layer-streamed model can load, fold and write just those (`depthcut.repair.streamed`)."""
 
     name: str = ""
     linear: bool = False  # needs M^T M, M^T R (and an MLP at layer l-1)
@@ -95,8 +97,17 @@ class RepairMethod:
     def fit(self, statistics: RepairStatistics, **options) -> RepairFit:
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> None:
+    def modules(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> list[nn.Module]:
+        """The modules whose weights `fold` changes."""
         raise NotImplementedError
+
+    def fold(self, module: nn.Module, fit: RepairFit) -> None:
+        """Fold `fit` into one of `modules`' weights, in place."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> None:
+        for module in self.modules(model, stack, arch, fit):
+            self.fold(module, fit)
 
 
 REPAIRS: Registry[RepairMethod] = Registry("repair method")

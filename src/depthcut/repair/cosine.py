@@ -64,5 +64,8 @@ class Cosine(RepairMethod):
                      "cosine_distance_after": after},
         )
 
-    def apply(self, model, stack, arch, fit):
-        fold_transform(mlp_output_projection(stack, arch, fit.first - 1), fit.transform)
+    def modules(self, model, stack, arch, fit):
+        return [mlp_output_projection(stack, arch, fit.first - 1)]
+
+    def fold(self, module, fit):
+        fold_transform(module, fit.transform)

@@ -64,5 +64,8 @@ class LeastSquares(RepairMethod):
             error_after=relative_error(statistics, transform), ridge=ridge, transform=transform,
         )
 
-    def apply(self, model, stack, arch, fit):
-        fold_transform(mlp_output_projection(stack, arch, fit.first - 1), fit.transform)
+    def modules(self, model, stack, arch, fit):
+        return [mlp_output_projection(stack, arch, fit.first - 1)]
+
+    def fold(self, module, fit):
+        fold_transform(module, fit.transform)

@@ -64,6 +64,8 @@ class Magnitude(RepairMethod):
             error_before=s.error_before, error_after=max(after, 0.0), alpha=alpha,
         )
 
-    def apply(self, model, stack, arch, fit):
-        for module in writers(model, stack, arch, fit.first):
-            scale(module, fit.alpha)
+    def modules(self, model, stack, arch, fit):
+        return writers(model, stack, arch, fit.first)
+
+    def fold(self, module, fit):
+        scale(module, fit.alpha)

@@ -1,0 +1,193 @@
+"""Training-free repair of a model that is never loaded: statistics gathered while the model is
+streamed one decoder layer at a time (`depthcut.streaming`), the fit folded into just the tensors
+it changes, read from the checkpoint one module at a time.
+
+The streamed pass keeps, per calibration batch, the state entering the first removed layer l and
+the MLP output m_{l-1} of layer l-1, from the moment batch b leaves layer l-1 until it leaves
+layer l+n-1; then the batch's sums are added (`statistics._Accumulator`, the in-memory path's own
+arithmetic) and both are freed. That is at most two copies of the hidden states the stream already
+holds, whatever the depth of the cut; no layer after the cut is read or computed.
+
+Rows of the calibration set from `heldout_from` on are held out: their sums go to statistics of
+their own, which judge the fit on text it never saw, in the same pass.
+
+    fit, tensors = streamed_repair(folder, calibration, range(l, l + n), "lstsq")
+    # tensors: {checkpoint tensor name: new value}; write them in place of the originals while
+    # the kept tensors are copied (depthcut.shards.prune_shards(..., replaced=tensors))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from depthcut.calibration import CalibrationSet
+from depthcut.errors import DepthcutError
+from depthcut.layers import output_tensor
+from depthcut.repair.architectures import architecture_of, submodule
+from depthcut.repair.statistics import MAX_ROWS, RepairStatistics, _Accumulator, contiguous_block
+
+
+class _RepairObserver:
+    """Feeds the repair sums while the stream runs (see `depthcut.streaming.stream_states`)."""
+
+    def __init__(self, statistics: RepairStatistics, heldout: RepairStatistics | None, heldout_from: int,
+                 linear: bool, max_rows: int, seed: int):
+        self.fitting = _Accumulator(statistics, linear, max_rows, seed)
+        self.judging = _Accumulator(heldout, linear, 0, seed) if heldout is not None else None
+        self.heldout_from, self.linear = heldout_from, linear
+        self.entering: dict[int, torch.Tensor] = {}  # batch -> x_l, waiting for the batch to reach the cut's end
+        self.mlp_outputs: dict[int, torch.Tensor] = {}
+        self.last_mlp: torch.Tensor | None = None
+        self.handle = None
+
+    def begin(self, model, stack, batches: list) -> None:
+        self.batches = batches
+        self.row_starts = [0]
+        for _, mask in batches:
+            self.row_starts.append(self.row_starts[-1] + mask.shape[0])
+        first = self.fitting.stats.first
+        if self.linear:
+            mlp = submodule(stack.layers[first - 1], architecture_of(model).mlp, "MLP", first - 1)
+
+            def keep(module, args, output):
+                # Cloned (Falcon adds the attention output into this tensor in place afterwards), as a
+                # plain tensor: the stream computes in inference mode, the cosine fit takes gradients.
+                with torch.inference_mode(False):
+                    self.last_mlp = output_tensor(output).detach().clone()
+
+            self.handle = mlp.register_forward_hook(keep)
+
+    def after_layer(self, index: int, b: int, hidden: torch.Tensor) -> None:
+        first, stop = self.fitting.stats.first, self.fitting.stats.stop
+        # The stream computes in inference mode; what is kept must be plain tensors (the cosine fit
+        # takes gradients through the rows kept for it).
+        with torch.inference_mode(False):
+            if index == first - 1:
+                self.entering[b] = hidden.detach().clone()
+                if self.linear:
+                    self.mlp_outputs[b], self.last_mlp = self.last_mlp, None
+            if index == stop - 1:
+                self._add(b, hidden)
+
+    def _add(self, b: int, target: torch.Tensor) -> None:
+        """Batch b's tokens into the fitted sums, its held-out rows into the judging ones."""
+        mask = self.batches[b][1]
+        x, m = self.entering.pop(b), self.mlp_outputs.pop(b, None)
+        split = min(max(self.heldout_from - self.row_starts[b], 0), mask.shape[0])
+        for accumulator, rows in ((self.fitting, slice(0, split)), (self.judging, slice(split, None))):
+            if accumulator is None or not mask[rows].numel():
+                continue
+            accumulator.valid = mask[rows].reshape(-1).bool()
+            accumulator.x = x[rows]
+            accumulator.m = m[rows] if m is not None else None
+            accumulator.add(target[rows])
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, block, methods,
+                               *, heldout_from: int | None = None, dtype: torch.dtype | None = None,
+                               device: torch.device | str = "cpu", batch_size: int = 8, layer_path: str | None = None,
+                               max_rows: int = MAX_ROWS, seed: int = 0, trust_remote_code: bool = False,
+                               progress: bool = False) -> tuple[RepairStatistics, RepairStatistics | None]:
+    """`repair_statistics` for the checkpoint `source` (safetensors folder or .gguf), streamed one
+    layer at a time: (the statistics of rows [0, heldout_from), those of the rows after; None
+    without `heldout_from`). The methods are checked before anything is computed."""
+    from depthcut.layers import find_layer_stack
+    from depthcut.repair import REPAIRS
+    from depthcut.streaming import stream_states
+
+    if batch_size < 1:
+        raise DepthcutError("batch size must be at least 1")
+    device = torch.device(device)
+    skeleton = _skeleton(source, trust_remote_code)
+    stack = find_layer_stack(skeleton.model, layer_path)
+    first, stop = contiguous_block(block, len(stack))
+    arch = architecture_of(skeleton.model)
+    chosen = [REPAIRS.get(name) for name in methods]
+    for method in chosen:
+        method.check(skeleton.model, stack, arch, first, stop)
+    linear = any(method.linear for method in chosen)
+    heldout_from = len(calibration) if heldout_from is None else heldout_from
+    if not 0 < heldout_from <= len(calibration):
+        raise DepthcutError(f"the held-out rows must start within the {len(calibration)} calibration samples")
+    name = type(skeleton.model).__name__
+    statistics = RepairStatistics(first, stop, len(stack), tuple(methods), name, calibration=calibration.as_dict())
+    judged_methods = ("lstsq",) if linear else ("magnitude",)
+    heldout = (RepairStatistics(first, stop, len(stack), judged_methods, name)
+               if heldout_from < len(calibration) else None)
+    observer = _RepairObserver(statistics, heldout, heldout_from, linear, max_rows if "cosine" in methods else 0, seed)
+    del skeleton
+    try:
+        stream_states(source, calibration, [], batch_size=batch_size, dtype=dtype, device=device,
+                      layer_path=layer_path, trust_remote_code=trust_remote_code, observer=observer,
+                      last_layer=stop - 1, progress=progress)
+    finally:
+        observer.close()
+    for stats in filter(None, (statistics, heldout)):
+        if stats.tokens == 0 or stats.y_sq == 0:
+            raise DepthcutError("the calibration data gave no tokens to fit a repair on")
+    return statistics, heldout
+
+
+def check_streamed_repair(source: str | Path, block, method: str, layer_path: str | None = None,
+                          trust_remote_code: bool = False) -> None:
+    """The refusal `method` would give for removing `block` from the checkpoint `source`, from a
+    weightless skeleton (nothing read but the config)."""
+    from depthcut.repair import check_repair
+
+    check_repair(_skeleton(source, trust_remote_code).model, block, method, layer_path)
+
+
+def _skeleton(source: str | Path, trust_remote_code: bool):
+    if str(source).lower().endswith(".gguf"):
+        from depthcut.gguf.stream import gguf_skeleton
+
+        return gguf_skeleton(source, trust_remote_code=trust_remote_code)
+    from depthcut.io.skeleton import meta_skeleton
+
+    return meta_skeleton(source, trust_remote_code=trust_remote_code)
+
+
+def _reader(source: str | Path, model):
+    if str(source).lower().endswith(".gguf"):
+        from depthcut.gguf.stream import GGUFCheckpointReader
+
+        return GGUFCheckpointReader(source, model)
+    from depthcut.streaming import CheckpointReader
+
+    return CheckpointReader(source, model)
+
+
+@torch.no_grad()
+def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
+                   trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors that folding `fit` changes, folded: {checkpoint name: new value}, in
+    the dtype they are stored in (a GGUF's are dequantized: float32). Only the modules the method
+    folds into are read, one at a time."""
+    from depthcut.layers import find_layer_stack
+    from depthcut.repair import REPAIRS
+    from depthcut.streaming import _load_parameters, _parameter_keys
+
+    skeleton = _skeleton(source, trust_remote_code)
+    model = skeleton.model
+    stack = find_layer_stack(model, layer_path)
+    if len(stack) != fit.num_layers:
+        raise DepthcutError(f"this repair was fitted on a model of {fit.num_layers} layers, {source} has {len(stack)}")
+    method, arch = REPAIRS.get(fit.method), architecture_of(model)
+    method.check(model, stack, arch, fit.first, fit.stop)
+    reader = _reader(source, model)
+    paths = {id(module): name for name, module in model.named_modules()}
+    changed = {}
+    for module in method.modules(model, stack, arch, fit):
+        keys = _parameter_keys(module, paths[id(module)], reader)
+        _load_parameters(module, keys, reader, None, torch.device("cpu"))
+        method.fold(module, fit)
+        parameters = dict(module.named_parameters())
+        changed.update({key: parameters[name].detach().clone() for name, key in keys.items()})
+        module.to("meta")
+    return changed
