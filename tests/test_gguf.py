@@ -600,3 +600,39 @@ def test_a_repaired_smollm2_gguf_changes_one_tensor_equals_the_in_memory_repair_
         reference = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory", dtype=torch.float32)(ids).logits
     assert torch.allclose(ours, reference, atol=2e-3, rtol=0), (ours - reference).abs().max()
     assert llama_cpp_greedy(tmp_path / "repaired.gguf").strip()  # llama.cpp loads the F32 tensor and generates
+
+
+def smollm2_vocabulary(smollm2_gguf: Path) -> tuple[int, dict]:
+    """SmolLM2's tokenizer metadata (key -> (value, type, item type)), for tiny GGUFs that llama.cpp
+    can load: it refuses a model without a vocabulary its tokenizer understands."""
+    source = open_gguf(smollm2_gguf)
+    keys = {key: (source.value(key), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+            for key, field in source.fields.items() if key.startswith("tokenizer.ggml.")}
+    return len(source.value("tokenizer.ggml.tokens")), keys
+
+
+# Phi-3 is left out: llama.cpp's loader looks up tokens of Phi-3's own vocabulary, which SmolLM2's lacks.
+LLAMA_CPP_CASES = [case for case in CASES if case[0] != "phi3"]
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:config field 'max_window_layers'")
+@pytest.mark.parametrize(("name", "qtype", "removed"), LLAMA_CPP_CASES,
+                         ids=[f"{n}-{q.name}" for n, q, _ in LLAMA_CPP_CASES])
+def test_tiny_pruned_ggufs_of_several_architectures_run_in_llama_cpp(tmp_path, smollm2_gguf, name, qtype, removed):
+    """llama.cpp itself reads each pruned file's block count, sliced per-layer arrays (Gemma's
+    sliding-window pattern) and renumbered tensors, and generates; its greedy text survives a rewrite."""
+    vocab_size, vocabulary = smollm2_vocabulary(smollm2_gguf)
+    arch, layers = ARCHS[name][0], OVERRIDES.get(name, {}).get("num_hidden_layers", 6)
+    period = {"gemma2": 2, "gemma3": 6}.get(name, 2)
+    model = tiny_model(name, **{**OVERRIDES.get(name, {}), "vocab_size": vocab_size})
+    source = write_tiny_gguf(model, tmp_path / f"{name}.gguf", qtype,
+                             {**per_layer_keys(arch, layers, period), **vocabulary})
+    pruned, rewritten = tmp_path / "pruned.gguf", tmp_path / "rewritten.gguf"
+    prune_gguf(source, pruned, removed)
+    assert open_gguf(pruned).block_count == layers - len(removed)
+    assert llama_cpp_greedy(source, tokens=8)  # the tiny original loads: the pruned file is the thing tested
+    text = llama_cpp_greedy(pruned, tokens=8)
+    assert text
+    prune_gguf(pruned, rewritten, [])
+    assert llama_cpp_greedy(rewritten, tokens=8) == text
