@@ -239,3 +239,20 @@ def test_a_streamed_prune_with_a_repair_equals_the_in_memory_one(tmp_path, tiny_
     assert all(torch.equal(a[n], original[n]) for n in unchanged)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     assert model.config.num_hidden_layers == 4
+
+
+def test_prune_says_what_its_repair_did_and_warns_when_it_does_not_carry_to_held_out_text(capsys, tmp_path,
+                                                                                          tiny_llama_dir, corpus_file):
+    from depthcut.pipeline.prune import repair_lines
+
+    assert main(["prune", str(tiny_llama_dir), "--layers", "2:4", "--repair", "lstsq", "--data", str(corpus_file),
+                 "--out", str(tmp_path / "x"), *SMALL_ARGS, "--samples", "32"]) == 0
+    printed = capsys.readouterr().out
+    fit = json.loads((tmp_path / "x" / "depthcut.json").read_text())["repair"]
+    assert (f"repair lstsq: relative error at the cut {fit['relative_error_before']:.4f} -> "
+            f"{fit['relative_error_after']:.4f} on {fit['tokens']:,} calibration tokens") in printed
+    assert f"{fit['relative_error_heldout_after']:.4f} on {fit['heldout_tokens']:,} held-out tokens" in printed
+    assert "warning" not in printed  # 32 windows fit the 32 x 32 map well (see above)
+    worse = {**fit, "relative_error_heldout_after": fit["relative_error_heldout_before"] * 1.5}
+    assert repair_lines(worse)[-1].startswith("warning: on held-out text the repair does no better")
+    assert repair_lines(None) == []

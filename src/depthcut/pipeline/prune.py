@@ -80,7 +80,25 @@ class PruneResult:
         else:
             size = f"{self.provenance['parameters_before']:,} -> {self.provenance['parameters_after']:,} parameters"
         return [f"removed layers {self.removed} ({self.strategy}); {self.num_layers} -> {after} layers, {size}",
-                f"pruned model: {self.out}"]
+                *repair_lines(self.provenance.get("repair")), f"pruned model: {self.out}"]
+
+
+def repair_lines(fit: dict | None) -> list[str]:
+    """What a prune says of its repair: the error at the cut before and after, on the calibration and
+    the held-out text, the tensors it changed; a warning where the fit does not carry to held-out text."""
+    if not fit:
+        return []
+    lines = [f"repair {fit['method']}: relative error at the cut {fit['relative_error_before']:.4f} -> "
+             f"{fit['relative_error_after']:.4f} on {fit['tokens']:,} calibration tokens, "
+             f"{fit['relative_error_heldout_before']:.4f} -> {fit['relative_error_heldout_after']:.4f} on "
+             f"{fit['heldout_tokens']:,} held-out tokens"]
+    if fit.get("changed_tensors"):
+        lines.append(f"repair changed {len(fit['changed_tensors'])} tensor(s): {', '.join(fit['changed_tensors'][:4])}"
+                     + (" ..." if len(fit["changed_tensors"]) > 4 else ""))
+    if fit["relative_error_heldout_after"] >= fit["relative_error_heldout_before"]:
+        lines.append("warning: on held-out text the repair does no better than plain pruning: it was fitted on too "
+                     "little data for its unknowns (give more --samples or a longer --seq-len), or choose --repair none")
+    return lines
 
 
 def load_analysis(path: str):
