@@ -12,12 +12,14 @@ from depthcut.result import Analysis
 from depthcut.sweep.results import configuration, configuration_name, finite, forward_ms, task_accuracy
 
 COLORS = {"angular": "tab:blue", "deepest": "tab:orange", "block-influence": "tab:green", "random": "tab:gray"}
-# a strategy's color, a training-free repair's marker
+# a strategy's color, a training-free repair's marker, a heal's line: dashed unhealed, solid LoRA,
+# dash-dotted and dotted distillation
 MARKERS = {"none": "o", "lstsq": "s", "cosine": "^", "magnitude": "D"}
+LINES = {"": "--", "lm": "-", "kd": "-.", "kd+lm": ":"}
 
 def _series(points: list[dict], value) -> tuple[dict[tuple[str, str, bool], list[tuple[float, float, object]]],
                                                  tuple | None]:
-    """(strategy, repair, healed) -> sorted (fraction, value, error) of the pruned points, and the unpruned
+    """(strategy, repair, heal) -> sorted (fraction, value, error) of the pruned points, and the unpruned
     point's (value, error), which starts every line and is drawn once. `value(point)` gives None or
     (value, error); an error is None (no bar), a float (symmetric) or (below, above)."""
     base_point = next((p for p in points if p["drop"] == 0), None)
@@ -51,17 +53,17 @@ def _plot_lines(ax, series, base_label: str = "unpruned") -> None:
     width = 0.16 * step if any(v[2] is not None for values in lines.values() for v in values) else 0.0
     keys = sorted(lines)
     for index, key in enumerate(keys):
-        strategy, repair, healed = key
+        strategy, repair, heal = key
         values = lines[key]
         shift = 0.0 if len(keys) == 1 else width * (index / (len(keys) - 1) - 0.5)
         color = COLORS.get(strategy, "tab:purple")
         xs, ys = [v[0] + shift for v in values], [v[1] for v in values]
         if base is not None:
-            ax.plot([0.0, xs[0]], [base[0], ys[0]], linestyle="-" if healed else "--", color=color, linewidth=1)
+            ax.plot([0.0, xs[0]], [base[0], ys[0]], linestyle=LINES[heal], color=color, linewidth=1)
         ax.errorbar(xs, ys, yerr=_yerr([v[2] for v in values]), marker=MARKERS.get(repair, "v"),
                     markersize=3 if repair == "none" else 4, capsize=2, elinewidth=0.8,
-                    linestyle="-" if healed else "--", linewidth=1, color=color,
-                    label=configuration_name(strategy, repair, healed))
+                    linestyle=LINES[heal], linewidth=1, color=color,
+                    label=configuration_name(strategy, repair, heal))
     if base is not None:
         ax.errorbar([0.0], [base[0]], yerr=_yerr([base[1]]), marker="s", markersize=4, capsize=3, color="black",
                     linestyle="none", label=base_label, zorder=3)
