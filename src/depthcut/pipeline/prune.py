@@ -50,10 +50,12 @@ class PruneConfig(OutputOptions, DataOptions, ModelOptions):
                          help="repair the cut without training, folded into the weights (docs/repair.md): lstsq "
                               "(ReplaceMe's least-squares map into the last kept MLP), cosine (the same map fitted "
                               "to the cosine distance), magnitude (Prune&Comp's scale); fitted on --data (default c4) "
-                              "with the original model", show_default=False)
+                              "with the original model (streamed one layer at a time with --stream or a .gguf --out)",
+                         show_default=False)
     stream: bool = option(False, group=WHAT,
                           help="rewrite the safetensors shards one tensor at a time without loading the model "
-                               "(automatic for a sharded folder when no analysis has to run)")
+                               "(automatic for a sharded folder when no analysis or repair has to run); with "
+                               "--repair, its statistics are gathered one layer at a time")
 
 
 @dataclass
