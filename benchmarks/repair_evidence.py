@@ -1,16 +1,17 @@
 """Issue 14's evidence: training-free repairs beside LoRA and distillation on SmolLM2-135M.
 
-For the angular and the deepest block at each drop count (default 4, 8, 12 of 30 layers), every
+For the angular and the deepest block at each drop count (default 8, 4, 12 of 30 layers, in that order), every
 method: none (plain pruning), lstsq, cosine, magnitude (training-free), LoRA for N steps, KD for the
 same N steps (distillation from the unpruned model), and lstsq followed by LoRA. Each is measured by
 held-out C4 loss (with the share of the pruning gap it closes), arc_easy and piqa (full sets unless
 --limit), and its wall time.
 
 C4's documents are split once: the repairs are fitted and the heals trained on one part; the loss is
-measured on the other, which neither saw. One sweep (`depthcut.pipeline.sweep_to`) runs every point:
-the repairs as its repair dimension, LoRA and KD as its heals (`--heal-objective lm,kd`), after plain
-pruning and after lstsq (`--heal-after none,lstsq`). Its results.jsonl is appended point by point, so
-a killed run continues where it stopped; the sweep's report.html draws the methods side by side.
+measured on the other, which neither saw. One sweep folder (`depthcut.pipeline.sweep_to`) holds every
+point, filled a drop count at a time by two sweeps: the repairs with LoRA after plain pruning and
+after lstsq (`--heal-after none,lstsq`), then KD after plain pruning (`--heal-objective kd`). Its
+results.jsonl is appended point by point, so a killed run continues where it stopped; the sweep's
+report.html draws the methods side by side.
 
     .venv/bin/python benchmarks/repair_evidence.py --out /tmp/repair_evidence --steps 50
 """
