@@ -127,6 +127,19 @@ class CheckpointReader:
         return read_tensor(self.folder / self.weight_map[key], key, pin=pin)
 
 
+def open_checkpoint(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                    trust_remote_code: bool = False):
+    """(the model without weights, its dtype, a reader of its tensors one at a time) for a folder of
+    safetensors shards or a .gguf file (whose tensors are dequantized as they are read)."""
+    if str(folder).lower().endswith(".gguf"):
+        from depthcut.gguf.stream import GGUFCheckpointReader, gguf_skeleton
+
+        model, _, dtype = gguf_skeleton(folder, dtype, device, trust_remote_code)
+        return model, dtype, GGUFCheckpointReader(folder, model)
+    model, _, dtype = meta_skeleton(folder, dtype, device, trust_remote_code)
+    return model, dtype, CheckpointReader(folder, model)
+
+
 @functools.cache
 def _malloc_trim():
     try:
@@ -434,14 +447,7 @@ def stream_states(
     built (it may hook the skeleton's modules: they compute with real weights while their layer is
     loaded), then `observer.after_layer(index, b, hidden)` as batch b leaves layer `index`.
     `last_layer`: stop after that layer (nothing deeper is read or computed; no metric then)."""
-    if str(folder).lower().endswith(".gguf"):  # a GGUF file: its tensors dequantized one at a time
-        from depthcut.gguf.stream import GGUFCheckpointReader, gguf_skeleton
-
-        model, _, dtype = gguf_skeleton(folder, dtype, device, trust_remote_code)
-        reader = GGUFCheckpointReader(folder, model)
-    else:
-        model, _, dtype = meta_skeleton(folder, dtype, device, trust_remote_code)
-        reader = CheckpointReader(folder, model)
+    model, dtype, reader = open_checkpoint(folder, dtype, device, trust_remote_code)
     stack = find_layer_stack(model, layer_path)
     layer_keys = [_parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
     all_token_metrics = [m for m in metrics if m.level == "all_tokens"]

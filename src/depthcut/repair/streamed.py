@@ -99,23 +99,23 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
     without `heldout_from`). The methods are checked before anything is computed."""
     from depthcut.layers import find_layer_stack
     from depthcut.repair import REPAIRS
-    from depthcut.streaming import stream_states
+    from depthcut.streaming import open_checkpoint, stream_states
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
     device = torch.device(device)
-    skeleton = _skeleton(source, trust_remote_code)
-    stack = find_layer_stack(skeleton.model, layer_path)
+    skeleton, _, _ = open_checkpoint(source, trust_remote_code=trust_remote_code)
+    stack = find_layer_stack(skeleton, layer_path)
     first, stop = contiguous_block(block, len(stack))
-    arch = architecture_of(skeleton.model)
+    arch = architecture_of(skeleton)
     chosen = [REPAIRS.get(name) for name in methods]
     for method in chosen:
-        method.check(skeleton.model, stack, arch, first, stop)
+        method.check(skeleton, stack, arch, first, stop)
     linear = any(method.linear for method in chosen)
     heldout_from = len(calibration) if heldout_from is None else heldout_from
     if not 0 < heldout_from <= len(calibration):
         raise DepthcutError(f"the held-out rows must start within the {len(calibration)} calibration samples")
-    name = type(skeleton.model).__name__
+    name = type(skeleton).__name__
     statistics = RepairStatistics(first, stop, len(stack), tuple(methods), name, calibration=calibration.as_dict())
     judged_methods = ("lstsq",) if linear else ("magnitude",)
     heldout = (RepairStatistics(first, stop, len(stack), judged_methods, name)
@@ -139,28 +139,9 @@ def check_streamed_repair(source: str | Path, block, method: str, layer_path: st
     """The refusal `method` would give for removing `block` from the checkpoint `source`, from a
     weightless skeleton (nothing read but the config)."""
     from depthcut.repair import check_repair
+    from depthcut.streaming import open_checkpoint
 
-    check_repair(_skeleton(source, trust_remote_code).model, block, method, layer_path)
-
-
-def _skeleton(source: str | Path, trust_remote_code: bool):
-    if str(source).lower().endswith(".gguf"):
-        from depthcut.gguf.stream import gguf_skeleton
-
-        return gguf_skeleton(source, trust_remote_code=trust_remote_code)
-    from depthcut.io.skeleton import meta_skeleton
-
-    return meta_skeleton(source, trust_remote_code=trust_remote_code)
-
-
-def _reader(source: str | Path, model):
-    if str(source).lower().endswith(".gguf"):
-        from depthcut.gguf.stream import GGUFCheckpointReader
-
-        return GGUFCheckpointReader(source, model)
-    from depthcut.streaming import CheckpointReader
-
-    return CheckpointReader(source, model)
+    check_repair(open_checkpoint(source, trust_remote_code=trust_remote_code)[0], block, method, layer_path)
 
 
 @torch.no_grad()
@@ -171,16 +152,14 @@ def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
     folds into are read, one at a time."""
     from depthcut.layers import find_layer_stack
     from depthcut.repair import REPAIRS
-    from depthcut.streaming import _load_parameters, _parameter_keys
+    from depthcut.streaming import _load_parameters, _parameter_keys, open_checkpoint
 
-    skeleton = _skeleton(source, trust_remote_code)
-    model = skeleton.model
+    model, _, reader = open_checkpoint(source, trust_remote_code=trust_remote_code)
     stack = find_layer_stack(model, layer_path)
     if len(stack) != fit.num_layers:
         raise DepthcutError(f"this repair was fitted on a model of {fit.num_layers} layers, {source} has {len(stack)}")
     method, arch = REPAIRS.get(fit.method), architecture_of(model)
     method.check(model, stack, arch, fit.first, fit.stop)
-    reader = _reader(source, model)
     paths = {id(module): name for name, module in model.named_modules()}
     changed = {}
     for module in method.modules(model, stack, arch, fit):
