@@ -159,7 +159,7 @@ def run_heal(name: str, extra: list[str], args) -> dict:
         "loss_before": healing["loss_before"]["loss"], "loss_after": healing["loss_after"]["loss"],
         "loss_drop": healing["loss_before"]["loss"] - healing["loss_after"]["loss"],
         "loss_after_adapter": (healing.get("loss_after_adapter") or {}).get("loss"),
-        "tokens": healing["tokens"], "train_seconds": healing["seconds"], "tokens_per_s": healing["tokens_per_s"],
+        "tokens": healing["tokens"], "train_seconds": healing["seconds_this_run"], "tokens_per_s": healing["tokens_per_s"],
         "tokens_per_s_after_first_step": steady, "mixed_precision": healing.get("mixed_precision"),
         "final_train_loss": log[-1]["loss"] if log else None,
     })

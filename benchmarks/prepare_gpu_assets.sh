@@ -21,8 +21,11 @@ LIMIT_MIB=${LIMIT_MIB:-60}
 declare -A DEFAULT=([datasets]=5.2.0 [dill]=0.4.1 [multiprocess]=0.70.19 [xxhash]=4.1.0 [gguf]=0.19.0
   [pytest]=9.2.0 [pluggy]=1.7.0 [iniconfig]=2.3.1 [Pygments]=2.21.0 [matplotlib]=3.11.2 [contourpy]=1.3.3
   [cycler]=0.12.1 [fonttools]=4.68.0 [kiwisolver]=1.5.1 [pillow]=13.0.0 [pyparsing]=3.3.3
-  [python-dateutil]=2.9.0.post0 [six]=1.17.0)
-NAMES=(datasets dill multiprocess xxhash gguf pytest pluggy iniconfig Pygments)
+  [python-dateutil]=2.9.0.post0 [six]=1.17.0 [lm_eval]=0.4.13 [sacrebleu]=2.6.0 [portalocker]=4.4.2
+  [colorama]=0.4.6 [lxml]=6.1.3 [tabulate]=0.10.0 [chardet]=6.0.0.post1)
+# lm-eval (a core dependency: evaluation runs as its model) and what importing its evaluator pulls in.
+NAMES=(datasets dill multiprocess xxhash gguf pytest pluggy iniconfig Pygments
+  lm_eval sacrebleu portalocker colorama lxml tabulate chardet)
 [ "$WITH_MATPLOTLIB" = 1 ] && NAMES+=(matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six)
 SPECS=(bitsandbytes==0.50.2)
 for name in "${NAMES[@]}"; do
