@@ -332,7 +332,7 @@ def summary_lines(report: dict) -> list[str]:
     for step in report.get("steps", []):
         lines.append(f"step {step['name']:<14} exit {step['rc']:>3}  {step['seconds']:6.1f} s"
                      + ("  (TIMED OUT)" if step["rc"] in (124, 137) else "") + ("  (skipped: no time left)"
-                                                                                  if step["rc"] == -1 else ""))
+                                                                                  if step["rc"] == -1 else "") + ("  (skipped: not in STEPS)" if step["rc"] == -2 else ""))
     suite = report.get("suite")
     if suite:
         lines.append(f"suite on {suite.get('device')}: {suite.get('tests')} tests, {suite.get('failures')} failed, "

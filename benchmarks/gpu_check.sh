@@ -13,7 +13,7 @@
 #
 # Settings (environment): DEVICE (cuda), SIZE (full | tiny), OUT (./gpu-out), BUDGET_S (total seconds,
 # 300, tiny 900: no step runs past it, and a step with less than 10 s left is skipped), STREAM_LAYERS (32), SUITE ("-m device": which tests; "all" for all
-# but the integration tests), PYTHON (python3, or .venv/bin/python where it exists), WORK (a temp folder).
+# but the integration tests), STEPS (names of the steps to run, e.g. "make-1b bench-analysis"; default all), PYTHON (python3, or .venv/bin/python where it exists), WORK (a temp folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,7 +109,10 @@ step() {
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET_S - ($(date +%s) - START)))
   local began=$(date +%s.%N) rc
-  if [ "$left" -lt 10 ]; then
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    echo "=== $name: skipped, not in STEPS"
+    rc=-2
+  elif [ "$left" -lt 10 ]; then
     echo "=== $name: skipped, ${left}s of the budget left"
     rc=-1
   else

@@ -117,10 +117,11 @@ def test_long_contexts_are_truncated_from_the_left(tokenizer, device):
 @pytest.mark.parametrize("mode", ["packed", "shared", "full"])
 def test_a_continuation_longer_than_the_context_window_is_scored_on_its_tail(tokenizer, mode, device):
     model = tiny_model("llama")
-    scorer = Scorer(model.to(device), max_length=16, mode=mode)
     continuation = list(range(3, 40))
     window = ([5, 6] + continuation)[-17:]  # 16 predictions, all of continuation tokens
-    expected = [naive(model.cpu(), window[:1], window[1:])]
+    # the reference first, on the CPU: Module.cpu() would move the scorer's model back in place
+    expected = [naive(model, window[:1], window[1:])]
+    scorer = Scorer(model.to(device), max_length=16, mode=mode)
     check(scorer.score([([5, 6], continuation)]), expected, device)
 
 
