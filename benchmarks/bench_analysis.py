@@ -7,7 +7,8 @@ and device:
 - ``plain``: ``model(input_ids, attention_mask, use_cache=False)``, LM head included;
 - ``decoder``: the base model without the LM head (``model.get_decoder()``), shown because the
   analysis stops after the last decoder layer and so skips the LM head too;
-- ``analyze``: ``depthcut.analyze(...)`` with its default metrics.
+- ``analyze``: ``depthcut.analyze(...)`` with its default metrics, or those of ``--metrics``
+  (``--metrics angular_last_token``: the paper's metric alone, no all-token states kept).
 
 Every measurement runs in its own fresh subprocess (this script re-invoked with ``--worker``), so
 the peak memory of one variant never includes what another one allocated. The parent process
@@ -164,7 +165,7 @@ def forward_all(module, calibration, batch_size: int, device) -> None:
             module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
 
 
-def make_runner(variant: str, model, tokenizer, batch_size: int, device):
+def make_runner(variant: str, model, tokenizer, batch_size: int, device, metrics=None):
     """A function that processes a whole calibration set the way `variant` does."""
     if variant == "plain":
         return lambda calibration: forward_all(model, calibration, batch_size, device)
@@ -173,7 +174,9 @@ def make_runner(variant: str, model, tokenizer, batch_size: int, device):
         return lambda calibration: forward_all(decoder, calibration, batch_size, device)
     import depthcut
 
-    return lambda calibration: depthcut.analyze(model, tokenizer, calibration, batch_size=batch_size, progress=False)
+    chosen = {"metrics": metrics} if metrics else {}
+    return lambda calibration: depthcut.analyze(model, tokenizer, calibration, batch_size=batch_size,
+                                                progress=False, **chosen)
 
 
 def time_passes(run, calibration, device, passes: int) -> list[float]:
@@ -202,7 +205,7 @@ def run_measurement(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model, tokenizer, _ = depthcut.load_model(str(args.workdir / "model"), dtype=args.dtype, device=args.device)
     calibration = load_calibration(args.workdir / "calibration.pt")
-    run = make_runner(args.worker, model, tokenizer, args.batch_size, device)
+    run = make_runner(args.worker, model, tokenizer, args.batch_size, device, args.metrics)
 
     run(first_rows(calibration, args.batch_size))
     sync(device)
@@ -250,6 +253,8 @@ def spawn(args: argparse.Namespace, worker: str, result: Path, *extra: str) -> d
     ]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.metrics:
+        command += ["--metrics", ",".join(args.metrics)]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"worker {' '.join(command[2:])} failed:\n{completed.stderr[-4000:]}")
@@ -374,7 +379,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"preparing {args.model} ({args.dtype}), {args.samples} x {args.seq_len} tokens", flush=True)
         info = prepare(args)
         print(
-            f"measuring on {args.device}: {', '.join(VARIANTS)}; {args.repeats} rounds x {args.passes} passes",
+            f"measuring on {args.device}: {', '.join(VARIANTS)} (analysis metrics: {','.join(args.metrics or ['default'])}); "
+            f"{args.repeats} rounds x {args.passes} passes",
             flush=True,
         )
         rows = measure(args)
@@ -388,6 +394,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "samples": args.samples,
             "seq_len": args.seq_len,
             "threads": args.threads,
+            "metrics": args.metrics or "default",
             "repeats": args.repeats,
             "passes": args.passes,
             "data": str(args.data),
@@ -434,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="calibration samples per timed pass")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--metrics", type=lambda text: [m for m in text.split(",") if m], default=None,
+                        help="the analysis' metrics, comma-separated (default: depthcut's defaults)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per variant, interleaved")
     parser.add_argument("--passes", type=int, default=2, help="timed passes per process; the fastest counts")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

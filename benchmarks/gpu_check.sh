@@ -92,7 +92,7 @@ else
   TINY=
   SUITE_TARGET=${SUITE_TARGET:-tests}
   HEAL_ARGS=(--steps 50 --seq-len 256 --batch-size 8 --rank 64 --heldout-windows 16)
-  ANALYSIS_ARGS=(--batch-sizes 16 --samples 128 --seq-len 512 --repeats 2 --passes 3)
+  ANALYSIS_ARGS=(--batch-sizes 16 --samples 128 --seq-len 512 --repeats "${ANALYSIS_REPEATS:-2}" --passes 3)
   STREAM_ARGS=(--samples 64 --seq-len 256 --batch-size 8)
   EVAL_ARGS=(--tasks arc_easy,hellaswag --limit 300 --batch-size 16 --repeats 2)
   STREAM_LAYERS=${STREAM_LAYERS:-32}
@@ -149,6 +149,10 @@ step eval-speed "${LIMITS[3]}" "${GPU_CHECK[@]}" eval-speed --device "$DEVICE" -
 # (c) the analysis against a plain forward pass on a TinyLlama-1.1B shape
 step make-1b "${LIMITS[4]}" "${MAKE_MODEL[@]}" --shape tinyllama-1.1b $TINY --out "$WORK/tinyllama-1.1b"
 rm -rf "$WORK/smollm2-135m/"*.safetensors "$WORK/heal"  # free the disk; random_model.json stays
+# the paper's metric alone first (no all-token states), then depthcut's default metrics
+step bench-analysis-paper "${LIMITS[5]}" "$PYTHON" benchmarks/bench_analysis.py --model "$WORK/tinyllama-1.1b" \
+  --device "$DEVICE" --dtype bfloat16 --data "$C4" --out "$OUT/bench_analysis_paper.json" \
+  --metrics angular_last_token "${ANALYSIS_ARGS[@]}"
 step bench-analysis "${LIMITS[5]}" "$PYTHON" benchmarks/bench_analysis.py --model "$WORK/tinyllama-1.1b" --device "$DEVICE" \
   --dtype bfloat16 --data "$C4" --out "$OUT/bench_analysis.json" "${ANALYSIS_ARGS[@]}"
 
