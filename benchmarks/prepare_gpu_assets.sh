@@ -5,7 +5,7 @@
 # Both folders are ignored by git; the GPU runner carries them with the checkout (64 MiB in all,
 # checked below). benchmarks/gpu_check.sh installs the wheels there and unpacks the assets.
 #
-#   benchmarks/prepare_gpu_assets.sh                       # everything (about 40 MiB)
+#   benchmarks/prepare_gpu_assets.sh                       # everything (about 56 MiB)
 #   WITH_MATPLOTLIB=0 benchmarks/prepare_gpu_assets.sh     # without matplotlib (about 16 MiB; the
 #                                                          # CLI tests that draw a heatmap then fail there)
 set -euo pipefail
