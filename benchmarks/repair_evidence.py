@@ -43,7 +43,11 @@ def split_c4(folder: Path, heldout_fraction: float = 0.2, seed: int = 0) -> tupl
     count = round(len(order) * heldout_fraction)
     paths = folder / "fit.jsonl", folder / "heldout.jsonl"
     for path, indices in zip(paths, (order[count:], order[:count])):
-        path.write_text("".join(json.dumps({"text": documents[i]}) + "\n" for i in sorted(indices)))
+        text = "".join(json.dumps({"text": documents[i]}) + "\n" for i in sorted(indices))
+        if not path.is_file() or path.read_text() != text:  # a second run beside the first never rewrites them
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(text)
+            temporary.replace(path)
     return paths
 
 
@@ -51,14 +55,16 @@ METHODS = {("none", ""): "none", ("lstsq", ""): "lstsq", ("cosine", ""): "cosine
            ("none", "lm"): "LoRA", ("none", "kd"): "KD", ("lstsq", "lm"): "lstsq+LoRA", ("lstsq", "kd"): "lstsq+KD"}
 
 
-def table(sweep_folder: Path, tasks: list[str]) -> list[str]:
+def table(sweep_folders: Path | list[Path], tasks: list[str]) -> list[str]:
     """One row per (strategy, drop, method): held-out loss, the share of the pruning gap closed,
     task accuracies and the method's own seconds (the repair's fit plus the heal; measuring is
-    the same for every method and left out)."""
+    the same for every method and left out). Several folders (copies of one sweep continued apart,
+    e.g. one per strategy) are read as one."""
     from depthcut.sweep.report import gap_closed
     from depthcut.sweep.results import ResultsLog, configuration, task_accuracy
 
-    points = list(ResultsLog(sweep_folder).points().values())
+    folders = [sweep_folders] if isinstance(sweep_folders, Path) else sweep_folders
+    points = list({key: point for folder in folders for key, point in ResultsLog(folder).points().items()}.values())
     base = next(p for p in points if p["drop"] == 0)
     rows = []
     for point in points:
@@ -100,7 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--samples", type=int, default=64, help="calibration windows for analysis and repairs")
     parser.add_argument("--loss-samples", type=int, default=64)
+    parser.add_argument("--strategies", default="angular,deepest",
+                        help="the blocks compared. Copies of one sweep folder (--sweep) can be continued apart, one "
+                             "strategy each, and read as one (--also); on 2 cores two such runs of 1 thread "
+                             "each were slower than one run of 2 threads (24 min against about 20 for two KD points)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--sweep", default="sweep", help="the sweep folder's name under --out")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another sweep folder whose points the final table includes")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import depthcut
     from depthcut.pipeline import sweep_to
@@ -117,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             refused.append(f"{method}: refused ({refusal})")
     del probe
     fit_data, heldout = split_c4(args.out)
-    sweep_folder = args.out / "sweep"
-    common = dict(model=args.model, dtype=args.dtype, out=str(sweep_folder), strategies=("angular", "deepest"),
+    sweep_folder = args.out / args.sweep
+    common = dict(model=args.model, dtype=args.dtype, out=str(sweep_folder),
+                  strategies=tuple(args.strategies.split(",")),
                   data=str(fit_data), samples=args.samples, seq_len=args.seq_len, tasks=tuple(args.tasks.split(",")),
                   limit=args.limit, loss=str(heldout), loss_samples=args.loss_samples, loss_seq_len=args.seq_len,
                   heal=True, heal_data=str(fit_data), heal_steps=args.steps, heal_seq_len=args.seq_len,
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep_to(**common, drop=f"0,{drop}", repair=tuple(repairs), heal_objective=("lm",),
                  heal_after=tuple(r for r in ("none", "lstsq") if r in repairs))
         sweep_to(**common, drop=f"0,{drop}", repair=("none",), heal_objective=("kd",))
-    lines = table(sweep_folder, args.tasks.split(",")) + refused
+    lines = table([sweep_folder, *args.also], args.tasks.split(",")) + refused
     facts = environment.record("cpu", args.dtype)
     lines.append(f"CPU capability {facts.get('cpu_capability')}, {facts.get('cpu')}")
     print("\n".join(lines))
