@@ -323,6 +323,10 @@ def load(path: Path) -> dict | None:
         return None
 
 
+# What a step's exit code means beside its number (gpu_check.sh's step(): -1 and -2 are its own).
+STEP_NOTES = {124: "TIMED OUT", 137: "TIMED OUT", -1: "skipped: no time left", -2: "skipped: not in STEPS"}
+
+
 def summary_lines(report: dict) -> list[str]:
     """The human-readable summary: one line per figure the GPU checklist asks for."""
     lines = []
@@ -330,9 +334,9 @@ def summary_lines(report: dict) -> list[str]:
     if probe.get("environment"):
         lines.append(environment.describe(probe["environment"]))
     for step in report.get("steps", []):
-        lines.append(f"step {step['name']:<14} exit {step['rc']:>3}  {step['seconds']:6.1f} s"
-                     + ("  (TIMED OUT)" if step["rc"] in (124, 137) else "") + ("  (skipped: no time left)"
-                                                                                  if step["rc"] == -1 else "") + ("  (skipped: not in STEPS)" if step["rc"] == -2 else ""))
+        note = STEP_NOTES.get(step["rc"])
+        lines.append(f"step {step['name']:<20} exit {step['rc']:>3}  {step['seconds']:6.1f} s"
+                     + (f"  ({note})" if note else ""))
     suite = report.get("suite")
     if suite:
         lines.append(f"suite on {suite.get('device')}: {suite.get('tests')} tests, {suite.get('failures')} failed, "
@@ -354,10 +358,9 @@ def summary_lines(report: dict) -> list[str]:
             drop = s["qlora_over_lora_loss_drop"]
             lines.append(f"heal QLoRA / LoRA: tokens/s {s['qlora_over_lora_tokens_per_s']:.2f}, loss drop "
                          + (f"{drop:.2f}" if drop is not None else "n/a"))
-    analysis = report.get("bench_analysis")
-    if analysis:
-        for row in analysis["results"]:
-            lines.append(f"analysis vs plain forward, batch {row['batch_size']}: throughput "
+    for key, metrics in (("bench_analysis_paper", "angular_last_token"), ("bench_analysis", "default metrics")):
+        for row in (report.get(key) or {}).get("results", []):
+            lines.append(f"analysis ({metrics}) vs plain forward, batch {row['batch_size']}: throughput "
                          f"{row['throughput_ratio']:.3f} ({'PASS' if row['throughput_pass'] else 'FAIL'} >= 0.97), "
                          f"memory {row['memory_ratio']:.3f} ({'PASS' if row['memory_pass'] else 'FAIL'} <= 1.10), "
                          f"above-baseline memory {row['memory_above_baseline_ratio']:.3f}; "
@@ -410,12 +413,13 @@ def cmd_summary(args) -> None:
         "suite": suite_figures(args.junit, args.device) if args.junit else None,
         "heal": load(work / "heal.json"),
         "bench_analysis": load(args.bench_analysis) if args.bench_analysis else None,
+        "bench_analysis_paper": load(args.bench_analysis_paper) if args.bench_analysis_paper else None,
         "stream": load(work / "stream.json"),
         "eval_speed": load(work / "eval_speed.json"),
         "models": {path.parent.name: load(path) for path in sorted(work.glob("*/random_model.json"))},
     }
-    if report["bench_analysis"]:  # the per-process runs stay in bench_analysis.json
-        for row in report["bench_analysis"]["results"]:
+    for key in ("bench_analysis", "bench_analysis_paper"):  # the per-process runs stay in their own JSON
+        for row in (report[key] or {}).get("results", []):
             row.pop("runs", None)
     report["summary"] = summary_lines(report)
     write(args.out, report)
@@ -468,6 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary.add_argument("--size", default="full")
     summary.add_argument("--junit", type=Path, default=None)
     summary.add_argument("--bench-analysis", type=Path, default=None)
+    summary.add_argument("--bench-analysis-paper", type=Path, default=None)
     return parser.parse_args(argv)
 
 

@@ -164,7 +164,8 @@ step stream "${LIMITS[7]}" "${GPU_CHECK[@]}" stream --device "$DEVICE" --model "
 rm -rf "$WORK/llama2-7b/"*.safetensors "$WORK/stream"
 
 "${GPU_CHECK[@]}" summary --device "$DEVICE" --size "$SIZE" --workdir "$WORK" --junit "$OUT/suite.xml" \
-  --bench-analysis "$OUT/bench_analysis.json" --out "$OUT/gpu_check.json"
+  --bench-analysis "$OUT/bench_analysis.json" --bench-analysis-paper "$OUT/bench_analysis_paper.json" \
+  --out "$OUT/gpu_check.json"
 echo "gpu_check: done in $(($(date +%s) - START))s; $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
 

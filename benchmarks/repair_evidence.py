@@ -55,7 +55,7 @@ METHODS = {("none", ""): "none", ("lstsq", ""): "lstsq", ("cosine", ""): "cosine
            ("none", "lm"): "LoRA", ("none", "kd"): "KD", ("lstsq", "lm"): "lstsq+LoRA", ("lstsq", "kd"): "lstsq+KD"}
 
 
-def table(sweep_folders: Path | list[Path], tasks: list[str]) -> list[str]:
+def table(sweep_folders: list[Path], tasks: list[str]) -> list[str]:
     """One row per (strategy, drop, method): held-out loss, the share of the pruning gap closed,
     task accuracies and the method's own seconds (the repair's fit plus the heal; measuring is
     the same for every method and left out). Several folders (copies of one sweep continued apart,
@@ -63,8 +63,8 @@ def table(sweep_folders: Path | list[Path], tasks: list[str]) -> list[str]:
     from depthcut.sweep.report import gap_closed
     from depthcut.sweep.results import ResultsLog, configuration, task_accuracy
 
-    folders = [sweep_folders] if isinstance(sweep_folders, Path) else sweep_folders
-    points = list({key: point for folder in folders for key, point in ResultsLog(folder).points().items()}.values())
+    points = list({key: point for folder in sweep_folders
+                   for key, point in ResultsLog(folder).points().items()}.values())
     base = next(p for p in points if p["drop"] == 0)
     rows = []
     for point in points:
