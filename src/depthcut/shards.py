@@ -16,8 +16,7 @@ from pathlib import Path
 from depthcut.errors import DepthcutError
 from depthcut.io.safetensors import copied_entry, safetensors_header, tensor_entry, write_safetensors
 from depthcut.io.skeleton import meta_skeleton
-from depthcut.layers import text_config
-from depthcut.surgery import update_config, validate_layers
+from depthcut.surgery import cut_config, validate_layers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -88,24 +87,29 @@ def model_names(checkpoint_names, model) -> tuple[dict[str, str], set[str]]:
     return names, converted
 
 
-def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int]) -> str | None:
+def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int], num_layers: int) -> str | None:
     """The checkpoint tensor `key`'s new name (`name` is the model's name for it), or None if it
-    belongs to a removed layer. The layer index is changed where the checkpoint key has it."""
+    belongs to a removed layer. The layer index is changed where the checkpoint key has it (after the
+    stack's own name: `layers.5.` in `model.layers.5.mlp.experts.0.up_proj.weight`, which the model
+    may call by a fused name). Layers stored after the stack (multi-token prediction,
+    `model.layers.{num_layers}`) move down with it."""
     match = pattern.match(name)
     if not match:
         return key
-    old_index, rest = int(match.group(2)), match.group(3)  # rest: ".self_attn.q_proj.weight"
-    new_index = position.get(old_index)
+    old_index = int(match.group(2))
+    new_index = position.get(old_index) if old_index < num_layers else len(position) + old_index - num_layers
     if new_index is None:
         return None
-    tail = f"{old_index}{rest}"
-    if not (key == tail or key.endswith("." + tail)):
+    stack_name = match.group(1).rstrip(".").rsplit(".", 1)[-1]  # "layers", "h", ...
+    in_key = re.compile(rf"(^|\.){re.escape(stack_name)}\.{old_index}(\.)")
+    found = in_key.search(key)
+    if found is None:
         raise DepthcutError(f"cannot renumber the checkpoint tensor {key!r} (the model calls it {name!r})")
-    return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
+    return f"{key[: found.start(2) - len(str(old_index))]}{new_index}{key[found.start(2):]}"
 
 
 def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None,
-                 replaced: dict | None = None) -> dict:
+                 replaced: dict | None = None, allow_unknown_config=(), trust_remote_code: bool = False) -> dict:
     """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary.
     `replaced` (checkpoint tensor name -> tensor, of the same shape) is written in place of those
     tensors (a repair folded in, `depthcut.repair.streamed`); every other tensor is copied byte for byte."""
@@ -121,13 +125,18 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
     names, _ = model_names(weight_map, skeleton.model)
+    # Layers stored after the stack (multi-token prediction) are carried when the checkpoint has them.
+    trailing = any(int(m.group(2)) >= num_layers for m in map(pattern.match, names.values()) if m)
+    # Decided before any shard is written: a cut the config cannot describe is refused here.
+    new_config, rewrite = cut_config(skeleton.model, skeleton.config, kept, layer_path, allow_unknown_config,
+                                     carries_trailing=trailing, trust_remote_code=trust_remote_code)
     replaced = replaced or {}
     unknown = sorted(set(replaced) - set(weight_map))
     if unknown:
         raise DepthcutError(f"the checkpoint in {source} has no tensor {unknown[0]!r} to replace")
     by_shard: dict[str, list] = {}  # shard file -> the entries (renamed tensors) it keeps
     for name, shard in sorted(weight_map.items()):
-        new_name = _renamed(name, names.get(name, name), pattern, position)
+        new_name = _renamed(name, names.get(name, name), pattern, position, num_layers)
         if new_name is None:
             continue
         entry = copied_entry(new_name, source / shard, name)
@@ -144,11 +153,9 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     if (source / INDEX_FILE).is_file():
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
 
-    config = skeleton.config
-    notes = update_config(text_config(config), kept, num_layers)
-    config.save_pretrained(out)
+    new_config.save_pretrained(out)
     for extra in source.iterdir():  # tokenizer, generation config, chat template, ...
         if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX_FILE, "config.json"):
             shutil.copy2(extra, out / extra.name)
     return {"removed_layers": removed, "num_layers_before": num_layers, "num_layers_after": len(kept),
-            "layer_path": path, "tensor_bytes": total, "config_warnings": notes, "replaced_tensors": sorted(replaced)}
+            "layer_path": path, "tensor_bytes": total, "config_rewrite": rewrite.as_dict(), "replaced_tensors": sorted(replaced)}

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 
 from torch import nn
 
 from depthcut.errors import DepthcutError
+from depthcut.layer_fields import ConfigRewrite, rewrite_layer_fields
+from depthcut.layer_kinds import verify_cut
 from depthcut.layers import LayerStack, find_layer_stack, text_config
-
-# Config fields that hold one entry per layer; they are sliced like the layer list.
-PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list", "swa_layers")
-# Config fields that hold a list of layer indices; they are renumbered onto the kept layers.
-LAYER_INDEX_LIST_FIELDS = ("mlp_only_layers", "global_attn_layers", "full_attention_layers")
-# Config fields whose scalar value is a layer index or a layer count threshold: cannot be fixed
-# by slicing, so the user is told to check them.
-LAYER_INDEX_SCALAR_FIELDS = (
-    "max_window_layers",
-    "first_k_dense_replace",
-    "num_kv_shared_layers",
-    "moe_layer_freq",
-    "decoder_sparse_step",
-    "full_attn_idxs",
-)
-
 
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     """Parse ``"21:29"`` (half-open) or ``"3,7,12"`` (or a mix) into sorted 0-based indices."""
@@ -77,46 +64,50 @@ def _renumber(module: nn.Module, new_index: int) -> None:
             sub.layer_index = new_index
 
 
-def update_config(cfg, kept: list[int], num_layers: int) -> list[str]:
-    """Slice per-layer fields of a (text) config, renumber index lists and set the layer count;
-    returns warnings for fields that cannot be fixed."""
-    position = {old: new for new, old in enumerate(kept)}
-    notes = []
-    for field in vars(cfg).copy():
-        value = getattr(cfg, field)
-        if field in PER_LAYER_FIELDS and isinstance(value, (list, tuple)):
-            if len(value) != num_layers:
-                notes.append(f"config field {field!r} has {len(value)} entries for {num_layers} layers; left as is")
-                continue
-            setattr(cfg, field, type(value)(value[i] for i in kept))
-        elif field in LAYER_INDEX_LIST_FIELDS and isinstance(value, (list, tuple)):
-            setattr(cfg, field, type(value)(position[i] for i in value if i in position))
-        elif field in LAYER_INDEX_SCALAR_FIELDS and value is not None:
-            notes.append(
-                f"config field {field!r} = {value!r} refers to layer positions; check that it still means "
-                f"what you want with layers {sorted(set(range(num_layers)) - set(kept))} removed"
-            )
-    cfg.num_hidden_layers = len(kept)  # GPT-2's attribute_map maps this to n_layer.
-    return notes
+def cut_config(model: nn.Module, config, kept: list[int], layer_path: str | None = None,
+               allow_unknown_config: Iterable[str] = (), carries_trailing: bool = False,
+               trust_remote_code: bool = False) -> tuple[object, ConfigRewrite]:
+    """(the config of `model` with only layers `kept`, what changed in it), checked: the rewritten
+    config rebuilds every kept layer as the same kind of layer and every other tensor in the same
+    shape (`depthcut.layer_kinds.verify_cut`), else `DepthcutError` says why. `model` may be
+    weightless; `config` is not changed."""
+    new_config = copy.deepcopy(config)
+    num_layers = len(find_layer_stack(model, layer_path))
+    rewrite = rewrite_layer_fields(text_config(new_config), kept, num_layers, allow_unknown_config, carries_trailing)
+    verify_cut(model, new_config, kept, layer_path, trust_remote_code)
+    return new_config, rewrite
 
 
-def prune(model: nn.Module, layers: Iterable[int], layer_path: str | None = None) -> nn.Module:
-    """Remove the decoder layers with the given 0-based indices from `model`, in place.
-
-    Rebuilds the layer list, renumbers every `layer_idx` (the KV cache is indexed by it), updates
-    the layer count, slices per-layer config lists such as `layer_types`, and warns about config
-    fields that hold layer positions it cannot fix. Returns the same model.
-    """
+def remove_layers(model: nn.Module, layers: Iterable[int], layer_path: str | None = None,
+                  allow_unknown_config: Iterable[str] = ()) -> ConfigRewrite:
+    """`prune`, returning what changed in the config."""
     stack: LayerStack = find_layer_stack(model, layer_path)
     num_layers = len(stack)
     removed = validate_layers(layers, num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
+    # Checked on a copy first: a refused cut leaves the model as it was.
+    cut_config(model, model.config, kept, layer_path, allow_unknown_config)
 
     new_layers = nn.ModuleList([stack.layers[i] for i in kept])
     for new_index, layer in enumerate(new_layers):
         _renumber(layer, new_index)
     setattr(stack.parent, stack.attr, new_layers)
+    # In place: the layers and the model hold references to this config object.
+    return rewrite_layer_fields(text_config(model), kept, num_layers, allow_unknown_config)
 
-    for note in update_config(text_config(model), kept, num_layers):
+
+def prune(model: nn.Module, layers: Iterable[int], layer_path: str | None = None,
+          allow_unknown_config: Iterable[str] = ()) -> nn.Module:
+    """Remove the decoder layers with the given 0-based indices from `model`, in place.
+
+    Rebuilds the layer list, renumbers every `layer_idx` (the KV cache is indexed by it) and rewrites
+    the config (`depthcut.layer_fields`: per-layer lists sliced, index lists renumbered, leading
+    counts recounted, the layer count set). The cut is refused (`DepthcutError`, the model left as
+    it was) where the rewritten config would not rebuild every kept layer as the same kind of layer,
+    or has a field that might name layers and that depthcut does not know (`allow_unknown_config`
+    names fields known to be harmless). Returns the same model.
+    """
+    rewrite = remove_layers(model, layers, layer_path, allow_unknown_config)
+    for note in rewrite.notes:
         warnings.warn(note, stacklevel=2)
     return model
