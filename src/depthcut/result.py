@@ -44,6 +44,12 @@ class Analysis:
         _, first = min(choices)
         return first, first + size
 
+    def ranked_blocks(self, size: int, metric: str = BLOCK_METRIC) -> list[tuple[int, int]]:
+        """Every block [l, l+n) that keeps the final layer, from the smallest distance up."""
+        first, _ = self.best_block(size, metric)  # checks the size
+        row = self.metric(metric)[size - 1]
+        return [(l, l + size) for _, l in sorted((row[l], l) for l in range(self.num_layers - size))]
+
     def best_blocks(self, metric: str = BLOCK_METRIC) -> dict[str, list[int]]:
         if metric not in self.metrics:
             return {}

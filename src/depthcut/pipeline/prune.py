@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from depthcut.pipeline.common import (
     load,
     run_analysis,
 )
-from depthcut.pipeline.options import make_config, option
+from depthcut.pipeline.options import comma_list, make_config, option
 from depthcut.strategies import STRATEGIES
 
 WHAT = "what to remove"
@@ -52,6 +51,10 @@ class PruneConfig(OutputOptions, DataOptions, ModelOptions):
                               "to the cosine distance), magnitude (Prune&Comp's scale); fitted on --data (default c4) "
                               "with the original model (streamed one layer at a time with --stream or a .gguf --out)",
                          show_default=False)
+    allow_unknown_config: tuple[str, ...] = option(
+        (), group=WHAT, parse=comma_list, metavar="FIELD[,FIELD]",
+        help="config fields that look as if they described layer positions but that you know do not: the cut goes "
+             "on and depthcut.json records them (by default such a field stops the prune)")
     stream: bool = option(False, group=WHAT,
                           help="rewrite the safetensors shards one tensor at a time without loading the model "
                                "(automatic for a sharded folder when no analysis or repair has to run); with "
@@ -205,23 +208,56 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
     return possible and (config.stream or (config.repair == "none" and (Path(source.location) / INDEX_FILE).is_file()))
 
 
-def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=None, tokenizer=None, source=None):
+def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=None, tokenizer=None, source=None,
+                  refusal=None):
     """(removed layers, how they were chosen, the analysis used); analyzes `config.data` (default c4)
-    on the loaded model when the strategy needs an analysis and none was given."""
-    from depthcut.strategies import check_drop, select
+    on the loaded model when the strategy needs an analysis and none was given. `refusal(layers)`
+    (None: every cut is allowed) says why the architecture cannot lose those layers: the strategy
+    then takes its best allowed choice, and says which better ones it passed over."""
+    from depthcut.strategies import check_drop, select_allowed
     from depthcut.surgery import parse_layer_spec
 
     if config.layers is not None:
         return parse_layer_spec(config.layers, num_layers), "explicit", None
     check_drop(config.drop, num_layers)
-    if not STRATEGIES.get(config.strategy).needs_analysis:
-        return select(config.strategy, config.drop, num_layers, seed=config.seed), config.strategy, analysis
-    if analysis is None:
+    if STRATEGIES.get(config.strategy).needs_analysis and analysis is None:
         data = dataclasses.replace(config, data=config.data or "c4")
         print(f"analyzing {data.data} to choose layers ...", file=sys.stderr)
         analysis = run_analysis(model, tokenizer, data, config.layer_path, progress=not config.quiet)
         analysis.metadata["model"] = source.as_dict()
-    return select(config.strategy, config.drop, num_layers, analysis, config.seed), config.strategy, analysis
+    used = analysis if STRATEGIES.get(config.strategy).needs_analysis else None
+    removed, skipped = select_allowed(config.strategy, config.drop, num_layers, used, config.seed,
+                                      refusal or (lambda layers: None))
+    if skipped:
+        best, reason = skipped[0]
+        print(f"note: {config.strategy} prefers removing layers {_span(best)}, which this model does not allow "
+              f"({reason}); {len(skipped)} better choice(s) passed over, removing {_span(removed)}", file=sys.stderr)
+    return removed, config.strategy, analysis
+
+
+def _span(layers: list[int]) -> str:
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else str(layers)
+
+
+def cut_refusal(model, config: PruneConfig):
+    """`refusal(layers)` for `choose_layers`: why removing those layers from `model` (with weights or
+    without) would not give an exact model, or None."""
+    from depthcut.layers import find_layer_stack
+    from depthcut.surgery import cut_config
+
+    num_layers = len(find_layer_stack(model, config.layer_path))
+
+    def refusal(layers: list[int]) -> str | None:
+        kept = [i for i in range(num_layers) if i not in set(layers)]
+        try:
+            cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
+                       trust_remote_code=config.trust_remote_code)
+        except DepthcutError as error:
+            return str(error)
+        return None
+
+    return refusal
 
 
 def _block_facts(removed: list[int], analysis) -> dict:
@@ -234,7 +270,7 @@ def _block_facts(removed: list[int], analysis) -> dict:
     }
 
 
-def provenance(removed, strategy, analysis, source, num_layers, before, model, notes) -> dict:
+def provenance(removed, strategy, analysis, source, num_layers, before, model, rewrite) -> dict:
     """What `depthcut.json` records about an in-memory prune."""
     from depthcut.export import parameter_count
 
@@ -252,7 +288,7 @@ def provenance(removed, strategy, analysis, source, num_layers, before, model, n
         "calibration": analysis.metadata.get("data") if analysis else None,
         "analysis": analysis.to_dict() if analysis else None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "config_warnings": notes,
+        "config_rewrite": rewrite.as_dict(),
     }
 
 
@@ -262,19 +298,25 @@ def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     from depthcut.output import environment
     from depthcut.shards import layer_prefix, prune_shards
 
+    from depthcut.io.skeleton import meta_skeleton
+
     _, num_layers, _ = layer_prefix(Path(source.location), config.layer_path)
-    removed, strategy, analysis = choose_layers(config, num_layers, analysis)
+    skeleton = meta_skeleton(source.location, trust_remote_code=config.trust_remote_code)
+    removed, strategy, analysis = choose_layers(config, num_layers, analysis,
+                                                refusal=cut_refusal(skeleton.model, config))
     fit, changed = _repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
     print(f"pruning {source.location} shard by shard (the model is never loaded) ...", file=sys.stderr)
     with atomic_output_dir(config.out, config.force) as staging:
-        summary = prune_shards(source.location, staging, removed, config.layer_path, replaced=changed)
+        summary = prune_shards(source.location, staging, removed, config.layer_path, replaced=changed,
+                               allow_unknown_config=config.allow_unknown_config,
+                               trust_remote_code=config.trust_remote_code)
         record = {"base_model": source.as_dict(), "strategy": strategy, **summary, "streamed": True,
                   **_block_facts(removed, analysis), "analysis": analysis.to_dict() if analysis else None,
                   "repair": fit, "environment": environment()}
         write_json(staging / "depthcut.json", record)
         (staging / "README.md").write_text(model_card(record))
-    for note in summary["config_warnings"]:
-        print(f"warning: {note}", file=sys.stderr)
+    for note in summary["config_rewrite"]["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)
 
 
@@ -401,20 +443,22 @@ def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
 def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     from depthcut.export import parameter_count, save_pruned
     from depthcut.layers import find_layer_stack
-    from depthcut.surgery import prune
+    from depthcut.surgery import cut_config, remove_layers
 
     model, tokenizer, source = load(config, quiet=config.quiet)
     num_layers = len(find_layer_stack(model, config.layer_path))
-    removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
+    removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source,
+                                                refusal=cut_refusal(model, config))
+    kept = [i for i in range(num_layers) if i not in set(removed)]
+    # Refused before minutes of repair, not after.
+    cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
+               trust_remote_code=config.trust_remote_code)
     before = parameter_count(model)
     fit = _repair(config, model, tokenizer, removed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        prune(model, removed, config.layer_path)
-    notes = [str(w.message) for w in caught]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    record = provenance(removed, strategy, analysis, source, num_layers, before, model, notes)
+    rewrite = remove_layers(model, removed, config.layer_path, config.allow_unknown_config)
+    for note in rewrite.notes:
+        print(f"note: {note}", file=sys.stderr)
+    record = provenance(removed, strategy, analysis, source, num_layers, before, model, rewrite)
     record["repair"] = fit
     save_pruned(model, tokenizer, config.out, record, force=config.force)
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)

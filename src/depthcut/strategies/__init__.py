@@ -6,7 +6,7 @@ Strategies that read an `Analysis` say so with `needs_analysis = True`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from depthcut.errors import DepthcutError
@@ -20,14 +20,17 @@ class Strategy:
     choose: Callable[[int, int, Analysis | None, int], list[int]]
     needs_analysis: bool
     description: str
+    # The strategy's choices in order of preference (the first is `choose`'s), for an architecture
+    # that allows only some cuts; None: the strategy has one answer.
+    ranked: Callable[[int, int, Analysis | None, int], Iterable[list[int]]] | None = None
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
-def register_strategy(name: str, needs_analysis: bool, description: str):
+def register_strategy(name: str, needs_analysis: bool, description: str, ranked=None):
     def decorator(choose):
-        STRATEGIES.register(name)(Strategy(name, choose, needs_analysis, description))
+        STRATEGIES.register(name)(Strategy(name, choose, needs_analysis, description, ranked))
         return choose
 
     return decorator
@@ -54,6 +57,29 @@ def select(strategy: str, drop: int, num_layers: int | None = None, analysis: An
         raise DepthcutError(f"strategy {strategy!r} needs an analysis (--analysis FILE or --data DATA)")
     check_drop(drop, num_layers)
     return sorted(chosen.choose(drop, num_layers, analysis, seed))
+
+
+def select_allowed(strategy: str, drop: int, num_layers: int | None, analysis: Analysis | None, seed: int,
+                   refusal: Callable[[list[int]], str | None]) -> tuple[list[int], list[tuple[list[int], str]]]:
+    """(the layers `strategy` prefers among those whose cut `refusal` allows, the better choices it
+    could not take with the reason each was refused). `refusal(layers)` is None for an allowed cut.
+    A strategy with a single answer is refused with that answer's reason."""
+    first = select(strategy, drop, num_layers, analysis, seed)
+    num_layers = analysis.num_layers if analysis is not None else num_layers
+    chosen = STRATEGIES.get(strategy)
+    choices = chosen.ranked(drop, num_layers, analysis, seed) if chosen.ranked else [first]
+    skipped = []
+    for layers in choices:
+        layers = sorted(layers)
+        reason = refusal(layers)
+        if reason is None:
+            return layers, skipped
+        skipped.append((layers, reason))
+        if len(skipped) >= 64 and chosen.ranked:
+            break
+    layers, reason = skipped[0]
+    raise DepthcutError(f"strategy {strategy!r} found no cut of {drop} layers that this model allows: "
+                        f"removing {layers} is refused: {reason}")
 
 
 from depthcut.strategies import angular, block_influence, deepest, random_block  # noqa: F401

@@ -3,6 +3,12 @@
 from depthcut.strategies import register_strategy
 
 
-@register_strategy("deepest", needs_analysis=False, description="the N layers just before the final layer")
+def ranked(drop, num_layers, analysis, seed):
+    """The deepest block first, then each one a layer shallower, for architectures that allow only some cuts."""
+    return [list(range(stop - drop, stop)) for stop in range(num_layers - 1, drop - 1, -1)]
+
+
+@register_strategy("deepest", needs_analysis=False, description="the N layers just before the final layer",
+                   ranked=ranked)
 def choose(drop, num_layers, analysis, seed):
     return list(range(num_layers - 1 - drop, num_layers - 1))
