@@ -15,6 +15,7 @@ from depthcut.capture import ResidualCapture, StopForward
 from depthcut.data import TextSource, load_texts
 from depthcut.distributed import rank_and_world, sum_across_processes
 from depthcut.errors import DepthcutError
+from depthcut.layer_kinds import layer_kinds
 from depthcut.layers import find_layer_stack, text_config
 from depthcut.metrics import DEFAULT_METRICS, METRICS
 from depthcut.result import Analysis
@@ -129,6 +130,7 @@ def analyze(
         model.train(was_training)
     return run.finish(num_layers, device, model=getattr(model.config, "_name_or_path", None) or type(model).__name__,
                       architecture=type(model).__name__, layer_path=stack.path,
+                      layer_kinds=layer_kinds(model, stack.path),
                       dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
@@ -212,5 +214,6 @@ def analyze_streamed(
     if facts["num_layers"] != num_layers:
         raise DepthcutError(f"the layer stack holds {facts['num_layers']} layers, the config says {num_layers}")
     return run.finish(num_layers, device, model=str(Path(folder)), architecture=facts["architecture"],
-                      layer_path=facts["layer_path"], dtype=facts["dtype"], streamed=facts["streamed"],
+                      layer_path=facts["layer_path"], layer_kinds=facts["layer_kinds"], dtype=facts["dtype"],
+                      streamed=facts["streamed"],
                       dtype_choice=choice.as_dict())

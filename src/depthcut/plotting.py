@@ -51,7 +51,16 @@ def plot_heatmap(analysis: Analysis, path: str | Path, title: str | None = None)
         figure.colorbar(image, ax=ax, label="angular distance d(x_l, x_{l+n})")
     if "block_influence" in analysis.metrics:
         ax = axes[-1]
-        ax.bar(range(size), analysis.metrics["block_influence"], color="tab:blue")
+        kinds = analysis.metadata.get("layer_kinds") or []
+        if len(kinds) == size and len(set(kinds)) > 1:
+            # a hybrid or mixed model: which layers attend, which are SSM or MoE, at a glance
+            palette = dict(zip(sorted(set(kinds)), plt.get_cmap("tab10").colors))
+            for kind, colour in palette.items():
+                layers = [i for i in range(size) if kinds[i] == kind]
+                ax.bar(layers, [analysis.metrics["block_influence"][i] for i in layers], color=colour, label=kind)
+            ax.legend(fontsize=7, framealpha=0.8, title="layer kind", title_fontsize=7)
+        else:
+            ax.bar(range(size), analysis.metrics["block_influence"], color="tab:blue")
         ax.set_xlabel("layer (0-based)")
         ax.set_ylabel("block influence (1 - cos)")
         ax.set_title("block influence (ShortGPT)")

@@ -52,6 +52,7 @@ from depthcut.capture import StopForward, last_positions, unit_cosines
 from depthcut.errors import DepthcutError
 from depthcut.io.safetensors import own_memory, read_tensor
 from depthcut.io.skeleton import checkpoint_dtype, meta_skeleton
+from depthcut.layer_kinds import layer_kinds
 from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, text_config
 from depthcut.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
 
@@ -503,6 +504,7 @@ def stream_states(
     return {
         "layer_path": stack.path,
         "num_layers": len(stack),
+        "layer_kinds": layer_kinds(model, stack.path),
         "architecture": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "streamed": {"resident_outside_layers_bytes": resident, "largest_layer_bytes": peak_layer,
