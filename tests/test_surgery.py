@@ -72,9 +72,20 @@ def test_layer_idx_is_renumbered_so_the_cache_uses_the_right_slots():
     assert indices == [0, 1, 2, 3]
 
 
-def test_qwen2_window_field_is_warned_about():
-    with pytest.warns(UserWarning, match="max_window_layers"):
-        depthcut.prune(tiny_model("qwen2"), [1])
+def test_leading_count_fields_are_recounted():
+    # Qwen2: layers below max_window_layers slide; kept 1,2,4,5 -> two of them are below 3.
+    model = depthcut.prune(tiny_model("qwen2", max_window_layers=3), [0, 3])
+    assert model.config.max_window_layers == 2
+
+
+def test_an_unknown_layer_field_refuses_the_cut_and_leaves_the_model_as_it_was():
+    model = tiny_model("llama")
+    model.config.dense_every_other_layer_offset = 1  # means nothing to Llama, and nothing to depthcut
+    with pytest.raises(depthcut.DepthcutError, match="dense_every_other_layer_offset.*--allow-unknown-config"):
+        depthcut.prune(model, [2])
+    assert len(model.model.layers) == 6 and model.config.num_hidden_layers == 6
+    depthcut.prune(model, [2], allow_unknown_config=["dense_every_other_layer_offset"])
+    assert len(model.model.layers) == 5 and model.config.dense_every_other_layer_offset == 1
 
 
 def test_index_list_fields_are_renumbered():

@@ -101,6 +101,7 @@ def verify_cut(before: nn.Module, config_after, kept: Sequence[int], layer_path:
     the layers."""
     old_stack = find_layer_stack(before, layer_path)
     signatures = [layer_signature(layer) for layer in old_stack.layers]
+    _check_mixers_kept(old_stack, kept)
     after = weightless_model(rebuilt_config(config_after), trust_remote_code)
     try:
         new_stack = find_layer_stack(after, old_stack.path)
@@ -116,7 +117,6 @@ def verify_cut(before: nn.Module, config_after, kept: Sequence[int], layer_path:
             raise DepthcutError(
                 f"layer {old_index} would be rebuilt at position {new_index} as another kind of layer "
                 f"({_difference(signatures[old_index], rebuilt)}){_allowed_hint(signatures, len(old_stack) - len(kept))}")
-    _check_mixers_kept(before, old_stack, kept)
     old_outside, new_outside = _outside_tensors(before, old_stack.path), _outside_tensors(after, old_stack.path)
     changed = sorted(name for name in old_outside.keys() | new_outside.keys()
                      if old_outside.get(name) != new_outside.get(name))
@@ -127,7 +127,7 @@ def verify_cut(before: nn.Module, config_after, kept: Sequence[int], layer_path:
                             "which depthcut cannot cut exactly")
 
 
-def _check_mixers_kept(model: nn.Module, stack, kept: Sequence[int]) -> None:
+def _check_mixers_kept(stack, kept: Sequence[int]) -> None:
     """A hybrid model keeps at least one layer of each mixer (attention, SSM, ...): its cache is laid
     out for every kind it was built with, and transformers' hybrid caches fail without one."""
     mixers = [layer_kind(layer).split("+")[0] for layer in stack.layers]
