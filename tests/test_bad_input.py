@@ -249,3 +249,35 @@ def test_run_totals_of_a_resumed_heal():
                                    "tokens_this_run": 256}
     fresh = SimpleNamespace(steps=6, tokens=384, log=log)
     assert run_totals(fresh)["resumed_from_step"] is None and run_totals(fresh)["steps"] == 6
+
+
+# --- names read from files (issue 24) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "", ".", "..",
+                                   "x\u0000.safetensors", 7])
+def test_a_shard_name_that_leaves_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, shard):
+    from safetensors import safe_open
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    with safe_open(model / "model.safetensors", "pt") as handle:
+        names = list(handle.keys())
+    (tmp_path / "x.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    weight_map = {name: "model.safetensors" for name in names} | {names[0]: shard}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = _snapshot(tmp_path)
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--stream", "--out", tmp_path / "out" / "pruned")
+    _assert_refused(code, err, f"{model / 'model.safetensors.index.json'} names the file {shard!r}, which is not a "
+                               "plain file name in its folder")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["..evil.Model", "sub..evil.Model"])
+def test_auto_map_code_names_that_leave_the_folder_are_refused(capsys, tmp_path, tiny_llama_dir, module):
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "llama")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = module
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "pruned")
+    _assert_refused(code, err, "which leads outside its folder: refused")
+    assert not (tmp_path / "pruned").exists()

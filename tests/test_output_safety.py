@@ -518,3 +518,98 @@ def test_a_sweep_folder_created_by_someone_else_before_the_first_point(capsys, m
                  str(corpus_file), *SWEEP])
     _assert_one_error(code, capsys.readouterr().err, "was created by something else")
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and _hidden(tmp_path) == []
+
+
+# --- a model folder's files: regular files inside it (issue 24) ----------------------------------
+
+def _model_with_link(tiny_llama_dir: Path, tmp_path: Path, name: str, target: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / name).symlink_to(target)
+    return model
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    path = tmp_path / "secret.txt"
+    path.write_text("a secret outside the model folder\n")
+    return path
+
+
+def _no_copy_of(folder: Path, secret: Path) -> None:
+    """No file under `folder` holds the secret's bytes."""
+    text = secret.read_bytes()
+    assert all(text not in p.read_bytes() for p in folder.rglob("*") if p.is_file()), folder
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_symlink_out_of_the_model_folder_is_not_copied(capsys, tmp_path, tiny_llama_dir, secret, stream):
+    model = _model_with_link(tiny_llama_dir, tmp_path, "notes.txt", secret)
+    out = tmp_path / "pruned"
+    code = main(_argv(PRUNE, model=model, out=out) + (["--stream"] if stream else []))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert not (out / "notes.txt").exists()
+    _no_copy_of(out, secret)
+    if stream:  # the in-memory prune copies no extra file at all
+        assert f"warning: {model / 'notes.txt'} was not copied: it is a symlink to {secret}, outside" in err
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "depthcut.json"])
+@pytest.mark.parametrize("command", ["prune", "prune-stream", "heal"])
+def test_a_file_that_is_read_and_links_out_of_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                    secret, name, command):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / name).unlink(missing_ok=True)
+    (model / name).symlink_to(secret)
+    out = tmp_path / "out"
+    argv = {"prune": _argv(PRUNE, model=model, out=out), "prune-stream": _argv(PRUNE, model=model, out=out) + ["--stream"],
+            "heal": ["heal", str(model), "--data", str(corpus_file), "--out", str(out), "--steps", "1", "--quiet"]}
+    code = main(argv[command])
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"{model / name} is a symlink to {secret}, outside the model folder")
+    assert "loading" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "secret.txt"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_map_code_that_links_out_of_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, secret, stream):
+    from test_bad_input import _custom_model
+
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "llama")
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text((model / "modeling_tiny.py").read_text() + "# not in the model folder\n")
+    (model / "modeling_tiny.py").unlink()
+    (model / "modeling_tiny.py").symlink_to(outside)
+    code = main(_argv(PRUNE, model=model, out=tmp_path / "pruned") + (["--stream"] if stream else []))
+    _assert_one_error(code, capsys.readouterr().err, "modeling_tiny.py is a symlink to")
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_a_symlink_inside_the_folder_and_a_hub_cache_snapshot_are_fine(capsys, tmp_path, tiny_llama_dir):
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama_dir.iterdir():  # the hub cache's layout: every file a link into blobs/
+        shutil.copy(file, repo / "blobs" / file.name)
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / file.name)
+    (snapshot / "notes.txt").write_text("notes")
+    (snapshot / "NOTES").symlink_to("notes.txt")  # a link inside the folder
+    for stream in ([], ["--stream"]):
+        out = tmp_path / f"pruned{len(stream)}"
+        code = main(_argv(PRUNE, model=snapshot, out=out) + stream)
+        assert code == 0, capsys.readouterr().err
+        _assert_pruned_model(out)
+    assert (tmp_path / "pruned1" / "NOTES").read_text() == "notes"
+
+
+def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_on(capsys, tmp_path, tiny_llama_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    for stream in ([], ["--stream"]):
+        code = main(_argv(PRUNE, model=model, out=tmp_path / "out") + stream)
+        _assert_one_error(code, capsys.readouterr().err, f"{model / 'model.safetensors'} is not a regular file")

