@@ -613,3 +613,29 @@ def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_on(capsys, tmp_pat
     for stream in ([], ["--stream"]):
         code = main(_argv(PRUNE, model=model, out=tmp_path / "out") + stream)
         _assert_one_error(code, capsys.readouterr().err, f"{model / 'model.safetensors'} is not a regular file")
+
+
+# --- the lock file is depthcut's own (issue 24) -----------------------------------------------------
+
+@pytest.mark.parametrize("how, message", [("symlink", "is a symlink"), ("dangling", "is a symlink"),
+                                          ("hardlink", "has other names (hard links)"),
+                                          ("fifo", "is not a regular file")])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written_through_it(capsys, tmp_path,
+                                                                                          tiny_llama_dir, how, message):
+    users = tmp_path / "users.txt"
+    users.write_text("the user's file\n")
+    lock = tmp_path / ".pruned.lock"
+    if how == "symlink":
+        lock.symlink_to(users)
+    elif how == "dangling":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif how == "hardlink":
+        os.link(users, lock)
+    else:
+        os.mkfifo(lock)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=tmp_path / "pruned"))
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"the lock file {lock} of {tmp_path / 'pruned'} {message}")
+    assert "loading" not in err
+    assert users.read_text() == "the user's file\n" and not (tmp_path / "created-through-the-link").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.lock", "users.txt"]

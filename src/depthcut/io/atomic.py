@@ -194,10 +194,7 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
 
     path = out.parent / f".{out.name}.lock"
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as error:
-            raise _not_writable(out, error) from None
+        fd = _open_lock(path, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -213,7 +210,7 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
             return None, None
         # The holder before us may have removed the file between our open and our lock: retry then.
         try:
-            current = os.stat(path)
+            current = os.lstat(path)
             locked = os.fstat(fd)
             if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
                 break
@@ -228,9 +225,32 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
     return fd, path
 
 
+def _open_lock(path: Path, out: Path) -> int:
+    """The lock file opened, never through a symlink, and only if it is a plain file of its own: the
+    pid written into it must not land in a file of the user's that something linked there."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _bad_lock(path, out, "is a symlink") from None
+        raise _not_writable(out, error) from None
+    facts = os.fstat(fd)
+    if not stat.S_ISREG(facts.st_mode) or facts.st_nlink > 1:
+        os.close(fd)
+        raise _bad_lock(path, out, "is not a regular file" if not stat.S_ISREG(facts.st_mode) else
+                        "has other names (hard links)")
+    return fd
+
+
+def _bad_lock(path: Path, out: Path, why: str) -> DepthcutError:
+    return DepthcutError(f"the lock file {path} of {out} {why}; depthcut writes only a lock file of its own there: "
+                         "remove it and run again")
+
+
 def _unlock(fd: int, path: Path | None) -> None:
     try:
-        current, locked = os.stat(path), os.fstat(fd)
+        current, locked = os.lstat(path), os.fstat(fd)
         if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
             os.unlink(path)  # removed while still locked, so no other run can lock the removed file unseen
     except (OSError, TypeError):
@@ -431,7 +451,7 @@ def _make_dir(path: Path) -> None:
 
 
 def _make_file(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies; EXCL: never a link
 
 
 @contextmanager
