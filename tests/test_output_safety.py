@@ -639,3 +639,75 @@ def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written_
     assert "loading" not in err
     assert users.read_text() == "the user's file\n" and not (tmp_path / "created-through-the-link").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.lock", "users.txt"]
+
+
+# --- an --out that overlaps an input is refused, --force or not (issue 24) --------------------------
+
+def _overlap_argv(command: str, model: Path, out: Path, corpus: Path) -> list[str]:
+    return {
+        "prune": _argv(PRUNE, model=model, out=out),
+        "prune-stream": [*_argv(PRUNE, model=model, out=out), "--stream"],
+        "heal": ["heal", str(model), "--data", str(corpus), "--out", str(out), "--steps", "1", "--quiet"],
+        "analyze": ["analyze", str(model), "--data", str(corpus), "--out", str(out), "--samples", "2", "--quiet"],
+        "eval": ["eval", str(model), "--loss", str(corpus), "--out", str(out), "--quiet"],
+        "sweep": ["sweep", str(model), "--out", str(out), "--data", str(corpus), "--loss", str(corpus), *SWEEP],
+    }[command]
+
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("inside", "lies inside"), ("parent", "contains"),
+                                             ("link", "is")])
+@pytest.mark.parametrize("command", ["prune", "prune-stream", "heal", "analyze", "eval", "sweep"])
+def test_an_out_that_overlaps_the_model_is_refused_even_with_force(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                   command, where, relation):
+    model = tmp_path / "models" / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    out = {"same": model, "inside": model / "out", "parent": tmp_path / "models", "link": tmp_path / "link"}[where]
+    if where == "link":
+        out.symlink_to(model)
+    before = _snapshot_of(tmp_path)
+    code = main([*_overlap_argv(command, model, out, corpus_file), "--force"])
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"--out {out} {relation} the input {model}: writing it would replace or change")
+    assert "loading" not in err and _snapshot_of(tmp_path) == before
+
+
+def _snapshot_of(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_heal_checkpoints_that_would_land_on_the_model_are_refused(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    model = tmp_path / "healed-checkpoints"  # what a heal at --out healed would use for its checkpoints
+    shutil.copytree(tiny_llama_dir, model)
+    before = _snapshot_of(tmp_path)
+    code = main(["heal", str(model), "--data", str(corpus_file), "--out", str(tmp_path / "healed"), "--steps", "1",
+                 "--force", "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {model} is the input {model}")
+    assert _snapshot_of(tmp_path) == before
+
+
+def test_data_inside_the_out_that_force_would_replace_is_refused(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    data = out / "corpus.jsonl"
+    shutil.copy(corpus_file, data)
+    code = main(["analyze", str(tiny_llama_dir), "--data", str(data), "--out", str(out), "--force", "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {out} contains the input {data}")
+    assert data.read_bytes() == corpus_file.read_bytes()
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_that_names_no_new_folder_is_refused(capsys, monkeypatch, tmp_path, tiny_llama_dir, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out) + ["--force"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {out} names no file or folder of its own")
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_an_out_name_too_long_for_its_temporary_is_one_error(capsys, tmp_path, tiny_llama_dir):
+    out = tmp_path / ("x" * 240)  # allowed itself (255 bytes), but not its temporary sibling
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out))
+    _assert_one_error(code, capsys.readouterr().err, "the name is too long; depthcut writes beside it a temporary")
+    assert list(tmp_path.iterdir()) == []

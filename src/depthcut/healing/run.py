@@ -21,7 +21,7 @@ from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import HealResult
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 
 
 def checkpoint_folder(out: str | Path) -> Path:
@@ -59,6 +59,8 @@ def heal_to(
     from depthcut.healing.trainer import _check_quantization, full_precision_loader, heal
     from depthcut.models import check_context_length, load_model_announced, resolve_model
 
+    for written in (out, checkpoint_folder(out)):
+        check_no_overlap([model_spec, teacher_spec, data_spec], written)
     _check_teacher_spec(recipe, teacher_spec)
     _check_quantization(recipe)
     if checkpoint_every < 1:

@@ -49,9 +49,55 @@ _WRITE_FAILED = (errno.EIO, errno.EFBIG)
 
 # --- checks -----------------------------------------------------------------------------------
 
+def check_no_overlap(inputs, out: str | Path) -> None:
+    """Refuse, whatever --force says, an `out` that is one of the local paths `inputs` (the model, its
+    data, ...), lies inside one or contains one, symlinks resolved: writing it would replace or change
+    the input. Inputs that are not local paths (hub ids, `c4`, None) are passed over."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        else:
+            continue
+        raise DepthcutError(f"--out {out} {relation} the input {given}: writing it would replace or change that "
+                            "input; choose an --out outside it")
+
+
+def check_output_name(out: str | Path) -> Path:
+    """`out` must name a new file or folder (not `.`, `..` or `/`) whose temporary sibling
+    `.OUT.tmp-PID-XXXXXXXX` is a name the file system allows."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise DepthcutError(f"--out {out} names no file or folder of its own (it would replace the folder it names): "
+                            "give a new name, e.g. --out runs/pruned")
+    longest = len(os.fsencode(_staging_path(out).name))
+    limit = _name_limit(out)
+    if longest > limit:
+        raise DepthcutError(f"--out {out}: the name is too long; depthcut writes beside it a temporary named "
+                            f"{longest} bytes, more than the {limit} this file system allows: choose a shorter name")
+    return out
+
+
+def _name_limit(out: Path) -> int:
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_output_dir(out: str | Path, force: bool) -> Path:
     """Fail early, before any work, if `out` exists and may not be replaced."""
-    out = Path(out)
+    out = check_output_name(out)
     if out.exists() and not force:
         raise DepthcutError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -61,7 +107,7 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
 
 def check_output_file(out: str | Path, force: bool) -> Path:
     """Fail early, before any work, if the file `out` exists and may not be replaced."""
-    out = Path(out)
+    out = check_output_name(out)
     if out.is_dir():
         raise DepthcutError(f"output {out} is a folder; --out names a file here")
     if out.exists() and not force:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import DeviceMapOption, ModelOptions, check_positive, load
 from depthcut.pipeline.options import comma_list, make_config, option
 
@@ -64,6 +64,7 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
     out="eval.json")`. Returns the result written.
     """
     config = make_config(EvalConfig, config, fields)
+    check_no_overlap([config.model, config.loss, *config.tasks], config.out)
     if not config.tasks and not config.loss:
         raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
     config.check_measures()

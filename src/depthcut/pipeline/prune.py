@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import (
     DataOptions,
     ModelOptions,
@@ -430,6 +430,7 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
     folders).
     """
     config = make_config(PruneConfig, config, fields)
+    check_no_overlap([config.model, config.analysis, config.data], config.out)
     analysis = load_analysis(config.analysis) if config.analysis else None
     _check_choice(config, analysis)
     with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir"):
