@@ -281,3 +281,53 @@ def test_auto_map_code_names_that_leave_the_folder_are_refused(capsys, tmp_path,
     code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "pruned")
     _assert_refused(code, err, "which leads outside its folder: refused")
     assert not (tmp_path / "pruned").exists()
+
+
+# --- numbers that are not finite, and command-line mistakes (issue 24) ---------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["heal", "{model}", "--data", "{corpus}", "--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+    (["heal", "{model}", "--data", "{corpus}", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["heal", "{model}", "--data", "{corpus}", "--kd-temperature", "inf"], "argument --kd-temperature: 'inf'"),
+    (["heal", "{model}", "--data", "{corpus}", "--dropout=-inf"], "argument --dropout: '-inf' is not a finite"),
+    (["heal", "{model}", "--data", "{corpus}", "--alpha", "NaN"], "argument --alpha: 'NaN' is not a finite"),
+    (["sweep", "{model}", "--tasks", "arc_easy", "--heal-lr", "infinity"], "argument --heal-lr: 'infinity'"),
+    (["sweep", "{model}", "--loss", "c4", "--tolerance", "nan"], "argument --tolerance: 'nan' is not a finite"),
+    (["prune", "{model}", "--layers", "1", "--repair", "lstsqq"], "argument --repair: invalid choice: 'lstsqq'"),
+    (["prune", "{model}", "--layers", "1", "--drop", "x"], "argument --drop: invalid int value: 'x'"),
+])
+def test_command_line_mistakes_are_one_error_line(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
+    argv = [a.format(model=tiny_llama_dir, corpus=corpus_file) for a in argv] + ["--out", str(tmp_path / "out")]
+    code, out, err = _run(capsys, *argv)
+    _assert_refused(code, err, message)
+    assert err.count("\n") == 1 and "usage:" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["lr", "kd_temperature", "kd_weight", "dropout", "alpha", "heldout_fraction"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_the_recipe_refuses_numbers_that_are_not_finite(field, value):
+    from depthcut.errors import DepthcutError
+    from depthcut.healing.recipe import HealRecipe
+
+    with pytest.raises(DepthcutError, match=f"--{field.replace('_', '-')} must be a finite number"):
+        HealRecipe(**{field: value})
+
+
+def test_a_heal_whose_loss_diverges_stops_writes_nothing_and_keeps_its_checkpoints(capsys, tmp_path, tiny_llama_dir,
+                                                                                   corpus_file):
+    out = tmp_path / "healed"
+    code, _, err = _run(capsys, "heal", tiny_llama_dir, "--data", corpus_file, "--out", out, "--steps", "4",
+                        "--lr", "1e30", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--warmup-steps", "0",
+                        "--checkpoint-every", "1", "--heldout-windows", "2", "--quiet")
+    _assert_refused(code, err, "the training loss became nan at step 2: training diverged, nothing was written")
+    assert not out.exists()
+    checkpoints = tmp_path / "healed-checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-0000001"]
+    assert "checkpoints kept in" in err
+
+
+def test_generate_refuses_an_empty_prompt(capsys, tiny_llama_dir):
+    code, out, err = _run(capsys, "generate", tiny_llama_dir, "")
+    _assert_refused(code, err, "a prompt is empty")
+    assert "loading" not in err and out == ""
