@@ -331,3 +331,14 @@ def test_generate_refuses_an_empty_prompt(capsys, tiny_llama_dir):
     code, out, err = _run(capsys, "generate", tiny_llama_dir, "")
     _assert_refused(code, err, "a prompt is empty")
     assert "loading" not in err and out == ""
+
+
+def test_eval_help_says_a_task_file_is_code():
+    result = subprocess.run([sys.executable, "-m", "depthcut.cli", "eval", "--help"], capture_output=True, text=True,
+                            check=False)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "A task file is code: as in lm-eval, its `!function` entries import and run the Python files" in text
+    assert "a task file is code: its !function entries run the Python files beside it" in text  # --tasks' own help
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    assert "**A task file is code.**" in docs

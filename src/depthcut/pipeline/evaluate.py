@@ -19,7 +19,8 @@ class MeasureOptions:
 
     tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
                                     help="comma-separated lm-evaluation-harness task, group or tag names, or task "
-                                         "YAML files (docs/tasks.md)")
+                                         "YAML files (docs/tasks.md; a task file is code: its !function entries "
+                                         "run the Python files beside it, so use only task files you trust)")
     limit: int | None = option(None, group=MEASURE,
                                help="a seeded random subset of N documents per task (per subtask of a group)")
     num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
