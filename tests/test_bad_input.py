@@ -342,3 +342,23 @@ def test_eval_help_says_a_task_file_is_code():
     assert "a task file is code: its !function entries run the Python files beside it" in text  # --tasks' own help
     docs = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
     assert "**A task file is code.**" in docs
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "state.pt cannot be read"),
+                                             ("remove", "recipe.json cannot be read (No such file or directory")])
+def test_resuming_from_a_damaged_checkpoint_is_one_error(capsys, tmp_path, tiny_llama_dir, corpus_file, damage,
+                                                         message):
+    out = tmp_path / "healed"
+    argv = ["heal", tiny_llama_dir, "--data", corpus_file, "--out", out, "--steps", "4", "--lr", "1e30", "--seq-len",
+            "32", "--batch-size", "2", "--rank", "4", "--warmup-steps", "0", "--checkpoint-every", "1",
+            "--heldout-windows", "2", "--quiet"]
+    assert _run(capsys, *argv)[0] == 2  # diverges at step 2, after the checkpoint of step 1
+    step = tmp_path / "healed-checkpoints" / "step-0000001"
+    if damage == "truncate":
+        state = (step / "state.pt").read_bytes()
+        (step / "state.pt").write_bytes(state[: len(state) // 2])
+    else:
+        (step / "recipe.json").unlink()
+    code, _, err = _run(capsys, *argv, "--resume")
+    _assert_refused(code, err, f"checkpoint file {step}/{message}")
+    assert "start afresh with --force instead of --resume" in err and not out.exists()
