@@ -362,3 +362,22 @@ def test_resuming_from_a_damaged_checkpoint_is_one_error(capsys, tmp_path, tiny_
     code, _, err = _run(capsys, *argv, "--resume")
     _assert_refused(code, err, f"checkpoint file {step}/{message}")
     assert "start afresh with --force instead of --resume" in err and not out.exists()
+
+
+# --- a config that does not describe its weights (issue 24) --------------------------------------------
+
+@pytest.mark.parametrize("layers, message", [(7, "9 weights missing (e.g. model.layers.6."),
+                                             (5, "9 weights unexpected (e.g. model.layers.5.")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_config_whose_layer_count_disagrees_with_the_weights(capsys, tmp_path, tiny_llama_dir, layers, message,
+                                                               stream):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "out",
+                        *(["--stream"] if stream else []))
+    expected = (f"config.json says {layers} layers, but the weights hold 6 (layers 0 to 5)" if stream
+                else f"its weights do not match its config.json: {message}")
+    _assert_refused(code, err, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -108,6 +108,16 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int])
     return f"{key[: len(key) - len(tail)]}{new_index}{rest}"
 
 
+def check_layer_count(names, pattern: re.Pattern, num_layers: int, folder: Path) -> None:
+    """The checkpoint's layers (`pattern` matches a layer tensor's model name, its second group the
+    index) must be the config's: a config that says more or fewer layers would write a broken model."""
+    found = {int(match.group(2)) for name in names if (match := pattern.match(name))}
+    if found != set(range(num_layers)):
+        raise DepthcutError(f"{folder}: config.json says {num_layers} layers, but the weights hold "
+                            f"{len(found)} (layers {min(found, default=0)} to {max(found, default=-1)}); the config "
+                            "does not describe these weights")
+
+
 def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None,
                  replaced: dict | None = None) -> dict:
     """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary.
@@ -125,6 +135,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
     names, _ = model_names(weight_map, skeleton.model)
+    check_layer_count(names.values(), pattern, num_layers, source)
     replaced = replaced or {}
     unknown = sorted(set(replaced) - set(weight_map))
     if unknown:
