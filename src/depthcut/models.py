@@ -127,7 +127,7 @@ def _check_loading_report(spec: str, report: dict) -> None:
     """Weights that the config has no place for, or places that no weight fills (transformers would
     fill them with random numbers), mean the config does not describe the checkpoint: e.g. its
     num_hidden_layers disagrees with the layers stored."""
-    problems = [f"{len(report[key])} {what} (e.g. {sorted(report[key])[0]})"
+    problems = [f"{len(report[key])} {what} (e.g. {min(report[key])})"
                 for key, what in (("missing_keys", "weights missing"), ("unexpected_keys", "weights unexpected"))
                 if report.get(key)]
     if problems:
