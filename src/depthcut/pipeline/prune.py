@@ -429,10 +429,13 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
     shard without loading the model when nothing has to be computed (`stream`, automatic for sharded
     folders).
     """
+    from depthcut.models import resolve_model
+
     config = make_config(PruneConfig, config, fields)
-    check_no_overlap([config.model, config.analysis, config.data], config.out)
     analysis = load_analysis(config.analysis) if config.analysis else None
     _check_choice(config, analysis)
+    resolve_model(config.model)  # a MODEL that is no model says so, before what --out overlaps
+    check_no_overlap([config.model, config.analysis, config.data], config.out)
     with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir"):
         return _prune(config, analysis)
 
