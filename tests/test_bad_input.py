@@ -249,3 +249,135 @@ def test_run_totals_of_a_resumed_heal():
                                    "tokens_this_run": 256}
     fresh = SimpleNamespace(steps=6, tokens=384, log=log)
     assert run_totals(fresh)["resumed_from_step"] is None and run_totals(fresh)["steps"] == 6
+
+
+# --- names read from files (issue 24) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "", ".", "..",
+                                   "x\u0000.safetensors", 7])
+def test_a_shard_name_that_leaves_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, shard):
+    from safetensors import safe_open
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    with safe_open(model / "model.safetensors", "pt") as handle:
+        names = list(handle.keys())
+    (tmp_path / "x.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    weight_map = {name: "model.safetensors" for name in names} | {names[0]: shard}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = _snapshot(tmp_path)
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--stream", "--out", tmp_path / "out" / "pruned")
+    _assert_refused(code, err, f"{model / 'model.safetensors.index.json'} names the file {shard!r}, which is not a "
+                               "plain file name in its folder")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["..evil.Model", "sub..evil.Model"])
+def test_auto_map_code_names_that_leave_the_folder_are_refused(capsys, tmp_path, tiny_llama_dir, module):
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "llama")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = module
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "pruned")
+    _assert_refused(code, err, "which leads outside its folder: refused")
+    assert not (tmp_path / "pruned").exists()
+
+
+# --- numbers that are not finite, and command-line mistakes (issue 24) ---------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["heal", "{model}", "--data", "{corpus}", "--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+    (["heal", "{model}", "--data", "{corpus}", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["heal", "{model}", "--data", "{corpus}", "--kd-temperature", "inf"], "argument --kd-temperature: 'inf'"),
+    (["heal", "{model}", "--data", "{corpus}", "--dropout=-inf"], "argument --dropout: '-inf' is not a finite"),
+    (["heal", "{model}", "--data", "{corpus}", "--alpha", "NaN"], "argument --alpha: 'NaN' is not a finite"),
+    (["sweep", "{model}", "--tasks", "arc_easy", "--heal-lr", "infinity"], "argument --heal-lr: 'infinity'"),
+    (["sweep", "{model}", "--loss", "c4", "--tolerance", "nan"], "argument --tolerance: 'nan' is not a finite"),
+    (["prune", "{model}", "--layers", "1", "--repair", "lstsqq"], "argument --repair: invalid choice: 'lstsqq'"),
+    (["prune", "{model}", "--layers", "1", "--drop", "x"], "argument --drop: invalid int value: 'x'"),
+])
+def test_command_line_mistakes_are_one_error_line(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
+    argv = [a.format(model=tiny_llama_dir, corpus=corpus_file) for a in argv] + ["--out", str(tmp_path / "out")]
+    code, out, err = _run(capsys, *argv)
+    _assert_refused(code, err, message)
+    assert err.count("\n") == 1 and "usage:" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["lr", "kd_temperature", "kd_weight", "dropout", "alpha", "heldout_fraction"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_the_recipe_refuses_numbers_that_are_not_finite(field, value):
+    from depthcut.errors import DepthcutError
+    from depthcut.healing.recipe import HealRecipe
+
+    with pytest.raises(DepthcutError, match=f"--{field.replace('_', '-')} must be a finite number"):
+        HealRecipe(**{field: value})
+
+
+def test_a_heal_whose_loss_diverges_stops_writes_nothing_and_keeps_its_checkpoints(capsys, tmp_path, tiny_llama_dir,
+                                                                                   corpus_file):
+    out = tmp_path / "healed"
+    code, _, err = _run(capsys, "heal", tiny_llama_dir, "--data", corpus_file, "--out", out, "--steps", "4",
+                        "--lr", "1e30", "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--warmup-steps", "0",
+                        "--checkpoint-every", "1", "--heldout-windows", "2", "--quiet")
+    _assert_refused(code, err, "the training loss became nan at step 2: training diverged, nothing was written")
+    assert not out.exists()
+    checkpoints = tmp_path / "healed-checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-0000001"]
+    assert "checkpoints kept in" in err
+
+
+def test_generate_refuses_an_empty_prompt(capsys, tiny_llama_dir):
+    code, out, err = _run(capsys, "generate", tiny_llama_dir, "")
+    _assert_refused(code, err, "a prompt is empty")
+    assert "loading" not in err and out == ""
+
+
+def test_eval_help_says_a_task_file_is_code():
+    result = subprocess.run([sys.executable, "-m", "depthcut.cli", "eval", "--help"], capture_output=True, text=True,
+                            check=False)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "A task file is code: as in lm-eval, its `!function` entries import and run the Python files" in text
+    assert "a task file is code: its !function entries run the Python files beside it" in text  # --tasks' own help
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    assert "**A task file is code.**" in docs
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "state.pt cannot be read"),
+                                             ("remove", "recipe.json cannot be read (No such file or directory")])
+def test_resuming_from_a_damaged_checkpoint_is_one_error(capsys, tmp_path, tiny_llama_dir, corpus_file, damage,
+                                                         message):
+    out = tmp_path / "healed"
+    argv = ["heal", tiny_llama_dir, "--data", corpus_file, "--out", out, "--steps", "4", "--lr", "1e30", "--seq-len",
+            "32", "--batch-size", "2", "--rank", "4", "--warmup-steps", "0", "--checkpoint-every", "1",
+            "--heldout-windows", "2", "--quiet"]
+    assert _run(capsys, *argv)[0] == 2  # diverges at step 2, after the checkpoint of step 1
+    step = tmp_path / "healed-checkpoints" / "step-0000001"
+    if damage == "truncate":
+        state = (step / "state.pt").read_bytes()
+        (step / "state.pt").write_bytes(state[: len(state) // 2])
+    else:
+        (step / "recipe.json").unlink()
+    code, _, err = _run(capsys, *argv, "--resume")
+    _assert_refused(code, err, f"checkpoint file {step}/{message}")
+    assert "start afresh with --force instead of --resume" in err and not out.exists()
+
+
+# --- a config that does not describe its weights (issue 24) --------------------------------------------
+
+@pytest.mark.parametrize("layers, message", [(7, "9 weights missing (e.g. model.layers.6."),
+                                             (5, "9 weights unexpected (e.g. model.layers.5.")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_config_whose_layer_count_disagrees_with_the_weights(capsys, tmp_path, tiny_llama_dir, layers, message,
+                                                               stream):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "out",
+                        *(["--stream"] if stream else []))
+    expected = (f"config.json says {layers} layers, but the weights hold 6 (layers 0 to 5)" if stream
+                else f"its weights do not match its config.json: {message}")
+    _assert_refused(code, err, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

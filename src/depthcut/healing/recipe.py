@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from depthcut.errors import DepthcutError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 OBJECTIVES = ("lm", "kd", "kd+lm")
+
+
+def _finite(value) -> bool:
+    return value is None or (isinstance(value, int | float) and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,10 @@ class HealRecipe:
     kd_weight: float = 0.5  # the KD term's share of the kd+lm loss
 
     def __post_init__(self):
-        problems = []
+        problems = [f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}"
+                    for f in fields(self) if "float" in str(f.type) and not _finite(getattr(self, f.name))]
+        if problems:  # the ranges below would let inf through, and fail on nan
+            raise DepthcutError("; ".join(problems))
         if self.rank < 1:
             problems.append(f"--rank must be at least 1, got {self.rank}")
         if not 0 <= self.dropout < 1:

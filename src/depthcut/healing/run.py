@@ -21,7 +21,7 @@ from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import HealResult
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 
 
 def checkpoint_folder(out: str | Path) -> Path:
@@ -56,9 +56,11 @@ def heal_to(
     """
     from depthcut.data import load_texts
     from depthcut.healing.export import save_healed
-    from depthcut.healing.trainer import _check_quantization, full_precision_loader, heal
+    from depthcut.healing.trainer import _check_quantization, check_finite_loss, full_precision_loader, heal
     from depthcut.models import check_context_length, load_model_announced, resolve_model
 
+    for written in (out, checkpoint_folder(out)):
+        check_no_overlap([model_spec, teacher_spec, data_spec], written)
     _check_teacher_spec(recipe, teacher_spec)
     _check_quantization(recipe)
     if checkpoint_every < 1:
@@ -85,6 +87,7 @@ def heal_to(
             result = heal(model, tokenizer, data, recipe, layer_path=layer_path, checkpoint_dir=checkpoints,
                           checkpoint_every=checkpoint_every, resume=resume, log_path=log_path, progress=progress,
                           full_precision_base=full_precision_base, teacher=teacher)
+            check_finite_loss(result.loss_after["loss"], result.log[-1]["step"] if result.log else 0)
             if not is_main_process():
                 return result  # data-parallel run: the first process writes the result
             save_healed(result, tokenizer, out, base_model=source.as_dict(), data=data.description,

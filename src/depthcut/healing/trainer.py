@@ -9,6 +9,7 @@ With a teacher (the unpruned model), the loss can be distillation from it (`heal
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
@@ -331,6 +332,13 @@ def _step_log(path: str | Path | None, append: bool):
         yield write
 
 
+def check_finite_loss(loss: float, step: int) -> None:
+    """Stop a run whose loss is no longer a number: the weights it would save are NaN or infinite."""
+    if not math.isfinite(loss):
+        raise DepthcutError(f"the training loss became {loss} at step {step}: training diverged, nothing was written "
+                            "(a lower --lr, or more --warmup-steps, may help)")
+
+
 def _train(run: _Run, checkpoints: Path | None, checkpoint_every: int, log_path, progress: bool,
            on_step: Callable[[int, dict], None] | None) -> float:
     """Steps from `run.start` to the end, logging each; the seconds they took."""
@@ -343,6 +351,7 @@ def _train(run: _Run, checkpoints: Path | None, checkpoint_every: int, log_path,
         for step in range(run.start, run.total_steps):
             losses = _step(run, step)
             loss = losses["loss"]
+            check_finite_loss(loss, step + 1)
             elapsed = time.perf_counter() - began
             entry = {"step": step + 1, **losses, "lr": run.scheduler.get_last_lr()[0], "tokens": (step + 1) * per_step,
                      "tokens_per_s": (step + 1 - run.start) * per_step / max(elapsed, 1e-9)}

@@ -7,4 +7,6 @@
 - `depthcut.io.atomic`: outputs that appear whole or not at all (claims of --out, temporary
   siblings, atomic publish, write failures as one clear error).
 - `depthcut.io.skeleton`: a model built from its config with no weights (meta parameters).
+- `depthcut.io.model_files`: a model folder's files (regular files inside it: checked, opened and
+  copied in one place) and the names of files read from files (plain names in the same folder).
 """

@@ -49,9 +49,55 @@ _WRITE_FAILED = (errno.EIO, errno.EFBIG)
 
 # --- checks -----------------------------------------------------------------------------------
 
+def check_no_overlap(inputs, out: str | Path) -> None:
+    """Refuse, whatever --force says, an `out` that is one of the local paths `inputs` (the model, its
+    data, ...), lies inside one or contains one, symlinks resolved: writing it would replace or change
+    the input. Inputs that are not local paths (hub ids, `c4`, None) are passed over."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        else:
+            continue
+        raise DepthcutError(f"--out {out} {relation} the input {given}: writing it would replace or change that "
+                            "input; choose an --out outside it")
+
+
+def check_output_name(out: str | Path) -> Path:
+    """`out` must name a new file or folder (not `.`, `..` or `/`) whose temporary sibling
+    `.OUT.tmp-PID-XXXXXXXX` is a name the file system allows."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise DepthcutError(f"--out {out} names no file or folder of its own (it would replace the folder it names): "
+                            "give a new name, e.g. --out runs/pruned")
+    longest = len(os.fsencode(_staging_path(out).name))
+    limit = _name_limit(out)
+    if longest > limit:
+        raise DepthcutError(f"--out {out}: the name is too long; depthcut writes beside it a temporary named "
+                            f"{longest} bytes, more than the {limit} this file system allows: choose a shorter name")
+    return out
+
+
+def _name_limit(out: Path) -> int:
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_output_dir(out: str | Path, force: bool) -> Path:
     """Fail early, before any work, if `out` exists and may not be replaced."""
-    out = Path(out)
+    out = check_output_name(out)
     if out.exists() and not force:
         raise DepthcutError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -61,7 +107,7 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
 
 def check_output_file(out: str | Path, force: bool) -> Path:
     """Fail early, before any work, if the file `out` exists and may not be replaced."""
-    out = Path(out)
+    out = check_output_name(out)
     if out.is_dir():
         raise DepthcutError(f"output {out} is a folder; --out names a file here")
     if out.exists() and not force:
@@ -194,10 +240,7 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
 
     path = out.parent / f".{out.name}.lock"
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as error:
-            raise _not_writable(out, error) from None
+        fd = _open_lock(path, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -213,7 +256,7 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
             return None, None
         # The holder before us may have removed the file between our open and our lock: retry then.
         try:
-            current = os.stat(path)
+            current = os.lstat(path)
             locked = os.fstat(fd)
             if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
                 break
@@ -228,9 +271,32 @@ def _lock(out: Path) -> tuple[int | None, Path | None]:
     return fd, path
 
 
+def _open_lock(path: Path, out: Path) -> int:
+    """The lock file opened, never through a symlink, and only if it is a plain file of its own: the
+    pid written into it must not land in a file of the user's that something linked there."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _bad_lock(path, out, "is a symlink") from None
+        raise _not_writable(out, error) from None
+    facts = os.fstat(fd)
+    if not stat.S_ISREG(facts.st_mode) or facts.st_nlink > 1:
+        os.close(fd)
+        raise _bad_lock(path, out, "is not a regular file" if not stat.S_ISREG(facts.st_mode) else
+                        "has other names (hard links)")
+    return fd
+
+
+def _bad_lock(path: Path, out: Path, why: str) -> DepthcutError:
+    return DepthcutError(f"the lock file {path} of {out} {why}; depthcut writes only a lock file of its own there: "
+                         "remove it and run again")
+
+
 def _unlock(fd: int, path: Path | None) -> None:
     try:
-        current, locked = os.stat(path), os.fstat(fd)
+        current, locked = os.lstat(path), os.fstat(fd)
         if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
             os.unlink(path)  # removed while still locked, so no other run can lock the removed file unseen
     except (OSError, TypeError):
@@ -431,7 +497,7 @@ def _make_dir(path: Path) -> None:
 
 
 def _make_file(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies; EXCL: never a link
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import (
     DataOptions,
     DeviceMapOption,
@@ -85,6 +85,7 @@ def analyze_to(config: AnalyzeConfig | None = None, /, **fields):
     In a data-parallel launch every process returns it and the first one writes it.
     """
     config = make_config(AnalyzeConfig, config, fields)
+    check_no_overlap([config.model, config.data], config.out)
     check_data_options(config)
     with claimed_for_writing(config.out, config.force):
         return _analyze(config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import DeviceMapOption, ModelOptions, check_positive, load
 from depthcut.pipeline.options import comma_list, make_config, option
 
@@ -19,7 +19,8 @@ class MeasureOptions:
 
     tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
                                     help="comma-separated lm-evaluation-harness task, group or tag names, or task "
-                                         "YAML files (docs/tasks.md)")
+                                         "YAML files (docs/tasks.md; a task file is code: its !function entries "
+                                         "run the Python files beside it, so use only task files you trust)")
     limit: int | None = option(None, group=MEASURE,
                                help="a seeded random subset of N documents per task (per subtask of a group)")
     num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
@@ -64,6 +65,7 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
     out="eval.json")`. Returns the result written.
     """
     config = make_config(EvalConfig, config, fields)
+    check_no_overlap([config.model, config.loss, *config.tasks], config.out)
     if not config.tasks and not config.loss:
         raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
     config.check_measures()

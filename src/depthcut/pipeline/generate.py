@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from depthcut.errors import DepthcutError
 from depthcut.pipeline.common import ModelOptions, check_positive, load
 from depthcut.pipeline.options import make_config, option
 
@@ -24,6 +25,8 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise DepthcutError(f"the prompt {prompt!r} is no tokens for this tokenizer: give some text to continue")
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
@@ -34,5 +37,7 @@ def generate(config: GenerateConfig | None = None, /, **fields) -> dict[str, str
     """Load a model and complete each prompt greedily: {prompt: completion}."""
     config = make_config(GenerateConfig, config, fields)
     check_positive(max_new_tokens=config.max_new_tokens)
+    if not all(config.prompt):
+        raise DepthcutError("a prompt is empty: give some text to continue")
     model, tokenizer, _ = load(config)
     return {prompt: complete(model, tokenizer, prompt, config.max_new_tokens, config.chat) for prompt in config.prompt}

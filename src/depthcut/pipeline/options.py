@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -39,6 +40,18 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None, positi
 def comma_list(text: str) -> tuple[str, ...]:
     """`a, b,c` -> ("a", "b", "c"); empty items dropped."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def finite_float(text: str) -> float:
+    """A float option's value: a finite number (`inf` or `nan` as a learning rate or a temperature
+    would train a model of NaNs, or fail deep inside)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _value_type(hint) -> type | None:
@@ -82,7 +95,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         if value_type is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = meta["parse"] or value_type or str
+            kwargs["type"] = meta["parse"] or (finite_float if value_type is float else value_type) or str
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
             if meta["metavar"]:

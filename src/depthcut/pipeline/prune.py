@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import (
     DataOptions,
     ModelOptions,
@@ -473,9 +473,13 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
     shard without loading the model when nothing has to be computed (`stream`, automatic for sharded
     folders).
     """
+    from depthcut.models import resolve_model
+
     config = make_config(PruneConfig, config, fields)
     analysis = load_analysis(config.analysis) if config.analysis else None
     _check_choice(config, analysis)
+    resolve_model(config.model)  # a MODEL that is no model says so, before what --out overlaps
+    check_no_overlap([config.model, config.analysis, config.data], config.out)
     with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir"):
         return _prune(config, analysis)
 

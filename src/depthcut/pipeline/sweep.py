@@ -10,7 +10,7 @@ from pathlib import Path
 
 from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import MIXED_PRECISION, HealRecipe
-from depthcut.io.atomic import claimed_for_writing
+from depthcut.io.atomic import check_no_overlap, claimed_for_writing
 from depthcut.pipeline.common import DataOptions, ModelOptions, check_data_options, load, run_analysis
 from depthcut.pipeline.evaluate import MEASURE, MeasureOptions
 from depthcut.pipeline.options import comma_list, make_config, option
@@ -165,6 +165,7 @@ def sweep_to(config: SweepConfig | None = None, /, **fields) -> Path:
     tasks=("arc_easy",), limit=100, loss="c4")`. Returns the report's path.
     """
     config = make_config(SweepConfig, config, fields)
+    check_no_overlap([config.model, config.data, config.loss, config.heal_data, *config.tasks], config.out)
     _check(config)
     with claimed_for_writing(config.out, config.force, may_exist=True):
         return _sweep(config)
