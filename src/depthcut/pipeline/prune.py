@@ -449,10 +449,10 @@ def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
     num_layers = len(find_layer_stack(model, config.layer_path))
     removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source,
                                                 refusal=cut_refusal(model, config))
-    kept = [i for i in range(num_layers) if i not in set(removed)]
-    # Refused before minutes of repair, not after.
-    cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
-               trust_remote_code=config.trust_remote_code)
+    if config.repair != "none":  # refused before minutes of repair, not after (remove_layers checks it again)
+        kept = [i for i in range(num_layers) if i not in set(removed)]
+        cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
+                   trust_remote_code=config.trust_remote_code)
     before = parameter_count(model)
     fit = _repair(config, model, tokenizer, removed)
     rewrite = remove_layers(model, removed, config.layer_path, config.allow_unknown_config)
