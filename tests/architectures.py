@@ -35,7 +35,7 @@ SIZES = dict(
     n_inner=64, d_ff=64, num_kv_heads=2, embed_dim=32, conv_dim=32, conv_L_cache=3, block_dim=32, block_ff_dim=64,
     mlp_hidden_size=64, d_inner=64, dim=32, n_heads=4, hidden_dim=64, word_embed_proj_dim=32, projection_dim=32,
     shared_expert_hidden_size=32, expert_hidden_size=16, num_shared_experts=1, moe_num_shared_experts=1,
-    index_head_dim=8, index_n_heads=2, index_topk=4, num_layers=NUM_LAYERS, pad_token_id=0, bos_token_id=1,
+    index_head_dim=8, index_n_heads=2, index_topk=64, num_layers=NUM_LAYERS, pad_token_id=0, bos_token_id=1,
     eos_token_id=2,
 )
 # Settings that differ from the defaults so that every kind of layer appears in 8 layers (and
@@ -212,3 +212,44 @@ def check_cut(model, folder, spec: str, out, stream: bool, original_generates: b
     if original_generates:
         assert cached_generation_matches(reloaded), "cached generation differs from uncached after the cut"
     return "exact"
+
+
+def survey(root: Path) -> list[tuple[str, str, str]]:
+    """(architecture, outcome, detail) for every causal LM of transformers, in memory, at every cut."""
+    import tempfile
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tiny import tiny_tokenizer
+
+    tokenizer, rows = tiny_tokenizer(), []
+    for name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            model = build_tiny(name)
+            with torch.no_grad():
+                model(input_ids=random_ids(), use_cache=False)
+        except Exception as error:  # noqa: BLE001
+            rows.append((name, "not tested", str(error) if isinstance(error, NotTiny) else _reason(error)))
+            continue
+        folder, generates = saved_folder(name, model, tokenizer, root), cached_generation_matches(model)
+        outcomes = {cut: check_cut(model, folder, spec, Path(tempfile.mkdtemp(dir=root)) / "out", False, generates)
+                    for cut, spec in CUTS.items()}
+        exact = [f"`{CUTS[c]}`" for c, o in outcomes.items() if o == "exact"]
+        refused = {o.removeprefix("refused: ") for o in outcomes.values() if o != "exact"}
+        outcome = "exact" if not refused else "refused" if not exact else "exact or refused"
+        detail = (f"exact: {', '.join(exact)}" if exact else "") + (
+            f"{'; ' if exact else ''}refused: {sorted(refused)[0][:200]}" if refused else "")
+        rows.append((name, outcome, detail))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    rows = survey(Path(tempfile.mkdtemp()))
+    lines = ["| architecture | cuts | what happened at `--layers` " + ", ".join(f"`{s}`" for s in CUTS.values()) + " |",
+             "|---|---|---|", *[f"| {n} | {o} | {d.replace('|', '/')} |" for n, o, d in rows]]
+    Path(sys.argv[1] if len(sys.argv) > 1 else "architectures-table.md").write_text("\n".join(lines) + "\n")
