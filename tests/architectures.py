@@ -35,7 +35,7 @@ SIZES = dict(
     n_inner=64, d_ff=64, num_kv_heads=2, embed_dim=32, conv_dim=32, conv_L_cache=3, block_dim=32, block_ff_dim=64,
     mlp_hidden_size=64, d_inner=64, dim=32, n_heads=4, hidden_dim=64, word_embed_proj_dim=32, projection_dim=32,
     shared_expert_hidden_size=32, expert_hidden_size=16, num_shared_experts=1, moe_num_shared_experts=1,
-    index_head_dim=8, index_n_heads=2, index_topk=64, num_layers=NUM_LAYERS, pad_token_id=0, bos_token_id=1,
+    index_head_dim=8, index_n_heads=2, index_topk=64, num_layers=NUM_LAYERS, n_layers=NUM_LAYERS, pad_token_id=0, bos_token_id=1,
     eos_token_id=2,
 )
 # Settings that differ from the defaults so that every kind of layer appears in 8 layers (and

@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from depthcut.errors import DepthcutError
+
 
 class Skeleton(NamedTuple):
     model: torch.nn.Module
@@ -46,8 +48,13 @@ def skeleton_of(config, dtype: torch.dtype | None = None, device: torch.device |
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or checkpoint_dtype(config) or torch.float32
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code,
+                                                     dtype=dtype)
+    except ValueError as error:  # a config class transformers builds no causal LM from
+        raise DepthcutError(f"cannot build the model of this config without its weights: "
+                            f"{str(error).splitlines()[0][:200] if str(error) else type(error).__name__}") from None
     if device is not None:
         for module in model.modules():
             for name, buffer in module._buffers.items():
