@@ -142,7 +142,8 @@ def bypassed_logits(model, removed: list[int], ids: torch.Tensor) -> torch.Tenso
 
     def identity(module, args, kwargs, output):
         hidden = first_tensor(args, kwargs)
-        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        # a tuple, a list (OpenAI GPT) or the tensor itself, as the layer returns it
+        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
 
     stack = find_layer_stack(model)
     handles = [stack.layers[i].register_forward_hook(identity, with_kwargs=True) for i in removed]

@@ -13,8 +13,8 @@ def bypass_layers(model, stack, removed):
 
     def identity(module, args, kwargs, output):
         hidden = first_tensor(args, kwargs)
-        if isinstance(output, tuple):
-            return (hidden,) + tuple(output[1:])
+        if isinstance(output, (tuple, list)):  # OpenAI GPT's layers return a list
+            return type(output)([hidden, *output[1:]])
         return hidden
 
     for index in removed:

@@ -18,12 +18,6 @@ ARCHITECTURES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 MUST_CUT = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "falcon",
             "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "llama4_text", "jamba", "bamba",
             "nemotron_h", "mixtral", "olmoe", "gpt_oss", "qwen3_next", "lfm2", "granitemoehybrid", "smollm3"}
-# Cuts that end in an exception other than a refusal, not yet diagnosed (a defect to fix, listed in
-# docs/architectures.md).
-NOT_DIAGNOSED = {"openai-gpt": "the cut or its check ends in an IndexError / dtype error, not a refusal"}
-ANALYSIS_NOT_DIAGNOSED = dict.fromkeys(
-    ("deepseek_v32", "mpt", "openai-gpt", "roberta", "xlm-roberta", "xlm-roberta-xl"),
-    "the in-memory analysis ends in 'Could not infer dtype of NoneType', not a refusal")
 # Shard by shard, the cuts that differ most (the first layer, a block of whole periods): the same
 # config rules run on both paths, so the other cuts would add time and no coverage.
 STREAMED_CUTS = ("first", "block")
@@ -66,8 +60,6 @@ def built(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize("backend", ["memory", "stream"])
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_cut_is_exact_or_refused(name, backend, built, tmp_path):
-    if name in NOT_DIAGNOSED:
-        pytest.xfail(NOT_DIAGNOSED[name])
     model, folder, generates = built(name)
     outcomes = {}
     for cut, spec in CUTS.items():
@@ -90,8 +82,6 @@ def test_analysis_runs_and_streams_or_refuses(name, built, corpus_file, tmp_path
     from depthcut.layer_kinds import layer_kinds
     from depthcut.pipeline.analyze import analyze_to
 
-    if name in ANALYSIS_NOT_DIAGNOSED:
-        pytest.xfail(ANALYSIS_NOT_DIAGNOSED[name])
     model, folder, _ = built(name)
     options = dict(model=str(folder), data=str(corpus_file), samples=4, seq_len=16, batch_size=2, dtype="float32",
                    metrics=("angular_last_token", "block_influence"), quiet=True)
@@ -101,12 +91,21 @@ def test_analysis_runs_and_streams_or_refuses(name, built, corpus_file, tmp_path
         assert "\n" not in str(error) and not (tmp_path / "memory").exists()
         return
     assert in_memory.metadata["layer_kinds"] == layer_kinds(model)
-    distances = torch.tensor(in_memory.metrics["angular_last_token"])
-    assert torch.isfinite(distances).all()
+    distances = _matrix(in_memory.metrics["angular_last_token"])
+    size = distances.shape[1]
+    rows, firsts = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    defined = firsts + rows + 1 <= size  # row n-1, column l: the block [l, l+n) ends inside the stack
+    assert torch.isfinite(distances[defined]).all() and torch.isnan(distances[~defined]).all()
     try:
         streamed = analyze_to(**options, out=str(tmp_path / "stream"), stream=True)
     except DepthcutError as error:
         assert "\n" not in str(error) and not (tmp_path / "stream").exists()
         return
-    torch.testing.assert_close(torch.tensor(streamed.metrics["angular_last_token"]), distances, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_matrix(streamed.metrics["angular_last_token"]), distances, rtol=1e-4, atol=1e-4,
+                               equal_nan=True)
     assert streamed.metadata["layer_kinds"] == in_memory.metadata["layer_kinds"]
+
+
+def _matrix(rows) -> torch.Tensor:
+    """An analysis matrix (None where a block would run past the last layer) as a tensor, NaN there."""
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64)

@@ -141,6 +141,7 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype | None = None, device
     return model, dtype, CheckpointReader(folder, model)
 
 
+
 @functools.cache
 def _malloc_trim():
     try:
@@ -534,7 +535,12 @@ def _embed(model, stack: LayerStack, reader: CheckpointReader, batches: list, dt
     resident = _load_parameters(model, _parameter_keys(model, "", reader, skip), reader, dtype, device)
     calls = _record_layer_calls(model, stack, batches, device, progress)
     entering = [first_tensor(*batch_calls[0]) for batch_calls in calls]
-    model.to("meta")  # the embeddings are done with
+    # The embeddings are done with; the layers' own buffers (OpenAI GPT's causal mask) are still to be used.
+    layer_buffers = [(module, name, buffer) for module in stack.layers.modules()
+                     for name, buffer in module._buffers.items() if buffer is not None]
+    model.to("meta")
+    for module, name, buffer in layer_buffers:
+        module._buffers[name] = buffer
     _release_freed_memory()
     return resident, calls, entering
 
