@@ -117,7 +117,7 @@ def bound(folder: Path, samples: int, seq_len: int, batch_size: int) -> dict:
             elif "embed" in name:
                 embeddings += nbytes
     itemsize = 4 if config.get("dtype", config.get("torch_dtype")) == "float32" else 2
-    from depthcut.streaming import SPILL_QUEUE, chunk_tokens
+    from depthcut.streaming_states import SPILL_QUEUE, chunk_tokens
 
     tokens = samples * seq_len
     chunk = chunk_tokens(layers + 1, width)

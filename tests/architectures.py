@@ -219,9 +219,8 @@ def survey(root: Path) -> list[tuple[str, str, str]]:
     """(architecture, outcome, detail) for every causal LM of transformers, in memory, at every cut."""
     import tempfile
 
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     from tiny import tiny_tokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     tokenizer, rows = tiny_tokenizer(), []
     for name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):

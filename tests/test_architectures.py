@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
 from architectures import CUTS, NotTiny, build_tiny, cached_generation_matches, check_cut, random_ids, saved_folder
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 ARCHITECTURES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 # Families people prune, and the MoE and hybrid models whose configs describe layers in other ways:

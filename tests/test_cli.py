@@ -148,7 +148,7 @@ def test_generate_prints_a_continuation(capsys, tiny_llama_dir, device):
 
 
 def test_stream_analyzes_like_the_in_memory_path(capsys, tmp_path, tiny_llama_dir, corpus_file, monkeypatch, device):
-    from depthcut import streaming
+    from depthcut import streaming_checkpoint
 
     results = {}
     for name, extra in (("memory", []), ("stream", ["--stream", "--spill-dir", tmp_path])):
@@ -165,7 +165,7 @@ def test_stream_analyzes_like_the_in_memory_path(capsys, tmp_path, tiny_llama_di
     assert results["stream"]["best_block"] == results["memory"]["best_block"]
 
     # A machine with too little memory for the weights streams on its own, and says so.
-    monkeypatch.setattr(streaming, "available_memory_bytes", lambda where: 1000)
+    monkeypatch.setattr(streaming_checkpoint, "available_memory_bytes", lambda where: 1000)
     code, _, err = run(capsys, "analyze", tiny_llama_dir, "--data", corpus_file, "--out", tmp_path / "auto", *DATA,
                        "--device", device)
     assert code == 0 and "analyzing it one layer at a time (--stream)" in err

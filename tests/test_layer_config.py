@@ -112,6 +112,7 @@ def test_deepest_moves_up_to_the_deepest_allowed_block(tmp_path, tokenizer):
     """Jamba with --drop 2 --strategy deepest: [5, 7) keeps every kind, and the pruned model is the
     original with those layers bypassed; with --drop 1 no layer can go, and the refusal says why."""
     from architectures import bypassed_logits, random_ids
+
     from depthcut.pipeline.prune import prune_to
 
     model = _jamba()

@@ -23,6 +23,7 @@ from depthcut.cli import main
 from depthcut.errors import DepthcutError
 from depthcut.io import atomic
 from depthcut.io.atomic import atomic_output_dir, atomic_output_file
+from depthcut.io.signals import critical
 from depthcut.sweep.results import ResultsLog
 
 # Runs `depthcut ARGV...`, pausing at POINT: writes MARKER there, then waits for the file GO (or 120 s).
@@ -58,7 +59,8 @@ def before(module, name):
     setattr(module, name, hooked)
 
 if point == "claimed":        # --out locked, the model not loaded yet
-    after(atomic, "claim_output")
+    import depthcut.io.claims as claims
+    after(claims, "claim_output")
 elif point == "loaded":       # the model loaded, nothing written yet
     import depthcut.models as models
     after(models, "load_model")
@@ -170,12 +172,12 @@ def test_two_runs_started_together_one_wins_whole(tmp_path, tiny_llama_dir):
 
 
 def test_a_claim_in_this_process_blocks_a_second_claim_in_another(tmp_path):
-    from depthcut.io.atomic import claim_output, release_claims
+    from depthcut.io.claims import claim_output, release_claims
 
     out = tmp_path / "out"
     claim_output(out)
     try:
-        probe = subprocess.run([sys.executable, "-c", f"from depthcut.output import claim_output as c; c(r'{out}')"],
+        probe = subprocess.run([sys.executable, "-c", f"from depthcut.io.claims import claim_output as c; c(r'{out}')"],
                                capture_output=True, text=True, check=False)
         assert probe.returncode != 0 and f"(process {os.getpid()}) is writing" in probe.stderr
     finally:
@@ -286,7 +288,7 @@ def test_a_signal_during_a_publish_takes_effect_when_it_is_done():
 
     finished = []
     with pytest.raises(Terminated), handle_signals():
-        with atomic._critical():
+        with critical():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler has run (and deferred the signal) by now
             finished.append("publish")
@@ -437,7 +439,7 @@ def test_a_failing_disk_injected_at_the_write_seam(capsys, monkeypatch, tmp_path
 
     import depthcut.export
 
-    monkeypatch.setattr(output, "write_json", failing)
+    monkeypatch.setattr(atomic, "write_json", failing)  # the shard-by-shard prune imports it when it runs
     monkeypatch.setattr(depthcut.export, "write_json", failing)
     keep = tmp_path / "keep.txt"
     keep.write_text("mine")

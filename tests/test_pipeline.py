@@ -243,7 +243,7 @@ def test_a_streamed_prune_with_a_repair_equals_the_in_memory_one(tmp_path, tiny_
 
 def test_prune_says_what_its_repair_did_and_warns_when_it_does_not_carry_to_held_out_text(capsys, tmp_path,
                                                                                           tiny_llama_dir, corpus_file):
-    from depthcut.pipeline.prune import repair_lines
+    from depthcut.pipeline.prune_repair import repair_lines
 
     assert main(["prune", str(tiny_llama_dir), "--layers", "2:4", "--repair", "lstsq", "--data", str(corpus_file),
                  "--out", str(tmp_path / "x"), *SMALL_ARGS, "--samples", "32"]) == 0

@@ -70,13 +70,13 @@ def test_bfloat16_streamed_analysis_equals_the_in_memory_bfloat16_analysis(tmp_p
 
 def test_states_read_back_in_many_small_chunks_through_few_buffers(tmp_path, tokenizer, monkeypatch):
     """The read-back reuses two buffers (the last chunk is partial), the writes one buffer at a time."""
-    from depthcut import streaming
+    from depthcut import streaming_states
 
     model, folder = _saved("qwen3", tmp_path, tokenizer)
     config = model.config.get_text_config()
     row = (config.num_hidden_layers + 1) * config.hidden_size * 4
-    monkeypatch.setattr(streaming, "READ_BACK_BYTES", 4 * row)  # chunks of 4 tokens: 43 = 10 x 4 + 3
-    monkeypatch.setattr(streaming, "SPILL_QUEUE", 0)  # each write waits for the one before
+    monkeypatch.setattr(streaming_states, "READ_BACK_BYTES", 4 * row)  # chunks of 4 tokens: 43 = 10 x 4 + 3
+    monkeypatch.setattr(streaming_states, "SPILL_QUEUE", 0)  # each write waits for the one before
     calibration = _calibration([12, 7, 10, 5, 9])
     expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
     streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype=F32, spill_dir=tmp_path,
@@ -102,12 +102,12 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
     import re
     import threading
 
-    from depthcut import streaming
+    from depthcut import streaming_checkpoint
 
     _, folder = _saved("llama", tmp_path, tokenizer)
     skeletons, reads, computes = [], [], []
     read_started = {}  # layer -> set once its first tensor is being read
-    build, get = streaming.meta_skeleton, streaming.CheckpointReader.get
+    build, get = streaming_checkpoint.meta_skeleton, streaming_checkpoint.CheckpointReader.get
 
     def resident():
         return {i for i, layer in enumerate(skeletons[0].model.layers) if not next(layer.parameters()).is_meta}
@@ -137,8 +137,8 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
             read_started[index].set()
         return get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "meta_skeleton", watched_build)
-    monkeypatch.setattr(streaming.CheckpointReader, "get", watched_get)
+    monkeypatch.setattr(streaming_checkpoint, "meta_skeleton", watched_build)
+    monkeypatch.setattr(streaming_checkpoint.CheckpointReader, "get", watched_get)
     analysis = depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, dtype=F32,
                                          spill_dir=tmp_path, progress=False)
     layers = analysis.num_layers
@@ -151,14 +151,14 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
 
 
 def test_a_failed_spill_write_stops_the_analysis(tmp_path, tokenizer, monkeypatch):
-    from depthcut import streaming
+    from depthcut import streaming_states
 
     _, folder = _saved("llama", tmp_path, tokenizer)
 
     def full_disk(self, *args):  # runs in the writer thread: its error must reach the caller
         raise DepthcutError(f"could not write the spilled states to {self.path} (is the disk full?)")
 
-    monkeypatch.setattr(streaming.SpilledStates, "write", full_disk)
+    monkeypatch.setattr(streaming_states.SpilledStates, "write", full_disk)
     with pytest.raises(DepthcutError, match="is the disk full"):
         depthcut.analyze_streamed(folder, data=_calibration([12, 7, 10]), batch_size=2, dtype=F32,
                                   spill_dir=tmp_path, progress=False)
@@ -203,11 +203,11 @@ def test_a_checkpoint_rewritten_in_place_is_read_afresh(tmp_path, tokenizer):
 
 
 def test_the_automatic_switch_weighs_the_weights_in_the_asked_dtype(tmp_path, tokenizer, monkeypatch):
-    from depthcut import streaming
+    from depthcut import streaming_checkpoint
 
     _, folder = _saved("llama", tmp_path, tokenizer)  # saved in float32
-    size = streaming.checkpoint_bytes(folder)
+    size = streaming_checkpoint.checkpoint_bytes(folder)
     cpu = torch.device("cpu")
-    monkeypatch.setattr(streaming, "available_memory_bytes", lambda device: int(size * 0.7))
-    assert streaming.would_not_fit(folder, None, cpu)  # float32 weights over 90% of memory
-    assert streaming.would_not_fit(folder, torch.bfloat16, cpu) is None  # half of them fit
+    monkeypatch.setattr(streaming_checkpoint, "available_memory_bytes", lambda device: int(size * 0.7))
+    assert streaming_checkpoint.would_not_fit(folder, None, cpu)  # float32 weights over 90% of memory
+    assert streaming_checkpoint.would_not_fit(folder, torch.bfloat16, cpu) is None  # half of them fit

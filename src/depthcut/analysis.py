@@ -177,7 +177,8 @@ def analyze_streamed(
 
     from depthcut.models import resolve_device
     from depthcut.precision import choose_dtype
-    from depthcut.streaming import is_safetensors_folder, stream_states
+    from depthcut.streaming import stream_states
+    from depthcut.streaming_checkpoint import is_safetensors_folder
 
     try:  # the options and their defaults are analyze's: written once
         bound = inspect.signature(analyze).bind(None, tokenizer, data, **options)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
+from depthcut.errors import DepthcutError
 from depthcut.layers import LayerStack, first_tensor, output_tensor
 
 
@@ -64,6 +65,7 @@ class ResidualCapture:
         self.stack = stack
         self.positions = len(stack) + 1
         self.keep_all_tokens = keep_all_tokens
+        self.batch_shape: tuple[int, int] | None = None  # (B, T) of the batch being captured
         self.last_index: torch.Tensor | None = None  # (B,) last non-pad position of each row
         self.valid_tokens: torch.Tensor | None = None  # (K,) flat indices of the non-pad tokens
         self.last_token: torch.Tensor | None = None  # (B, P, H) in the model's dtype
@@ -71,12 +73,18 @@ class ResidualCapture:
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
         """`attention_mask` is best given on the CPU: the indices are then found without a device sync."""
+        self.batch_shape = tuple(attention_mask.shape)  # (B, T): what every captured state must start with
         self.last_index = last_positions(attention_mask)
         self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if self.keep_all_tokens else None
         self.last_token = None
         self.all_tokens = None
 
     def _store(self, position: int, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.batch_shape:
+            # XLNet's (T, B, H), several residual streams per token (hyper-connections): not one state per token
+            raise DepthcutError(f"the hidden state entering decoder layer {position} has shape {list(hidden.shape)}, "
+                                f"not (batch, tokens, hidden) with (batch, tokens) = {list(self.batch_shape)}: depthcut "
+                                "measures a residual stream of one vector per token, which this model does not have")
         batch, length, width = hidden.shape  # (B, T, H)
         if self.last_token is None:
             self.last_index = self.last_index.to(hidden.device, non_blocking=True)

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from depthcut.io.atomic import release_claims
+    from depthcut.io.claims import release_claims
     from depthcut.output import handle_signals
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,6 +1,6 @@
-"""What a command does around its output besides writing it: the atomic writers and the claim of
---out (`depthcut.io.atomic`, re-exported here), a free-space check before any work, signals that
-stop a command the way Ctrl-C does, and the provenance written beside an output.
+"""What a command does around its output besides writing it (`depthcut.io.atomic` and
+`depthcut.io.claims` do that): a free-space check before any work, signals that stop a command the
+way Ctrl-C does, and the provenance written beside an output.
 
 `handle_signals` makes SIGTERM and SIGHUP interrupt like Ctrl-C (a `Terminated`, which is a
 `KeyboardInterrupt`), so the same clean-up runs; a publish in progress finishes first.
@@ -20,20 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import (  # noqa: F401 (the writers and claims, imported from here by the commands)
-    Claim,
-    atomic_output_dir,
-    atomic_output_file,
-    check_output_dir,
-    check_output_file,
-    claim_output,
-    claimed_output,
-    continued_output_dir,
-    defer_signal,
-    release_claims,
-    remove_stale,
-    write_json,
-)
+from depthcut.io.signals import defer_signal
 
 
 def check_free_space(out: str | Path, needed: int, what: str = "the output") -> None:

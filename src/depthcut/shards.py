@@ -45,15 +45,6 @@ def shard_map(folder: Path) -> dict[str, str]:
     raise DepthcutError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def layer_prefix(folder: Path, layer_path: str | None = None) -> tuple[str, int, object]:
-    """(layer stack path, layer count, config) from a weightless skeleton of the model."""
-    from depthcut.layers import find_layer_stack
-
-    skeleton = meta_skeleton(folder)
-    stack = find_layer_stack(skeleton.model, layer_path)
-    return stack.path, len(stack), skeleton.config
-
-
 def model_names(checkpoint_names, model) -> tuple[dict[str, str], set[str]]:
     """(checkpoint tensor name -> the model's parameter name, as `from_pretrained` maps them;
     the checkpoint names transformers converts on load).

@@ -13,6 +13,7 @@ from depthcut.layer_fields import ConfigRewrite, rewrite_layer_fields
 from depthcut.layer_kinds import verify_cut
 from depthcut.layers import LayerStack, find_layer_stack, text_config
 
+
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     """Parse ``"21:29"`` (half-open) or ``"3,7,12"`` (or a mix) into sorted 0-based indices."""
     indices: list[int] = []

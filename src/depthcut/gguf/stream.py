@@ -62,7 +62,7 @@ def weights_map(model, processor) -> dict[str, str]:
 
 class GGUFCheckpointReader:
     """Tensors of a GGUF model by name, dequantized one at a time: the interface of
-    `depthcut.streaming.CheckpointReader` (`key_for`, `get`, `folder`, `converted`)."""
+    `depthcut.streaming_checkpoint.CheckpointReader` (`key_for`, `get`, `folder`, `converted`)."""
 
     def __init__(self, path: str | Path, model):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor

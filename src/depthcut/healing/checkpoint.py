@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import atomic_output_dir, remove_stale
+from depthcut.io.atomic import atomic_output_dir
 from depthcut.io.settings import settings_difference
+from depthcut.io.temporaries import remove_stale
 
 STATE_FILE = "state.pt"
 RECIPE_FILE = "recipe.json"

@@ -21,7 +21,8 @@ from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import HealResult
-from depthcut.io.atomic import check_no_overlap, claimed_for_writing
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.output_checks import check_no_overlap
 
 
 def checkpoint_folder(out: str | Path) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import check_no_overlap, claimed_for_writing
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.output_checks import check_no_overlap
 from depthcut.pipeline.common import (
     DataOptions,
     DeviceMapOption,
@@ -36,7 +37,7 @@ class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
 
 def should_stream(config: AnalyzeConfig, source) -> bool:
     """--stream, or a local safetensors model bigger than the memory it would be loaded into."""
-    from depthcut.streaming import is_safetensors_folder, would_not_fit
+    from depthcut.streaming_checkpoint import is_safetensors_folder, would_not_fit
 
     if config.spill_dir is not None and not Path(config.spill_dir).is_dir():
         raise DepthcutError(f"the spill folder {config.spill_dir} does not exist")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import check_no_overlap, claimed_for_writing
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.output_checks import check_no_overlap
 from depthcut.pipeline.common import DeviceMapOption, ModelOptions, check_positive, load
 from depthcut.pipeline.options import comma_list, make_config, option
 

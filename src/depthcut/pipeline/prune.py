@@ -9,20 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.io.atomic import check_no_overlap, claimed_for_writing
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.output_checks import check_no_overlap
 from depthcut.pipeline.common import (
     DataOptions,
     ModelOptions,
     OutputOptions,
     check_data_options,
     load,
-    run_analysis,
 )
 from depthcut.pipeline.options import comma_list, make_config, option
+from depthcut.pipeline.prune_choice import choose_layers, cut_refusal, needs_analysis
+from depthcut.pipeline.prune_repair import repair_in_memory, repair_lines, repair_streamed
 from depthcut.strategies import STRATEGIES
 
 WHAT = "what to remove"
-HELDOUT_FRACTION = 0.1  # of the repair data's documents, to judge the fit on
 # --out names a folder (a Hugging Face model) or a .gguf file; these endings are neither
 NOT_AN_OUTPUT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".ggml", ".json", ".onnx")
 
@@ -86,24 +87,6 @@ class PruneResult:
             size = f"{self.provenance['parameters_before']:,} -> {self.provenance['parameters_after']:,} parameters"
         return [f"removed layers {self.removed} ({self.strategy}); {self.num_layers} -> {after} layers, {size}",
                 *repair_lines(self.provenance.get("repair")), f"pruned model: {self.out}"]
-
-
-def repair_lines(fit: dict | None) -> list[str]:
-    """What a prune says of its repair: the error at the cut before and after, on the calibration and
-    the held-out text, the tensors it changed; a warning where the fit does not carry to held-out text."""
-    if not fit:
-        return []
-    lines = [f"repair {fit['method']}: relative error at the cut {fit['relative_error_before']:.4f} -> "
-             f"{fit['relative_error_after']:.4f} on {fit['tokens']:,} calibration tokens, "
-             f"{fit['relative_error_heldout_before']:.4f} -> {fit['relative_error_heldout_after']:.4f} on "
-             f"{fit['heldout_tokens']:,} held-out tokens"]
-    if fit.get("changed_tensors"):
-        lines.append(f"repair changed {len(fit['changed_tensors'])} tensor(s): {', '.join(fit['changed_tensors'][:4])}"
-                     + (" ..." if len(fit["changed_tensors"]) > 4 else ""))
-    if fit["relative_error_heldout_after"] >= fit["relative_error_heldout_before"]:
-        lines.append("warning: on held-out text the repair does no better than plain pruning: it was fitted on too "
-                     "little data for its unknowns (give more --samples or a longer --seq-len), or choose --repair none")
-    return lines
 
 
 def load_analysis(path: str):
@@ -188,11 +171,6 @@ def _check_space(config: PruneConfig, source, num_layers: int | None) -> None:
     check_free_space(config.out, weights * (num_layers - removed) // num_layers, "the pruned model")
 
 
-def needs_analysis(config: PruneConfig, analysis) -> bool:
-    """Whether choosing the layers means analyzing calibration data first."""
-    return config.layers is None and STRATEGIES.get(config.strategy).needs_analysis and analysis is None
-
-
 def _streamable(config: PruneConfig, source, analysis) -> bool:
     """Shard-by-shard surgery needs a local safetensors folder, the stored dtype, and no analysis to run."""
     from depthcut.shards import INDEX_FILE
@@ -206,58 +184,6 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
                             "--repair), and --layers, a strategy without analysis, or --analysis FILE")
     # A repair streams only when asked: in memory its model is loaded once for statistics and surgery alike.
     return possible and (config.stream or (config.repair == "none" and (Path(source.location) / INDEX_FILE).is_file()))
-
-
-def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=None, tokenizer=None, source=None,
-                  refusal=None):
-    """(removed layers, how they were chosen, the analysis used); analyzes `config.data` (default c4)
-    on the loaded model when the strategy needs an analysis and none was given. `refusal(layers)`
-    (None: every cut is allowed) says why the architecture cannot lose those layers: the strategy
-    then takes its best allowed choice, and says which better ones it passed over."""
-    from depthcut.strategies import check_drop, select_allowed
-    from depthcut.surgery import parse_layer_spec
-
-    if config.layers is not None:
-        return parse_layer_spec(config.layers, num_layers), "explicit", None
-    check_drop(config.drop, num_layers)
-    if STRATEGIES.get(config.strategy).needs_analysis and analysis is None:
-        data = dataclasses.replace(config, data=config.data or "c4")
-        print(f"analyzing {data.data} to choose layers ...", file=sys.stderr)
-        analysis = run_analysis(model, tokenizer, data, config.layer_path, progress=not config.quiet)
-        analysis.metadata["model"] = source.as_dict()
-    used = analysis if STRATEGIES.get(config.strategy).needs_analysis else None
-    removed, skipped = select_allowed(config.strategy, config.drop, num_layers, used, config.seed,
-                                      refusal or (lambda layers: None))
-    if skipped:
-        best, reason = skipped[0]
-        print(f"note: {config.strategy} prefers removing layers {_span(best)}, which this model does not allow "
-              f"({reason}); {len(skipped)} better choice(s) passed over, removing {_span(removed)}", file=sys.stderr)
-    return removed, config.strategy, analysis
-
-
-def _span(layers: list[int]) -> str:
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else str(layers)
-
-
-def cut_refusal(model, config: PruneConfig):
-    """`refusal(layers)` for `choose_layers`: why removing those layers from `model` (with weights or
-    without) would not give an exact model, or None."""
-    from depthcut.layers import find_layer_stack
-    from depthcut.surgery import cut_config
-
-    num_layers = len(find_layer_stack(model, config.layer_path))
-
-    def refusal(layers: list[int]) -> str | None:
-        kept = [i for i in range(num_layers) if i not in set(layers)]
-        try:
-            cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
-                       trust_remote_code=config.trust_remote_code)
-        except DepthcutError as error:
-            return str(error)
-        return None
-
-    return refusal
 
 
 def _block_facts(removed: list[int], analysis) -> dict:
@@ -295,16 +221,16 @@ def provenance(removed, strategy, analysis, source, num_layers, before, model, r
 def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     from depthcut.export import model_card
     from depthcut.io.atomic import atomic_output_dir, write_json
-    from depthcut.output import environment
-    from depthcut.shards import layer_prefix, prune_shards
-
     from depthcut.io.skeleton import meta_skeleton
+    from depthcut.layers import find_layer_stack
+    from depthcut.output import environment
+    from depthcut.shards import prune_shards
 
-    _, num_layers, _ = layer_prefix(Path(source.location), config.layer_path)
     skeleton = meta_skeleton(source.location, trust_remote_code=config.trust_remote_code)
+    num_layers = len(find_layer_stack(skeleton.model, config.layer_path))
     removed, strategy, analysis = choose_layers(config, num_layers, analysis,
                                                 refusal=cut_refusal(skeleton.model, config))
-    fit, changed = _repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
+    fit, changed = repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
     print(f"pruning {source.location} shard by shard (the model is never loaded) ...", file=sys.stderr)
     with atomic_output_dir(config.out, config.force) as staging:
         summary = prune_shards(source.location, staging, removed, config.layer_path, replaced=changed,
@@ -318,99 +244,6 @@ def _prune_streamed(config: PruneConfig, source, analysis) -> PruneResult:
     for note in summary["config_rewrite"]["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return PruneResult(Path(config.out), removed, strategy, num_layers, record)
-
-
-def _repair_samples(config: PruneConfig, tokenizer):
-    """(calibration samples the repair is fitted on, held-out samples that judge it, the data named):
-    a tenth of the documents is held out, so the fit is judged on text it never saw."""
-    from depthcut.calibration import build_calibration
-    from depthcut.data import load_texts
-    from depthcut.healing.trainer import split_documents
-
-    data = config.data or "c4"
-    fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
-    samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
-    calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
-    heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
-    return calibration, heldout, data
-
-
-def _repair_record(config: PruneConfig, fit, judged, heldout, data: str) -> dict:
-    """What provenance records of a repair: its fit, and its error on the held-out samples."""
-    return {**fit.as_dict(), "relative_error_heldout_before": judged.error_before,
-            "relative_error_heldout_after": fit.error_on(judged), "heldout_tokens": judged.tokens,
-            "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
-            "seq_len": config.seq_len, "seed": config.seed}
-
-
-def _repair(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
-    """Fit `config.repair` on the original model's activations and fold it into its weights (before
-    the layers go); what provenance records of it."""
-    if config.repair == "none":
-        return None
-    from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair_statistics
-
-    calibration, heldout, data = _repair_samples(config, tokenizer)
-    print(f"repairing the cut with {config.repair} on {data} ...", file=sys.stderr)
-    options = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
-    fit = fit_repair(config.repair, repair_statistics(model, calibration, removed, [config.repair],
-                                                      progress=not config.quiet, **options))
-    judged = repair_statistics(model, heldout, removed, ["lstsq" if REPAIRS.get(config.repair).linear else "magnitude"],
-                               **options)
-    apply_repair(model, fit, config.layer_path)
-    return _repair_record(config, fit, judged, heldout, data)
-
-
-def _repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[dict, dict]:
-    """`_repair` for a model that is never loaded (a safetensors folder or a GGUF file): the
-    statistics gathered layer by layer (fitted and held-out samples in one pass, stopping at the
-    cut), then the changed tensors folded. Returns (what provenance records, {checkpoint tensor
-    name: new value})."""
-    import torch
-
-    from depthcut.calibration import CalibrationSet
-    from depthcut.models import resolve_device
-    from depthcut.precision import choose_dtype
-    from depthcut.repair import fit_repair
-    from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
-
-    location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
-    check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
-    tokenizer = _tokenizer_of(source, config.trust_remote_code)
-    calibration, heldout, data = _repair_samples(config, tokenizer)
-    width = max(calibration.input_ids.shape[1], heldout.input_ids.shape[1])
-
-    def padded(t):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-    both = CalibrationSet(torch.cat([padded(calibration.input_ids), padded(heldout.input_ids)]),
-                          torch.cat([padded(calibration.attention_mask), padded(heldout.attention_mask)]),
-                          calibration.description, calibration.mode, calibration.seed)
-    device = resolve_device(config.device)
-    dtype = choose_dtype(config.dtype, device)
-    print(f"repairing the cut with {config.repair} on {data}, one layer at a time ({dtype.name}) ...", file=sys.stderr)
-    statistics, judged = streamed_repair_statistics(
-        location, both, removed, [config.repair], heldout_from=len(calibration), dtype=dtype.dtype, device=device,
-        batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
-        trust_remote_code=config.trust_remote_code, progress=not config.quiet)
-    statistics.calibration = calibration.as_dict()
-    fit = fit_repair(config.repair, statistics)
-    changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
-    record = {**_repair_record(config, fit, judged, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
-              "changed_tensors": sorted(changed)}
-    return record, changed
-
-
-def _tokenizer_of(source, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **gguf)
-    except Exception as error:  # transformers raises many kinds here; the user needs the one line
-        where = Path(source.location) / (source.gguf_file or "")
-        raise DepthcutError(f"cannot load the tokenizer of {where} to tokenize the repair's data "
-                            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
@@ -429,7 +262,7 @@ def _prune_gguf(config: PruneConfig, source, analysis) -> PruneResult:
     removed, strategy, analysis = choose_layers(config, num_layers, analysis, model, tokenizer, source)
     del model
     # A repair changes a few tensors: they are written dequantized (F32), every other one is copied.
-    fit, changed = _repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
+    fit, changed = repair_streamed(config, source, removed) if config.repair != "none" else (None, None)
     print(f"pruning {source.gguf_file} tensor by tensor (quantized tensors are copied as they are) ...",
           file=sys.stderr)
     record = {"strategy": strategy, "removed_layers": removed, **_block_facts(removed, analysis),
@@ -454,7 +287,7 @@ def _prune_in_memory(config: PruneConfig, analysis) -> PruneResult:
         cut_config(model, model.config, kept, config.layer_path, config.allow_unknown_config,
                    trust_remote_code=config.trust_remote_code)
     before = parameter_count(model)
-    fit = _repair(config, model, tokenizer, removed)
+    fit = repair_in_memory(config, model, tokenizer, removed)
     rewrite = remove_layers(model, removed, config.layer_path, config.allow_unknown_config)
     for note in rewrite.notes:
         print(f"note: {note}", file=sys.stderr)

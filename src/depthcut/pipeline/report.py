@@ -17,7 +17,7 @@ class ReportConfig:
 
 def report_to(config: ReportConfig | None = None, /, **fields) -> Path:
     """Rebuild FOLDER/figures and FOLDER/report.html (no model is loaded); returns the report's path."""
-    from depthcut.io.atomic import claimed_output
+    from depthcut.io.claims import claimed_output
     from depthcut.sweep.report import build_report, check_tolerance
     from depthcut.sweep.results import ResultsLog
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import MIXED_PRECISION, HealRecipe
-from depthcut.io.atomic import check_no_overlap, claimed_for_writing
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.output_checks import check_no_overlap
 from depthcut.pipeline.common import DataOptions, ModelOptions, check_data_options, load, run_analysis
 from depthcut.pipeline.evaluate import MEASURE, MeasureOptions
 from depthcut.pipeline.options import comma_list, make_config, option

@@ -99,7 +99,8 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
     without `heldout_from`). The methods are checked before anything is computed."""
     from depthcut.layers import find_layer_stack
     from depthcut.repair import REPAIRS
-    from depthcut.streaming import open_checkpoint, stream_states
+    from depthcut.streaming import stream_states
+    from depthcut.streaming_checkpoint import open_checkpoint
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
@@ -139,7 +140,7 @@ def check_streamed_repair(source: str | Path, block, method: str, layer_path: st
     """The refusal `method` would give for removing `block` from the checkpoint `source`, from a
     weightless skeleton (nothing read but the config)."""
     from depthcut.repair import check_repair
-    from depthcut.streaming import open_checkpoint
+    from depthcut.streaming_checkpoint import open_checkpoint
 
     check_repair(open_checkpoint(source, trust_remote_code=trust_remote_code)[0], block, method, layer_path)
 
@@ -152,7 +153,7 @@ def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
     folds into are read, one at a time."""
     from depthcut.layers import find_layer_stack
     from depthcut.repair import REPAIRS
-    from depthcut.streaming import _load_parameters, _parameter_keys, open_checkpoint
+    from depthcut.streaming_checkpoint import load_parameters, open_checkpoint, parameter_keys
 
     model, _, reader = open_checkpoint(source, trust_remote_code=trust_remote_code)
     stack = find_layer_stack(model, layer_path)
@@ -163,8 +164,8 @@ def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
     paths = {id(module): name for name, module in model.named_modules()}
     changed = {}
     for module in method.modules(model, stack, arch, fit):
-        keys = _parameter_keys(module, paths[id(module)], reader)
-        _load_parameters(module, keys, reader, None, torch.device("cpu"))
+        keys = parameter_keys(module, paths[id(module)], reader)
+        load_parameters(module, keys, reader, None, torch.device("cpu"))
         method.fold(module, fit)
         parameters = dict(module.named_parameters())
         changed.update({key: parameters[name].detach().clone() for name, key in keys.items()})
