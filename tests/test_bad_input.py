@@ -381,3 +381,21 @@ def test_a_config_whose_layer_count_disagrees_with_the_weights(capsys, tmp_path,
                 else f"its weights do not match its config.json: {message}")
     _assert_refused(code, err, expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# --- the command line's last net -----------------------------------------------------------------------------
+
+def test_an_error_no_check_explains_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch, tmp_path,
+                                                                            tiny_llama_dir):
+    import depthcut.pipeline.prune
+
+    def broken(config):
+        raise KeyError("model.layers.3.mlp.weig=t")
+
+    monkeypatch.setattr(depthcut.pipeline.prune, "prune_to", broken)
+    argv = ["prune", str(tiny_llama_dir), "--layers", "2", "--out", str(tmp_path / "out")]
+    code, _, err = _run(capsys, *argv)
+    _assert_refused(code, err, "prune failed: KeyError: 'model.layers.3.mlp.weig=t'; the unfinished output was "
+                               "removed (an input depthcut does not check, or a bug: run with --debug")
+    with pytest.raises(KeyError):
+        main(["--debug", *argv])

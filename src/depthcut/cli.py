@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Layer numbers are 0-based; blocks are half-open.",
     )
     parser.add_argument("--version", action="version", version=f"depthcut {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error that depthcut does not explain itself")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, config_class, run, summary, description, epilog in COMMANDS:
         command = sub.add_parser(name, help=summary, description=description, epilog=epilog,
@@ -226,14 +228,25 @@ def main(argv: list[str] | None = None) -> int:
         how = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
         print(f"depthcut: {how}; unfinished output was removed", file=sys.stderr)
         return 128 + signum
-    except OSError as error:  # the last net for a destination that fails outside depthcut.output's writers
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    except Exception as error:  # noqa: BLE001 (the last net: one line, unless --debug asks for the traceback)
+        if args.debug:
             raise
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"depthcut: error: {os.strerror(error.errno).lower()}{where}; the command stopped and removed its "
-              "unfinished output", file=sys.stderr)
+        print(f"depthcut: error: {_unexplained(error, args.command)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _unexplained(error: Exception, command: str) -> str:
+    """One line for an error that no check of depthcut's caught: what failed, and where (the file it
+    concerns when the error names one). The unfinished output is removed either way."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        where = f" ({error.filename})" if error.filename else ""
+        return (f"{os.strerror(error.errno).lower()}{where}; the command stopped and removed its unfinished "
+                "output")
+    text = str(error).splitlines()[0][:300] if str(error) else ""
+    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+    return (f"{command} failed: {type(error).__name__}: {text}{where}; the unfinished output was removed "
+            "(an input depthcut does not check, or a bug: run with --debug for the traceback)")
 
 
 if __name__ == "__main__":

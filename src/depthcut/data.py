@@ -93,14 +93,24 @@ def read_parquet_table(path: Path):
 
 
 def read_parquet_records(path: Path) -> list[dict]:
-    return read_parquet_table(path).to_pylist()
+    return _as_python(path, read_parquet_table(path))
 
 
 def _read_parquet(path: Path, field: str) -> list[str]:
     table = read_parquet_table(path)
     if field not in table.column_names:
         raise DepthcutError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); use --text-field")
-    return [t for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip()]
+    return [t for t in _as_python(path, table.column(field)) if isinstance(t, str) and t.strip()]
+
+
+def _as_python(path: Path, values) -> list:
+    """A parquet table or column as Python values: its strings are decoded only here, so bytes that
+    are not UTF-8 in a string column (a damaged file) surface here, as one error."""
+    try:
+        return values.to_pylist()
+    except UnicodeDecodeError as error:
+        raise DepthcutError(f"{path}: a string column holds bytes that are not UTF-8 text (byte "
+                            f"{error.object[error.start]:#04x}); is the file damaged?") from None
 
 
 def _read_file(path: Path, field: str) -> list[str]:

@@ -135,11 +135,20 @@ def _suggest(name: str, known) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+# datasets' builders of local files: with no data_files they read whatever the working folder holds
+LOCAL_FILE_LOADERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
+
+
 def _data_files(config: dict, path: Path) -> dict | list | str | None:
     """A local-file dataset's `data_files`, found relative to the task file at `path` where they
     are there, and checked: a missing file, or a JSON file that is not UTF-8 JSON, fails here."""
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    kwargs = config.get("dataset_kwargs")
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
     if files is None:
+        if config.get("dataset_path") in LOCAL_FILE_LOADERS:
+            raise DepthcutError(f"task file {path}: dataset_path {config['dataset_path']} reads local files, but the "
+                                "task names none (dataset_kwargs: data_files); without them it would read every file "
+                                "in the working folder")
         return None
 
     def checked(name: str) -> str:

@@ -107,8 +107,8 @@ def load_checkpoint(path: Path, recipe: dict) -> dict:
         what = f"a pickled `{found.group(1)}`" if found else "objects other than tensors and plain values"
         raise DepthcutError(f"checkpoint {path / STATE_FILE} holds {what}: it was refused, not unpickled (a checkpoint "
                             "of an older depthcut cannot be resumed either); start afresh without --resume") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as error:  # torch's reader: RuntimeError on a cut file
-        raise _damaged(path / STATE_FILE, error) from None
+    except Exception as error:  # noqa: BLE001 (damaged bytes surface as any error of torch's safe unpickler:
+        raise _damaged(path / STATE_FILE, error) from None  # RuntimeError on a cut file, KeyError, IndexError ...)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DepthcutError(f"checkpoint {path} is not in the format this depthcut writes; start afresh without "
                             "--resume")

@@ -193,7 +193,9 @@ def tensor_entry(name: str, tensor: torch.Tensor) -> Entry:
 def copied_entry(name: str, path: Path, key: str) -> Entry:
     """An entry that copies the tensor `key` of the safetensors file `path`, byte for byte, as `name`."""
     header, data_start = safetensors_header(path)
-    entry = header[key]
+    entry = header.get(key) if key != "__metadata__" else None
+    if entry is None:
+        raise DepthcutError(f"{path} holds no tensor {key!r}, which the shard index says it does")
     start, end = entry["data_offsets"]
     return Entry(name, entry["dtype"], tuple(entry["shape"]), FileBytes(Path(path), data_start + start, end - start))
 
