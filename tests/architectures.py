@@ -57,6 +57,9 @@ PATTERNS = {
     "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1),
     "bamba": dict(attn_layer_indices=[2, 5]),
     "nemotron_h": dict(hybrid_override_pattern="M*M-M*M-", num_hidden_layers=None),
+    "gpt_neo": dict(attention_types=[[["global", "local"], NUM_LAYERS // 2]]),
+    "mamba2": dict(num_heads=8, head_dim=8),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16),
 }
 # Encoders with a language-model head: a causal LM only as a decoder (otherwise they attend both ways).
 AS_DECODER = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
@@ -70,6 +73,10 @@ class NotTiny(Exception):
 
 def _shrunk(defaults: dict, sub_config: bool = False) -> dict:
     settings = {k: v for k, v in SIZES.items() if k in defaults}
+    # per-layer lists sized for the default depth are derived again for the tiny one
+    depth = defaults.get("num_hidden_layers")
+    settings.update({k: None for k, v in defaults.items() if isinstance(v, list) and depth and len(v) == depth
+                     and depth != NUM_LAYERS and "num_hidden_layers" in settings})
     if sub_config:  # a vision or audio tower: two small layers
         settings.update({k: 2 for k in ("num_hidden_layers", "depth", "num_layers") if k in defaults})
         settings.update({k: 16 for k in ("image_size",) if k in defaults})

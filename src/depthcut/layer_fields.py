@@ -99,7 +99,7 @@ class ConfigRewrite:
     notes: list[str] = field(default_factory=list)  # what a user should know (dropped MTP layers, ...)
 
     def as_dict(self) -> dict:
-        return {"changed": {k: {"before": b, "after": a} for k, a_b in self.changed.items() for b, a in [a_b]},
+        return {"changed": {name: {"before": before, "after": after} for name, (before, after) in self.changed.items()},
                 "allowed_unknown": self.allowed, "notes": self.notes}
 
 
