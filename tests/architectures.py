@@ -60,6 +60,8 @@ PATTERNS = {
     "gpt_neo": dict(attention_types=[[["global", "local"], NUM_LAYERS // 2]]),
     "mamba2": dict(num_heads=8, head_dim=8),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16),
+    "gemma3n_text": dict(intermediate_size=[64] * NUM_LAYERS, num_kv_shared_layers=2,
+                         activation_sparsity_pattern=[0.0] * NUM_LAYERS),
 }
 # Encoders with a language-model head: a causal LM only as a decoder (otherwise they attend both ways).
 AS_DECODER = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
