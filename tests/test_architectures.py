@@ -108,3 +108,26 @@ def test_analysis_runs_and_streams_or_refuses(name, built, corpus_file, tmp_path
 def _matrix(rows) -> torch.Tensor:
     """An analysis matrix (None where a block would run past the last layer) as a tensor, NaN there."""
     return torch.tensor([[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_repair_works_or_refuses(name, built, corpus_file, tmp_path):
+    """`prune --repair lstsq` on every architecture that prunes: a model that reloads with every
+    weight used and finite logits, or one refusal line and nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from depthcut.errors import DepthcutError
+    from depthcut.pipeline.prune import prune_to
+
+    _, folder, _ = built(name)
+    out = tmp_path / "repaired"
+    try:
+        prune_to(model=str(folder), layers="2:6", repair="lstsq", data=str(corpus_file), samples=8, seq_len=16,
+                 batch_size=4, dtype="float32", out=str(out), quiet=True)
+    except DepthcutError as error:
+        assert "\n" not in str(error) and not out.exists()
+        return
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.isfinite(reloaded.eval()(input_ids=random_ids(), use_cache=False).logits).all()
