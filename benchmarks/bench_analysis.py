@@ -95,8 +95,8 @@ def run_prepare(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     import depthcut
-    from depthcut.calibration import build_calibration
-    from depthcut.data import load_texts
+    from depthcut.analysis.calibration import build_calibration
+    from depthcut.io.data import load_texts
 
     folder = Path(args.model)
     if (folder / "config.json").is_file():
@@ -135,7 +135,7 @@ def load_calibration(path: Path):
     """The calibration set the prepare step saved."""
     import torch
 
-    from depthcut.calibration import CalibrationSet
+    from depthcut.analysis.calibration import CalibrationSet
 
     saved = torch.load(path, weights_only=True)
     return CalibrationSet(
@@ -145,7 +145,7 @@ def load_calibration(path: Path):
 
 def first_rows(calibration, count: int):
     """The first `count` samples as a calibration set of their own: the warm-up batch."""
-    from depthcut.calibration import CalibrationSet
+    from depthcut.analysis.calibration import CalibrationSet
 
     return CalibrationSet(
         calibration.input_ids[:count],

@@ -1,6 +1,6 @@
 """Benchmark: pruning a quantized GGUF (SmolLM2-135M, Q4_1) and what the pruned file gives llama.cpp.
 
-- ``prune``: ``depthcut.gguf.prune_gguf`` removing 8 of the 30 layers: wall time, CPU time and
+- ``prune``: ``depthcut.model.gguf_surgery.prune_gguf`` removing 8 of the 30 layers: wall time, CPU time and
   peak RSS, in a fresh subprocess (this script with ``--worker``; on Linux a child's ``ru_maxrss``
   starts from its parent's peak, so the parent stays small). The worker records its RSS after its
   imports (the baseline); the peak above it is what the prune itself takes, beside the file's size.
@@ -46,7 +46,7 @@ def worker(source: str, out: str) -> None:
     """Prune `source` into `out` and print its figures as JSON (run as a subprocess of its own)."""
     import gguf  # noqa: F401  (imported before the baseline: the prune's own memory is what counts)
 
-    from depthcut.gguf import prune_gguf
+    from depthcut.model.gguf_surgery import prune_gguf
 
     baseline = current_rss()
     cpu, wall = time.process_time(), time.perf_counter()
@@ -105,7 +105,7 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker)
 
-    from depthcut.models import resolve_model
+    from depthcut.model.loading import resolve_model
 
     source = resolve_model("smollm2-135m")
     source_path = Path(source.location) / source.gguf_file

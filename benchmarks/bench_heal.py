@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
 
 import depthcut
-from depthcut.calibration import build_calibration
-from depthcut.data import TextSource, load_texts
+from depthcut.analysis.calibration import build_calibration
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
 from depthcut.healing.trainer import heal
+from depthcut.io.data import TextSource, load_texts
 
 DATA_DIR = Path(os.environ.get("DEPTHCUT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 OUT = Path(__file__).resolve().parent / "results" / "heal.json"

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import depthcut
-    from depthcut.analysis import as_calibration
+    from depthcut.analysis.calibration import as_calibration
     from depthcut.repair import fit_repair, repair_statistics
 
     model, tokenizer, source = depthcut.load_model(args.model, dtype=args.dtype)

@@ -65,10 +65,9 @@ def prepare(args: argparse.Namespace) -> None:
 
 def worker(args: argparse.Namespace) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
     import depthcut
-
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     from transformers import AutoConfig
@@ -117,7 +116,7 @@ def bound(folder: Path, samples: int, seq_len: int, batch_size: int) -> dict:
             elif "embed" in name:
                 embeddings += nbytes
     itemsize = 4 if config.get("dtype", config.get("torch_dtype")) == "float32" else 2
-    from depthcut.streaming_states import SPILL_QUEUE, chunk_tokens
+    from depthcut.analysis.spill import SPILL_QUEUE, chunk_tokens
 
     tokens = samples * seq_len
     chunk = chunk_tokens(layers + 1, width)

@@ -82,7 +82,7 @@ def cmd_tokenizer(args) -> None:
     """SmolLM2's tokenizer.json and its special tokens, from the built-in GGUF (small enough to travel)."""
     from transformers import AutoTokenizer
 
-    from depthcut.models import resolve_model
+    from depthcut.model.loading import resolve_model
 
     source = resolve_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
@@ -102,9 +102,8 @@ def cmd_tokenizer(args) -> None:
 
 def heldout_windows(tokenizer, data: str, seq_len: int, windows: int, seed: int = 0, fraction: float = 0.05):
     """The held-out windows `depthcut heal` measures its loss on (same split, seed and sizes)."""
-    from depthcut.calibration import build_calibration
-    from depthcut.data import load_texts
-    from depthcut.healing.trainer import split_documents
+    from depthcut.analysis.calibration import build_calibration
+    from depthcut.io.data import load_texts, split_documents
 
     _, held = split_documents(load_texts(data), fraction, seed)
     return build_calibration(tokenizer, held, windows, seq_len, "windows", seed, allow_fewer=True)
@@ -277,8 +276,9 @@ def cmd_stream(args) -> None:
 
 
 def cmd_eval_speed(args) -> None:
-    import depthcut
     from bench_eval import task_requests
+
+    import depthcut
     from depthcut.evaluation.lm import DepthcutLM
 
     model, tokenizer, _ = depthcut.load_model(str(args.model), dtype=args.dtype, device=args.device)

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import depthcut
-from depthcut.calibration import build_calibration
+from depthcut.analysis.calibration import build_calibration
 from depthcut.evaluation import evaluate
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.recipe import HealRecipe
-from depthcut.healing.trainer import heal, split_documents
+from depthcut.healing.trainer import heal
+from depthcut.io.data import split_documents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402

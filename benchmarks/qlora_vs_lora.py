@@ -76,7 +76,7 @@ def main() -> None:
             print(f"{method:6s} loss {runs[method]['loss_before']:.4f} -> {runs[method]['loss_after']:.4f} "
                   f"(drop {runs[method]['loss_drop']:.4f}), {runs[method]['tokens_per_s']:.0f} tokens/s", flush=True)
             del student, result
-    facts = environment.record(device=depthcut.models.resolve_device(args.device), dtype=runs["lora"]["dtype"]["dtype"])
+    facts = environment.record(device=depthcut.model.loading.resolve_device(args.device), dtype=runs["lora"]["dtype"]["dtype"])
     summary = {"model": args.model, "removed_layers": layers, "recipe": recipe, "runs": runs,
                "qlora_drop_over_lora_drop": runs["qlora"]["loss_drop"] / runs["lora"]["loss_drop"],
                "environment": facts}

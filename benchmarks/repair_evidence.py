@@ -35,7 +35,7 @@ os.environ.setdefault("DEPTHCUT_DATA_DIR", str(Path(__file__).resolve().parents[
 
 def split_c4(folder: Path, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
     """fit.jsonl and heldout.jsonl: a seeded split of the C4 sample's documents."""
-    from depthcut.data import load_texts
+    from depthcut.io.data import load_texts
 
     documents = load_texts("c4").documents
     order = list(range(len(documents)))

@@ -147,7 +147,7 @@ def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
 @torch.no_grad()
 def bypassed_logits(model, removed: list[int], ids: torch.Tensor) -> torch.Tensor:
     """The reference: the original model with the removed layers returning their input unchanged."""
-    from depthcut.layers import find_layer_stack, first_tensor
+    from depthcut.model.layers import find_layer_stack, first_tensor
 
     def identity(module, args, kwargs, output):
         hidden = first_tensor(args, kwargs)
@@ -192,9 +192,9 @@ def check_cut(model, folder, spec: str, out, stream: bool, original_generates: b
     from transformers import AutoModelForCausalLM
 
     from depthcut.errors import DepthcutError
-    from depthcut.layers import find_layer_stack
+    from depthcut.model.layers import find_layer_stack
+    from depthcut.model.surgery import parse_layer_spec
     from depthcut.pipeline.prune import prune_to
-    from depthcut.surgery import parse_layer_spec
 
     removed = parse_layer_spec(spec, NUM_LAYERS)
     try:

@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from depthcut.data import TextSource
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import heal
+from depthcut.io.data import TextSource
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "depth", "pruning", "removes", "layers",
          "from", "models"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from depthcut.layers import first_tensor
+from depthcut.model.layers import first_tensor
 
 
 def bypass_layers(model, stack, removed):

@@ -6,8 +6,8 @@ from reference import naive_metrics
 from tiny import CONFIGS, padded_calibration, tiny_model, tolerance
 
 import depthcut
-from depthcut.calibration import CalibrationSet
-from depthcut.layers import find_layer_stack
+from depthcut.analysis.calibration import CalibrationSet
+from depthcut.model.layers import find_layer_stack
 
 
 def _calibration(lengths, seed=3) -> CalibrationSet:
@@ -111,7 +111,7 @@ def test_analysis_json_roundtrip(tmp_path):
     import json
 
     data = json.loads(path.read_text())
-    assert data["format"] == "depthcut.analysis" and data["num_layers"] == 6
+    assert data["format"] == "depthcut.analysis.passes" and data["num_layers"] == 6
     assert data["best_block"]["2"] == list(analysis.best_block(2))
     assert set(data["metadata"]) >= {"model", "data", "samples", "tokens", "seed", "dtype", "depthcut_version"}
     loaded = depthcut.Analysis.load(path)

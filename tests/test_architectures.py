@@ -78,7 +78,7 @@ def test_analysis_runs_and_streams_or_refuses(name, built, corpus_file, tmp_path
     """`analyze` works on every architecture that prunes and records each layer's kind; `--stream`
     gives the same distances, or refuses with one line."""
     from depthcut.errors import DepthcutError
-    from depthcut.layer_kinds import layer_kinds
+    from depthcut.model.layer_kinds import layer_kinds
     from depthcut.pipeline.analyze import analyze_to
 
     model, folder, _ = built(name)

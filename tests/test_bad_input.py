@@ -136,10 +136,16 @@ def test_a_folder_of_data_names_the_bad_file(capsys, tmp_path, tiny_llama_dir):
 
 
 def test_a_byte_order_mark_is_not_an_error(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    """A leading byte-order mark is dropped, not read as text: the analysis equals the one of the same
+    file without it."""
     data = tmp_path / "bom.jsonl"
     data.write_bytes(b"\xef\xbb\xbf" + corpus_file.read_bytes())
-    code, _, err = _run(capsys, "analyze", tiny_llama_dir, "--data", data, "--out", tmp_path / "out", *SMALL)
-    assert code == 0, err
+    for name, source in (("with", data), ("without", corpus_file)):
+        code, _, err = _run(capsys, "analyze", tiny_llama_dir, "--data", source, "--out", tmp_path / name, *SMALL)
+        assert code == 0, err
+    with_mark, without = (json.loads((tmp_path / name / "analysis.json").read_text()) for name in ("with", "without"))
+    assert with_mark["metrics"] == without["metrics"]
+    assert with_mark["metadata"]["data"]["tokens"] == without["metadata"]["data"]["tokens"]
 
 
 def test_task_data_that_is_not_utf8(capsys, tmp_path, tiny_llama_dir):

@@ -1,13 +1,13 @@
 """The capture keeps states in the model's dtype and takes cosines in float32 chunks."""
 
 import torch
-
-from depthcut import capture as capture_module
-from depthcut.analysis import analyze
-from depthcut.calibration import CalibrationSet
-from depthcut.capture import ResidualCapture, StopForward, unit_cosines
-from depthcut.layers import find_layer_stack
 from tiny import random_ids, tiny_model
+
+from depthcut.analysis import capture as capture_module
+from depthcut.analysis.calibration import CalibrationSet
+from depthcut.analysis.capture import ResidualCapture, StopForward, unit_cosines
+from depthcut.analysis.passes import analyze
+from depthcut.model.layers import find_layer_stack
 
 
 def _calibration(batch=3, length=10):

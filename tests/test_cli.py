@@ -148,7 +148,7 @@ def test_generate_prints_a_continuation(capsys, tiny_llama_dir, device):
 
 
 def test_stream_analyzes_like_the_in_memory_path(capsys, tmp_path, tiny_llama_dir, corpus_file, monkeypatch, device):
-    from depthcut import streaming_checkpoint
+    from depthcut.analysis import checkpoint as streaming_checkpoint
 
     results = {}
     for name, extra in (("memory", []), ("stream", ["--stream", "--spill-dir", tmp_path])):

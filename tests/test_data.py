@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from depthcut import DepthcutError
-from depthcut.calibration import build_calibration
-from depthcut.data import load_texts
+from depthcut.analysis.calibration import build_calibration
+from depthcut.io.data import load_texts
 
 # Only words the tiny test tokenizer knows, so that decoding gives the text back.
 DOCS = [("depth pruning removes layers " * (i % 3) + "the quick brown fox jumps over the lazy dog " * (1 + i % 4)).strip() for i in range(30)]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import depthcut
 from test_analysis import _assert_close, _calibration
 from tiny import tiny_model, tolerance
+
+import depthcut
 
 TESTS = Path(__file__).parent
 

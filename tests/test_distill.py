@@ -10,11 +10,11 @@ from tiny import tiny_model
 
 from depthcut import DepthcutError
 from depthcut.cli import main
-from depthcut.data import TextSource
 from depthcut.healing.distill import distillation_loss, teacher_logits
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import heal
-from depthcut.surgery import prune
+from depthcut.io.data import TextSource
+from depthcut.model.surgery import prune
 
 KD_RECIPE = HealRecipe(rank=4, steps=8, seq_len=24, batch_size=2, grad_accum=2, warmup_steps=2, lr=5e-3, dropout=0.1,
                        heldout_windows=2, objective="kd+lm", kd_temperature=2.0, kd_weight=0.7)

@@ -2,8 +2,8 @@ import os
 import subprocess
 import sys
 
+from depthcut.analysis.result import Analysis
 from depthcut.cli import main
-from depthcut.result import Analysis
 
 ARGS = ["--samples", "6", "--seq-len", "16", "--batch-size", "1", "--quiet"]
 
@@ -30,7 +30,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, 
 PROBE = """
 import sys
 import torch
-from depthcut.distributed import is_main_process, process_state
+from depthcut.model.distributed import is_main_process, process_state
 from depthcut.errors import DepthcutError
 
 print("main" if is_main_process() else "not main")

@@ -140,12 +140,21 @@ def test_lm_evals_registry_builds_depthcut_from_model_args(tiny_llama_dir):
 
 
 def test_simple_evaluate_runs_depthcut_by_name(tiny_llama_dir):
+    """By name, as lm-eval's own `hf` model is run: the same items scored the same (lm-eval's HFLM is
+    the reference), item by item."""
     import lm_eval
 
-    output = lm_eval.simple_evaluate(model="depthcut", model_args=f"pretrained={tiny_llama_dir},dtype=float32",
-                                     tasks=["arc_easy"], task_manager=task_manager(with_index=False), limit=3,
-                                     batch_size=2)
-    assert output["results"]["arc_easy"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    runs = {name: lm_eval.simple_evaluate(model=name, model_args=f"pretrained={tiny_llama_dir},dtype=float32",
+                                          tasks=["arc_easy"], task_manager=task_manager(with_index=False), limit=6,
+                                          batch_size=2, log_samples=True, device="cpu")
+            for name in ("depthcut", "hf")}
+    ours, theirs = runs["depthcut"], runs["hf"]
+    assert ours["results"]["arc_easy"]["acc,none"] == theirs["results"]["arc_easy"]["acc,none"]
+    assert ours["results"]["arc_easy"]["acc_norm,none"] == theirs["results"]["arc_easy"]["acc_norm,none"]
+    for mine, reference in zip(ours["samples"]["arc_easy"], theirs["samples"]["arc_easy"], strict=True):
+        assert mine["doc_id"] == reference["doc_id"] and mine["acc"] == reference["acc"]
+        assert [float(r[0]) for r in mine["filtered_resps"]] == pytest.approx(
+            [float(r[0]) for r in reference["filtered_resps"]], abs=1e-4)
 
 
 def test_lm_evals_command_line_with_depthcut(tiny_llama_dir, tmp_path):

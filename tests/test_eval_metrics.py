@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import VOCAB, tiny_model, tolerance
 
-from depthcut.calibration import CalibrationSet
+from depthcut.analysis.calibration import CalibrationSet
 from depthcut.evaluation.evaluate import subsets
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.evaluation.metrics import chance, group_summary, mean_stderr, metric_figures, task_summary

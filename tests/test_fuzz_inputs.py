@@ -83,7 +83,6 @@ def test_a_corrupted_shard_index(capsys, tmp_path, tiny_llama_dir, seed):
 def test_a_corrupted_gguf_header(capsys, tmp_path, seed):
     pytest.importorskip("gguf")
     from gguf import GGMLQuantizationType
-
     from test_gguf import tiny_gguf
 
     source = tiny_gguf(tmp_path, "llama", GGMLQuantizationType.F32)

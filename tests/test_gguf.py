@@ -1,10 +1,11 @@
-"""GGUF in, GGUF out (depthcut.gguf): pruned GGUFs keep every kept tensor's bytes and quantization,
+"""GGUF in, GGUF out (depthcut.model.gguf_surgery, depthcut.io.gguf_writer): pruned GGUFs keep every kept tensor's bytes and quantization,
 slice the per-layer metadata, load in transformers with the logits of the model pruned in memory,
 and run in llama.cpp; the streamed analysis reads a GGUF layer by layer."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import gguf
@@ -15,10 +16,11 @@ from tiny import padded_calibration, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from depthcut.errors import DepthcutError
-from depthcut.gguf import open_gguf, prune_gguf
-from depthcut.gguf.layers import plan_removal
-from depthcut.gguf.prune import write_pruned
-from depthcut.surgery import prune
+from depthcut.io.gguf_files import open_gguf
+from depthcut.io.gguf_writer import write_pruned
+from depthcut.model.gguf_layers import plan_removal
+from depthcut.model.gguf_surgery import prune_gguf
+from depthcut.model.surgery import prune
 
 Q = gguf.GGMLQuantizationType
 T = gguf.GGUFValueType
@@ -351,16 +353,17 @@ def test_impossible_removals_write_nothing(tmp_path):
     assert open_gguf(out).block_count == 5
 
 
-def test_prune_gguf_to_takes_a_model_string_and_records_it(tmp_path):
-    from depthcut.gguf import prune_gguf_to
+def test_a_gguf_prune_from_a_model_string_records_it(tmp_path):
+    from depthcut.pipeline import prune_to
 
     source = tiny_gguf(tmp_path, "llama", Q.Q8_0)
-    summary = prune_gguf_to(str(source), tmp_path / "out.gguf", [2], provenance={"strategy": "explicit"})
-    assert summary["removed_layers"] == [2]
-    assert '"spec": "' + str(source) in open_gguf(tmp_path / "out.gguf").value("depthcut.provenance")
+    result = prune_to(model=str(source), layers="2", out=str(tmp_path / "out.gguf"))
+    assert result.removed == [2] and result.provenance["backend"] == "gguf"
+    stored = json.loads(open_gguf(tmp_path / "out.gguf").value("depthcut.provenance"))
+    assert stored["base_model"]["spec"] == str(source) and stored["removed_layers"] == [2]
     tiny_model("llama").save_pretrained(tmp_path / "hf")
-    with pytest.raises(DepthcutError, match="is not a GGUF model"):
-        prune_gguf_to(str(tmp_path / "hf"), tmp_path / "other.gguf", [2])
+    with pytest.raises(DepthcutError, match="only from a GGUF model"):
+        prune_to(model=str(tmp_path / "hf"), layers="2", out=str(tmp_path / "other.gguf"))
 
 
 # --- the streamed analysis reads a GGUF layer by layer --------------------------------------------
@@ -380,7 +383,7 @@ def assert_same_analysis(streamed, in_memory, atol: float) -> None:
 @pytest.mark.parametrize(("name", "qtype"), [("llama", Q.Q4_0), ("gemma3", Q.Q8_0), ("phi3", Q.F16)])
 def test_streamed_analysis_of_a_gguf_equals_the_in_memory_analysis(tmp_path, tokenizer, name, qtype):
     import depthcut
-    from depthcut.analysis import analyze_streamed
+    from depthcut.analysis.passes import analyze_streamed
 
     source = tiny_gguf(tmp_path, name, qtype)
     calibration = padded_calibration([12, 9, 12, 5])
@@ -401,7 +404,7 @@ PRUNED_SAYS = " the capital of the French army."
 
 @pytest.fixture(scope="module")
 def smollm2_gguf() -> Path:
-    from depthcut.models import resolve_model
+    from depthcut.model.loading import resolve_model
 
     try:
         source = resolve_model("smollm2-135m")
@@ -489,7 +492,7 @@ def test_llama_cpp_reads_the_sliced_per_layer_arrays(smollm2_gguf, smollm2_prune
 @pytest.mark.integration
 def test_smollm2_streamed_analysis_of_the_gguf_equals_in_memory(smollm2_gguf):
     import depthcut
-    from depthcut.analysis import analyze_streamed
+    from depthcut.analysis.passes import analyze_streamed
 
     model, tokenizer, _ = depthcut.load_model("smollm2-135m", dtype="float32", device="cpu")
     calibration = depthcut.build_calibration(tokenizer, depthcut.load_texts("c4"), num_samples=4, seq_len=32, seed=0)
@@ -509,7 +512,7 @@ def test_the_prune_command_writes_a_gguf_when_out_ends_in_gguf(capsys, tmp_path,
     assert main(["prune", str(source), "--layers", "2:4", "--out", str(out), "--quiet"]) == 0
     assert "per-layer metadata sliced" in capsys.readouterr().out
     again = prune_to(model=str(source), layers="2:4", out=str(tmp_path / "again.gguf"))
-    assert again.removed == [2, 3] and again.provenance["gguf"]["num_layers_after"] == 4
+    assert again.removed == [2, 3] and again.provenance["num_layers_after"] == 4
     pruned, reread = gguf.GGUFReader(out), gguf.GGUFReader(tmp_path / "again.gguf")
     assert [t.name for t in pruned.tensors] == [t.name for t in reread.tensors]
     assert all(a.data.tobytes() == b.data.tobytes() for a, b in zip(pruned.tensors, reread.tensors))
@@ -579,7 +582,7 @@ def test_a_repaired_smollm2_gguf_changes_one_tensor_equals_the_in_memory_repair_
     options = dict(layers="12:20", repair="lstsq", data="c4", samples=32, seq_len=128, batch_size=8,
                    dtype="float32", quiet=True)
     result = prune_to(model=str(smollm2_gguf), out=str(tmp_path / "repaired.gguf"), **options)
-    summary, fit = result.provenance["gguf"], result.provenance["repair"]
+    summary, fit = result.provenance["output"], result.provenance["repair"]
     assert list(summary["replaced_tensors"]) == ["blk.11.ffn_down.weight"]
     assert summary["replaced_tensors"]["blk.11.ffn_down.weight"]["now"] == "F32"
     assert fit["changed_tensors"] == ["blk.11.ffn_down.weight"] and fit["streamed"]

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from depthcut import DepthcutError
 from depthcut.cli import main
-from depthcut.data import TextSource
 from depthcut.healing.checkpoint import STATE_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.run import checkpoint_folder, heal_to
 from depthcut.healing.targets import find_targets
-from depthcut.healing.trainer import heal, split_documents
+from depthcut.healing.trainer import heal
+from depthcut.io.data import TextSource, split_documents
 
 WORKER = Path(__file__).parent / "heal_worker.py"
 MLP_NAMES = {"llama": {"gate_proj", "up_proj", "down_proj"}, "gpt2": {"c_fc", "c_proj"}, "opt": {"fc1", "fc2"},

@@ -1,4 +1,4 @@
-"""The config rules for layers (depthcut.layer_fields), the kind check (depthcut.layer_kinds), and
+"""The config rules for layers (depthcut.model.layer_fields), the kind check (depthcut.model.layer_kinds), and
 how a strategy chooses among the cuts an architecture allows, against known answers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import depthcut
-from depthcut.layer_fields import rewrite_layer_fields
-from depthcut.layer_kinds import kind_preserving_blocks, layer_kinds
-from depthcut.result import Analysis
+from depthcut.analysis.result import Analysis
+from depthcut.model.layer_fields import rewrite_layer_fields
+from depthcut.model.layer_kinds import kind_preserving_blocks, layer_kinds
 from depthcut.strategies import select_allowed
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from depthcut import output
 from depthcut.cli import main
 from depthcut.errors import DepthcutError
 from depthcut.io import atomic
@@ -41,7 +40,6 @@ def pause():
         time.sleep(0.05)
 
 import depthcut.io.atomic as atomic
-import depthcut.output as output
 
 def after(module, name):
     original = getattr(module, name)
@@ -62,7 +60,7 @@ if point == "claimed":        # --out locked, the model not loaded yet
     import depthcut.io.claims as claims
     after(claims, "claim_output")
 elif point == "loaded":       # the model loaded, nothing written yet
-    import depthcut.models as models
+    import depthcut.model.loading as models
     after(models, "load_model")
 elif point == "writing":      # weights written into the temporary sibling, the rest not yet
     before(atomic, "write_json")
@@ -284,7 +282,7 @@ def test_sighup_cleans_up_too(tmp_path, tiny_llama_dir):
 
 
 def test_a_signal_during_a_publish_takes_effect_when_it_is_done():
-    from depthcut.output import Terminated, handle_signals
+    from depthcut.io.signals import Terminated, handle_signals
 
     finished = []
     with pytest.raises(Terminated), handle_signals():
@@ -437,10 +435,12 @@ def test_a_failing_disk_injected_at_the_write_seam(capsys, monkeypatch, tmp_path
     def failing(path, data):
         raise OSError(code_number, os.strerror(code_number), str(path))
 
-    import depthcut.export
+    import depthcut.io.model_folder
+    import depthcut.pipeline.prune_backends
 
-    monkeypatch.setattr(atomic, "write_json", failing)  # the shard-by-shard prune imports it when it runs
-    monkeypatch.setattr(depthcut.export, "write_json", failing)
+    # where each backend writes its provenance: in memory through model_folder, shard by shard itself
+    monkeypatch.setattr(depthcut.io.model_folder, "write_json", failing)
+    monkeypatch.setattr(depthcut.pipeline.prune_backends, "write_json", failing)
     keep = tmp_path / "keep.txt"
     keep.write_text("mine")
     code = main(_argv(PRUNE, model=tiny_llama_dir, out=tmp_path / "pruned"))
@@ -507,15 +507,15 @@ def test_a_sweep_folder_follows_the_same_rules(capsys, monkeypatch, tmp_path, ti
 def test_a_sweep_folder_created_by_someone_else_before_the_first_point(capsys, monkeypatch, tmp_path, tiny_llama_dir,
                                                                       corpus_file):
     out = tmp_path / "sweep"
-    import depthcut.io.atomic
+    import depthcut.pipeline.sweep
 
-    original = depthcut.io.atomic.continued_output_dir
+    original = depthcut.pipeline.sweep.continued_output_dir
 
     def appear_first(path, force=False):
         _users_folder(out)
         return original(path, force)
 
-    monkeypatch.setattr(depthcut.io.atomic, "continued_output_dir", appear_first)
+    monkeypatch.setattr(depthcut.pipeline.sweep, "continued_output_dir", appear_first)
     code = main(["sweep", str(tiny_llama_dir), "--out", str(out), "--data", str(corpus_file), "--loss",
                  str(corpus_file), *SWEEP])
     _assert_one_error(code, capsys.readouterr().err, "was created by something else")

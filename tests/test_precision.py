@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from depthcut import precision
 from depthcut.errors import DepthcutError
-from depthcut.precision import autocast_for, choose_dtype, cpu_bf16_support
+from depthcut.model import precision
+from depthcut.model.precision import autocast_for, choose_dtype, cpu_bf16_support
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_unreadable_flags_fall_back_to_a_timed_product(fake_cpu, faster):
 
 
 def test_aten_capability_variable_is_honoured_in_a_fresh_process():
-    code = "from depthcut.precision import choose_dtype; print(choose_dtype('auto', 'cpu').name)"
+    code = "from depthcut.model.precision import choose_dtype; print(choose_dtype('auto', 'cpu').name)"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "float32"
@@ -89,7 +89,7 @@ def test_named_and_checkpoint_choices():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_load_model_auto_uses_and_records_the_choice(fake_cpu, tiny_llama_dir, native):
-    from depthcut.models import load_model
+    from depthcut.model.loading import load_model
 
     fake_cpu("AVX512", {"avx512_bf16"} if native else {"avx512f"})
     model, _, source = load_model(str(tiny_llama_dir), dtype="auto", device="cpu")
@@ -101,7 +101,7 @@ def test_load_model_auto_uses_and_records_the_choice(fake_cpu, tiny_llama_dir, n
 
 
 def test_checkpoint_keeps_the_stored_dtype(tiny_llama_dir, tmp_path):
-    from depthcut.models import load_model
+    from depthcut.model.loading import load_model
 
     model, _, _ = load_model(str(tiny_llama_dir), dtype="bfloat16")
     model.save_pretrained(tmp_path / "bf16")

@@ -11,10 +11,10 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from depthcut.cli import main
-from depthcut.data import TextSource, load_texts
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.trainer import full_precision_loader, heal, keep_4bit_differentiable
-from depthcut.models import load_model
+from depthcut.io.data import TextSource, load_texts
+from depthcut.model.loading import load_model
 
 # bitsandbytes quantizes in blocks of 64 inputs: the tiny model needs widths that are multiples of it.
 WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}

@@ -7,9 +7,9 @@ import transformers as T
 from tiny import padded_calibration, random_ids, tiny_model
 
 import depthcut
-from depthcut.calibration import CalibrationSet
+from depthcut.analysis.calibration import CalibrationSet
 from depthcut.errors import DepthcutError
-from depthcut.layers import find_layer_stack, first_tensor, output_tensor
+from depthcut.model.layers import find_layer_stack, first_tensor, output_tensor
 from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair, repair_statistics
 from depthcut.repair.architectures import architecture_of
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import depthcut
 from depthcut.cli import main
-from depthcut.shards import INDEX_FILE, prune_shards
+from depthcut.model.shards import INDEX_FILE, prune_shards
 
 
 def _tensors(folder):
@@ -59,7 +59,7 @@ def test_prune_command_streams_a_sharded_folder(capsys, tmp_path, tokenizer):
     captured = capsys.readouterr()
     assert "shard by shard" in captured.err
     provenance = json.loads((out / "depthcut.json").read_text())
-    assert provenance["streamed"] and provenance["removed_layers"] == [2, 3]
+    assert provenance["backend"] == "shard_by_shard" and provenance["removed_layers"] == [2, 3]
     assert (out / "tokenizer.json").is_file() and (out / INDEX_FILE).is_file()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
 

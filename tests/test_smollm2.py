@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from reference import bypass_layers, naive_metrics
 from transformers import AutoModelForCausalLM
 
 import depthcut
 from depthcut.cli import main
-from depthcut.layers import find_layer_stack
-from reference import bypass_layers, naive_metrics
+from depthcut.model.layers import find_layer_stack
 
 pytestmark = pytest.mark.integration
 

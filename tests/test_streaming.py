@@ -70,7 +70,7 @@ def test_bfloat16_streamed_analysis_equals_the_in_memory_bfloat16_analysis(tmp_p
 
 def test_states_read_back_in_many_small_chunks_through_few_buffers(tmp_path, tokenizer, monkeypatch):
     """The read-back reuses two buffers (the last chunk is partial), the writes one buffer at a time."""
-    from depthcut import streaming_states
+    from depthcut.analysis import spill as streaming_states
 
     model, folder = _saved("qwen3", tmp_path, tokenizer)
     config = model.config.get_text_config()
@@ -102,7 +102,7 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
     import re
     import threading
 
-    from depthcut import streaming_checkpoint
+    from depthcut.analysis import checkpoint as streaming_checkpoint
 
     _, folder = _saved("llama", tmp_path, tokenizer)
     skeletons, reads, computes = [], [], []
@@ -151,7 +151,7 @@ def test_at_most_two_layers_are_resident_and_the_next_is_read_while_one_computes
 
 
 def test_a_failed_spill_write_stops_the_analysis(tmp_path, tokenizer, monkeypatch):
-    from depthcut import streaming_states
+    from depthcut.analysis import spill as streaming_states
 
     _, folder = _saved("llama", tmp_path, tokenizer)
 
@@ -203,7 +203,7 @@ def test_a_checkpoint_rewritten_in_place_is_read_afresh(tmp_path, tokenizer):
 
 
 def test_the_automatic_switch_weighs_the_weights_in_the_asked_dtype(tmp_path, tokenizer, monkeypatch):
-    from depthcut import streaming_checkpoint
+    from depthcut.analysis import checkpoint as streaming_checkpoint
 
     _, folder = _saved("llama", tmp_path, tokenizer)  # saved in float32
     size = streaming_checkpoint.checkpoint_bytes(folder)

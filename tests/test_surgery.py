@@ -2,13 +2,13 @@ import copy
 
 import pytest
 import torch
+from reference import bypass_layers
+from tiny import CONFIGS, random_ids, tiny_model, tolerance
 from transformers import AutoModelForCausalLM
 
 import depthcut
-from depthcut.layers import find_layer_stack, text_config
-from depthcut.surgery import parse_layer_spec
-from reference import bypass_layers
-from tiny import CONFIGS, random_ids, tiny_model, tolerance
+from depthcut.model.layers import find_layer_stack, text_config
+from depthcut.model.surgery import parse_layer_spec
 
 # A contiguous block and a scattered set, both keeping the final layer; one drops layer 0.
 REMOVALS = {"block": [2, 3, 4], "scattered": [0, 3]}

@@ -258,8 +258,8 @@ def test_figures_draw_error_bars_and_name_the_model(tmp_path, monkeypatch):
 
 
 def test_plot_heatmap_without_a_title_never_shows_a_site_packages_path():
-    from depthcut.plotting import model_title
-    from depthcut.result import Analysis
+    from depthcut.analysis.heatmap import model_title
+    from depthcut.analysis.result import Analysis
 
     def analysis(model):
         return Analysis(2, {}, {"model": model})
@@ -286,7 +286,7 @@ def test_heldout_loss_reports_the_standard_error_over_windows():
     # here rather than in test_eval_metrics.py: the sweep's loss error bars come from it
     from tiny import VOCAB, tiny_model
 
-    from depthcut.calibration import CalibrationSet
+    from depthcut.analysis.calibration import CalibrationSet
     from depthcut.evaluation.loss import heldout_loss
 
     model = tiny_model("llama")
@@ -302,10 +302,18 @@ def test_heldout_loss_reports_the_standard_error_over_windows():
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_report_renders_in_headless_chromium_with_every_figure_loaded(sweep_dir, tmp_path):
+    # The page has no script of its own: the test adds one to a copy, that counts the images decoded.
+    counted = tmp_path / "counted.html"
+    counter = ("<script>window.addEventListener('load', () => { const images = [...document.images]; "
+               "document.body.dataset.figures = images.length; document.body.dataset.figuresLoaded = "
+               "images.filter(i => i.complete && i.naturalWidth > 0).length; });</script>")
+    page = (sweep_dir / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in page
+    counted.write_text(page.replace("</body>", counter + "</body>"), encoding="utf-8")
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", (sweep_dir / "report.html").as_uri()],
+         "--virtual-time-budget=5000", "--dump-dom", counted.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     dom = result.stdout
@@ -392,8 +400,8 @@ def test_distillation_is_a_heal_of_the_sweep_and_equals_healing_by_hand(capsys, 
     import dataclasses
 
     import depthcut
-    from depthcut.data import load_texts
     from depthcut.healing.trainer import heal
+    from depthcut.io.data import load_texts
     from depthcut.pipeline import sweep_to
     from depthcut.pipeline.sweep import SweepConfig
 

@@ -105,7 +105,7 @@ def tiny_tokenizer():
 def padded_calibration(lengths, seed: int = 3):
     """Random token rows of unequal length, right-padded: padding must be left out of every sum, and
     the last token is the last non-pad one."""
-    from depthcut.calibration import CalibrationSet
+    from depthcut.analysis.calibration import CalibrationSet
 
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -4,33 +4,23 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
+from depthcut.lazy import lazy_attributes
+from depthcut.logs import configure as _configure_logging
+
 # peft imports bitsandbytes when it is installed, and bitsandbytes' CPU backend then announces that
 # a hub-downloaded kernel for its inference-only packed 4-bit path is missing. depthcut never uses
 # that path (healing turns it off: see depthcut.healing.trainer.keep_4bit_differentiable), so
 # there is nothing for a user to act on.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+_configure_logging()  # depthcut's notes on stderr, in a notebook as on the command line (depthcut.logs)
 
-from depthcut.analysis import analyze, analyze_streamed
-from depthcut.calibration import CalibrationSet, build_calibration
-from depthcut.data import load_texts
-from depthcut.errors import DepthcutError
-from depthcut.layers import find_layer_stack
-from depthcut.models import load_model
-from depthcut.result import Analysis
-from depthcut.strategies import select
-from depthcut.surgery import prune
-
-__all__ = [
-    "Analysis",
-    "CalibrationSet",
-    "DepthcutError",
-    "__version__",
-    "analyze",
-    "analyze_streamed",
-    "build_calibration",
-    "find_layer_stack",
-    "load_model",
-    "load_texts",
-    "prune",
-    "select",
-]
+# The public API, imported on first use: `import depthcut` does not import torch (see depthcut.lazy).
+_SOURCES = {
+    "depthcut.analysis.passes": "analyze analyze_streamed", "depthcut.analysis.result": "Analysis",
+    "depthcut.analysis.calibration": "CalibrationSet build_calibration", "depthcut.errors": "DepthcutError",
+    "depthcut.model.layers": "find_layer_stack", "depthcut.model.loading": "load_model",
+    "depthcut.model.surgery": "prune", "depthcut.io.data": "load_texts", "depthcut.strategies": "select",
+    "depthcut.pipeline.shrink": "shrink",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
+__all__ = ["__version__", *sorted(name for names in _SOURCES.values() for name in names.split())]

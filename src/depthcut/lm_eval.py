@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import sys
 
+from depthcut.evaluation.tasks import local_tasks_folder
+
 
 def main(argv: list[str] | None = None) -> None:
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.__main__ import cli_evaluate
 
+    # deferred: registering the model imports torch; it is done when lm-eval's command runs
     import depthcut.evaluation.lm  # noqa: F401  (registers the model name "depthcut")
-    from depthcut.evaluation.tasks import local_tasks_folder
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "--include_path" not in args and not any(a.startswith("--include_path=") for a in args) \

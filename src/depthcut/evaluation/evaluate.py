@@ -12,9 +12,15 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from depthcut.analysis.calibration import build_calibration
 from depthcut.errors import DepthcutError
+from depthcut.evaluation.lm import DepthcutLM
+from depthcut.evaluation.loss import heldout_loss
 from depthcut.evaluation.metrics import chance, document, group_summary, task_summary
+from depthcut.evaluation.tasks import load_task, resolve_tasks
+from depthcut.io.data import load_texts
 
 RESULT_FORMAT = "depthcut.eval"
 
@@ -37,9 +43,9 @@ def subsets(tasks: dict, limit: int | None, seed: int) -> dict[str, list[int]] |
 def _seeded(seed: int, quiet: bool):
     """lm-eval's seeds for the run (its few-shot draws and any task's own randomness), the caller's
     random state back afterwards; `quiet` turns lm-eval's and datasets' progress bars off."""
+    # deferred: datasets takes seconds to import; only Hugging Face datasets need it
     import datasets
     import lm_eval.api.task
-    from tqdm import tqdm
 
     states = random.getstate(), np.random.get_state()
     task_bar, dataset_bars = lm_eval.api.task.tqdm, datasets.is_progress_bar_enabled()
@@ -64,9 +70,9 @@ def run_tasks(lm, specs, *, limit: int | None = None, num_fewshot: int | None = 
               log_samples: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
     """Summaries of `specs` (resolved --tasks entries) scored by `lm`, and their documents when
     `log_samples`. Every task runs in one lm-eval evaluation, so all requests are batched together."""
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
-    from depthcut.evaluation.tasks import load_task
 
     with _seeded(seed, quiet=not progress):
         loaded = {spec.name: load_task(spec) for spec in specs}
@@ -122,7 +128,6 @@ def evaluate(
     data, task YAML files; docs/tasks.md) and/or the held-out loss on `loss_data` (a DATA string,
     as for calibration). `limit`: a fixed random subset of that many documents per task (seeded
     by `seed`, which also seeds lm-eval's few-shot draws). Returns a JSON-ready dict."""
-    from depthcut.evaluation.tasks import resolve_tasks
 
     if not tasks and loss_data is None:
         raise DepthcutError("nothing to evaluate: give tasks and/or loss data")
@@ -133,16 +138,11 @@ def evaluate(
     specs = resolve_tasks(tasks)  # unknown names and bad task files fail before any work
     result: dict = {"format": RESULT_FORMAT, "format_version": 2, "tasks": {}}
     if loss_data is not None:
-        from depthcut.calibration import build_calibration
-        from depthcut.data import load_texts
-        from depthcut.evaluation.loss import heldout_loss
 
         source = load_texts(loss_data) if isinstance(loss_data, str) else loss_data
         windows = build_calibration(tokenizer, source, loss_samples, loss_seq_len, "windows", seed)
         result["loss"] = heldout_loss(model, windows, batch_size=max(1, batch_size // 2), progress=progress)
     if specs:
-        from depthcut.evaluation.lm import DepthcutLM
-
         lm = DepthcutLM(model, tokenizer, batch_size=batch_size, scoring=scoring, progress=progress)
         result["tasks"], samples = run_tasks(lm, specs, limit=limit, num_fewshot=num_fewshot, seed=seed,
                                              log_samples=log_samples, progress=progress)

@@ -33,8 +33,10 @@ from lm_eval.models.utils import (
 )
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from depthcut.evaluation.scoring import Scorer
+from depthcut.model.loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ class DepthcutLM(TemplateLM):
         if unused:
             raise TypeError(f"DepthcutLM got unknown arguments: {', '.join(sorted(unused))}")
         if isinstance(pretrained, str):
-            from depthcut.models import load_model
-
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 log.warning("device %s is not available here; using the CPU", device)  # lm-eval's default is cuda:0
                 device = "cpu"
@@ -85,8 +85,6 @@ class DepthcutLM(TemplateLM):
                 raise ValueError("a model in memory needs its tokenizer: DepthcutLM(model, tokenizer)")
             model, self.source = pretrained, {"spec": type(pretrained).__name__}
             if isinstance(tokenizer, str):
-                from transformers import AutoTokenizer
-
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer = model, tokenizer
         self._device = next(model.parameters()).device

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import datasets
 
-from depthcut.data import DATA_DIR_ENV, data_dir
 from depthcut.errors import DepthcutError
+from depthcut.io.data import DATA_DIR_ENV, data_dir
 from depthcut.io.text import read_jsonl, read_utf8
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.calibration import CalibrationSet
+from depthcut.analysis.calibration import CalibrationSet
 from depthcut.evaluation.metrics import mean_stderr
 
 

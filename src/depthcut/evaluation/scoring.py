@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.layers import text_config
+from depthcut.model.layers import text_config
 
 Score = tuple[float, bool]  # (log-likelihood, every continuation token is the greedy choice)
 

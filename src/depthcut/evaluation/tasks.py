@@ -42,6 +42,7 @@ class TaskSpec:
 
 def lm_eval_tasks_dir() -> Path:
     """The `tasks` folder of the installed lm-eval, which holds its default task YAMLs."""
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     import lm_eval
 
     return Path(lm_eval.__file__).parent / "tasks"
@@ -75,6 +76,7 @@ def _definitions(name: str, splits: tuple[str, ...]) -> dict[str, str]:
                       "test_split": "test" if "test" in splits else None, benchmark.evaluated: evaluated}
         return {f"{name}.yaml": _yaml(include=root / benchmark.definition, task=name, custom_dataset=LOADER,
                                       dataset_kwargs={"depthcut_task": name}, **split_keys)}
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.tasks._yaml_loader import load_yaml
 
     files = {}
@@ -119,6 +121,7 @@ def _quiet(logger: str = "lm_eval", level: int = logging.ERROR):
 
 @lru_cache(maxsize=4)
 def _task_manager(available: tuple, with_index: bool):
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.tasks import TaskManager
 
     with _quiet():
@@ -171,6 +174,7 @@ def _data_files(config: dict, path: Path) -> dict | list | str | None:
 
 def task_file(path: Path) -> TaskSpec:
     """The task an lm-eval task YAML defines, checked before any model loads."""
+    # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if not path.is_file():

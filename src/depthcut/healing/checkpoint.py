@@ -56,7 +56,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, recipe: dict) -> Path:
-    """Write `folder/step-N` atomically (depthcut.output: a temporary sibling carrying this process's
+    """Write `folder/step-N` atomically (depthcut.io.atomic: a temporary sibling carrying this process's
     pid, then one rename) and drop older steps: the newest complete one always exists."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"

@@ -16,6 +16,7 @@ import torch
 
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.metrics import mean_stderr
+from depthcut.model.layers import text_config
 
 CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk and temporary: 64 MiB
 
@@ -87,7 +88,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def vocab_size(model) -> int | None:
     """The width of `model`'s next-token logits (its output layer's, a 4-bit one's too)."""
-    from depthcut.layers import text_config
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "out_features", None):
@@ -107,7 +107,6 @@ def check_teacher(student, teacher) -> None:
 
 def teacher_description(teacher) -> dict:
     """What a resumed run checks about its teacher (it is reloaded, never checkpointed)."""
-    from depthcut.layers import text_config
 
     config = text_config(teacher)
     return {"model_type": getattr(config, "model_type", None), "layers": getattr(config, "num_hidden_layers", None),

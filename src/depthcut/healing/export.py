@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from depthcut.export import PROVENANCE_FILE, save_model
+from safetensors.torch import save_file
+
 from depthcut.healing.trainer import HealResult
+from depthcut.io.model_card import PROVENANCE_FILE, loading_snippet, render_card
 from depthcut.io.model_files import read_model_text
-from depthcut.output import environment
+from depthcut.io.model_folder import save_model
+from depthcut.io.provenance import environment
 
 
 def previous_provenance(model_spec: str) -> dict | None:
@@ -18,12 +21,10 @@ def previous_provenance(model_spec: str) -> dict | None:
     return None
 
 
-def heal_card(provenance: dict) -> str:
+def heal_card(provenance: dict, out) -> str:
     healing = provenance["healing"]
     before, after = healing["loss_before"]["loss"], healing["loss_after"]["loss"]
     lines = [
-        "---", "tags: [depthcut, depth-pruning, lora]", "---",
-        f"# {provenance['base_model']['spec']}, healed with LoRA", "",
         "| | |", "|---|---|",
         f"| base model | `{provenance['base_model']['spec']}` |",
     ]
@@ -46,8 +47,10 @@ def heal_card(provenance: dict) -> str:
           if healing.get("kl_after") else []), "",
         "The LoRA weights are merged into this model; the adapter alone is in `adapter/`.",
         f"`{PROVENANCE_FILE}` records the whole recipe, and `train_log.jsonl` every step.", "",
+        *loading_snippet(out),
     ]
-    return "\n".join(lines)
+    return render_card(provenance["base_model"], f"{provenance['base_model']['spec']}, healed with LoRA", lines,
+                       tags=("lora",))
 
 
 def run_totals(result: HealResult) -> dict:
@@ -65,7 +68,6 @@ def run_totals(result: HealResult) -> dict:
 def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: str, log_path: Path | None,
                 force: bool = False, teacher: dict | None = None) -> Path:
     """Write the healed folder; `teacher`: the source (spec, dtype, ...) of the model distilled from."""
-    from safetensors.torch import save_file
 
     pruning = previous_provenance(base_model["spec"])
     provenance = {
@@ -92,4 +94,4 @@ def save_healed(result: HealResult, tokenizer, out, *, base_model: dict, data: s
     extra = {"adapter": write_adapter}
     if log_path is not None and log_path.is_file():
         extra["train_log.jsonl"] = lambda path: path.write_bytes(log_path.read_bytes())
-    return save_model(result.model, tokenizer, out, provenance, heal_card(provenance), force, extra)
+    return save_model(result.model, tokenizer, out, provenance, heal_card(provenance, out), force, extra)

@@ -11,18 +11,26 @@ It is not checkpointed: a resumed run loads it again.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from depthcut.distributed import is_main_process
 from depthcut.errors import DepthcutError
+from depthcut.healing.checkpoint import latest_checkpoint, remove_stale_checkpoints
+from depthcut.healing.distill import kl_line
+from depthcut.healing.export import run_totals, save_healed
 from depthcut.healing.recipe import HealRecipe
-from depthcut.healing.trainer import HealResult
+from depthcut.healing.trainer import HealResult, check_finite_loss, check_quantization, full_precision_loader, heal
 from depthcut.io.claims import claimed_for_writing
+from depthcut.io.data import load_texts
 from depthcut.io.output_checks import check_no_overlap
+from depthcut.model.distributed import is_main_process
+from depthcut.model.loading import check_context_length, load_model_announced, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_folder(out: str | Path) -> Path:
@@ -55,18 +63,14 @@ def heal_to(
     `teacher_spec` (MODEL, the unpruned model) is the teacher that `recipe.objective` "kd" or "kd+lm"
     distils from; it is loaded unquantized.
     """
-    from depthcut.data import load_texts
-    from depthcut.healing.export import save_healed
-    from depthcut.healing.trainer import _check_quantization, check_finite_loss, full_precision_loader, heal
-    from depthcut.models import check_context_length, load_model_announced, resolve_model
 
     for written in (out, checkpoint_folder(out)):
         check_no_overlap([model_spec, teacher_spec, data_spec], written)
     _check_teacher_spec(recipe, teacher_spec)
-    _check_quantization(recipe)
+    check_quantization(recipe)
     if checkpoint_every < 1:
         raise DepthcutError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
-    with claimed_for_writing(out, force):
+    with claimed_for_writing(out, force, writer=is_main_process()):
         checkpoints = _checkpoints_for(out, resume, force)
         resolve_model(model_spec)  # a bad MODEL fails here, before the data and the heavy imports
         if teacher_spec is not None:
@@ -109,8 +113,6 @@ def _check_teacher_spec(recipe: HealRecipe, teacher_spec: str | None) -> None:
 def print_heal_summary(result: HealResult, out: str | Path, stream=None) -> None:
     """The lines `depthcut heal` ends with: the held-out loss (and KL to the teacher) before and after,
     the run's size, where it went."""
-    from depthcut.healing.distill import kl_line
-    from depthcut.healing.export import run_totals
 
     before, after, totals = result.loss_before, result.loss_after, run_totals(result)
     print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (normalized {before['normalized_loss']:.4f} -> "
@@ -125,7 +127,6 @@ def print_heal_summary(result: HealResult, out: str | Path, stream=None) -> None
 def _checkpoints_for(out: str | Path, resume: bool, force: bool) -> Path:
     """`OUT-checkpoints`, ready for this run: an earlier run's checkpoints are continued (resume),
     removed (force) or refused; half-written ones are removed."""
-    from depthcut.healing.checkpoint import remove_stale_checkpoints
 
     checkpoints = checkpoint_folder(out)
     if checkpoints.exists() and not resume and not force:
@@ -142,7 +143,6 @@ def _checkpoints_for(out: str | Path, resume: bool, force: bool) -> Path:
 def _kept_on_failure(checkpoints: Path) -> Iterator[None]:
     """When the block fails or is interrupted, checkpoints stay for --resume (and the user is told);
     a checkpoint folder it made without a checkpoint in it is removed."""
-    from depthcut.healing.checkpoint import latest_checkpoint
 
     existed = checkpoints.exists()
     try:
@@ -150,8 +150,7 @@ def _kept_on_failure(checkpoints: Path) -> Iterator[None]:
     except BaseException:
         if is_main_process() and checkpoints.exists():
             if latest_checkpoint(checkpoints) is not None:
-                print(f"depthcut: checkpoints kept in {checkpoints}: the same command with --resume continues",
-                      file=sys.stderr)
+                log.warning("checkpoints kept in %s: the same command with --resume continues", checkpoints)
             elif not existed:
                 shutil.rmtree(checkpoints, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from depthcut.errors import DepthcutError
-from depthcut.layers import find_layer_stack
+from depthcut.model.layers import find_layer_stack
 
 TARGET_KINDS = ("mlp", "attn", "all-linear")
 

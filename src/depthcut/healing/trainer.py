@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from depthcut.calibration import build_calibration
-from depthcut.data import TextSource
-from depthcut.distributed import process_state
+from depthcut.analysis.calibration import build_calibration
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from depthcut.healing.distill import check_teacher, distillation_loss, heldout_kl, teacher_description, teacher_logits
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
+from depthcut.io.data import TextSource, split_documents
+from depthcut.model.distributed import process_state
+from depthcut.model.loading import load_model
+from depthcut.model.precision import autocast_for
 
 
 @dataclass
@@ -48,20 +50,6 @@ class HealResult:
     loss_after_adapter: dict | None = None  # QLoRA: the 4-bit base with the unmerged adapter
     kl_before: dict | None = None  # with a teacher: the held-out distillation loss (healing.distill.heldout_kl)
     kl_after: dict | None = None
-
-
-def split_documents(source: TextSource, fraction: float, seed: int) -> tuple[TextSource, TextSource]:
-    """A seeded split into (training, held-out) documents: training never sees the held-out ones."""
-    if source.documents is None:
-        raise DepthcutError("healing needs local data (a file, folder or c4 sample), not a streamed dataset")
-    order = list(range(len(source.documents)))
-    random.Random(seed).shuffle(order)
-    count = max(1, round(len(order) * fraction))
-    if len(order) - count < 1:
-        raise DepthcutError(f"data {source.description!r} has {len(order)} documents: too few to hold some out")
-    held = [source.documents[i] for i in sorted(order[:count])]
-    train = [source.documents[i] for i in sorted(order[count:])]
-    return (TextSource(f"{source.description} (training)", train), TextSource(f"{source.description} (held out)", held))
 
 
 def _training_windows(tokenizer, source: TextSource, recipe: HealRecipe, needed: int) -> torch.Tensor:
@@ -86,11 +74,12 @@ def _batch(windows: torch.Tensor, recipe: HealRecipe, step: int, micro: int, ran
     return windows[rows]
 
 
-def _check_quantization(recipe: HealRecipe) -> None:
+def check_quantization(recipe: HealRecipe) -> None:
     """QLoRA needs bitsandbytes; since 0.46 it has CPU kernels too, so no GPU is required."""
     if recipe.quantize is None:
         return
     try:
+        # deferred: optional, for --quantize 4bit
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise DepthcutError("--quantize 4bit needs bitsandbytes: pip install 'depthcut[qlora]'") from None
@@ -98,9 +87,7 @@ def _check_quantization(recipe: HealRecipe) -> None:
 
 def resolve_mixed_precision(recipe: HealRecipe, device: torch.device) -> tuple[HealRecipe, str]:
     """The recipe with `mixed_precision="auto"` made concrete for `device`, and the reason."""
-    from dataclasses import replace
 
-    from depthcut.precision import autocast_for
 
     if recipe.mixed_precision != "auto":
         return recipe, "asked for"
@@ -134,8 +121,6 @@ def full_precision_loader(spec: str, **load_options) -> Callable[[], torch.nn.Mo
     without a tokenizer, with the same `depthcut.load_model` options (dtype, device, ...)."""
 
     def load():
-        from depthcut.models import load_model
-
         return load_model(spec, with_tokenizer=False, **load_options)[0]
 
     return load
@@ -143,6 +128,7 @@ def full_precision_loader(spec: str, **load_options) -> Callable[[], torch.nn.Mo
 
 def merge_adapter(base_model, result: HealResult):
     """Merge a finished heal's LoRA weights into `base_model` (e.g. the unquantized weights of a QLoRA base)."""
+    # deferred: peft (and bitsandbytes with it) is imported by healing alone
     from peft import get_peft_model, set_peft_model_state_dict
 
     with _peft_renamed_property_quiet():
@@ -153,12 +139,14 @@ def merge_adapter(base_model, result: HealResult):
 
 def _adapter_state(peft_model) -> dict:
     """The LoRA weights; embeddings are never adapted, so peft need not look for a base config to compare."""
+    # deferred: peft (and bitsandbytes with it) is imported by healing alone
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model, save_embedding_layers=False)
 
 
 def _wrap_with_lora(model, recipe: HealRecipe, layer_path):
+    # deferred: peft (and bitsandbytes with it) is imported by healing alone
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = find_targets(model, recipe.targets, layer_path)
@@ -214,15 +202,15 @@ def _set_up(model, tokenizer, data: TextSource, recipe: HealRecipe, layer_path, 
     """Everything before the first step: the process group, the training and held-out windows, the
     loss (and KL to the teacher) before healing, the LoRA-wrapped model, its optimizer and
     learning-rate schedule."""
+    # deferred: accelerate is imported only where processes or empty weights need it
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
 
     if recipe.distils and teacher is None:
         raise DepthcutError(f"objective {recipe.objective!r} distils from a teacher: pass the unpruned model as "
                             "teacher (--teacher MODEL)")
     if teacher is not None:
         check_teacher(model, teacher)
-    _check_quantization(recipe)
+    check_quantization(recipe)
     if recipe.quantize:
         keep_4bit_differentiable(model)
     device = next(model.parameters()).device
@@ -258,6 +246,7 @@ def _heldout_kl(model, teacher, held, recipe: HealRecipe) -> dict | None:
 
 def _restore(run: _Run, checkpoints: Path) -> None:
     """Continue from the newest checkpoint in `checkpoints`, if there is one (before `run.prepare()`)."""
+    # deferred: peft (and bitsandbytes with it) is imported by healing alone
     from peft import set_peft_model_state_dict
 
     found = latest_checkpoint(checkpoints)

@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import secrets
-import shutil
 import stat
 import sys
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from depthcut.errors import DepthcutError
 from depthcut.io.claims import Claim, claimed_output
+from depthcut.io.output_checks import free_bytes
 from depthcut.io.signals import critical
 from depthcut.io.temporaries import identity, remove_path, staging_path
 
@@ -264,10 +264,8 @@ def _write_failure(error: BaseException, out: Path, staging: Path | None = None)
 
 
 def _nearly_full(path: Path) -> bool:
-    try:
-        return shutil.disk_usage(path if path.exists() else path.parent).free < 1 << 20
-    except OSError:
-        return False
+    free = free_bytes(path)
+    return free is not None and free < 1 << 20
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -100,13 +100,12 @@ def claimed_output(out: str | Path, force: bool, kind: str, may_exist: bool = Fa
 
 
 @contextmanager
-def claimed_for_writing(out: str | Path, force: bool, kind: str = "dir", may_exist: bool = False) -> Iterator[None]:
+def claimed_for_writing(out: str | Path, force: bool, kind: str = "dir", may_exist: bool = False, *,
+                        writer: bool = True) -> Iterator[None]:
     """`out` checked and locked for the block, before any heavy work: a second run at the same path
-    fails at once. In a data-parallel launch only the first process writes, so the others only
-    check the path."""
-    from depthcut.distributed import is_main_process
-
-    if not is_main_process():
+    fails at once. In a data-parallel launch only the first process writes (`writer`, from
+    `depthcut.model.distributed.is_main_process`), so the others only check the path."""
+    if not writer:
         (check_output_file if kind == "file" else check_output_dir)(out, force or may_exist)
         yield
         return
@@ -134,7 +133,7 @@ def _make_parents(out: Path) -> list[Path]:
 
 def _lock(out: Path) -> tuple[int | None, Path | None]:
     """An exclusive, non-blocking flock on `.OUT.lock` beside `out`; fails at once when held."""
-    import fcntl
+    import fcntl  # deferred: POSIX only, and only where an output is locked
 
     path = out.parent / f".{out.name}.lock"
     while True:

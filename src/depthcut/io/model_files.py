@@ -22,13 +22,15 @@ part): a plain name of a file in the same folder, never a path that leads elsewh
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
+
+log = logging.getLogger(__name__)
 
 # Files that a load, a prune or a heal reads (transformers' config, weights, tokenizer and processor
 # files, the code an auto_map names, depthcut's provenance): refused, never skipped, when unsafe.
@@ -160,7 +162,7 @@ def copy_extra_files(folder: str | Path, target: Path, skip: set[str] | None = N
         if why is not None and is_read_file(name):
             raise _refused(folder, name, why)
         if why is not None:
-            print(f"warning: {folder / name} was not copied: it {why}", file=sys.stderr)
+            log.warning("%s was not copied: it %s", folder / name, why)
             continue
         copy_model_file(folder, name, target / name)
         copied.append(name)

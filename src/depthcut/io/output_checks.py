@@ -4,6 +4,7 @@ output unless replacing it was asked for, on a destination that can be written."
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
@@ -87,3 +88,24 @@ def not_writable(out: Path, error: OSError) -> DepthcutError:
     where = Path(error.filename).parent if error.filename else out.parent
     reason = (error.strerror or str(error)).lower()
     return DepthcutError(f"cannot write {out}: {where} is not writable ({reason}); choose another --out")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the disk that holds `path` (or would: its nearest existing folder); None when the
+    system cannot tell. The one place depthcut asks, for outputs, spills and write errors alike."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def check_free_space(out: str | Path, needed: int, what: str = "the output") -> None:
+    """Fail before any work when the disk that will hold `out` has less than `needed` bytes free."""
+    parent = Path(out).absolute().parent
+    free = free_bytes(parent)
+    if free is not None and free < needed:
+        raise DepthcutError(f"{what} needs about {needed / 2**20:,.1f} MiB, but the disk holding {parent} has "
+                            f"{free / 2**20:,.1f} MiB free; free some space or choose another --out")

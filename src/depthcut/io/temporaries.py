@@ -3,12 +3,14 @@ left by runs that were killed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import shutil
-import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def staging_path(out: Path) -> Path:
@@ -30,8 +32,8 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
         if match and not _alive(int(match.group(1))):
             remove_path(Path(entry.path))
             removed.append(Path(entry.path))
-            print(f"depthcut: removed {entry.path}, left behind by an earlier run that was killed "
-                  f"(process {match.group(1)} is gone)", file=sys.stderr)
+            log.warning("removed %s, left behind by an earlier run that was killed (process %s is gone)",
+                        entry.path, match.group(1))
     return removed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from depthcut.metrics import Metric, angular, register_metric
+from depthcut.metrics.base import Metric, angular, register_metric
 
 
 class _BlockAngularDistance(Metric):
@@ -37,11 +37,9 @@ class _BlockAngularDistance(Metric):
 class AngularLastToken(_BlockAngularDistance):
     name = "angular_last_token"
     level = "last_token"
-    description = "angular distance at each sequence's last token (the paper's metric)"
 
 
 @register_metric
 class AngularAllTokens(_BlockAngularDistance):
     name = "angular_all_tokens"
     level = "all_tokens"
-    description = "angular distance averaged over all non-padding tokens"

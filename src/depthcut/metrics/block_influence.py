@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from depthcut.metrics import Metric, register_metric
+from depthcut.metrics.base import Metric, register_metric
 
 
 @register_metric
 class BlockInfluence(Metric):
     name = "block_influence"
     level = "all_tokens"
-    description = "1 - cos(layer input, layer output), averaged over all non-padding tokens"
+    consecutive_only = True
 
     def __init__(self, num_layers: int):
         super().__init__(num_layers)

@@ -5,19 +5,20 @@ in-memory path by itself, and writes what the command writes, with provenance.
     analysis = analyze_to(model="smollm2-135m", data="c4", out="runs/a", samples=16)
     pruned = prune_to(model="smollm2-135m", drop=8, analysis="runs/a/analysis.json", out="runs/p")
 
-Each takes its config (a dataclass, from which the command line's options are built) or the
-config's fields as keywords.
+Each takes its config (a dataclass in `depthcut.pipeline.configs`, from which the command line's
+options are built) or the config's fields as keywords.
 """
 
-from depthcut.pipeline.analyze import AnalyzeConfig, analyze_to
-from depthcut.pipeline.evaluate import EvalConfig, evaluate_to
-from depthcut.pipeline.generate import GenerateConfig, generate
-from depthcut.pipeline.heal import HealConfig, heal_to
-from depthcut.pipeline.prune import PruneConfig, PruneResult, prune_to
-from depthcut.pipeline.report import ReportConfig, report_to
-from depthcut.pipeline.sweep import SweepConfig, sweep_to
+from depthcut.lazy import lazy_attributes
 
-__all__ = [
-    "AnalyzeConfig", "EvalConfig", "GenerateConfig", "HealConfig", "PruneConfig", "PruneResult", "ReportConfig",
-    "SweepConfig", "analyze_to", "evaluate_to", "generate", "heal_to", "prune_to", "report_to", "sweep_to",
-]
+# Imported on first use: the command line reads the configs without importing torch (depthcut.lazy).
+_SOURCES = {
+    "depthcut.pipeline.configs": "AnalyzeConfig EvalConfig GenerateConfig HealConfig PruneConfig ReportConfig "
+                                 "ShrinkConfig SweepConfig",
+    "depthcut.pipeline.analyze": "analyze_to", "depthcut.pipeline.evaluate": "evaluate_to",
+    "depthcut.pipeline.generate": "generate", "depthcut.pipeline.heal": "heal_to",
+    "depthcut.pipeline.prune": "PruneResult prune_to", "depthcut.pipeline.report": "report_to",
+    "depthcut.pipeline.shrink": "shrink_to", "depthcut.pipeline.sweep": "sweep_to",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
+__all__ = sorted(name for names in _SOURCES.values() for name in names.split())

@@ -3,41 +3,33 @@ text, in memory or one layer at a time, saved with its heatmap and provenance.""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
-from depthcut.distributed import is_main_process
+from depthcut.analysis.checkpoint import is_safetensors_folder, would_not_fit
+from depthcut.analysis.heatmap import plot_heatmap
+from depthcut.analysis.passes import analyze_streamed
 from depthcut.errors import DepthcutError
+from depthcut.io.atomic import atomic_output_dir
 from depthcut.io.claims import claimed_for_writing
 from depthcut.io.output_checks import check_no_overlap
+from depthcut.io.provenance import environment
+from depthcut.model.distributed import is_main_process
+from depthcut.model.loading import resolve_device, resolve_dtype, resolve_model
+from depthcut.model.precision import DtypeChoice, announce
 from depthcut.pipeline.common import (
-    DataOptions,
-    DeviceMapOption,
-    ModelOptions,
-    OutputOptions,
     check_data_options,
     load,
     run_analysis,
 )
-from depthcut.pipeline.options import make_config, option
+from depthcut.pipeline.configs import AnalyzeConfig
+from depthcut.pipeline.options import make_config
 
-
-@dataclass(kw_only=True)
-class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
-    data: str = option(help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
-                            "hf:NAME[:CONFIG][:SPLIT], or c4")
-    stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
-                                      "shards (for models bigger than memory; automatic when a local model would "
-                                      "not fit)")
-    spill_dir: str | None = option(None, metavar="DIR",
-                                   help="where --stream writes the all-token states (default: the temp folder; the "
-                                        "space needed is checked first)")
+log = logging.getLogger(__name__)
 
 
 def should_stream(config: AnalyzeConfig, source) -> bool:
     """--stream, or a local safetensors model bigger than the memory it would be loaded into."""
-    from depthcut.streaming_checkpoint import is_safetensors_folder, would_not_fit
 
     if config.spill_dir is not None and not Path(config.spill_dir).is_dir():
         raise DepthcutError(f"the spill folder {config.spill_dir} does not exist")
@@ -55,18 +47,15 @@ def should_stream(config: AnalyzeConfig, source) -> bool:
         return True
     if config.device_map or not is_safetensors_folder(source.location):
         return False
-    from depthcut.models import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     verdict = would_not_fit(source.location, resolve_dtype(config.dtype, device), device)
     if verdict:
-        print(f"depthcut: {verdict}: analyzing it one layer at a time (--stream)", file=sys.stderr)
+        log.info("%s: analyzing it one layer at a time (--stream)", verdict)
     return bool(verdict)
 
 
 def _analyze_streamed(config: AnalyzeConfig, source):
-    from depthcut.analysis import analyze_streamed
-    from depthcut.precision import DtypeChoice, announce
 
     location = Path(source.location) / source.gguf_file if source.gguf_file else source.location
     analysis = analyze_streamed(location, data=config.data, layer_path=config.layer_path, dtype=config.dtype,
@@ -88,15 +77,11 @@ def analyze_to(config: AnalyzeConfig | None = None, /, **fields):
     config = make_config(AnalyzeConfig, config, fields)
     check_no_overlap([config.model, config.data], config.out)
     check_data_options(config)
-    with claimed_for_writing(config.out, config.force):
+    with claimed_for_writing(config.out, config.force, writer=is_main_process()):
         return _analyze(config)
 
 
 def _analyze(config: AnalyzeConfig):
-    from depthcut.io.atomic import atomic_output_dir
-    from depthcut.models import resolve_model
-    from depthcut.output import environment
-    from depthcut.plotting import plot_heatmap
 
     source = resolve_model(config.model)  # a bad MODEL fails here, before the heavy imports
     if should_stream(config, source):

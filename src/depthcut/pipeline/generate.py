@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.pipeline.common import ModelOptions, check_positive, load
-from depthcut.pipeline.options import make_config, option
-
-
-@dataclass(kw_only=True)
-class GenerateConfig(ModelOptions):
-    prompt: tuple[str, ...] = option(positional=True, help="one or more prompts")
-    max_new_tokens: int = option(40, help="tokens generated per prompt")
-    chat: bool = option(False, help="wrap each prompt in the model's chat template")
+from depthcut.pipeline.common import check_positive, load
+from depthcut.pipeline.configs import GenerateConfig
+from depthcut.pipeline.options import make_config
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = False) -> str:
     """The greedy completion of `prompt` (inside the chat template when `chat` and the model has one)."""
-    import torch
 
     text = prompt
     if chat and tokenizer.chat_template:

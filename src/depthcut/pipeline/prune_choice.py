@@ -1,15 +1,19 @@
 """The choice step of a prune: the layers a strategy removes, among the cuts the architecture
-allows (`depthcut.surgery.cut_config` says why a cut is refused)."""
+allows (`depthcut.model.surgery.cut_config` says why a cut is refused)."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from typing import TYPE_CHECKING
 
 from depthcut.errors import DepthcutError
+from depthcut.model.layers import find_layer_stack
+from depthcut.model.surgery import cut_config, parse_layer_spec
 from depthcut.pipeline.common import run_analysis
-from depthcut.strategies import STRATEGIES
+from depthcut.strategies import STRATEGIES, check_drop, select_allowed
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from depthcut.pipeline.prune import PruneConfig
@@ -26,15 +30,13 @@ def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=Non
     on the loaded model when the strategy needs an analysis and none was given. `refusal(layers)`
     (None: every cut is allowed) says why the architecture cannot lose those layers: the strategy
     then takes its best allowed choice, and says which better ones it passed over."""
-    from depthcut.strategies import check_drop, select_allowed
-    from depthcut.surgery import parse_layer_spec
 
     if config.layers is not None:
         return parse_layer_spec(config.layers, num_layers), "explicit", None
     check_drop(config.drop, num_layers)
     if STRATEGIES.get(config.strategy).needs_analysis and analysis is None:
         data = dataclasses.replace(config, data=config.data or "c4")
-        print(f"analyzing {data.data} to choose layers ...", file=sys.stderr)
+        log.info("analyzing %s to choose layers ...", data.data)
         analysis = run_analysis(model, tokenizer, data, config.layer_path, progress=not config.quiet)
         analysis.metadata["model"] = source.as_dict()
     used = analysis if STRATEGIES.get(config.strategy).needs_analysis else None
@@ -42,8 +44,8 @@ def choose_layers(config: PruneConfig, num_layers: int, analysis=None, model=Non
                                       refusal or (lambda layers: None))
     if skipped:
         best, reason = skipped[0]
-        print(f"note: {config.strategy} prefers removing layers {_span(best)}, which this model does not allow "
-              f"({reason}); {len(skipped)} better choice(s) passed over, removing {_span(removed)}", file=sys.stderr)
+        log.warning("%s prefers removing layers %s, which this model does not allow (%s); %d better choice(s) "
+                    "passed over, removing %s", config.strategy, _span(best), reason, len(skipped), _span(removed))
     return removed, config.strategy, analysis
 
 
@@ -55,8 +57,6 @@ def _span(layers: list[int]) -> str:
 def cut_refusal(model, config: PruneConfig):
     """`refusal(layers)` for `choose_layers`: why removing those layers from `model` (with weights or
     without) would not give an exact model, or None."""
-    from depthcut.layers import find_layer_stack
-    from depthcut.surgery import cut_config
 
     num_layers = len(find_layer_stack(model, config.layer_path))
 

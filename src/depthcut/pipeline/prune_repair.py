@@ -3,11 +3,22 @@ held-out text, and folded into the weights, in memory or one layer at a time (`d
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoTokenizer
+
+from depthcut.analysis.calibration import CalibrationSet, build_calibration
 from depthcut.errors import DepthcutError
+from depthcut.io.data import load_texts, split_documents
+from depthcut.model.loading import resolve_device
+from depthcut.model.precision import choose_dtype
+from depthcut.repair import fit_repair, repair
+from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from depthcut.pipeline.prune import PruneConfig
@@ -36,9 +47,6 @@ def repair_lines(fit: dict | None) -> list[str]:
 def repair_samples(config: PruneConfig, tokenizer):
     """(calibration samples the repair is fitted on, held-out samples that judge it, the data named):
     a tenth of the documents is held out, so the fit is judged on text it never saw."""
-    from depthcut.calibration import build_calibration
-    from depthcut.data import load_texts
-    from depthcut.healing.trainer import split_documents
 
     data = config.data or "c4"
     fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
@@ -48,30 +56,22 @@ def repair_samples(config: PruneConfig, tokenizer):
     return calibration, heldout, data
 
 
-def repair_record(config: PruneConfig, fit, judged, heldout, data: str) -> dict:
-    """What provenance records of a repair: its fit, and its error on the held-out samples."""
-    return {**fit.as_dict(), "relative_error_heldout_before": judged.error_before,
-            "relative_error_heldout_after": fit.error_on(judged), "heldout_tokens": judged.tokens,
-            "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
+def repair_record(config: PruneConfig, fit, heldout, data: str) -> dict:
+    """What provenance records of a repair: its fit (judged on the held-out samples too)."""
+    return {**fit.as_dict(), "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
             "seq_len": config.seq_len, "seed": config.seed}
 
 
 def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
-    """Fit `config.repair` on the original model's activations and fold it into its weights (before
-    the layers go); what provenance records of it."""
+    """Fit `config.repair` on the original model's activations, judge it on held-out text, and fold it
+    into its weights (before the layers go); what provenance records of it."""
     if config.repair == "none":
         return None
-    from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair_statistics
-
     calibration, heldout, data = repair_samples(config, tokenizer)
-    print(f"repairing the cut with {config.repair} on {data} ...", file=sys.stderr)
-    options = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
-    fit = fit_repair(config.repair, repair_statistics(model, calibration, removed, [config.repair],
-                                                      progress=not config.quiet, **options))
-    judged = repair_statistics(model, heldout, removed, ["lstsq" if REPAIRS.get(config.repair).linear else "magnitude"],
-                               **options)
-    apply_repair(model, fit, config.layer_path)
-    return repair_record(config, fit, judged, heldout, data)
+    log.info("repairing the cut with %s on %s ...", config.repair, data)
+    fit = repair(model, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
+                 batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet)
+    return repair_record(config, fit, heldout, data)
 
 
 def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[dict, dict]:
@@ -79,13 +79,7 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     statistics gathered layer by layer (fitted and held-out samples in one pass, stopping at the
     cut), then the changed tensors folded. Returns (what provenance records, {checkpoint tensor
     name: new value})."""
-    import torch
 
-    from depthcut.calibration import CalibrationSet
-    from depthcut.models import resolve_device
-    from depthcut.precision import choose_dtype
-    from depthcut.repair import fit_repair
-    from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
 
     location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
     check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
@@ -101,7 +95,7 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
                           calibration.description, calibration.mode, calibration.seed)
     device = resolve_device(config.device)
     dtype = choose_dtype(config.dtype, device)
-    print(f"repairing the cut with {config.repair} on {data}, one layer at a time ({dtype.name}) ...", file=sys.stderr)
+    log.info("repairing the cut with %s on %s, one layer at a time (%s) ...", config.repair, data, dtype.name)
     statistics, judged = streamed_repair_statistics(
         location, both, removed, [config.repair], heldout_from=len(calibration), dtype=dtype.dtype, device=device,
         batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
@@ -109,14 +103,14 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     statistics.calibration = calibration.as_dict()
     fit = fit_repair(config.repair, statistics)
     changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
-    record = {**repair_record(config, fit, judged, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
+    fit.details.update(relative_error_heldout_before=judged.error_before,
+                       relative_error_heldout_after=fit.error_on(judged), heldout_tokens=judged.tokens)
+    record = {**repair_record(config, fit, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
               "changed_tensors": sorted(changed)}
     return record, changed
 
 
 def tokenizer_of(source, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **gguf)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
-from depthcut.pipeline.options import make_config, option
-
-
-@dataclass(kw_only=True)
-class ReportConfig:
-    folder: str = option(positional=True, help="a sweep's --out folder")
-    tolerance: float = option(0.05, help="relative accuracy loss accepted")
+from depthcut.io.claims import claimed_output
+from depthcut.pipeline.configs import ReportConfig
+from depthcut.pipeline.options import make_config
+from depthcut.sweep.report import build_report, check_tolerance
+from depthcut.sweep.results import ResultsLog
 
 
 def report_to(config: ReportConfig | None = None, /, **fields) -> Path:
     """Rebuild FOLDER/figures and FOLDER/report.html (no model is loaded); returns the report's path."""
-    from depthcut.io.claims import claimed_output
-    from depthcut.sweep.report import build_report, check_tolerance
-    from depthcut.sweep.results import ResultsLog
 
     config = make_config(ReportConfig, config, fields)
     check_tolerance(config.tolerance)

@@ -14,186 +14,23 @@ gains no parameter and stays a plain architecture. Each method is a small regist
 or `repair(model, tokenizer, data, block, method)` for all three at once. See docs/repair.md.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-import torch
-from torch import nn
-
-from depthcut.errors import DepthcutError
-from depthcut.layers import LayerStack, find_layer_stack
+from depthcut.lazy import lazy_attributes
 from depthcut.registry import Registry
-from depthcut.repair.architectures import Architecture, architecture_of
-from depthcut.repair.statistics import RepairStatistics, contiguous_block, repair_statistics
 
+# The registry is declared here, without torch: the command line lists the methods (its --repair
+# choices) before importing any; `REPAIRS.get` imports the module that registers one.
+REPAIRS: Registry = Registry("repair method")
+for _name, _description in {
+    "lstsq": "ReplaceMe: least-squares map T folded into layer l-1's MLP output projection",
+    "cosine": "ReplaceMe: T tuned by Adam on the cosine distance, from the lstsq solution",
+    "magnitude": "Prune&Comp: the norm ratio alpha folded into every residual writer before the cut",
+}.items():
+    REPAIRS.declare(_name, f"depthcut.repair.{_name}", _description)  # each method in the module of its name
 
-@dataclass
-class RepairFit:
-    """A fitted repair for the block [first, stop) of a `num_layers`-layer model.
-
-    `error_before` / `error_after`: relative squared error sum |pred - x_{l+n}|^2 / sum |x_{l+n}|^2
-    over the calibration tokens, with pred = x_l (plain pruning) and pred = the repaired stream.
-    """
-
-    method: str
-    first: int
-    stop: int
-    num_layers: int
-    tokens: int
-    error_before: float
-    error_after: float
-    ridge: float | None = None
-    transform: torch.Tensor | None = None  # (d, d) float64 T, lstsq/cosine
-    alpha: float | None = None  # magnitude
-    details: dict = field(default_factory=dict)
-
-    @property
-    def block(self) -> tuple[int, int]:
-        return (self.first, self.stop)
-
-    def error_on(self, statistics: RepairStatistics) -> float:
-        """The relative squared error at the cut of this repair on other statistics of the same block
-        (held-out text): exact from the sums, as on the calibration data."""
-        if statistics.block != self.block:
-            raise DepthcutError(f"statistics of block {statistics.block} cannot judge a fit of block {self.block}")
-        if self.transform is not None:
-            if statistics.mtm is None:
-                raise DepthcutError("judging a linear repair needs statistics gathered for lstsq")
-            from depthcut.repair.lstsq import relative_error
-
-            return relative_error(statistics, self.transform)
-        alpha = self.alpha
-        squared = alpha * alpha * statistics.x_sq - 2 * alpha * statistics.xy + statistics.y_sq
-        return max(squared, 0.0) / statistics.y_sq
-
-    def as_dict(self) -> dict:
-        result = {
-            "method": self.method,
-            "block": [self.first, self.stop],
-            "layers": list(range(self.first, self.stop)),
-            "tokens": self.tokens,
-            "ridge": self.ridge,
-            "relative_error_before": self.error_before,
-            "relative_error_after": self.error_after,
-        }
-        if self.alpha is not None:
-            result["alpha"] = self.alpha
-        return {**result, **self.details}
-
-
-class RepairMethod:
-    """Base class: `check` refuses before any work, `fit` reads statistics, `apply` folds the fit
-    into `modules` (the only ones whose weights change) one at a time with `fold`, so that a
-    layer-streamed model can load, fold and write just those (`depthcut.repair.streamed`)."""
-
-    name: str = ""
-    linear: bool = False  # needs M^T M, M^T R (and an MLP at layer l-1)
-    description: str = ""
-
-    def check(self, model: nn.Module, stack: LayerStack, arch: Architecture, first: int, stop: int) -> None:
-        raise NotImplementedError
-
-    def fit(self, statistics: RepairStatistics, **options) -> RepairFit:
-        raise NotImplementedError
-
-    def modules(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> list[nn.Module]:
-        """The modules whose weights `fold` changes."""
-        raise NotImplementedError
-
-    def fold(self, module: nn.Module, fit: RepairFit) -> None:
-        """Fold `fit` into one of `modules`' weights, in place."""
-        raise NotImplementedError
-
-    def apply(self, model: nn.Module, stack: LayerStack, arch: Architecture, fit: RepairFit) -> None:
-        for module in self.modules(model, stack, arch, fit):
-            self.fold(module, fit)
-
-
-REPAIRS: Registry[RepairMethod] = Registry("repair method")
-
-
-def register_repair(cls: type[RepairMethod]) -> type[RepairMethod]:
-    REPAIRS.register(cls.name)(cls())
-    return cls
-
-
-def check_repair(model: nn.Module, block, method: str, layer_path: str | None = None) -> None:
-    """Raise the refusal `method` would give for removing `block` from `model`, without computing."""
-    stack = find_layer_stack(model, layer_path)
-    first, stop = contiguous_block(block, len(stack))
-    REPAIRS.get(method).check(model, stack, architecture_of(model), first, stop)
-
-
-def fit_repair(method: str, statistics: RepairStatistics, **options) -> RepairFit:
-    """Fit `method` on `statistics` (which must have been gathered for it); `options` go to the method
-    (lstsq: ridge; cosine: ridge, steps, lr, batch_rows, seed)."""
-    chosen = REPAIRS.get(method)
-    if method not in statistics.methods:
-        raise DepthcutError(
-            f"these statistics were gathered for {', '.join(statistics.methods)}, not {method!r}; "
-            f"pass methods=[..., {method!r}] to repair_statistics"
-        )
-    return chosen.fit(statistics, **options)
-
-
-@torch.no_grad()
-def apply_repair(model: nn.Module, fit: RepairFit, layer_path: str | None = None) -> nn.Module:
-    """Fold `fit` into the weights of the UNPRUNED `model`, in place; prune the block afterwards."""
-    stack = find_layer_stack(model, layer_path)
-    if len(stack) != fit.num_layers:
-        raise DepthcutError(
-            f"this repair was fitted on a model of {fit.num_layers} layers, this one has {len(stack)}: "
-            "apply it to the original model, before pruning"
-        )
-    method = REPAIRS.get(fit.method)
-    arch = architecture_of(model)
-    method.check(model, stack, arch, fit.first, fit.stop)
-    method.apply(model, stack, arch, fit)
-    return model
-
-
-def repair(
-    model,
-    tokenizer,
-    data,
-    block,
-    method: str,
-    *,
-    samples: int = 64,
-    seq_len: int = 256,
-    seed: int = 0,
-    batch_size: int = 8,
-    mode: str = "windows",
-    text_field: str = "text",
-    layer_path: str | None = None,
-    progress: bool = False,
-    **options,
-) -> RepairFit:
-    """Gather statistics on `data` (a DATA string, list of texts, `TextSource` or `CalibrationSet`), fit
-    `method` and fold it into `model`, which still has every layer; prune `block` afterwards."""
-    from depthcut.analysis import as_calibration
-
-    REPAIRS.get(method)
-    calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
-    statistics = repair_statistics(model, calibration, block, [method], layer_path,
-                                   batch_size=batch_size, seed=seed, progress=progress)
-    fit = fit_repair(method, statistics, **options)
-    apply_repair(model, fit, layer_path)
-    return fit
-
-
-# Importing the plugin modules registers them.
-from depthcut.repair import cosine, lstsq, magnitude  # noqa: F401
-
-__all__ = [
-    "REPAIRS",
-    "RepairFit",
-    "RepairMethod",
-    "RepairStatistics",
-    "apply_repair",
-    "contiguous_block",
-    "fit_repair",
-    "repair",
-    "repair_statistics",
-]
+_SOURCES = {
+    "depthcut.repair.methods": "RepairFit RepairMethod apply_repair check_repair fit_repair",
+    "depthcut.repair.statistics": "RepairStatistics contiguous_block repair_statistics",
+    "depthcut.repair.run": "repair",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
+__all__ = ["REPAIRS", *sorted(name for names in _SOURCES.values() for name in names.split())]

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from depthcut.errors import DepthcutError
-from depthcut.layers import LayerStack, text_config
+from depthcut.model.layers import LayerStack, text_config
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,6 @@ def submodule(layer: nn.Module, path: str, what: str, index: int) -> nn.Module:
 
 def mlp_output_projection(stack: LayerStack, arch: Architecture, index: int) -> nn.Module:
     """Layer `index`'s MLP output projection, checked to be a Linear or a Conv1D of width d -> d_model."""
-    from transformers.pytorch_utils import Conv1D
 
     module = submodule(stack.layers[index], arch.mlp_out, "MLP output projection", index)
     if not isinstance(module, (nn.Linear, Conv1D)):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.repair import RepairFit, RepairMethod, register_repair
 from depthcut.repair.architectures import mlp_output_projection
 from depthcut.repair.fold import fold_transform
-from depthcut.repair.lstsq import refuse_unless_linear, relative_error, solve
+from depthcut.repair.lstsq import refuse_unless_linear, solve
+from depthcut.repair.methods import RepairFit, RepairMethod, register_repair
+from depthcut.repair.statistics import relative_error
 
 
 def mean_cosine_distance(rows: dict, transform: torch.Tensor, chunk: int = 8192) -> float:
@@ -28,7 +29,6 @@ def mean_cosine_distance(rows: dict, transform: torch.Tensor, chunk: int = 8192)
 class Cosine(RepairMethod):
     name = "cosine"
     linear = True
-    description = "ReplaceMe: T tuned by Adam on the cosine distance, from the lstsq solution"
 
     def check(self, model, stack, arch, first, stop):
         refuse_unless_linear(self.name, model, stack, arch, first, stop)

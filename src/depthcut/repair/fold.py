@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def _set(parameter: nn.Parameter, value: torch.Tensor) -> None:
@@ -20,7 +21,6 @@ def fold_transform(projection: nn.Module, transform: torch.Tensor) -> None:
     nn.Linear (weight (d, k), y = h W^T + b): W' = T^T W, b' = b T.
     Conv1D (weight (k, d), y = h W + b): W' = W T, b' = b T.
     """
-    from transformers.pytorch_utils import Conv1D
 
     weight = projection.weight
     t = transform.to(weight.device, torch.float64)  # (d, d)

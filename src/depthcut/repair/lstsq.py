@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.repair import RepairFit, RepairMethod, register_repair
 from depthcut.repair.architectures import mlp_output_projection, refuse_post_norm
 from depthcut.repair.fold import fold_transform
+from depthcut.repair.methods import RepairFit, RepairMethod, register_repair
+from depthcut.repair.statistics import relative_error
 
 
 def solve(statistics, ridge: float) -> torch.Tensor:
@@ -29,14 +30,6 @@ def solve(statistics, ridge: float) -> torch.Tensor:
     return torch.linalg.lstsq(gram, rhs, driver="gelsd").solution
 
 
-def relative_error(statistics, transform: torch.Tensor) -> float:
-    """sum |(x - m) + m T - y|^2 / sum |y|^2 = (tr(T^T A T) - 2 tr(T^T B) + sum |r|^2) / sum |y|^2."""
-    gram, rhs = statistics.mtm.cpu().double(), statistics.mtr.cpu().double()
-    t = transform.double()
-    squared = (t * (gram @ t)).sum() - 2 * (t * rhs).sum() + statistics.r_sq
-    return float(squared.clamp_min(0)) / statistics.y_sq
-
-
 def refuse_unless_linear(name, model, stack, arch, first, stop) -> None:
     if first == 0:
         raise DepthcutError(
@@ -51,7 +44,6 @@ def refuse_unless_linear(name, model, stack, arch, first, stop) -> None:
 class LeastSquares(RepairMethod):
     name = "lstsq"
     linear = True
-    description = "ReplaceMe: least-squares map T folded into layer l-1's MLP output projection"
 
     def check(self, model, stack, arch, first, stop):
         refuse_unless_linear(self.name, model, stack, arch, first, stop)

@@ -11,10 +11,10 @@ normalise it away, so they compute the same thing up to their norm's epsilon.
 from __future__ import annotations
 
 from depthcut.errors import DepthcutError
-from depthcut.layers import text_config
-from depthcut.repair import RepairFit, RepairMethod, register_repair
+from depthcut.model.layers import text_config
 from depthcut.repair.architectures import mlp_output_projection, submodule
 from depthcut.repair.fold import scale
+from depthcut.repair.methods import RepairFit, RepairMethod, register_repair
 
 
 def _tied(model) -> bool:
@@ -39,7 +39,6 @@ def writers(model, stack, arch, first: int) -> list:
 @register_repair
 class Magnitude(RepairMethod):
     name = "magnitude"
-    description = "Prune&Comp: the norm ratio alpha folded into every residual writer before the cut"
 
     def check(self, model, stack, arch, first, stop):
         if _tied(model):

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.calibration import CalibrationSet
-from depthcut.capture import StopForward
+from depthcut.analysis.calibration import CalibrationSet
+from depthcut.analysis.capture import StopForward
 from depthcut.errors import DepthcutError
-from depthcut.layers import LayerStack, find_layer_stack, first_tensor, output_tensor
+from depthcut.model.layers import LayerStack, find_layer_stack, first_tensor, output_tensor
+from depthcut.model.surgery import validate_layers
+from depthcut.repair import REPAIRS
 from depthcut.repair.architectures import architecture_of, submodule
 
 # Token rows upcast to float64 at a time while accumulating.
@@ -65,7 +67,6 @@ class RepairStatistics:
 
 def contiguous_block(block: Iterable[int], num_layers: int) -> tuple[int, int]:
     """`block` (layer indices, e.g. ``range(3, 6)``) as a half-open (first, stop), refusing gaps."""
-    from depthcut.surgery import validate_layers
 
     layers = validate_layers(block, num_layers)
     first, stop = layers[0], layers[-1] + 1
@@ -77,7 +78,7 @@ def contiguous_block(block: Iterable[int], num_layers: int) -> tuple[int, int]:
     return first, stop
 
 
-class _Accumulator:
+class Accumulator:
     def __init__(self, stats: RepairStatistics, linear: bool, max_rows: int, seed: int):
         self.stats = stats
         self.linear = linear
@@ -187,7 +188,6 @@ def repair_statistics(
     ``range(3, 6)``). Every method is checked against the model before the forward pass, so a
     refusal costs nothing. `max_rows` bounds the token rows kept for ``cosine`` (drawn with `seed`).
     """
-    from depthcut.repair import REPAIRS
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
@@ -203,7 +203,7 @@ def repair_statistics(
     stats = RepairStatistics(first, stop, len(stack), tuple(methods), type(model).__name__,
                              calibration=calibration.as_dict())
     mlp = submodule(stack.layers[first - 1], arch.mlp, "MLP", first - 1) if linear else None
-    accumulator = _Accumulator(stats, linear, max_rows, seed)
+    accumulator = Accumulator(stats, linear, max_rows, seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -228,3 +228,11 @@ def repair_statistics(
     if stats.tokens == 0 or stats.y_sq == 0:
         raise DepthcutError("the calibration data gave no tokens to fit a repair on")
     return stats
+
+
+def relative_error(statistics, transform: torch.Tensor) -> float:
+    """sum |(x - m) + m T - y|^2 / sum |y|^2 = (tr(T^T A T) - 2 tr(T^T B) + sum |r|^2) / sum |y|^2."""
+    gram, rhs = statistics.mtm.cpu().double(), statistics.mtr.cpu().double()
+    t = transform.double()
+    squared = (t * (gram @ t)).sum() - 2 * (t * rhs).sum() + statistics.r_sq
+    return float(squared.clamp_min(0)) / statistics.y_sq

@@ -1,10 +1,10 @@
 """Training-free repair of a model that is never loaded: statistics gathered while the model is
-streamed one decoder layer at a time (`depthcut.streaming`), the fit folded into just the tensors
+streamed one decoder layer at a time (`depthcut.analysis.streamed`), the fit folded into just the tensors
 it changes, read from the checkpoint one module at a time.
 
 The streamed pass keeps, per calibration batch, the state entering the first removed layer l and
 the MLP output m_{l-1} of layer l-1, from the moment batch b leaves layer l-1 until it leaves
-layer l+n-1; then the batch's sums are added (`statistics._Accumulator`, the in-memory path's own
+layer l+n-1; then the batch's sums are added (`statistics.Accumulator`, the in-memory path's own
 arithmetic) and both are freed. That is at most two copies of the hidden states the stream already
 holds, whatever the depth of the cut; no layer after the cut is read or computed.
 
@@ -13,7 +13,7 @@ their own, which judge the fit on text it never saw, in the same pass.
 
     fit, tensors = streamed_repair(folder, calibration, range(l, l + n), "lstsq")
     # tensors: {checkpoint tensor name: new value}; write them in place of the originals while
-    # the kept tensors are copied (depthcut.shards.prune_shards(..., replaced=tensors))
+    # the kept tensors are copied (depthcut.model.shards.prune_shards(..., replaced=tensors))
 """
 
 from __future__ import annotations
@@ -22,20 +22,23 @@ from pathlib import Path
 
 import torch
 
-from depthcut.calibration import CalibrationSet
+from depthcut.analysis.calibration import CalibrationSet
+from depthcut.analysis.checkpoint import load_parameters, open_checkpoint, parameter_keys
+from depthcut.analysis.streamed import stream_states
 from depthcut.errors import DepthcutError
-from depthcut.layers import output_tensor
+from depthcut.model.layers import find_layer_stack, output_tensor
+from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.architectures import architecture_of, submodule
-from depthcut.repair.statistics import MAX_ROWS, RepairStatistics, _Accumulator, contiguous_block
+from depthcut.repair.statistics import MAX_ROWS, Accumulator, RepairStatistics, contiguous_block
 
 
 class _RepairObserver:
-    """Feeds the repair sums while the stream runs (see `depthcut.streaming.stream_states`)."""
+    """Feeds the repair sums while the stream runs (see `depthcut.analysis.streamed.stream_states`)."""
 
     def __init__(self, statistics: RepairStatistics, heldout: RepairStatistics | None, heldout_from: int,
                  linear: bool, max_rows: int, seed: int):
-        self.fitting = _Accumulator(statistics, linear, max_rows, seed)
-        self.judging = _Accumulator(heldout, linear, 0, seed) if heldout is not None else None
+        self.fitting = Accumulator(statistics, linear, max_rows, seed)
+        self.judging = Accumulator(heldout, linear, 0, seed) if heldout is not None else None
         self.heldout_from, self.linear = heldout_from, linear
         self.entering: dict[int, torch.Tensor] = {}  # batch -> x_l, waiting for the batch to reach the cut's end
         self.mlp_outputs: dict[int, torch.Tensor] = {}
@@ -97,10 +100,6 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
     """`repair_statistics` for the checkpoint `source` (safetensors folder or .gguf), streamed one
     layer at a time: (the statistics of rows [0, heldout_from), those of the rows after; None
     without `heldout_from`). The methods are checked before anything is computed."""
-    from depthcut.layers import find_layer_stack
-    from depthcut.repair import REPAIRS
-    from depthcut.streaming import stream_states
-    from depthcut.streaming_checkpoint import open_checkpoint
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
@@ -139,8 +138,6 @@ def check_streamed_repair(source: str | Path, block, method: str, layer_path: st
                           trust_remote_code: bool = False) -> None:
     """The refusal `method` would give for removing `block` from the checkpoint `source`, from a
     weightless skeleton (nothing read but the config)."""
-    from depthcut.repair import check_repair
-    from depthcut.streaming_checkpoint import open_checkpoint
 
     check_repair(open_checkpoint(source, trust_remote_code=trust_remote_code)[0], block, method, layer_path)
 
@@ -151,9 +148,6 @@ def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
     """The checkpoint tensors that folding `fit` changes, folded: {checkpoint name: new value}, in
     the dtype they are stored in (a GGUF's are dequantized: float32). Only the modules the method
     folds into are read, one at a time."""
-    from depthcut.layers import find_layer_stack
-    from depthcut.repair import REPAIRS
-    from depthcut.streaming_checkpoint import load_parameters, open_checkpoint, parameter_keys
 
     model, _, reader = open_checkpoint(source, trust_remote_code=trust_remote_code)
     stack = find_layer_stack(model, layer_path)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from depthcut.analysis.result import Analysis
 from depthcut.errors import DepthcutError
 from depthcut.registry import Registry
-from depthcut.result import Analysis
 
 
 @dataclass(frozen=True)

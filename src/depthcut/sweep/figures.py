@@ -8,7 +8,8 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
-from depthcut.result import Analysis
+from depthcut.analysis.heatmap import plot_heatmap
+from depthcut.analysis.result import Analysis
 from depthcut.sweep.results import configuration, configuration_name, finite, forward_ms, task_accuracy
 
 COLORS = {"angular": "tab:blue", "deepest": "tab:orange", "block-influence": "tab:green", "random": "tab:gray"}
@@ -118,9 +119,11 @@ def _forward(point: dict):
 def make_figures(points: list[dict], analysis: dict | None, folder: Path, model: str | None = None) -> dict[str, Path]:
     """Write accuracy, loss, cost and heatmap figures; returns name -> PNG path. `model` names the
     model in the heatmap's title (the user's MODEL argument, as the sweep settings record it)."""
+    # deferred: matplotlib is imported only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is imported only when a figure is drawn
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,8 +171,6 @@ def make_figures(points: list[dict], analysis: dict | None, folder: Path, model:
     figures["cost"] = _save(figure, folder, "cost", svg=False)[0]
     plt.close(figure)
     if analysis is not None:
-        from depthcut.plotting import plot_heatmap
-
         figures["heatmap"] = plot_heatmap(
             Analysis(analysis["num_layers"], analysis["metrics"], analysis.get("metadata", {})), folder / "heatmap.png",
             title=model)

@@ -1,15 +1,16 @@
 """`report.html`: one self-contained page (figures embedded) answering "how many layers can go?".
 
 The answer counts an accuracy drop only where it is larger than both the tolerance and the noise of
-the subset the tasks were scored on (see `judge` and RULE below), and says so where the subset is
-too small to tell a tolerance-sized drop from noise."""
+the subset the tasks were scored on (see `judge`; the page states the rule, templates/report.html.j2),
+and says so where the subset is too small to tell a tolerance-sized drop from noise."""
 
 from __future__ import annotations
 
 import base64
-import html
 import math
 from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from depthcut.errors import DepthcutError
 from depthcut.io.atomic import atomic_output_dir, atomic_output_file
@@ -25,27 +26,10 @@ from depthcut.sweep.results import (
 )
 
 REPORT_FILE = "report.html"
+# report.html is rendered from a jinja2 template, every value escaped (templates/report.html.j2)
+_TEMPLATES = Environment(loader=PackageLoader("depthcut.sweep", "templates"), autoescape=select_autoescape(["j2"]),
+                         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 NOISE_Z = 2.0  # a drop is told from noise when it exceeds this many combined standard errors
-
-RULE = """<p><b>How a point is judged.</b> For each task, a point's <i>drop</i> is d = (unpruned accuracy
-&minus; the point's accuracy), and its <i>noise</i> is the combined standard error
-s = &radic;(s<sub>unpruned</sub>&sup2; + s<sub>point</sub>&sup2;) of the two accuracies, each from its own
-items (treating the two as independent overstates the noise of a comparison on the same items, so the
-rule errs towards &ldquo;cannot tell&rdquo;). The tolerance is the margin m = tolerance &times; unpruned
-accuracy. A point is</p>
-<ul>
-<li><b>lost</b> when d &gt; m and d &gt; 2s: a drop larger than the tolerance and beyond the noise;</li>
-<li><b>kept</b> when it is not lost and 2s &le; m: within the tolerance, on a subset large enough that a
-drop of the tolerance would have shown;</li>
-<li><b>cannot tell</b> otherwise: the noise (2s) is larger than the tolerance, and the drop is not beyond it.</li>
-</ul>
-<p>Along each configuration (strategy, healed or not), in order of the fraction dropped, its answer is
-the largest fraction with every point up to it kept; the first point lost or not told ends it. A task's
-answer is the best over configurations. It is a number only where it is shown; &ldquo;at least&rdquo;
-where noise ended some configuration's curve (it may do better); &ldquo;cannot tell&rdquo; where no
-pruned point is shown kept and noise ended a curve. A larger subset (<code>--limit</code>) or a larger
-tolerance settles these: about 8&nbsp;p(1&minus;p)/m&sup2; items a point are needed for accuracy p.</p>"""
-
 
 def check_tolerance(tolerance) -> float:
     """The relative accuracy loss accepted: a fraction strictly between 0 and 1."""
@@ -55,7 +39,8 @@ def check_tolerance(tolerance) -> float:
 
 
 def judge(drop: float, noise: float | None, margin: float, z: float = NOISE_Z) -> str:
-    """'lost', 'kept' or 'unclear' for an accuracy drop with its combined standard error (see RULE)."""
+    """'lost', 'kept' or 'unclear' for an accuracy drop with its combined standard error (the rule that
+    templates/report.html.j2 states)."""
     if noise is None:
         return "unclear"  # no standard error recorded (fewer than 2 items): nothing can be told
     if drop > margin and drop > z * noise:
@@ -73,7 +58,7 @@ def items_needed(accuracy: float, margin: float, z: float = NOISE_Z) -> int | No
 
 
 def tolerable_fraction(points: list[dict], task: str, tolerance: float, z: float = NOISE_Z) -> dict:
-    """Per (strategy, healed): the largest fraction up to which every point is judged kept (see RULE),
+    """Per (strategy, healed): the largest fraction up to which every point is judged kept (the rule),
     what ended the curve, and the best of these over all configurations with how sure it is:
     `verdict` is 'shown', 'at least', 'cannot tell' or 'no pruned points'."""
     check_tolerance(tolerance)
@@ -148,17 +133,6 @@ def _methods_rows(points: list[dict], tasks: list[str]) -> list[list]:
         row += [_pm(*task_accuracy(p, t)[:2]) for t in tasks]
         rows.append(row + [f"{seconds:.1f}" if seconds else "-"])
     return rows
-
-
-def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-
-def _table(headers: list[str], rows: list[list], css: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table{f" class={css!r}" if css else ""}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _fmt(value, digits=4) -> str:
@@ -261,7 +235,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.io.atomic).
     with atomic_output_dir(folder / "figures", force=True) as staging:
         drawn = make_figures(points, log.analysis(), staging, model=model or None)
-        images = {name: _image(path) for name, path in drawn.items()}
+        images = {name: base64.b64encode(path.read_bytes()).decode() for name, path in drawn.items()}
     tasks = sorted({t for p in points for t in p.get("tasks", {})})
 
     answers = {task: tolerable_fraction(points, task, tolerance) for task in tasks}
@@ -288,69 +262,18 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
             accuracy, stderr, items = task_accuracy(p, t)
             row += [_pm(accuracy, stderr), "-" if items is None else f"{items:,}"]
         point_rows.append(row + [f"{p['parameters']:,}", _forward_cell(p)])
-    timing_note = ""
+    timing = None
     if timed:
-        repeats = sorted({t["repeats"] for t in timed})
-        timing_note = (f"<p>Forward time: one pass over {timed[0]['batch']} x {timed[0]['length']} random tokens, "
-                       f"timed {', '.join(map(str, repeats))} times after {timed[0]['warmup']} untimed warm-up "
-                       f"pass{'es' if timed[0]['warmup'] != 1 else ''}; the median, and in brackets the "
-                       "interquartile range (25th-75th percentile). Differences inside the ranges are noise of the "
-                       "machine, not of the model; and each point was timed at its own moment, so on a shared "
-                       "machine a change of load can move a point by more than its range.</p>")
-    sections = [
-        f"<h1>depthcut sweep: {html.escape(model)}</h1>",
-        "<h2>How many layers can go?</h2>",
-        (f"<p>Per task, the largest fraction of layers dropped that is shown to keep accuracy within "
-         f"{100 * tolerance:g}% (relative) of the unpruned model, over all strategies tried, counting a drop only "
-         "where it is beyond the noise of the items scored (rule below). Accuracy &plusmn; one standard error; "
-         "tolerance and noise in accuracy (0-1).</p>"),
-        _table(["task", "items a point", "unpruned acc ± s.e.", f"tolerance ({100 * tolerance:g}%)",
-                "noise (2 × combined s.e.)", "layers that can go", "configuration"], answer_rows)
-        if answer_rows else "<p>No task was evaluated.</p>",
-        *[f"<p class='warning'>{html.escape(s)}</p>" for s in sentences],
-        _table(["task", "configuration", "kept up to", "ended by", "every point"], detail_rows) if detail_rows else "",
-        RULE,
-        *(["<h2>Methods compared</h2>",
-           ("<p>Each way of repairing the cut beside plain pruning at the same depth: held-out loss (nats per "
-            "token &plusmn; s.e.), the share of the pruning gap in loss it closes ((plain - it) / (plain - "
-            "unpruned)), task accuracy, and the seconds its repair and healing took.</p>"),
-           _table(["method", "dropped", "fraction", "loss", "gap closed", *[f"{t} acc" for t in tasks],
-                   "repair + heal s"], _methods_rows(points, tasks))]
-          if any(p.get("repair") or p["healed"] for p in points) else []),
-        "<h2>Figures</h2>",
-        *[f"<figure>{image}<figcaption>{html.escape(name)}</figcaption></figure>" for name, image in images.items()],
-        "<h2>Every point</h2>",
-        ("<p>Accuracy &plusmn; one standard error and the number of items it was scored on; normalized loss "
-         "&plusmn; its standard error over the held-out windows.</p>"),
-        _table(["strategy", "dropped", "fraction", "repair", "healed", "removed layers (0-based)", "loss / log V",
-                *[c for t in tasks for c in (f"{t} acc", f"{t} items")], "parameters", forward_header], point_rows),
-        timing_note,
-        "<h2>Settings</h2>",
-        _table(["setting", "value"], _setting_rows(settings), css="settings"),
-    ]
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>depthcut sweep</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
-th {{ background: #f3f3f3; }}
-table.settings td:first-child {{ font-family: monospace; }}
-p.warning {{ background: #fff4e0; border-left: 4px solid #e8a33d; padding: 0.4em 0.8em; }}
-img {{ max-width: 100%; }}
-figure {{ margin: 1em 0; }}
-</style></head>
-<body>
-{chr(10).join(s for s in sections if s)}
-<script>
-window.addEventListener("load", () => {{
-  const images = [...document.images];
-  document.body.dataset.figuresLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.figures = images.length;
-}});
-</script>
-</body></html>
-"""
+        timing = {**timed[0], "repeats": ", ".join(map(str, sorted({t["repeats"] for t in timed})))}
+    methods = any(p.get("repair") or p["healed"] for p in points)
+    page = _TEMPLATES.get_template("report.html.j2").render(
+        model=model, tolerance_percent=f"{100 * tolerance:g}", answer_rows=answer_rows, sentences=sentences,
+        detail_rows=detail_rows, methods_rows=_methods_rows(points, tasks) if methods else [],
+        task_columns=[f"{t} acc" for t in tasks], images=images,
+        point_headers=["strategy", "dropped", "fraction", "repair", "healed", "removed layers (0-based)",
+                       "loss / log V", *[c for t in tasks for c in (f"{t} acc", f"{t} items")], "parameters",
+                       forward_header],
+        point_rows=point_rows, timing=timing, setting_rows=_setting_rows(settings))
     path = folder / REPORT_FILE
     with atomic_output_file(path, force=True) as staging:
         staging.write_text(page, encoding="utf-8")

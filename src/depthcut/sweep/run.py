@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import logging
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,13 +15,19 @@ from pathlib import Path
 import torch
 
 from depthcut.errors import DepthcutError
-from depthcut.export import parameter_count
+from depthcut.evaluation import evaluate
+from depthcut.healing.trainer import heal
 from depthcut.io.atomic import atomic_output_dir
-from depthcut.layers import find_layer_stack
+from depthcut.io.model_folder import parameter_count
+from depthcut.model.layers import find_layer_stack
+from depthcut.model.surgery import prune
+from depthcut.repair import check_repair
+from depthcut.repair import repair as repair_model
 from depthcut.strategies import STRATEGIES, select
-from depthcut.surgery import prune
 from depthcut.sweep.progress import SweepProgress
-from depthcut.sweep.results import ResultsLog, point_key
+from depthcut.sweep.results import ResultsLog, healing_name, point_key
+
+logger = logging.getLogger(__name__)
 
 
 def parse_drops(drop: str | None, fractions: str | None, num_layers: int) -> list[int]:
@@ -97,8 +103,6 @@ def forward_timing(model, batch: int = FORWARD_BATCH, length: int = FORWARD_LENG
 
 
 def _measure(model, tokenizer, evaluation: dict) -> dict:
-    from depthcut.evaluation import evaluate
-
     result = evaluate(model, tokenizer, **evaluation) if (evaluation["tasks"] or evaluation["loss_data"]) else {}
     tasks = {name: {k: v for k, v in summary.items() if k != "subjects"} for name, summary in result.get("tasks", {}).items()}
     timing = forward_timing(model)
@@ -131,8 +135,7 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
     done = log.points()
     pending = [point for point in plan.points if point_key(*point) not in done]
     if len(pending) < len(plan.points):
-        print(f"sweep: {len(plan.points) - len(pending)} of {len(plan.points)} points already in {log.path}",
-              file=sys.stderr)
+        logger.info("sweep: %d of %d points already in %s", len(plan.points) - len(pending), len(plan.points), log.path)
     tracker = SweepProgress(pending, enabled=announce)
     for strategy, drop, healed, repair in pending:
         key = point_key(strategy, drop, healed, repair)
@@ -170,7 +173,6 @@ def _check_repairs(model, cuts: list[tuple[list[int], str]]) -> None:
     point, saying which (a sweep that fails hours in helps nobody)."""
     if not cuts:
         return
-    from depthcut.repair import check_repair
 
     for removed, method in cuts:
         try:
@@ -184,11 +186,10 @@ def _repair(working, method: str, removed: list[int], calibration, tracker) -> d
     """Fit `method` on the unpruned `working` model and fold it in (before the layers go)."""
     if method == "none" or not removed:
         return None
-    from depthcut.repair import repair
 
     tracker.stage(f"repairing the cut: {method}")
     began = time.perf_counter()
-    fit = repair(working, None, calibration, removed, method)
+    fit = repair_model(working, None, calibration, removed, method)
     return {**fit.as_dict(), "seconds": time.perf_counter() - began}
 
 
@@ -196,8 +197,6 @@ def _heal(working, unpruned, tokenizer, data, recipe, healed: bool | str, tracke
     """Heal the pruned `working` model with LoRA under `healed`'s objective; distillation takes the
     unpruned model (the sweep's base, already in memory) as its teacher. Returns the healed model
     and what the point records of the heal."""
-    from depthcut.healing.trainer import heal
-    from depthcut.sweep.results import healing_name
 
     recipe = dataclasses.replace(recipe, objective=healing_name(healed))
     teacher = unpruned if recipe.distils else None

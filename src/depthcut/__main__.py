@@ -1,0 +1,7 @@
+"""`python -m depthcut`: the `depthcut` command."""
+
+import sys
+
+from depthcut.cli.main import main
+
+sys.exit(main())

