@@ -1,0 +1,220 @@
+"""`shrink_to`: the best smaller model in one call. One analysis chooses candidate cuts (the best few
+contiguous blocks by angular distance, the deepest block, Block Influence's layers); every candidate
+is tried plain and with each training-free repair, each scored on validation text no fit saw (the
+KL divergence from the unpruned model's next-token distribution, and the loss, over windows); a
+repair is kept only where it beats the plain cut of its block by more than `margin` standard errors
+of the paired difference (do no harm); the winner is written as `depthcut prune` writes it, with
+the decision table in its provenance (`selection`)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+from depthcut.analysis.calibration import build_calibration
+from depthcut.analysis.passes import analyze
+from depthcut.errors import DepthcutError
+from depthcut.evaluation.divergence import paired_difference, reference_predictions, window_scores
+from depthcut.io.claims import claimed_for_writing
+from depthcut.io.data import load_texts, split_documents
+from depthcut.io.output_checks import check_no_overlap
+from depthcut.model.distributed import is_main_process
+from depthcut.model.layers import find_layer_stack
+from depthcut.model.loading import resolve_model
+from depthcut.model.surgery import remove_layers
+from depthcut.pipeline.common import check_data_options, check_positive, load
+from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
+from depthcut.pipeline.options import make_config
+from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
+from depthcut.pipeline.prune_choice import cut_refusal
+from depthcut.pipeline.prune_repair import HELDOUT_FRACTION, repair_samples
+from depthcut.repair import REPAIRS, check_repair
+from depthcut.repair.run import repair
+from depthcut.strategies import check_drop, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Option:
+    """One row of the decision table: a cut, with or without a repair, and how it scored."""
+
+    layers: list[int]
+    found_by: str
+    repair: str
+    scores: dict = field(default_factory=dict)  # validation source -> WindowScores
+    refused: str | None = None
+    kept: bool = False
+    why: str = ""
+    seconds: float = 0.0
+
+    def score(self, aggregate: str) -> float:
+        means = [s.summary()["kl"] for s in self.scores.values()]
+        return max(means) if aggregate == "worst" else sum(means) / len(means)
+
+    def row(self) -> dict:
+        return {"layers": self.layers, "found_by": self.found_by, "repair": self.repair, "refused": self.refused,
+                "kept": self.kept, "why": self.why, "seconds": round(self.seconds, 2),
+                "validation": {name: s.summary() for name, s in self.scores.items()}}
+
+
+def _check(config: ShrinkConfig) -> None:
+    if (config.drop is None) == (config.fraction is None):
+        raise DepthcutError("give either --drop N or --fraction F")
+    if config.fraction is not None and not 0 < config.fraction < 1:
+        raise DepthcutError(f"--fraction must be between 0 and 1, got {config.fraction}")
+    check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows)
+    if config.margin < 0:
+        raise DepthcutError(f"--margin must be 0 or more, got {config.margin}")
+    if not config.validate:
+        raise DepthcutError("--validate names no validation text")
+    if gguf_output(config.out) and not resolve_model(config.model).gguf_file:
+        raise DepthcutError(f"--out {config.out} asks for a .gguf file, which depthcut writes only from a GGUF model; "
+                            f"{config.model} is not one (shrink it to a folder instead)")
+    for name in config.repairs:
+        if name != "none":
+            REPAIRS.check(name)
+    check_data_options(config)
+
+
+def _candidates(config: ShrinkConfig, analysis, drop: int, refusal) -> list[tuple[list[int], str]]:
+    """The cuts to try, allowed ones only: the best blocks by angular distance, the deepest, Block Influence's."""
+    found = []
+    for first, stop in analysis.ranked_blocks(drop):
+        if len([f for f in found if f[1] == "angular"]) >= config.candidates:
+            break
+        if refusal(list(range(first, stop))) is None:
+            found.append((list(range(first, stop)), "angular"))
+    for strategy in ("deepest", "block-influence"):
+        layers = select(strategy, drop, analysis.num_layers, analysis)
+        if refusal(layers) is None and all(layers != known for known, _ in found):
+            found.append((layers, strategy))
+    if not found:
+        raise DepthcutError(f"no cut of {drop} layers that this model allows was found among the candidates")
+    return found
+
+
+def _validation_sets(config: ShrinkConfig, tokenizer, held_out) -> dict:
+    """Validation windows per source; the --data corpus contributes only its held-out documents."""
+    sets = {}
+    for name in config.validate:
+        source = held_out if name == config.data else load_texts(name, config.text_field)
+        sets[name] = build_calibration(tokenizer, source, config.validation_windows, config.seq_len, "windows",
+                                       config.seed + 1, allow_fewer=True)
+    return sets
+
+
+def _decide(options: list[Option], config: ShrinkConfig) -> Option:
+    """Mark which repairs are kept (beating their plain cut by `margin` paired standard errors on every
+    source, or on the mean of sources) and return the best kept option."""
+    plain = {tuple(o.layers): o for o in options if o.repair == "none" and not o.refused}
+    for option in options:
+        if option.refused:
+            continue
+        if option.repair == "none":
+            option.kept, option.why = True, "the plain cut"
+            continue
+        base = plain[tuple(option.layers)]
+        gains = [paired_difference(base.scores[name].kl, option.scores[name].kl) for name in option.scores]
+        if config.aggregate == "worst":
+            beats = all(gain > config.margin * stderr for gain, stderr in gains)
+        else:
+            gain = sum(g for g, _ in gains) / len(gains)
+            stderr = sum(s * s for _, s in gains) ** 0.5 / len(gains)
+            beats = gain > config.margin * stderr
+        option.kept = beats
+        details = ", ".join(f"{name}: {gain:.4f} ± {stderr:.4f}" for name, (gain, stderr) in zip(option.scores, gains))
+        option.why = (f"KL lower than the plain cut by {details}: "
+                      + ("kept" if beats else f"not beyond {config.margin:g} standard errors, the plain cut is kept"))
+    return min((o for o in options if o.kept), key=lambda o: o.score(config.aggregate))
+
+
+def decision_table(selection: dict) -> list[str]:
+    """The decision table as `depthcut shrink` prints it, from the provenance's `selection`."""
+    lines = [f"{'layers':>16}  {'found by':<15} {'repair':<10} {'kept':<5} validation KL ± s.e. (loss) per source"]
+    for row in selection["options"]:
+        head = f"{_span(row['layers']):>16}  {row['found_by']:<15} {row['repair']:<10}"
+        if row["refused"]:
+            lines.append(f"{head} {'-':<5} refused: {row['refused'][:90]}")
+            continue
+        scores = "; ".join(f"{name} {s['kl']:.4f} ± {s['kl_stderr']:.4f} ({s['loss']:.3f})"
+                           for name, s in row["validation"].items())
+        lines.append(f"{head} {'yes' if row['kept'] else 'no':<5} {scores}")
+    winner = selection["winner"]
+    lines.append(f"chosen: layers {_span(winner['layers'])} ({winner['found_by']}), repair {winner['repair']}: "
+                 f"{winner['why']}")
+    return lines
+
+
+def _span(layers: list[int]) -> str:
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else ",".join(map(str, layers))
+
+
+def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
+    """Choose and write the best smaller model, as `depthcut shrink` does (see the module's docstring).
+
+    `shrink_to(model="smollm2-135m", drop=8, validate=("c4", "wikitext"), out="smaller")`; returns the
+    prune's result, whose provenance holds the decision table under `selection`."""
+    config = make_config(ShrinkConfig, config, fields)
+    _check(config)
+    check_no_overlap([config.model, config.data, *config.validate], config.out)
+    with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir",
+                             writer=is_main_process()):
+        model, tokenizer, source = load(config, quiet=config.quiet)
+        num_layers = len(find_layer_stack(model, config.layer_path))
+        drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
+        check_drop(drop, num_layers)
+        calibration, heldout, data = repair_samples(config, tokenizer)  # the repairs' own fit and held-out split
+        fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+        log.info("shrink: analyzing %s to find candidate blocks ...", data)
+        analysis = analyze(model, tokenizer, calibration, layer_path=config.layer_path, batch_size=config.batch_size,
+                           metrics=list(config.metrics), progress=not config.quiet)
+        prune_view = PruneConfig(model=config.model, out=config.out, layer_path=config.layer_path,
+                                 allow_unknown_config=config.allow_unknown_config,
+                                 trust_remote_code=config.trust_remote_code)
+        candidates = _candidates(config, analysis, drop, cut_refusal(model, prune_view))
+        validation = _validation_sets(config, tokenizer, held_out)
+        references = {name: reference_predictions(model, windows, config.batch_size)
+                      for name, windows in validation.items()}
+        options = []
+        for number, (layers, found_by) in enumerate(candidates, 1):
+            for method in dict.fromkeys(["none", *config.repairs]):
+                option = Option(layers, found_by, method)
+                options.append(option)
+                started = time.perf_counter()
+                log.info("shrink: candidate %d of %d, layers %s, repair %s ...", number, len(candidates),
+                         _span(layers), method)
+                trial = copy.deepcopy(model)
+                try:
+                    if method != "none":
+                        check_repair(trial, layers, method, config.layer_path)
+                        repair(trial, tokenizer, calibration, layers, method, heldout=heldout, seed=config.seed,
+                               batch_size=config.batch_size, layer_path=config.layer_path)
+                except DepthcutError as error:
+                    option.refused = str(error)
+                    continue
+                remove_layers(trial, layers, config.layer_path, config.allow_unknown_config)
+                option.scores = {name: window_scores(trial, reference, config.batch_size)
+                                 for name, reference in references.items()}
+                option.seconds = time.perf_counter() - started
+                del trial
+        winner = _decide(options, config)
+        selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only beyond "
+                             f"{config.margin:g} paired standard errors of its plain cut",
+                     "validation": {name: windows.as_dict() for name, windows in validation.items()},
+                     "options": [o.row() for o in options], "winner": winner.row()}
+        del model
+        prune = PruneConfig(model=config.model, out=config.out, force=config.force, quiet=config.quiet,
+                            layers=",".join(map(str, winner.layers)), repair=winner.repair, data=config.data,
+                            text_field=config.text_field, samples=config.samples, seq_len=config.seq_len,
+                            batch_size=config.batch_size, sample_mode=config.sample_mode, seed=config.seed,
+                            dtype=config.dtype, device=config.device, layer_path=config.layer_path,
+                            trust_remote_code=config.trust_remote_code,
+                            allow_unknown_config=config.allow_unknown_config)
+        return prune_with(prune, None, selection=selection, strategy=f"shrink ({winner.found_by})")
+
+
+shrink = shrink_to  # `depthcut.shrink(...)`

@@ -1,0 +1,125 @@
+"""`depthcut shrink`: every candidate cut tried plain and with each repair, scored on validation text
+no fit saw, a repair kept only beyond the noise, and the model written the one the table scored."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from depthcut.analysis.calibration import build_calibration
+from depthcut.cli import main
+from depthcut.errors import DepthcutError
+from depthcut.evaluation.divergence import (
+    WindowScores,
+    paired_difference,
+    reference_predictions,
+    window_scores,
+)
+from depthcut.io.data import load_texts, split_documents
+from depthcut.pipeline.configs import ShrinkConfig
+from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
+from depthcut.pipeline.shrink import Option, _decide, _validation_sets, shrink_to
+
+SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
+
+
+def scores(kl: list[float]) -> dict:
+    return {"text": WindowScores(kl=kl, loss=[1.0] * len(kl))}
+
+
+def test_a_repair_is_kept_only_beyond_the_noise_of_the_paired_windows():
+    plain = [0.50, 0.40, 0.60, 0.45, 0.55, 0.50]
+    options = [
+        Option([2, 3], "angular", "none", scores(plain)),
+        # better on every window by about 0.2: far beyond 2 standard errors
+        Option([2, 3], "angular", "lstsq", scores([k - 0.2 + 0.01 * (i % 2) for i, k in enumerate(plain)])),
+        # better on average by 0.01, but by +-0.1 window to window: noise
+        Option([2, 3], "angular", "cosine", scores([k - 0.01 + (0.1 if i % 2 else -0.1) for i, k in enumerate(plain)])),
+        # worse everywhere
+        Option([2, 3], "angular", "magnitude", scores([k + 0.05 for k in plain])),
+        Option([3, 4], "deepest", "none", scores([k + 0.1 for k in plain])),
+    ]
+    config = ShrinkConfig(model="m", out="o", drop=2, margin=2.0)
+    winner = _decide(options, config)
+    assert [o.kept for o in options] == [True, True, False, False, True]
+    assert winner is options[1] and "kept" in winner.why and "plain cut is kept" in options[2].why
+    gain, stderr = paired_difference(plain, options[1].scores["text"].kl)
+    assert gain == pytest.approx(0.2 - 0.005) and gain > 2 * stderr
+    # with several sources, "worst" asks every source to show the gain
+    mixed = [Option([2, 3], "angular", "none", {"a": WindowScores(plain, plain), "b": WindowScores(plain, plain)}),
+             Option([2, 3], "angular", "lstsq", {"a": WindowScores([k - 0.2 for k in plain], plain),
+                                                 "b": WindowScores([k + 0.01 for k in plain], plain)})]
+    assert _decide(mixed, ShrinkConfig(model="m", out="o", drop=2, aggregate="worst")) is mixed[0]
+    assert _decide(mixed, ShrinkConfig(model="m", out="o", drop=2, aggregate="mean")) is mixed[1]
+
+
+def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(tmp_path, tokenizer):
+    words = "the quick brown fox jumps over the lazy dog while depth pruning removes layers".split()
+    rows = [" ".join(random.Random(i).sample(words, len(words)) * 3) for i in range(40)]  # 40 distinct documents
+    corpus = tmp_path / "distinct.jsonl"
+    corpus.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    fitted_on, held_out = split_documents(load_texts(str(corpus)), HELDOUT_FRACTION, 0)
+    assert held_out.documents and not set(fitted_on.documents) & set(held_out.documents)
+    config = ShrinkConfig(model="m", out="o", drop=2, data=str(corpus), validate=(str(corpus), str(corpus) + "x"),
+                          seq_len=32, validation_windows=4)
+    with pytest.raises(DepthcutError, match="not found"):  # another source is read whole: here, none such
+        _validation_sets(config, tokenizer, held_out)
+    config = ShrinkConfig(model="m", out="o", drop=2, data=str(corpus), validate=(str(corpus),), seq_len=32,
+                          validation_windows=4)
+    windows = _validation_sets(config, tokenizer, held_out)[str(corpus)]
+    expected = build_calibration(tokenizer, held_out, 4, 32, "windows", config.seed + 1, allow_fewer=True)
+    assert torch.equal(windows.input_ids, expected.input_ids)
+    fitted = build_calibration(tokenizer, fitted_on, 4, 32, "windows", config.seed + 1, allow_fewer=True)
+    assert not torch.equal(windows.input_ids, fitted.input_ids)
+
+
+def test_shrink_writes_the_model_its_table_scored(tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "smaller"
+    result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), validate=(str(corpus_file),),
+                       out=str(out), **SMALL)
+    selection = result.provenance["selection"]
+    rows = selection["options"]
+    tried = {(tuple(r["layers"]), r["repair"]) for r in rows}
+    for layers, _ in tried:
+        assert {(layers, m) for m in ("none", "lstsq", "cosine", "magnitude")} <= tried
+    kept = [r for r in rows if r["kept"]]
+    winner = selection["winner"]
+    source = str(corpus_file)
+    assert winner["validation"][source]["kl"] == min(r["validation"][source]["kl"] for r in kept)
+    assert result.removed == winner["layers"] and json.loads((out / "depthcut.json").read_text())["selection"]
+    # the model written is the one scored: its KL from the original on the same windows is the table's
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = ShrinkConfig(model=str(tiny_llama_dir), out=str(out), drop=2, data=source, validate=(source,), **SMALL)
+    _, held_out = split_documents(load_texts(source), HELDOUT_FRACTION, config.seed)
+    windows = _validation_sets(config, tokenizer, held_out)[source]
+    again = window_scores(written, reference_predictions(original, windows)).summary()
+    assert again["kl"] == pytest.approx(winner["validation"][source]["kl"], rel=1e-4, abs=1e-6)
+    assert written.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--drop", "2", "--fraction", "0.3"], "not allowed with argument"),
+    (["--fraction", "1.5"], "--fraction must be between 0 and 1"),
+    (["--drop", "2", "--validate", "no-such-corpus"], "no-such-corpus"),
+    (["--drop", "2", "--repairs", "none,lstq"], "Did you mean 'lstsq'"),
+    (["--drop", "9"], "--drop must be between 1 and 5"),
+])
+def test_bad_input_is_one_line_and_nothing_is_written(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
+    out = tmp_path / "out"
+    code = main(["shrink", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--samples", "8",
+                 "--seq-len", "16", "--validation-windows", "2", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_gguf_out_needs_a_gguf_model(tmp_path, tiny_llama_dir, corpus_file):
+    with pytest.raises(DepthcutError, match="only from a GGUF model"):
+        shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(tmp_path / "x.gguf"), **SMALL)
+    assert not (tmp_path / "x.gguf").exists()
