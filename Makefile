@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 EXPERIMENT_OUT ?= experiment-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo experiment test bench clean
+.PHONY: install demo experiment test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ experiment: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: every test but those on the real SmolLM2-135M (integration), the slowest
+# subprocess ones (slow) and the 196-architecture sweep, on two processes. `make test` runs them all.
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 -m "not integration and not slow" --ignore=tests/test_architectures.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_analysis.py

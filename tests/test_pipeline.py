@@ -220,8 +220,9 @@ def test_a_streamed_prune_with_a_repair_equals_the_in_memory_one(tmp_path, tiny_
     result is the in-memory repair's, tensor for tensor."""
     from safetensors.torch import load_file
 
+    # warn: in memory the fit is folded whether or not it beats the plain cut (streamed is not validated)
     options = dict(model=str(tiny_llama_dir), layers="2:4", repair=method, data=str(corpus_file), dtype="float32",
-                   **{**SMALL, "samples": 32})
+                   repair_policy="warn", **{**SMALL, "samples": 32})
     streamed = prune_to(**options, stream=True, out=str(tmp_path / "streamed"))
     in_memory = prune_to(**options, out=str(tmp_path / "in-memory"))
     assert streamed.provenance["backend"] == "shard_by_shard" and in_memory.provenance["backend"] == "in_memory"

@@ -10,7 +10,7 @@ import depthcut
 from depthcut.analysis.calibration import CalibrationSet
 from depthcut.errors import DepthcutError
 from depthcut.model.layers import find_layer_stack, first_tensor, output_tensor
-from depthcut.repair import REPAIRS, apply_repair, fit_repair, repair, repair_statistics
+from depthcut.repair import REPAIRS, RepairStatistics, apply_repair, fit_repair, repair, repair_statistics
 from depthcut.repair.architectures import architecture_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:config field 'max_window_layers'")
@@ -266,3 +266,47 @@ def test_streamed_statistics_equal_the_in_memory_ones_with_a_batch_across_the_he
             assert getattr(streamed, name) == pytest.approx(getattr(reference, name), rel=1e-5), name
         torch.testing.assert_close(streamed.mtm, reference.mtm, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(streamed.mtr, reference.mtr, rtol=1e-5, atol=1e-6)
+
+
+def _sums(m: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> RepairStatistics:
+    """The float64 sums a lstsq fit reads, of rows given directly (no model)."""
+    m, r, y = m.double(), r.double(), y.double()
+    return RepairStatistics(first=2, stop=4, num_layers=6, methods=("lstsq",), architecture="test", tokens=len(m),
+                            mtm=m.T @ m, mtr=m.T @ r, r_sq=float((r * r).sum()), y_sq=float((y * y).sum()))
+
+
+def test_the_ridge_is_chosen_on_held_out_sums_as_a_direct_solve_would_choose_it():
+    """Few calibration rows for the map's unknowns (the case that hurt a real model): the ridge path's
+    held-out errors equal those of a direct solve on the rows, and the chosen ridge is the best one,
+    here a positive one (the unregularized map overfits)."""
+    from depthcut.repair.lstsq import RIDGE_PATH, choose_ridge, solve
+
+    generator = torch.Generator().manual_seed(0)
+    d, true_map = 24, torch.eye(24) + 0.05 * torch.randn(24, 24, generator=torch.Generator().manual_seed(1))
+
+    def rows(n):
+        m = torch.randn(n, d, generator=generator)
+        r = m @ true_map + 0.5 * torch.randn(n, d, generator=generator)
+        return m, r, r + torch.randn(n, d, generator=generator)
+
+    m, r, y = rows(20)  # fewer rows than unknowns a column
+    held_m, held_r, held_y = rows(200)
+    fitted, held = _sums(m, r, y), _sums(held_m, held_r, held_y)
+    chosen, path = choose_ridge(fitted, held)
+    scale = float((m.double().T @ m.double()).diagonal().mean())
+    direct = []
+    for factor, step in zip(RIDGE_PATH, path, strict=True):
+        ridge = factor * scale
+        assert step["ridge"] == pytest.approx(ridge)
+        if ridge:
+            transform = torch.linalg.solve(m.double().T @ m.double() + ridge * torch.eye(d, dtype=torch.float64),
+                                           m.double().T @ r.double())
+            assert torch.allclose(solve(fitted, ridge), transform, atol=1e-6)
+        else:
+            transform = solve(fitted, 0.0)
+        error = float(((held_m.double() @ transform - held_r.double()) ** 2).sum() / (held_y.double() ** 2).sum())
+        assert step["heldout_error"] == pytest.approx(error, rel=1e-6)
+        direct.append(error)
+    assert chosen == path[direct.index(min(direct))]["ridge"] and chosen > 0
+    fit = fit_repair("lstsq", fitted, ridge=chosen)
+    assert fit.error_on(held) == pytest.approx(min(direct), rel=1e-6) and min(direct) < direct[0]

@@ -112,7 +112,7 @@ def test_shrink_writes_the_model_its_table_scored(tmp_path, tiny_llama_dir, corp
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(capsys, tmp_path, tiny_llama_dir, corpus_file, argv, message):
     out = tmp_path / "out"
-    code = main(["shrink", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--samples", "8",
+    code = main(["-q", "shrink", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out), "--samples", "8",
                  "--seq-len", "16", "--validation-windows", "2", "--quiet", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -84,10 +84,13 @@ def prune_card(provenance: dict, out: str | Path) -> str:
         rows.append(f"| parameters | {provenance['parameters_before']:,} → {provenance['parameters_after']:,} |")
     if provenance.get("block_distance") is not None:
         rows.append(f"| angular distance of the removed block | {provenance['block_distance']:.4f} |")
-    if provenance.get("repair"):
-        fit = provenance["repair"]
-        rows.append(f"| repair (no training) | {fit['method']}: relative error at the cut {fit['relative_error_before']:.4f}"
-                    f" → {fit['relative_error_after']:.4f} on {fit['data']} |")
+    fit = provenance.get("repair")
+    if fit and fit.get("applied", True):
+        rows.append(f"| repair (no training) | {fit['method']}: relative error at the cut "
+                    f"{fit['relative_error_before']:.4f} → {fit['relative_error_after']:.4f} on {fit['data']} |")
+    elif fit:
+        rows.append(f"| repair (no training) | {fit['method']} fitted but not applied: it did no better than the "
+                    "plain cut on validation text |")
     if provenance.get("calibration"):
         data = provenance["calibration"]
         rows.append(f"| calibration data | {data.get('source')} ({data.get('samples')} samples, "

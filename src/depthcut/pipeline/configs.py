@@ -81,6 +81,30 @@ class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
                                         "space needed is checked first)")
 
 
+CANDIDATES, VALIDATION = "candidates", "validation"
+
+
+@dataclass(kw_only=True)
+class ValidationOptions:
+    """How a training-free repair is judged against the plain cut on text no fit saw (`shrink`, and
+    `prune --repair`)."""
+
+    validate: tuple[str, ...] = option((), parse=comma_list, group=VALIDATION, metavar="DATA[,DATA]",
+                                       help="validation text, as DATA (c4, wikitext, a file, ...); default: the "
+                                            "documents of --data held out from every fit", show_default=False)
+    validation_windows: int = option(32, group=VALIDATION, help="windows of validation text per source")
+    aggregate: str = option("worst", group=VALIDATION, choices=("worst", "mean"),
+                            help="over several --validate sources: judge by the worst or the mean")
+    margin: float = option(2.0, group=VALIDATION,
+                           help="a repair counts as better only where its KL from the unpruned model is lower than "
+                                "the plain cut's by more than this many standard errors (paired over windows)")
+
+    def validation_sources(self) -> tuple[str, ...]:
+        return self.validate or (self.data or "c4",)
+
+
+
+
 WHAT = "what to remove"
 
 
@@ -96,7 +120,7 @@ def _repair_help() -> str:
 
 
 @dataclass(kw_only=True)
-class PruneConfig(OutputOptions, DataOptions, ModelOptions):
+class PruneConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     drop: int | None = option(None, group=WHAT, help="number of layers to remove")
     strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False)
     layers: str | None = option(None, group=WHAT,
@@ -109,6 +133,11 @@ class PruneConfig(OutputOptions, DataOptions, ModelOptions):
         (), group=WHAT, parse=comma_list, metavar="FIELD[,FIELD]",
         help="config fields that look as if they described layer positions but that you know do not: the cut goes "
              "on and depthcut.json records them (by default such a field stops the prune)")
+    repair_policy: str = option("keep", group=WHAT, choices=("keep", "warn", "refuse"),
+                                help="when the repair does not beat the plain cut on validation text (below): keep "
+                                     "the plain cut and say why (default), warn and write the repair anyway, or "
+                                     "refuse (exit 2, nothing written). A streamed repair (--stream, a .gguf --out) is "
+                                     "not validated: the model is never loaded", show_default=False)
     stream: bool = option(False, group=WHAT,
                           help="rewrite the safetensors shards one tensor at a time without loading the model "
                                "(automatic for a sharded folder when no analysis or repair has to run); with "
@@ -277,11 +306,8 @@ class GenerateConfig(ModelOptions):
     chat: bool = option(False, help="wrap each prompt in the model's chat template")
 
 
-CANDIDATES, VALIDATION = "candidates", "validation"
-
-
 @dataclass(kw_only=True)
-class ShrinkConfig(OutputOptions, DataOptions, ModelOptions):
+class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     drop: int | None = option(None, group=CANDIDATES, exclusive="size", help="number of layers to remove")
     fraction: float | None = option(None, group=CANDIDATES, exclusive="size",
                                     help="fraction of the layers to remove (rounded to a layer count)")
@@ -291,15 +317,6 @@ class ShrinkConfig(OutputOptions, DataOptions, ModelOptions):
     repairs: tuple[str, ...] = option(("none", *REPAIRS.names()), parse=comma_list, group=CANDIDATES,
                                       help="the training-free repairs to try on every contiguous candidate "
                                            "(none: the plain cut, always tried)", show_default=False)
-    validate: tuple[str, ...] = option(("c4",), parse=comma_list, group=VALIDATION, metavar="DATA[,DATA]",
-                                       help="validation text, as DATA (c4, wikitext, a file, ...); where it is the "
-                                            "--data corpus, its held-out documents, never fitted on")
-    validation_windows: int = option(32, group=VALIDATION, help="windows of validation text per source")
-    aggregate: str = option("worst", group=VALIDATION, choices=("worst", "mean"),
-                            help="over several --validate sources: judge by the worst or the mean")
-    margin: float = option(2.0, group=VALIDATION,
-                           help="a repair is kept only where it beats the plain cut of its block by more than this "
-                                "many standard errors (paired over the validation windows)")
     allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
                                                    help="as for prune")
     data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")

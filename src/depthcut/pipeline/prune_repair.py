@@ -3,6 +3,7 @@ held-out text, and folded into the weights, in memory or one layer at a time (`d
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,9 @@ from depthcut.errors import DepthcutError
 from depthcut.io.data import load_texts, split_documents
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
-from depthcut.repair import fit_repair, repair
+from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
+from depthcut.repair import apply_repair, repair
+from depthcut.repair.run import fit_judged
 from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,19 @@ def repair_lines(fit: dict | None) -> list[str]:
     if fit.get("changed_tensors"):
         lines.append(f"repair changed {len(fit['changed_tensors'])} tensor(s): {', '.join(fit['changed_tensors'][:4])}"
                      + (" ..." if len(fit["changed_tensors"]) > 4 else ""))
+    validation = fit.get("validation")
+    if validation is not None:
+        if not fit["applied"]:
+            lines.append(f"repair {fit['method']} NOT applied: {validation['why']}; the plain cut was written "
+                         "(--repair-policy keep)")
+        elif not validation["beats_plain"]:
+            lines.append(f"warning: repair {fit['method']} applied although {validation['why']} "
+                         "(--repair-policy warn)")
+        else:
+            lines.append(f"repair {fit['method']} validated: {validation['why']}")
+    else:
+        lines.append("note: a streamed repair is not validated on the model's output (the model is never loaded); "
+                     "the in-memory path or `depthcut shrink` checks it against the plain cut")
     if fit["relative_error_heldout_after"] >= fit["relative_error_heldout_before"]:
         lines.append("warning: on held-out text the repair does no better than plain pruning: it was fitted on too "
                      "little data for its unknowns (give more --samples or a longer --seq-len), or choose --repair none")
@@ -63,15 +79,40 @@ def repair_record(config: PruneConfig, fit, heldout, data: str) -> dict:
 
 
 def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
-    """Fit `config.repair` on the original model's activations, judge it on held-out text, and fold it
-    into its weights (before the layers go); what provenance records of it."""
+    """Fit `config.repair` on the original model's activations, judge it on held-out text and on the
+    model's output (validation KL against the plain cut, `depthcut.pipeline.validation`), and fold it
+    into `model`'s weights (before the layers go) only where it does better than the plain cut or
+    `--repair-policy warn` asks; what provenance records of it. `--repair-policy refuse` stops instead."""
     if config.repair == "none":
         return None
     calibration, heldout, data = repair_samples(config, tokenizer)
+    _, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+    sets = validation_sets(config, tokenizer, held_out)
+    predictions = references(model, sets, config.batch_size)
+    cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
+    plain = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     log.info("repairing the cut with %s on %s ...", config.repair, data)
-    fit = repair(model, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
+    trial = copy.deepcopy(model)  # the fit is folded into `model` only once it is shown to help
+    fit = repair(trial, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
                  batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet)
-    return repair_record(config, fit, heldout, data)
+    repaired = scores_after_cut(trial, removed, predictions, config.batch_size, in_place=True, **cut)
+    del trial
+    beats, why = beats_plain(plain, repaired, config.margin, config.aggregate)
+    applied = beats or config.repair_policy == "warn"
+    if not beats and config.repair_policy == "refuse":
+        raise DepthcutError(f"--repair {config.repair} does no better than the plain cut on validation text ({why}); "
+                            "nothing was written (--repair-policy keep writes the plain cut, warn the repair)")
+    if applied:
+        apply_repair(model, fit, config.layer_path)
+    record = repair_record(config, fit, heldout, data)
+    record["validation"] = {
+        "sources": {name: windows.as_dict() for name, windows in sets.items()},
+        "plain": {name: scores.summary() for name, scores in plain.items()},
+        "repaired": {name: scores.summary() for name, scores in repaired.items()},
+        "beats_plain": beats, "why": why, "policy": config.repair_policy, "margin": config.margin,
+        "aggregate": config.aggregate}
+    record["applied"] = applied
+    return record
 
 
 def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[dict, dict]:
@@ -101,10 +142,8 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
         batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
         trust_remote_code=config.trust_remote_code, progress=not config.quiet)
     statistics.calibration = calibration.as_dict()
-    fit = fit_repair(config.repair, statistics)
+    fit = fit_judged(config.repair, statistics, judged)
     changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
-    fit.details.update(relative_error_heldout_before=judged.error_before,
-                       relative_error_heldout_after=fit.error_on(judged), heldout_tokens=judged.tokens)
     record = {**repair_record(config, fit, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
               "changed_tensors": sorted(changed)}
     return record, changed

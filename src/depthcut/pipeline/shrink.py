@@ -13,23 +13,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from depthcut.analysis.calibration import build_calibration
 from depthcut.analysis.passes import analyze
 from depthcut.errors import DepthcutError
-from depthcut.evaluation.divergence import paired_difference, reference_predictions, window_scores
 from depthcut.io.claims import claimed_for_writing
 from depthcut.io.data import load_texts, split_documents
 from depthcut.io.output_checks import check_no_overlap
 from depthcut.model.distributed import is_main_process
 from depthcut.model.layers import find_layer_stack
 from depthcut.model.loading import resolve_model
-from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
 from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION, repair_samples
+from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.run import repair
 from depthcut.strategies import check_drop, select
@@ -77,6 +75,9 @@ def _check(config: ShrinkConfig) -> None:
         if name != "none":
             REPAIRS.check(name)
     check_data_options(config)
+    for name in config.validation_sources():  # a validation source that is not there fails before any model loads
+        if not name.startswith("hf:"):
+            load_texts(name, config.text_field)
 
 
 def _candidates(config: ShrinkConfig, analysis, drop: int, refusal) -> list[tuple[list[int], str]]:
@@ -96,19 +97,9 @@ def _candidates(config: ShrinkConfig, analysis, drop: int, refusal) -> list[tupl
     return found
 
 
-def _validation_sets(config: ShrinkConfig, tokenizer, held_out) -> dict:
-    """Validation windows per source; the --data corpus contributes only its held-out documents."""
-    sets = {}
-    for name in config.validate:
-        source = held_out if name == config.data else load_texts(name, config.text_field)
-        sets[name] = build_calibration(tokenizer, source, config.validation_windows, config.seq_len, "windows",
-                                       config.seed + 1, allow_fewer=True)
-    return sets
-
-
 def _decide(options: list[Option], config: ShrinkConfig) -> Option:
-    """Mark which repairs are kept (beating their plain cut by `margin` paired standard errors on every
-    source, or on the mean of sources) and return the best kept option."""
+    """Mark which repairs are kept (beating their plain cut beyond `margin` paired standard errors, on
+    every source or on their mean) and return the best kept option."""
     plain = {tuple(o.layers): o for o in options if o.repair == "none" and not o.refused}
     for option in options:
         if option.refused:
@@ -116,18 +107,8 @@ def _decide(options: list[Option], config: ShrinkConfig) -> Option:
         if option.repair == "none":
             option.kept, option.why = True, "the plain cut"
             continue
-        base = plain[tuple(option.layers)]
-        gains = [paired_difference(base.scores[name].kl, option.scores[name].kl) for name in option.scores]
-        if config.aggregate == "worst":
-            beats = all(gain > config.margin * stderr for gain, stderr in gains)
-        else:
-            gain = sum(g for g, _ in gains) / len(gains)
-            stderr = sum(s * s for _, s in gains) ** 0.5 / len(gains)
-            beats = gain > config.margin * stderr
-        option.kept = beats
-        details = ", ".join(f"{name}: {gain:.4f} ± {stderr:.4f}" for name, (gain, stderr) in zip(option.scores, gains))
-        option.why = (f"KL lower than the plain cut by {details}: "
-                      + ("kept" if beats else f"not beyond {config.margin:g} standard errors, the plain cut is kept"))
+        beats, why = beats_plain(plain[tuple(option.layers)].scores, option.scores, config.margin, config.aggregate)
+        option.kept, option.why = beats, why + (": kept" if beats else ": the plain cut is kept")
     return min((o for o in options if o.kept), key=lambda o: o.score(config.aggregate))
 
 
@@ -176,9 +157,8 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                                  allow_unknown_config=config.allow_unknown_config,
                                  trust_remote_code=config.trust_remote_code)
         candidates = _candidates(config, analysis, drop, cut_refusal(model, prune_view))
-        validation = _validation_sets(config, tokenizer, held_out)
-        references = {name: reference_predictions(model, windows, config.batch_size)
-                      for name, windows in validation.items()}
+        validation = validation_sets(config, tokenizer, held_out)
+        predictions = references(model, validation, config.batch_size)
         options = []
         for number, (layers, found_by) in enumerate(candidates, 1):
             for method in dict.fromkeys(["none", *config.repairs]):
@@ -187,20 +167,22 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                 started = time.perf_counter()
                 log.info("shrink: candidate %d of %d, layers %s, repair %s ...", number, len(candidates),
                          _span(layers), method)
-                trial = copy.deepcopy(model)
+                cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
                 try:
-                    if method != "none":
-                        check_repair(trial, layers, method, config.layer_path)
+                    if method == "none":
+                        option.scores = scores_after_cut(model, layers, predictions, config.batch_size, **cut)
+                    else:
+                        check_repair(model, layers, method, config.layer_path)
+                        trial = copy.deepcopy(model)
                         repair(trial, tokenizer, calibration, layers, method, heldout=heldout, seed=config.seed,
                                batch_size=config.batch_size, layer_path=config.layer_path)
+                        option.scores = scores_after_cut(trial, layers, predictions, config.batch_size,
+                                                         in_place=True, **cut)
+                        del trial
                 except DepthcutError as error:
                     option.refused = str(error)
                     continue
-                remove_layers(trial, layers, config.layer_path, config.allow_unknown_config)
-                option.scores = {name: window_scores(trial, reference, config.batch_size)
-                                 for name, reference in references.items()}
                 option.seconds = time.perf_counter() - started
-                del trial
         winner = _decide(options, config)
         selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only beyond "
                              f"{config.margin:g} paired standard errors of its plain cut",

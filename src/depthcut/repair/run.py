@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from depthcut.analysis.calibration import as_calibration
 from depthcut.repair import REPAIRS
+from depthcut.repair.lstsq import choose_ridge
 from depthcut.repair.methods import RepairFit, apply_repair, fit_repair
 from depthcut.repair.statistics import repair_statistics
 
@@ -32,17 +33,31 @@ def repair(
     With `heldout` (data as `data`, text the fit never sees), the fit is also judged there: its
     `details` gain `relative_error_heldout_before` (plain pruning), `relative_error_heldout_after`
     and `heldout_tokens`."""
-    REPAIRS.get(method)
+    chosen = REPAIRS.get(method)
     calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     gather = {"layer_path": layer_path, "batch_size": batch_size, "seed": seed}
     statistics = repair_statistics(model, calibration, block, [method], progress=progress, **gather)
-    fit = fit_repair(method, statistics, **options)
+    judged = None
     if heldout is not None:
         held = as_calibration(heldout, tokenizer, max(1, samples // 4), seq_len, mode, seed, text_field)
         # the error of a linear map needs M^T M; that of a scale, the three sums magnitude gathers
-        judge = "lstsq" if REPAIRS.get(method).linear else "magnitude"
-        judged = repair_statistics(model, held, block, [judge], **gather)
+        judged = repair_statistics(model, held, block, ["lstsq" if chosen.linear else "magnitude"], **gather)
+    fit = fit_judged(method, statistics, judged, **options)
+    apply_repair(model, fit, layer_path)
+    return fit
+
+
+def fit_judged(method: str, statistics, judged=None, **options) -> RepairFit:
+    """`fit_repair`, judged on held-out sums `judged` when given: a linear map's ridge is then chosen on
+    them (unless `options` name one; `ridge_path` in the fit's details), and the details gain
+    `relative_error_heldout_before` (plain pruning), `relative_error_heldout_after`, `heldout_tokens`."""
+    path = None
+    if judged is not None and REPAIRS.get(method).linear and "ridge" not in options:
+        options["ridge"], path = choose_ridge(statistics, judged)
+    fit = fit_repair(method, statistics, **options)
+    if judged is not None:
         fit.details.update(relative_error_heldout_before=judged.error_before,
                            relative_error_heldout_after=fit.error_on(judged), heldout_tokens=judged.tokens)
-    apply_repair(model, fit, layer_path)
+    if path is not None:
+        fit.details["ridge_path"] = path
     return fit
