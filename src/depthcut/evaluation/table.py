@@ -31,4 +31,10 @@ def format_table(result: dict) -> str:
         lines.append(f"{'loss':<16} {'nll / token':<22} {loss['loss']:7.4f} {'':>7} {loss['tokens']:>6}")
         lines.append(f"{'':<16} {'normalized':<22} {loss['normalized_loss']:7.4f}")
         lines.append(f"{'':<16} {'perplexity':<22} {loss['perplexity']:7.2f}")
+    if result.get("retained"):
+        lines.append("")
+        lines.append(f"{'retained':<16} {'of the baseline':<22} {'ratio':>7} {'± se':>7}")
+        for name, share in result["retained"].items():
+            lines.append(f"{name:<16} {share['metric'][:22]:<22} {100 * share['ratio']:6.1f}% "
+                         f"{100 * share['ratio_stderr']:6.1f}%")
     return "\n".join(lines)

@@ -220,9 +220,18 @@ def get_task(name: str) -> TaskSpec:
     return TaskSpec(name, name, f"lm-eval: {name} (its own dataset source)", True)
 
 
+# --tasks presets: the set the depth-pruning papers report "% retained" on (ReplaceMe, LLM-Streamline)
+PRESETS = {"retained": ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")}
+
+
+def expand_presets(names) -> tuple[str, ...]:
+    """--tasks with each preset name replaced by its tasks."""
+    return tuple(task for name in names for task in PRESETS.get(name, (name,)))
+
+
 def resolve_tasks(names) -> list[TaskSpec]:
     """Every entry of --tasks checked, before any model loads."""
-    specs = [get_task(name) for name in names]
+    specs = [get_task(name) for name in expand_presets(names)]
     seen = set()
     for spec in specs:
         if spec.name in seen:

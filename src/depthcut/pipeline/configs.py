@@ -202,9 +202,11 @@ class MeasureOptions:
     """Tasks and held-out loss, shared by `eval` and `sweep`."""
 
     tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
-                                    help="comma-separated lm-evaluation-harness task, group or tag names, or task "
-                                         "YAML files (docs/tasks.md; a task file is code: its !function entries "
-                                         "run the Python files beside it, so use only task files you trust)")
+                                    help="comma-separated lm-evaluation-harness task, group or tag names, "
+                                         "retained (the depth-pruning papers' set: arc_challenge, arc_easy, boolq, "
+                                         "hellaswag, openbookqa, piqa, winogrande), or task YAML files (docs/tasks.md; "
+                                         "a task file is code: its !function entries run the Python files beside it, "
+                                         "so use only task files you trust)")
     limit: int | None = option(None, group=MEASURE,
                                help="a seeded random subset of N documents per task (per subtask of a group)")
     num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
@@ -227,6 +229,10 @@ class EvalConfig(DeviceMapOption, MeasureOptions, ModelOptions):
                                "context once, its KV cache reused per choice; full: one sequence per choice",
                           show_default=False)
     log_samples: bool = option(False, help="add every item's scores to the output")
+    baseline: str | None = option(None, metavar="MODEL",
+                                  help="the model before pruning, evaluated the same way: each task's score is also "
+                                       "given as a share of the baseline's (%% retained; on average the ratio of the "
+                                       "averages), with a standard error")
     out: str = option(help="the JSON result file (must not exist unless --force)")
     force: bool = option(False, help="replace an existing result file")
     quiet: bool = option(False, help="no progress bars")

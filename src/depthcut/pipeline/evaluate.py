@@ -3,9 +3,12 @@ model, saved as one JSON file with provenance."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from depthcut.errors import DepthcutError
 from depthcut.evaluation import evaluate
-from depthcut.evaluation.tasks import get_task
+from depthcut.evaluation.retained import retained
+from depthcut.evaluation.tasks import resolve_tasks
 from depthcut.io.atomic import atomic_output_file, write_json
 from depthcut.io.claims import claimed_for_writing
 from depthcut.io.output_checks import check_no_overlap
@@ -19,8 +22,7 @@ from depthcut.pipeline.options import make_config
 
 def check_measures(options: MeasureOptions) -> None:
     """Unknown task names and impossible numbers fail before any model loads."""
-    for name in options.tasks:
-        get_task(name)
+    resolve_tasks(options.tasks)  # presets expanded, every entry checked
     check_positive(limit=options.limit, loss_samples=options.loss_samples, loss_seq_len=options.loss_seq_len)
     if options.num_fewshot is not None and options.num_fewshot < 0:
         raise DepthcutError("--num-fewshot must be 0 or more")
@@ -33,7 +35,7 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
     out="eval.json")`. Returns the result written.
     """
     config = make_config(EvalConfig, config, fields)
-    check_no_overlap([config.model, config.loss, *config.tasks], config.out)
+    check_no_overlap([config.model, config.baseline, config.loss, *config.tasks], config.out)
     if not config.tasks and not config.loss:
         raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
     check_measures(config)
@@ -43,16 +45,24 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
 
 
 def _evaluate(config: EvalConfig) -> dict:
-
     resolve_model(config.model)
-    model, tokenizer, source = load(config, quiet=config.quiet)
-    result = {}
-    if config.tasks or config.loss:
-        result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,
-                          scoring=config.scoring, log_samples=config.log_samples, progress=not config.quiet,
-                          **config.evaluation_options())
-    result["model"] = source.as_dict()
+    if config.baseline:
+        resolve_model(config.baseline)
+    result = _measure(config, config.model)
+    if config.baseline:
+        result["baseline"] = _measure(config, config.baseline)
+        result["retained"] = retained(result, result["baseline"])
     result["environment"] = environment()
     with atomic_output_file(config.out, config.force) as staging:
         write_json(staging, result)
+    return result
+
+
+def _measure(config: EvalConfig, spec: str) -> dict:
+    """The tasks and loss of the model `spec`, as this config asks, with where the model came from."""
+    model, tokenizer, source = load(dataclasses.replace(config, model=spec), quiet=config.quiet)
+    result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,
+                      scoring=config.scoring, log_samples=config.log_samples, progress=not config.quiet,
+                      **config.evaluation_options())
+    result["model"] = source.as_dict()
     return result

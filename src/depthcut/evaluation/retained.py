@@ -1,0 +1,46 @@
+"""What a pruned model kept of its baseline, as the depth-pruning papers report it ("% retained"):
+per task, the pruned model's score divided by the baseline's, and on average the ratio of the
+averages (ReplaceMe, LLM-Streamline), each with a standard error by the delta method (the two
+models' errors taken as independent, which overstates it for the same items)."""
+
+from __future__ import annotations
+
+import math
+
+
+def _ratio(top: float, top_var: float, bottom: float, bottom_var: float) -> tuple[float, float]:
+    ratio = top / bottom
+    relative = (top_var / top**2 if top else 0.0) + bottom_var / bottom**2
+    return ratio, abs(ratio) * math.sqrt(relative)
+
+
+def _variance(stderr) -> float:
+    return stderr**2 if isinstance(stderr, (int, float)) and math.isfinite(stderr) else 0.0
+
+
+def retained(result: dict, baseline: dict) -> dict:
+    """{task: {metric, model, baseline, ratio, ratio_stderr}, "average": {...}} over the tasks both
+    results scored, on each task's first metric (the one lm-eval lists first)."""
+    per_task, tops, bottoms = {}, [], []
+    for name, summary in result.get("tasks", {}).items():
+        base = baseline.get("tasks", {}).get(name)
+        if base is None or not summary.get("metrics"):
+            continue
+        metric = summary["metrics"][0]
+        value, reference = summary.get(metric), base.get(metric)
+        if value is None or not reference:
+            continue
+        top_var, bottom_var = _variance(summary.get(f"{metric}_stderr")), _variance(base.get(f"{metric}_stderr"))
+        ratio, stderr = _ratio(value, top_var, reference, bottom_var)
+        per_task[name] = {"metric": metric, "model": value, "baseline": reference, "ratio": ratio,
+                          "ratio_stderr": stderr}
+        tops.append((value, top_var))
+        bottoms.append((reference, bottom_var))
+    if per_task:
+        count = len(per_task)
+        top, top_var = sum(v for v, _ in tops) / count, sum(s for _, s in tops) / count**2
+        bottom, bottom_var = sum(v for v, _ in bottoms) / count, sum(s for _, s in bottoms) / count**2
+        ratio, stderr = _ratio(top, top_var, bottom, bottom_var)
+        per_task["average"] = {"metric": "mean of the tasks' scores", "model": top, "baseline": bottom,
+                               "ratio": ratio, "ratio_stderr": stderr, "tasks": count}
+    return per_task
