@@ -22,7 +22,8 @@ from depthcut.evaluation.divergence import (
 from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
-from depthcut.pipeline.shrink import Option, _decide, _validation_sets, shrink_to
+from depthcut.pipeline.shrink import Option, _decide, shrink_to
+from depthcut.pipeline.validation import validation_sets
 
 SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
 
@@ -67,10 +68,10 @@ def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(t
     config = ShrinkConfig(model="m", out="o", drop=2, data=str(corpus), validate=(str(corpus), str(corpus) + "x"),
                           seq_len=32, validation_windows=4)
     with pytest.raises(DepthcutError, match="not found"):  # another source is read whole: here, none such
-        _validation_sets(config, tokenizer, held_out)
+        validation_sets(config, tokenizer, held_out)
     config = ShrinkConfig(model="m", out="o", drop=2, data=str(corpus), validate=(str(corpus),), seq_len=32,
                           validation_windows=4)
-    windows = _validation_sets(config, tokenizer, held_out)[str(corpus)]
+    windows = validation_sets(config, tokenizer, held_out)[str(corpus)]
     expected = build_calibration(tokenizer, held_out, 4, 32, "windows", config.seed + 1, allow_fewer=True)
     assert torch.equal(windows.input_ids, expected.input_ids)
     fitted = build_calibration(tokenizer, fitted_on, 4, 32, "windows", config.seed + 1, allow_fewer=True)
@@ -97,7 +98,7 @@ def test_shrink_writes_the_model_its_table_scored(tmp_path, tiny_llama_dir, corp
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = ShrinkConfig(model=str(tiny_llama_dir), out=str(out), drop=2, data=source, validate=(source,), **SMALL)
     _, held_out = split_documents(load_texts(source), HELDOUT_FRACTION, config.seed)
-    windows = _validation_sets(config, tokenizer, held_out)[source]
+    windows = validation_sets(config, tokenizer, held_out)[source]
     again = window_scores(written, reference_predictions(original, windows)).summary()
     assert again["kl"] == pytest.approx(winner["validation"][source]["kl"], rel=1e-4, abs=1e-6)
     assert written.config.num_hidden_layers == 4

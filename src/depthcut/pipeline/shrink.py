@@ -66,8 +66,6 @@ def _check(config: ShrinkConfig) -> None:
     check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows)
     if config.margin < 0:
         raise DepthcutError(f"--margin must be 0 or more, got {config.margin}")
-    if not config.validate:
-        raise DepthcutError("--validate names no validation text")
     if gguf_output(config.out) and not resolve_model(config.model).gguf_file:
         raise DepthcutError(f"--out {config.out} asks for a .gguf file, which depthcut writes only from a GGUF model; "
                             f"{config.model} is not one (shrink it to a folder instead)")
