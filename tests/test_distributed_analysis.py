@@ -59,3 +59,29 @@ def test_a_launched_process_knows_its_rank_and_says_why_its_group_did_not_form()
     lines = _probe(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
     assert lines[:2] == ["not main", "no group False"]
     assert lines[2].startswith("DepthcutError: the process group did not form (") and "MASTER_ADDR" in lines[2]
+
+
+def test_eval_in_two_processes_scores_each_item_once_and_gives_the_single_process_answers(tmp_path, tiny_llama_dir):
+    """lm-eval hands each process its share of the requests (DepthcutLM's rank and world size) and
+    the first gathers every item: the same answers and the same scores as one process."""
+    import json
+
+    args = ["--tasks", "arc_easy,boolq", "--limit", "10", "--dtype", "float32", "--log-samples", "--quiet"]
+    single = tmp_path / "single.json"
+    assert main(["eval", str(tiny_llama_dir), *args, "--out", str(single)]) == 0
+    parallel = tmp_path / "parallel.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+               "-m", "depthcut.cli", "eval", str(tiny_llama_dir), *args, "--out", str(parallel)]
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(parallel.read_text())
+    for task in ("arc_easy", "boolq"):
+        assert one["tasks"][task]["num_items"] == two["tasks"][task]["num_items"] == 10
+        assert one["tasks"][task]["acc"] == two["tasks"][task]["acc"]
+
+    def answers(result):
+        return sorted((s["task"], s["doc_id"], s["prediction"], tuple(round(x, 4) for x in s["loglikelihoods"]))
+                      for s in result["samples"])
+
+    assert answers(one) == answers(two) and len(answers(two)) == 20  # every item once, none twice
+    assert run.stdout.count("results:") == 1  # one process prints

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lm_eval.models.huggingface import HFLM
 from tiny import tiny_model
 
@@ -169,3 +170,23 @@ def test_lm_evals_command_line_with_depthcut(tiny_llama_dir, tmp_path):
     assert "|arc_easy|" in done.stdout.replace(" ", "") and "depthcut" in done.stdout
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert set(results["results"]) == {"arc_easy", "piqa"}
+
+
+def test_batch_size_auto_finds_the_largest_batch_that_fits():
+    from depthcut.evaluation.lm import largest_batch, probe_batch_size
+
+    tried = []
+
+    def fits_up_to(ceiling):
+        def fits(size):
+            tried.append(size)
+            return size <= ceiling
+        return fits
+
+    assert largest_batch(fits_up_to(37), 64) == 37 and max(tried) <= 64
+    tried.clear()
+    assert largest_batch(fits_up_to(10**6), 64) == 64 and max(tried) == 64
+    assert largest_batch(fits_up_to(0), 64) == 1  # nothing fits: one row at a time
+    assert largest_batch(fits_up_to(1), 64) == 1 and largest_batch(fits_up_to(2), 3) == 2
+    # on a CPU nothing is probed (an allocation that does not fit kills the process): the default
+    assert probe_batch_size(torch.nn.Linear(2, 2), 128) == 16

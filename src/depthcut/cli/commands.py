@@ -85,10 +85,13 @@ def run_eval(config: EvalConfig) -> None:
     faster), and the mean next-token loss on held-out text."""
     # deferred: torch is imported once a command runs, not to parse its arguments (start-up)
     from depthcut.evaluation.table import format_table
+    from depthcut.model.distributed import is_main_process
     from depthcut.pipeline.evaluate import evaluate_to
 
-    print(format_table(evaluate_to(config)))
-    print(f"results: {config.out}")
+    result = evaluate_to(config)
+    if is_main_process():  # launched as several, the first process prints what they all scored
+        print(format_table(result))
+        print(f"results: {config.out}")
 
 
 @command("heal", HealConfig, "LoRA/QLoRA finetuning that repairs a pruned model", EPILOG_HEAL)

@@ -67,12 +67,13 @@ def _seeded(seed: int, quiet: bool):
 
 
 def run_tasks(lm, specs, *, limit: int | None = None, num_fewshot: int | None = None, seed: int = 0,
-              log_samples: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+              log_samples: bool = False, progress: bool = True) -> tuple[dict | None, list[dict]]:
     """Summaries of `specs` (resolved --tasks entries) scored by `lm`, and their documents when
-    `log_samples`. Every task runs in one lm-eval evaluation, so all requests are batched together."""
+    `log_samples`. Every task runs in one lm-eval evaluation, so all requests are batched together.
+    Launched as several processes, each scores its share; the first gets every summary, the others
+    (None, [])."""
     # deferred: lm-eval takes seconds to import; only evaluation needs it
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
-
 
     with _seeded(seed, quiet=not progress):
         loaded = {spec.name: load_task(spec) for spec in specs}
@@ -88,6 +89,8 @@ def run_tasks(lm, specs, *, limit: int | None = None, num_fewshot: int | None = 
             task.set_fewshot_seed(seed=seed)
         output = lm_eval_evaluate(lm=lm, task_dict=everything, samples=subsets(everything["tasks"], limit, seed),
                                   log_samples=True)
+    if output is None:  # one of several processes, not the first: its share went to the first one
+        return None, []
     summaries, documents = {}, []
     for spec in specs:
         part = loaded[spec.name]

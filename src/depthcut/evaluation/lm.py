@@ -36,16 +36,62 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from depthcut.evaluation.scoring import Scorer
+from depthcut.model.distributed import rank_and_world
 from depthcut.model.loading import load_model
 
 log = logging.getLogger(__name__)
 
 
-def _batch_size(value) -> int:
-    """lm-eval's --batch_size may be "auto" or "auto:N"; the scorer's cost per row is known, so
-    those mean the default of 16."""
-    if isinstance(value, str) and value.startswith("auto"):
+def largest_batch(fits, limit: int) -> int:
+    """The largest batch size up to `limit` for which `fits(size)` is True, found by doubling and then
+    halving the gap (a size that fits is assumed to fit for every smaller one); at least 1."""
+    good, size = 0, 1
+    while size <= limit and fits(size):
+        good, size = size, size * 2
+    bad = min(size, limit + 1)  # the smallest size known not to fit (or past the limit)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return max(good, 1)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def probe_batch_size(model, max_length: int, limit: int = 64) -> int:
+    """lm-eval's --batch_size auto, as its `hf` model does it: the largest batch of `max_length`-token
+    rows that one forward pass holds in GPU memory. On a CPU an allocation that does not fit is not an
+    error Python sees (the system kills the process), so it answers the default of 16."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        log.info("--batch_size auto: 16 on %s (memory is probed on GPUs only)", device)
         return 16
+
+    def fits(size: int) -> bool:
+        try:
+            with torch.inference_mode():
+                model(input_ids=torch.ones(size, max_length, dtype=torch.long, device=device), use_cache=False)
+            return True
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not _out_of_memory(error):
+                raise
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    size = largest_batch(fits, limit)
+    log.info("--batch_size auto: %d rows of %d tokens fit on %s", size, max_length, device)
+    return size
+
+
+def _batch_size(value, model, max_length: int, limit: int) -> int:
+    """lm-eval's --batch_size: a number, or "auto" / "auto:N" (probed: `probe_batch_size`)."""
+    if isinstance(value, str) and value.startswith("auto"):
+        return probe_batch_size(model, max_length, limit)
     size = int(value)
     if size < 1:
         raise ValueError(f"batch_size must be at least 1, got {size}")
@@ -69,7 +115,7 @@ class DepthcutLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, progress: bool = True, **unused):
         super().__init__()
-        unused.pop("max_batch_size", None)  # lm-eval's CLI always passes it; one batch size is enough here
+        max_batch_size = int(unused.pop("max_batch_size", None) or 64)  # the ceiling of "auto"
         if unused:
             raise TypeError(f"DepthcutLM got unknown arguments: {', '.join(sorted(unused))}")
         if isinstance(pretrained, str):
@@ -88,6 +134,9 @@ class DepthcutLM(TemplateLM):
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer = model, tokenizer
         self._device = next(model.parameters()).device
+        # Launched as several processes (accelerate launch, torchrun): lm-eval gives each its share of
+        # the requests by rank and gathers the results through all_gather / gather_object below.
+        self._rank, self._world_size = rank_and_world(self._device)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.progress = progress
@@ -95,10 +144,31 @@ class DepthcutLM(TemplateLM):
         self._max_gen_toks = max_gen_toks
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = pad_id if pad_id is not None else 0
-        self.scorer = Scorer(model, batch_size=_batch_size(batch_size), max_length=self._max_length, mode=scoring,
+        size = _batch_size(batch_size, model, self._max_length, max_batch_size)
+        self.scorer = Scorer(model, batch_size=size, max_length=self._max_length, mode=scoring,
                              pad_id=self.pad_token_id)
 
     # ------------------------------------------------------------------ what lm-eval asks of a model
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's `tensor`, in rank order: stacked for a scalar, concatenated otherwise."""
+        if self._world_size == 1:
+            return tensor
+        gathered = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        torch.distributed.all_gather(gathered, tensor)
+        return torch.stack(gathered) if tensor.dim() == 0 else torch.cat(gathered)
+
+    def gather_object(self, obj, dst: int = 0):
+        """Every process's `obj` in a list on rank `dst`, None on the others."""
+        if self._world_size == 1:
+            return [obj]
+        gathered = [None] * self._world_size if self._rank == dst else None
+        torch.distributed.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            torch.distributed.barrier()
+
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id

@@ -51,10 +51,12 @@ def _evaluate(config: EvalConfig) -> dict:
     result = _measure(config, config.model)
     if config.baseline:
         result["baseline"] = _measure(config, config.baseline)
-        result["retained"] = retained(result, result["baseline"])
+        if is_main_process():
+            result["retained"] = retained(result, result["baseline"])
     result["environment"] = environment()
-    with atomic_output_file(config.out, config.force) as staging:
-        write_json(staging, result)
+    if is_main_process():  # several processes share the scoring; the first writes what they found
+        with atomic_output_file(config.out, config.force) as staging:
+            write_json(staging, result)
     return result
 
 

@@ -1,0 +1,101 @@
+"""Evidence for `depthcut shrink` (issue 22): on SmolLM2-135M, the training-free winner against every fixed
+recipe (angular or deepest block; none, lstsq, cosine or magnitude, the repair always applied), judged on
+WikiText-2 **test** loss, which nothing fits on or chooses with; and the shrink's time against one
+analysis pass.
+
+For each --drop: `shrink_to` (validating on the held-out C4 documents and WikiText-2 validation), then
+`prune_to` for each fixed recipe (--repair-policy warn: applied whatever it does), then every output's
+mean next-token loss on --test-windows windows of WikiText-2 test, with the standard error over windows.
+Figures go to benchmarks/results/shrink_evidence.json with where they ran.
+
+Run from the repository root:  .venv/bin/python benchmarks/shrink_evidence.py --drop 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from environment import describe, record
+from transformers import AutoModelForCausalLM
+
+from depthcut.analysis.calibration import build_calibration
+from depthcut.analysis.passes import analyze
+from depthcut.evaluation.loss import heldout_loss
+from depthcut.io.data import data_dir, load_texts
+from depthcut.model.loading import load_model
+from depthcut.pipeline import prune_to, shrink_to
+
+RECIPES = [(strategy, method) for strategy in ("angular", "deepest") for method in ("none", "lstsq", "cosine",
+                                                                                    "magnitude")]
+
+
+def test_loss(folder: Path, windows) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    result = heldout_loss(model, windows, batch_size=8)
+    return {"loss": result["loss"], "loss_stderr": result["loss_stderr"], "tokens": result["tokens"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drop", type=int, nargs="+", default=[8])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--validation-windows", type=int, default=16)
+    parser.add_argument("--test-windows", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results/shrink_evidence.json")
+    args = parser.parse_args()
+    common = {"model": "smollm2-135m", "data": "c4", "samples": args.samples, "seq_len": args.seq_len,
+              "dtype": "float32", "quiet": True}
+    model, tokenizer, _ = load_model("smollm2-135m", dtype="float32")
+    started = time.perf_counter()
+    analyze(model, tokenizer, "c4", samples=args.samples, seq_len=args.seq_len, progress=False)
+    analysis_seconds = time.perf_counter() - started
+    test_source = load_texts(str(data_dir() / "wikitext-2" / "test.txt"))
+    windows = build_calibration(tokenizer, test_source, args.test_windows, 256, "windows", 0, allow_fewer=True)
+    unpruned = heldout_loss(model, windows, batch_size=8)
+    del model
+    figures = {"analysis_seconds": analysis_seconds, "settings": vars(args), "depths": {},
+               "unpruned": {"loss": unpruned["loss"], "loss_stderr": unpruned["loss_stderr"]}}
+    print(f"unpruned: WikiText-2 test loss {unpruned['loss']:.4f} ± {unpruned['loss_stderr']:.4f}")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for drop in args.drop:
+            depth = figures["depths"][str(drop)] = {}
+            started = time.perf_counter()
+            shrunk = shrink_to(**common, drop=drop, validate=("c4", "wikitext"),
+                               validation_windows=args.validation_windows, out=str(scratch / f"shrink-{drop}"))
+            winner = shrunk.provenance["selection"]["winner"]
+            depth["shrink"] = {"seconds": time.perf_counter() - started, "layers": winner["layers"],
+                               "found_by": winner["found_by"], "repair": winner["repair"],
+                               "options": len(shrunk.provenance["selection"]["options"]),
+                               "test": test_loss(scratch / f"shrink-{drop}", windows)}
+            for strategy, method in RECIPES:
+                out = scratch / f"{strategy}-{method}-{drop}"
+                try:
+                    result = prune_to(**common, drop=drop, strategy=strategy, repair=method, repair_policy="warn",
+                                      out=str(out))
+                except Exception as error:  # noqa: BLE001 (a refused recipe is a row, not the end of the run)
+                    depth[f"{strategy}+{method}"] = {"refused": str(error).splitlines()[0]}
+                    continue
+                depth[f"{strategy}+{method}"] = {"layers": result.removed, "test": test_loss(out, windows)}
+            print(f"drop {drop}: shrink chose {winner['layers']} + {winner['repair']} in "
+                  f"{depth['shrink']['seconds']:.0f} s ({depth['shrink']['seconds'] / analysis_seconds:.1f}x one "
+                  f"analysis pass of {analysis_seconds:.1f} s)")
+            for name, row in depth.items():
+                test = row.get("test")
+                text = f"{test['loss']:.4f} ± {test['loss_stderr']:.4f}" if test else row.get("refused", "")
+                print(f"  {name:<20} WikiText-2 test loss {text}")
+    figures["environment"] = record(dtype=torch.float32)
+    print(describe(figures["environment"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
