@@ -96,6 +96,30 @@ def test_batch_size_does_not_change_results(device):
         _assert_close(many.metrics[name], one.metrics[name], tol=tolerance(device, 1e-5, 1e-4))
 
 
+def test_block_influence_without_the_all_token_slab_equals_it_with_the_slab(device, monkeypatch):
+    """Without an all-token angular distance, Block Influence is taken as each state arrives from the
+    one before it: no (B, T, L+1, H) slab is allocated, and the values are the slab's."""
+    from depthcut.analysis import capture as capture_module
+
+    calibration = _calibration([12, 7, 10, 5])
+    model = tiny_model("llama", device=device)
+    with_slab = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
+    slabs = []
+    original = capture_module.ResidualCapture.cosines
+
+    def watched(self, *args):
+        slabs.append(self.all_tokens)
+        return original(self, *args)
+
+    monkeypatch.setattr(capture_module.ResidualCapture, "cosines", watched)
+    without = depthcut.analyze(model, data=calibration, batch_size=2, metrics=["angular_last_token", "block_influence"],
+                               progress=False)
+    assert slabs and all(slab is None for slab in slabs)
+    _assert_close(without.metrics["block_influence"], with_slab.metrics["block_influence"],
+                  tol=tolerance(device, 1e-6, 1e-4))
+    assert without.metrics["angular_last_token"] == with_slab.metrics["angular_last_token"]
+
+
 def test_metric_subset_and_unknown_metric(device):
     model = tiny_model("llama", device=device)
     analysis = depthcut.analyze(model, data=_calibration([8, 8]), metrics=["angular_last_token"], progress=False)

@@ -42,6 +42,12 @@ class StopForward(Exception):
 CHUNK_BYTES = 32 * 2**20
 
 
+def unit_rows(states: torch.Tensor) -> torch.Tensor:
+    """(N, H) states in any dtype -> (N, H) float32 unit vectors (upcast, then divided by the norm)."""
+    units = states.float()
+    return units.div_(torch.linalg.vector_norm(units, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
 def unit_cosines(states: torch.Tensor) -> torch.Tensor:
     """(M, P, H) states in any dtype -> (M, P, P) float32 cosines between the P positions of each row.
 
@@ -61,10 +67,15 @@ class ResidualCapture:
     nothing synchronises with the host.
     """
 
-    def __init__(self, stack: LayerStack, keep_all_tokens: bool):
+    def __init__(self, stack: LayerStack, keep_all_tokens: bool, consecutive: bool = False):
         self.stack = stack
         self.positions = len(stack) + 1
         self.keep_all_tokens = keep_all_tokens
+        # Block Influence reads only cos(x_p, x_p+1): taken as each state arrives from the one before it,
+        # so no (B, T, P, H) slab is kept for it (as the layer-streamed pass does).
+        self.consecutive_tokens = consecutive and not keep_all_tokens
+        self.previous: torch.Tensor | None = None  # (K, H) float32 units of the non-pad tokens' last state
+        self.consecutive: torch.Tensor | None = None  # (K, P-1) float32 cos(x_p, x_p+1)
         self.batch_shape: tuple[int, int] | None = None  # (B, T) of the batch being captured
         self.last_index: torch.Tensor | None = None  # (B,) last non-pad position of each row
         self.valid_tokens: torch.Tensor | None = None  # (K,) flat indices of the non-pad tokens
@@ -75,9 +86,12 @@ class ResidualCapture:
         """`attention_mask` is best given on the CPU: the indices are then found without a device sync."""
         self.batch_shape = tuple(attention_mask.shape)  # (B, T): what every captured state must start with
         self.last_index = last_positions(attention_mask)
-        self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if self.keep_all_tokens else None
+        every = self.keep_all_tokens or self.consecutive_tokens
+        self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if every else None
         self.last_token = None
         self.all_tokens = None
+        self.previous = None
+        self.consecutive = None
 
     def _store(self, position: int, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.batch_shape:
@@ -89,16 +103,25 @@ class ResidualCapture:
         if self.last_token is None:
             self.last_index = self.last_index.to(hidden.device, non_blocking=True)
             self.last_token = torch.empty(batch, self.positions, width, dtype=hidden.dtype, device=hidden.device)
-            if self.keep_all_tokens:
+            if self.keep_all_tokens or self.consecutive_tokens:
                 self.valid_tokens = self.valid_tokens.to(hidden.device, non_blocking=True)
+            if self.keep_all_tokens:
                 self.all_tokens = torch.empty(
                     batch, length, self.positions, width, dtype=hidden.dtype, device=hidden.device
                 )
+            if self.consecutive_tokens:
+                self.consecutive = torch.empty(len(self.valid_tokens), self.positions - 1, dtype=torch.float32,
+                                               device=hidden.device)
         rows = torch.arange(batch, device=hidden.device)
         # `copy_` also moves a state across devices when a model is split over several.
         self.last_token[:, position].copy_(hidden[rows, self.last_index.to(hidden.device)])
         if self.all_tokens is not None:
             self.all_tokens[:, :, position].copy_(hidden)
+        if self.consecutive is not None:
+            units = unit_rows(hidden.reshape(batch * length, width)[self.valid_tokens.to(hidden.device)])
+            if position > 0:
+                self.consecutive[:, position - 1] = (self.previous.to(units.device) * units).sum(dim=-1)
+            self.previous = units
 
     def _pre_hook(self, position: int):
         def hook(module, args, kwargs):
@@ -124,8 +147,11 @@ class ResidualCapture:
                 handle.remove()
 
     def cosines(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Cosines between all pairs of positions: (B, P, P) at last tokens, (K, P, P) over the K non-pad tokens."""
+        """Cosines between all pairs of positions: (B, P, P) at last tokens, (K, P, P) over the K non-pad
+        tokens; and, where only they were taken, (K, P-1) between consecutive positions."""
         result = {"last_token": unit_cosines(self.last_token)}
+        if self.consecutive is not None:
+            result["consecutive"] = self.consecutive
         if self.all_tokens is not None:
             batch, length, positions, width = self.all_tokens.shape
             flat = self.all_tokens.view(batch * length, positions, width)

@@ -91,7 +91,9 @@ def analyze(
     device = next(model.parameters()).device
     run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
     chosen, calibration, rank, world = run.metrics, run.calibration, run.rank, run.world
-    capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" for m in chosen))
+    capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" and not m.consecutive_only
+                                                         for m in chosen),
+                              consecutive=any(m.consecutive_only for m in chosen))
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress or rank != 0)
@@ -112,7 +114,10 @@ def analyze(
                     raise RuntimeError("the last decoder layer was never called; is the layer path right?")
                 cosines = capture.cosines()
                 for metric in chosen:
-                    metric.update(cosines[metric.level])
+                    if metric.consecutive_only and "consecutive" in cosines:
+                        metric.update_consecutive(cosines["consecutive"])
+                    else:
+                        metric.update(cosines[metric.level])
                 bar.update(input_ids.shape[0])
     finally:
         bar.close()

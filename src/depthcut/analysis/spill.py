@@ -198,17 +198,10 @@ class StateKeeper:
 
 
 def consecutive_cosines(consecutive: list[torch.Tensor], positions: int, metrics: list, device: torch.device) -> None:
-    """Feed `metrics` the cosines cos(x_l, x_l+1) (per batch, (tokens, P-1)) as (K, P, P) matrices
-    whose other entries are NaN: they read nothing else."""
-    step = max(1, READ_BACK_BYTES // (positions * positions * 4))
-    index = torch.arange(positions - 1, device=device)
+    """Feed `metrics` (consecutive-only ones) the cosines cos(x_l, x_l+1) of every batch, (tokens, P-1)."""
     for values in consecutive:
-        for start in range(0, len(values), step):
-            part = values[start : start + step]
-            cosines = torch.full((len(part), positions, positions), float("nan"), device=device)
-            cosines[:, index, index + 1] = part
-            for metric in metrics:
-                metric.update(cosines)
+        for metric in metrics:
+            metric.update_consecutive(values.to(device))
 
 
 def spilled_cosines(spill: SpilledStates, metrics: list, device: torch.device, progress: bool) -> None:

@@ -34,6 +34,10 @@ class Metric:
             setattr(self, name, total)
         total += value
 
+    def update_consecutive(self, consecutive: torch.Tensor) -> None:  # (M, L) float32, consecutive_only metrics
+        """For a `consecutive_only` metric: the cosines cos(x_l, x_{l+1}) of M tokens, the only ones it reads."""
+        raise NotImplementedError
+
     def state(self) -> list[torch.Tensor]:
         """The accumulators, for summing across processes."""
         raise NotImplementedError

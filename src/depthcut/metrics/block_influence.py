@@ -24,6 +24,10 @@ class BlockInfluence(Metric):
         self._accumulate("total", (1.0 - consecutive).sum(dim=0, dtype=torch.float64))
         self.count += cosines.shape[0]
 
+    def update_consecutive(self, consecutive: torch.Tensor) -> None:  # (M, L): cos(x_l, x_{l+1}) only
+        self._accumulate("total", (1.0 - consecutive).sum(dim=0, dtype=torch.float64))
+        self.count += consecutive.shape[0]
+
     def state(self) -> list[torch.Tensor]:
         return [self.total, self.count]
 
