@@ -310,3 +310,16 @@ def test_the_ridge_is_chosen_on_held_out_sums_as_a_direct_solve_would_choose_it(
     assert chosen == path[direct.index(min(direct))]["ridge"] and chosen > 0
     fit = fit_repair("lstsq", fitted, ridge=chosen)
     assert fit.error_on(held) == pytest.approx(min(direct), rel=1e-6) and min(direct) < direct[0]
+
+
+def test_a_map_fitted_on_too_few_tokens_says_so(capsys):
+    from depthcut.repair.run import fit_judged
+
+    generator = torch.Generator().manual_seed(0)
+    m, r = torch.randn(40, 8, generator=generator), torch.randn(40, 8, generator=generator)
+    fit_judged("lstsq", _sums(m, r, r))  # 40 tokens for an 8 x 8 map: fewer than 16 x 8
+    assert "lstsq fits a 8 x 8 map from 40 calibration tokens, fewer than 16 per row of the map (128)" in \
+        capsys.readouterr().err
+    m, r = torch.randn(200, 8, generator=generator), torch.randn(200, 8, generator=generator)
+    fit_judged("lstsq", _sums(m, r, r))
+    assert "calibration tokens" not in capsys.readouterr().err

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from depthcut.analysis.calibration import as_calibration
 from depthcut.repair import REPAIRS
 from depthcut.repair.lstsq import choose_ridge
 from depthcut.repair.methods import RepairFit, apply_repair, fit_repair
 from depthcut.repair.statistics import repair_statistics
+
+log = logging.getLogger(__name__)
+# A d x d map fitted on fewer tokens than this many times d overfits its calibration text (issue 22).
+TOKENS_PER_UNKNOWN = 16
 
 
 def repair(
@@ -52,6 +58,11 @@ def fit_judged(method: str, statistics, judged=None, **options) -> RepairFit:
     them (unless `options` name one; `ridge_path` in the fit's details), and the details gain
     `relative_error_heldout_before` (plain pruning), `relative_error_heldout_after`, `heldout_tokens`."""
     path = None
+    width = statistics.mtm.shape[0] if statistics.mtm is not None else 0
+    if REPAIRS.get(method).linear and statistics.tokens < TOKENS_PER_UNKNOWN * width:
+        log.warning("%s fits a %d x %d map from %d calibration tokens, fewer than %d per row of the map (%d): "
+                    "give more --samples or a longer --seq-len", method, width, width, statistics.tokens,
+                    TOKENS_PER_UNKNOWN, TOKENS_PER_UNKNOWN * width)
     if judged is not None and REPAIRS.get(method).linear and "ridge" not in options:
         options["ridge"], path = choose_ridge(statistics, judged)
     fit = fit_repair(method, statistics, **options)
