@@ -124,3 +124,31 @@ def test_a_gguf_out_needs_a_gguf_model(tmp_path, tiny_llama_dir, corpus_file):
     with pytest.raises(DepthcutError, match="only from a GGUF model"):
         shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(tmp_path / "x.gguf"), **SMALL)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_parameter_budget_is_the_fewest_layers_that_reach_it(tiny_llama_dir):
+    from depthcut.pipeline.shrink import drop_for_params, parse_count
+
+    assert parse_count("100M") == 100_000_000 and parse_count("1.5B") == 1_500_000_000
+    assert parse_count("95000000") == 95_000_000 and parse_count("20k") == 20_000
+    with pytest.raises(DepthcutError, match="is not a count"):
+        parse_count("lots")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())  # the tiny Llama's layers are alike
+    assert drop_for_params(model, None, total - layer) == 1
+    assert drop_for_params(model, None, total - layer - 1) == 2
+    assert drop_for_params(model, None, total - 5 * layer) == 5
+    with pytest.raises(DepthcutError, match="out of reach: removing all but one of the 6 layers"):
+        drop_for_params(model, None, total - 6 * layer)
+    with pytest.raises(DepthcutError, match="already no more than"):
+        drop_for_params(model, None, total)
+
+
+def test_shrink_to_a_parameter_budget(tmp_path, tiny_llama_dir, corpus_file):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    result = shrink_to(model=str(tiny_llama_dir), params=str(total - 2 * layer), data=str(corpus_file),
+                       repairs=("none",), out=str(tmp_path / "budget"), **SMALL)
+    assert len(result.removed) == 2 and result.provenance["parameters_after"] <= total - 2 * layer

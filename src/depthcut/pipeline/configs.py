@@ -317,6 +317,9 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     drop: int | None = option(None, group=CANDIDATES, exclusive="size", help="number of layers to remove")
     fraction: float | None = option(None, group=CANDIDATES, exclusive="size",
                                     help="fraction of the layers to remove (rounded to a layer count)")
+    params: str | None = option(None, group=CANDIDATES, exclusive="size", metavar="P",
+                                help="the most parameters the smaller model may have (e.g. 100M, 1.5B, 95000000): "
+                                     "as few layers are removed as reach it")
     candidates: int = option(4, group=CANDIDATES,
                              help="the best N contiguous blocks by angular distance to try (the deepest block and "
                                   "Block Influence's layers are tried too)")

@@ -58,9 +58,40 @@ class Option:
                 "validation": {name: s.summary() for name, s in self.scores.items()}}
 
 
+def parse_count(text: str) -> int:
+    """"100M", "1.5B", "95000000" -> a parameter count."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    text = text.strip().upper().replace("_", "")
+    try:
+        value = float(text[:-1]) * scale[text[-1]] if text and text[-1] in scale else float(text)
+    except ValueError:
+        raise DepthcutError(f"--params {text!r} is not a count such as 100M, 1.5B or 95000000") from None
+    if not value > 0:
+        raise DepthcutError(f"--params must be positive, got {text}")
+    return int(value)
+
+
+def drop_for_params(model, layer_path: str | None, most: int) -> int:
+    """The fewest layers whose removal brings `model` to at most `most` parameters, the layers taken
+    as equal (their mean size); a count no cut reaches is an error that says what is possible."""
+    stack = find_layer_stack(model, layer_path)
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for layer in stack.layers for p in layer.parameters()) / len(stack)
+    drop = max(0, -(-(total - most) // per_layer))  # ceiling
+    if drop < 1:
+        raise DepthcutError(f"the model has {total:,} parameters, already no more than --params {most:,}")
+    if drop >= len(stack):
+        smallest = total - per_layer * (len(stack) - 1)
+        raise DepthcutError(f"--params {most:,} is out of reach: removing all but one of the {len(stack)} layers leaves "
+                            f"about {smallest:,.0f} parameters (the embeddings and the head stay)")
+    return int(drop)
+
+
 def _check(config: ShrinkConfig) -> None:
-    if (config.drop is None) == (config.fraction is None):
-        raise DepthcutError("give either --drop N or --fraction F")
+    if sum(value is not None for value in (config.drop, config.fraction, config.params)) != 1:
+        raise DepthcutError("give one of --drop N, --fraction F or --params P")
+    if config.params is not None:
+        parse_count(config.params)
     if config.fraction is not None and not 0 < config.fraction < 1:
         raise DepthcutError(f"--fraction must be between 0 and 1, got {config.fraction}")
     check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows)
@@ -144,7 +175,10 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                              writer=is_main_process()):
         model, tokenizer, source = load(config, quiet=config.quiet)
         num_layers = len(find_layer_stack(model, config.layer_path))
-        drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
+        if config.params is not None:
+            drop = drop_for_params(model, config.layer_path, parse_count(config.params))
+        else:
+            drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
         check_drop(drop, num_layers)
         calibration, heldout, data = repair_samples(config, tokenizer)  # the repairs' own fit and held-out split
         fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
