@@ -130,5 +130,17 @@ SLOW_TESTS = (
     "test_eval_cli.py::test_eval_bad_input",
     "test_eval_cli.py::test_missing_task_data_says_where_it_looked",
     "test_device.py::test_the_option_outranks_the_environment_and_a_missing_device_is_refused",
+    "test_shrink.py::test_shrink_writes_the_model_its_table_scored",
+    "test_sweep.py::test_report_renders_in_headless_chromium_with_every_figure_loaded",
+    "test_output_safety.py::test_two_runs_started_together_one_wins_whole",
+    "test_output_safety.py::test_sighup_cleans_up_too",
+    "test_output_safety.py::test_sigterm_cleans_up_like_ctrl_c",
+    "test_output_safety.py::test_a_sweep_folder_follows_the_same_rules",
+    "test_eval_tasks.py::test_any_lm_eval_task_resolves_and_unknown_names_get_suggestions",
+    "test_eval_tasks.py::test_missing_local_data_falls_back_to_lm_eval_and_says_where_it_looked",
+    "test_eval_harness.py::test_answers_equal_lm_evals_hf_model_on_a_tiny_model[hellaswag]",
+    "test_eval_harness.py::test_every_scoring_mode_gives_lm_evals_answers",
+    "test_retained.py::test_eval_against_a_baseline_reports_what_was_retained",
+    "test_heal.py::test_resume_refuses_a_checkpoint_of_another_run",
 )
 
