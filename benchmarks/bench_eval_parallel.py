@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import describe, record
+from environment import record, save
 
 
 def run(command: list[str], env: dict) -> float:
@@ -59,10 +59,7 @@ def main() -> None:
     print(f"{items} items of {args.tasks}: one process {single:.1f} s ({items / single:.2f} items/s), two processes "
           f"{parallel:.1f} s ({items / parallel:.2f} items/s): {single / parallel:.2f}x; same answers: "
           f"{figures['same_answers']}")
-    print(describe(figures["environment"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=1, default=str))
+    save(figures, args.out, figures.pop("environment"))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,16 @@ def record(device=None, dtype=None, **extra) -> dict:
     return facts
 
 
+def save(figures: dict, out, environment: dict) -> None:
+    """Print where `figures` were measured and write them, with that record, as JSON to `out`."""
+    import json
+
+    print(describe(environment))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**figures, "environment": environment}, indent=1, default=str))
+
+
 def describe(facts: dict) -> str:
     """One line for a benchmark's printout: where the figures above come from."""
     if facts.get("gpu"):

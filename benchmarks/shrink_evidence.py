@@ -14,13 +14,12 @@ Run from the repository root:  .venv/bin/python benchmarks/shrink_evidence.py --
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from environment import describe, record
+from environment import record, save
 from transformers import AutoModelForCausalLM
 
 from depthcut.analysis.calibration import build_calibration
@@ -91,10 +90,7 @@ def main() -> None:
                 text = f"{test['loss']:.4f} ± {test['loss_stderr']:.4f}" if test else row.get("refused", "")
                 print(f"  {name:<20} WikiText-2 test loss {text}")
     figures["environment"] = record(dtype=torch.float32)
-    print(describe(figures["environment"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=1, default=str))
+    save(figures, args.out, figures.pop("environment"))
 
 
 if __name__ == "__main__":
