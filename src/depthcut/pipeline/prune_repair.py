@@ -61,15 +61,16 @@ def repair_lines(fit: dict | None) -> list[str]:
 
 
 def repair_samples(config: PruneConfig, tokenizer):
-    """(calibration samples the repair is fitted on, held-out samples that judge it, the data named):
-    a tenth of the documents is held out, so the fit is judged on text it never saw."""
+    """(calibration samples the repair is fitted on, held-out samples that judge it, the data named, the
+    held-out documents themselves): a tenth of the documents is held out, so the fit is judged on text
+    it never saw (and validated on it, `depthcut.pipeline.validation`)."""
 
     data = config.data or "c4"
     fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
     samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
     calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
     heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
-    return calibration, heldout, data
+    return calibration, heldout, data, held_out
 
 
 def repair_record(config: PruneConfig, fit, heldout, data: str) -> dict:
@@ -85,8 +86,7 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     `--repair-policy warn` asks; what provenance records of it. `--repair-policy refuse` stops instead."""
     if config.repair == "none":
         return None
-    calibration, heldout, data = repair_samples(config, tokenizer)
-    _, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+    calibration, heldout, data, held_out = repair_samples(config, tokenizer)
     sets = validation_sets(config, tokenizer, held_out)
     predictions = references(model, sets, config.batch_size)
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
@@ -125,7 +125,7 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
     check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
     tokenizer = tokenizer_of(source, config.trust_remote_code)
-    calibration, heldout, data = repair_samples(config, tokenizer)
+    calibration, heldout, data, _ = repair_samples(config, tokenizer)
     width = max(calibration.input_ids.shape[1], heldout.input_ids.shape[1])
 
     def padded(t):

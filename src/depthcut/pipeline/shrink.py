@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from depthcut.analysis.passes import analyze
 from depthcut.errors import DepthcutError
 from depthcut.io.claims import claimed_for_writing
-from depthcut.io.data import load_texts, split_documents
+from depthcut.io.data import load_texts
 from depthcut.io.output_checks import check_no_overlap
 from depthcut.model.distributed import is_main_process
 from depthcut.model.layers import find_layer_stack
@@ -26,7 +26,7 @@ from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
 from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_choice import cut_refusal
-from depthcut.pipeline.prune_repair import HELDOUT_FRACTION, repair_samples
+from depthcut.pipeline.prune_repair import repair_samples
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.run import repair
@@ -180,8 +180,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         else:
             drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
         check_drop(drop, num_layers)
-        calibration, heldout, data = repair_samples(config, tokenizer)  # the repairs' own fit and held-out split
-        fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
+        calibration, heldout, data, held_out = repair_samples(config, tokenizer)  # the repairs' own split
         log.info("shrink: analyzing %s to find candidate blocks ...", data)
         analysis = analyze(model, tokenizer, calibration, layer_path=config.layer_path, batch_size=config.batch_size,
                            metrics=list(config.metrics), progress=not config.quiet)
