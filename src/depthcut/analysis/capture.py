@@ -3,9 +3,11 @@
 Position p < L is the hidden state entering layer p (a forward pre-hook on that layer);
 position L is the output of the last layer, before the final norm (a forward hook). Only what
 the metrics need is kept, in the model's own dtype: one (B, L+1, H) slab for the last tokens,
-plus a (B, T, L+1, H) slab when a metric reads every token. Cosines are taken from them in
-float32 once the batch has passed. The forward pass stops after the last layer, so the final
-norm and the LM head are never computed.
+plus a (K, L+1, H) slab of sampled tokens when a metric reads every token (at most
+`TOKEN_POSITIONS` evenly spaced non-pad tokens per sequence: all of them in sequences no longer
+than that). Cosines are taken from them in float32 once the batch has passed; cos(x_l, x_l+1),
+which Block Influence reads, is taken of every non-pad token as each state arrives. The forward
+pass stops after the last layer, so the final norm and the LM head are never computed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.metrics import TOKEN_POSITIONS
 from depthcut.model.layers import LayerStack, first_tensor, output_tensor
 
 
@@ -36,6 +39,25 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class StopForward(Exception):
     """Raised by the last layer's hook: nothing after the decoder stack is needed."""
+
+
+
+
+def sampled_tokens(attention_mask: torch.Tensor, per_sequence: int | None = TOKEN_POSITIONS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the (B*T) tokens, the row of each) of the tokens an all-token metric reads:
+    every non-pad token of a row, or `per_sequence` of them evenly spaced (the first and the last
+    included) where a row has more; `per_sequence` None or 0: every non-pad token."""
+    batch, length = attention_mask.shape
+    chosen = []
+    for row in range(batch):
+        valid = attention_mask[row].nonzero()[:, 0]
+        if per_sequence and len(valid) > per_sequence:
+            valid = valid[torch.linspace(0, len(valid) - 1, per_sequence).round().long()]
+        chosen.append(valid + row * length)
+    flat = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(batch), torch.tensor([len(c) for c in chosen], dtype=torch.long))
+    return flat, rows
 
 
 # Float32 working memory for one chunk of all-token states when their cosines are taken.
@@ -67,27 +89,32 @@ class ResidualCapture:
     nothing synchronises with the host.
     """
 
-    def __init__(self, stack: LayerStack, keep_all_tokens: bool, consecutive: bool = False):
+    def __init__(self, stack: LayerStack, keep_all_tokens: bool, consecutive: bool = False,
+                 token_positions: int | None = TOKEN_POSITIONS):
         self.stack = stack
         self.positions = len(stack) + 1
         self.keep_all_tokens = keep_all_tokens
-        # Block Influence reads only cos(x_p, x_p+1): taken as each state arrives from the one before it,
-        # so no (B, T, P, H) slab is kept for it (as the layer-streamed pass does).
-        self.consecutive_tokens = consecutive and not keep_all_tokens
+        self.token_positions = token_positions
+        # Block Influence reads only cos(x_p, x_p+1): taken of every token as each state arrives from the
+        # one before it, so it needs no slab and no sample (as the layer-streamed pass does).
+        self.consecutive_tokens = consecutive
         self.previous: torch.Tensor | None = None  # (K, H) float32 units of the non-pad tokens' last state
         self.consecutive: torch.Tensor | None = None  # (K, P-1) float32 cos(x_p, x_p+1)
         self.batch_shape: tuple[int, int] | None = None  # (B, T) of the batch being captured
         self.last_index: torch.Tensor | None = None  # (B,) last non-pad position of each row
         self.valid_tokens: torch.Tensor | None = None  # (K,) flat indices of the non-pad tokens
+        self.sampled: torch.Tensor | None = None  # (S,) flat indices of the tokens the slab keeps
+        self.sampled_rows: torch.Tensor | None = None  # (S,) the row each of them is in
         self.last_token: torch.Tensor | None = None  # (B, P, H) in the model's dtype
-        self.all_tokens: torch.Tensor | None = None  # (B, T, P, H) in the model's dtype
+        self.all_tokens: torch.Tensor | None = None  # (S, P, H) in the model's dtype
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
         """`attention_mask` is best given on the CPU: the indices are then found without a device sync."""
         self.batch_shape = tuple(attention_mask.shape)  # (B, T): what every captured state must start with
         self.last_index = last_positions(attention_mask)
-        every = self.keep_all_tokens or self.consecutive_tokens
-        self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if every else None
+        self.valid_tokens = attention_mask.reshape(-1).nonzero()[:, 0] if self.consecutive_tokens else None
+        self.sampled, self.sampled_rows = (sampled_tokens(attention_mask, self.token_positions)
+                                           if self.keep_all_tokens else (None, None))
         self.last_token = None
         self.all_tokens = None
         self.previous = None
@@ -103,12 +130,12 @@ class ResidualCapture:
         if self.last_token is None:
             self.last_index = self.last_index.to(hidden.device, non_blocking=True)
             self.last_token = torch.empty(batch, self.positions, width, dtype=hidden.dtype, device=hidden.device)
-            if self.keep_all_tokens or self.consecutive_tokens:
+            if self.consecutive_tokens:
                 self.valid_tokens = self.valid_tokens.to(hidden.device, non_blocking=True)
             if self.keep_all_tokens:
-                self.all_tokens = torch.empty(
-                    batch, length, self.positions, width, dtype=hidden.dtype, device=hidden.device
-                )
+                self.sampled = self.sampled.to(hidden.device, non_blocking=True)
+                self.all_tokens = torch.empty(len(self.sampled), self.positions, width, dtype=hidden.dtype,
+                                              device=hidden.device)
             if self.consecutive_tokens:
                 self.consecutive = torch.empty(len(self.valid_tokens), self.positions - 1, dtype=torch.float32,
                                                device=hidden.device)
@@ -116,7 +143,7 @@ class ResidualCapture:
         # `copy_` also moves a state across devices when a model is split over several.
         self.last_token[:, position].copy_(hidden[rows, self.last_index.to(hidden.device)])
         if self.all_tokens is not None:
-            self.all_tokens[:, :, position].copy_(hidden)
+            self.all_tokens[:, position].copy_(hidden.reshape(batch * length, width)[self.sampled.to(hidden.device)])
         if self.consecutive is not None:
             units = unit_rows(hidden.reshape(batch * length, width)[self.valid_tokens.to(hidden.device)])
             if position > 0:
@@ -147,17 +174,16 @@ class ResidualCapture:
                 handle.remove()
 
     def cosines(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Cosines between all pairs of positions: (B, P, P) at last tokens, (K, P, P) over the K non-pad
-        tokens; and, where only they were taken, (K, P-1) between consecutive positions."""
+        """Cosines between all pairs of positions: (B, P, P) at last tokens, (S, P, P) over the S sampled
+        tokens (and "all_token_rows", the row of each); (K, P-1) between consecutive positions of the K
+        non-pad tokens, where Block Influence asked for them."""
         result = {"last_token": unit_cosines(self.last_token)}
         if self.consecutive is not None:
             result["consecutive"] = self.consecutive
         if self.all_tokens is not None:
-            batch, length, positions, width = self.all_tokens.shape
-            flat = self.all_tokens.view(batch * length, positions, width)
+            sampled, positions, width = self.all_tokens.shape
             step = max(1, CHUNK_BYTES // (positions * width * 4))
-            result["all_tokens"] = torch.cat([
-                unit_cosines(flat[self.valid_tokens[start : start + step]])
-                for start in range(0, len(self.valid_tokens), step)
-            ])
+            result["all_tokens"] = torch.cat([unit_cosines(self.all_tokens[start : start + step])
+                                              for start in range(0, sampled, step)])
+            result["all_token_rows"] = self.sampled_rows
         return result

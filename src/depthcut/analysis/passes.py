@@ -13,12 +13,13 @@ from transformers import AutoConfig, AutoTokenizer
 
 from depthcut import __version__
 from depthcut.analysis.calibration import CalibrationSet, as_calibration
-from depthcut.analysis.capture import ResidualCapture, StopForward
+from depthcut.analysis.capture import TOKEN_POSITIONS, ResidualCapture, StopForward
 from depthcut.analysis.checkpoint import is_safetensors_folder
 from depthcut.analysis.result import Analysis
 from depthcut.analysis.streamed import stream_states
 from depthcut.errors import DepthcutError
 from depthcut.metrics import DEFAULT_METRICS, METRICS
+from depthcut.metrics.base import feed
 from depthcut.model.distributed import rank_and_world, sum_across_processes
 from depthcut.model.layer_kinds import layer_kinds
 from depthcut.model.layers import find_layer_stack, text_config
@@ -26,9 +27,13 @@ from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 
 
-def _check_arguments(batch_size: int, metrics: Sequence[str]) -> None:
+def _check_arguments(batch_size: int, metrics: Sequence[str], token_positions: int | None) -> None:
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
+    if token_positions is not None and (isinstance(token_positions, bool) or not isinstance(token_positions, int)
+                                        or token_positions < 0):
+        raise DepthcutError(f"token positions must be a whole number, 0 or more (0: every token), got "
+                            f"{token_positions!r}")
     if not metrics:
         raise DepthcutError("no metrics asked for")
     for name in metrics:
@@ -43,21 +48,38 @@ class _Run:
     calibration: CalibrationSet
     rank: int
     world: int
+    token_positions: int | None
 
     def finish(self, num_layers: int, device, **facts) -> Analysis:
         """The `Analysis`, after summing every process's accumulators (each process returns the same one)."""
         if self.world > 1:
             sum_across_processes(tensor for metric in self.metrics for tensor in metric.state())
         metadata = _metadata(self.calibration, self.metrics, self.world, device, **facts)
+        metadata["metric_stderr"] = {m.name: m.stderr() for m in self.metrics if hasattr(m, "stderr")}
+        metadata["metric_estimators"] = {m.name: estimator(m, self.token_positions) for m in self.metrics}
+        metadata["token_positions"] = self.token_positions or None
         return Analysis(num_layers=num_layers, metrics={m.name: m.result() for m in self.metrics}, metadata=metadata)
 
 
 def _set_up(num_layers: int, metrics: Sequence[str], device, data, tokenizer, samples, seq_len, mode, seed,
-            text_field) -> _Run:
+            text_field, token_positions) -> _Run:
     chosen = [METRICS.get(name)(num_layers) for name in metrics]
     calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     rank, world = rank_and_world(device)  # launched as several: the process group forms here
-    return _Run(chosen, calibration, rank, world)
+    return _Run(chosen, calibration, rank, world, token_positions)
+
+
+def estimator(metric, token_positions: int | None) -> str:
+    """How `metric` was computed, in words, for analysis.json."""
+    if metric.level == "last_token":
+        return "every sequence's last non-pad token; standard error over sequences"
+    if metric.consecutive_only:
+        return "every non-pad token, cos(x_l, x_l+1) taken as each layer finishes"
+    if not token_positions:
+        return "every non-pad token; standard error over sequences (each sequence's mean one draw)"
+    return (f"every non-pad token of sequences of at most {token_positions} tokens; of longer ones {token_positions} "
+            "evenly spaced (the first and the last included); standard error over sequences (each sequence's "
+            "mean one draw)")
 
 
 @torch.inference_mode()
@@ -75,25 +97,29 @@ def analyze(
     layer_path: str | None = None,
     text_field: str = "text",
     progress: bool = True,
+    token_positions: int | None = TOKEN_POSITIONS,
 ) -> Analysis:
     """Measure how much every block of layers changes the residual stream.
 
     `data` is a DATA string (file, folder, ``hf:NAME``, ``c4``), a list of texts, a `TextSource`
     or a ready `CalibrationSet`. Returns an `Analysis` with the requested metrics (see
     `depthcut.metrics.METRICS`); hidden states are never kept beyond the current batch.
+    `token_positions`: the tokens per sequence an all-token angular distance reads (evenly spaced;
+    None or 0: every one); analysis.json says how each metric was computed and its standard error.
 
     Launched as several processes (`accelerate launch`, `torchrun`), each runs a share of the
     batches and the metric accumulators are summed, so every process returns the same result.
     """
-    _check_arguments(batch_size, metrics)
+    _check_arguments(batch_size, metrics, token_positions)
     stack = find_layer_stack(model, layer_path)
     num_layers = len(stack)
     device = next(model.parameters()).device
-    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field,
+                  token_positions)
     chosen, calibration, rank, world = run.metrics, run.calibration, run.rank, run.world
     capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" and not m.consecutive_only
                                                          for m in chosen),
-                              consecutive=any(m.consecutive_only for m in chosen))
+                              consecutive=any(m.consecutive_only for m in chosen), token_positions=token_positions)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress or rank != 0)
@@ -117,7 +143,8 @@ def analyze(
                     if metric.consecutive_only and "consecutive" in cosines:
                         metric.update_consecutive(cosines["consecutive"])
                     else:
-                        metric.update(cosines[metric.level])
+                        feed(metric, cosines[metric.level], cosines.get("all_token_rows")
+                             if metric.level == "all_tokens" else None)
                 bar.update(input_ids.shape[0])
     finally:
         bar.close()
@@ -175,10 +202,10 @@ def analyze_streamed(
         raise TypeError(f"analyze_streamed: {error}") from None
     bound.apply_defaults()
     arguments = bound.arguments
-    samples, seq_len, batch_size, mode, seed, metrics, layer_path, text_field, progress = (
+    samples, seq_len, batch_size, mode, seed, metrics, layer_path, text_field, progress, token_positions = (
         arguments[name] for name in ("samples", "seq_len", "batch_size", "mode", "seed", "metrics", "layer_path",
-                                     "text_field", "progress"))
-    _check_arguments(batch_size, metrics)
+                                     "text_field", "progress", "token_positions"))
+    _check_arguments(batch_size, metrics, token_positions)
     gguf = {"gguf_file": Path(folder).name} if str(folder).lower().endswith(".gguf") and Path(folder).is_file() else {}
     if not gguf and not is_safetensors_folder(folder):
         raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights, or a .gguf "
@@ -192,10 +219,12 @@ def analyze_streamed(
     if not num_layers:
         raise DepthcutError(f"{folder}/config.json gives no num_hidden_layers")
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field)
+    run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field,
+                  token_positions)
     choice = choose_dtype(dtype, device)
     facts = stream_states(folder, run.calibration, run.metrics, batch_size=batch_size, dtype=choice.dtype,
                           device=device, layer_path=layer_path, spill_dir=spill_dir, rank=run.rank, world=run.world,
+                          token_positions=token_positions,
                           offload_states=offload_states, trust_remote_code=trust_remote_code,
                           progress=progress and run.rank == 0)
     if facts["num_layers"] != num_layers:

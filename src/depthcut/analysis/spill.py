@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.analysis.capture import last_positions, unit_cosines
+from depthcut.analysis.capture import TOKEN_POSITIONS, last_positions, sampled_tokens, unit_cosines
 from depthcut.errors import DepthcutError
 from depthcut.io.output_checks import free_bytes
+from depthcut.metrics.base import feed
 
 READ_BACK_BYTES = 16 * 2**20  # the spilled states are read back in chunks of about this size (as float32)
 SPILL_QUEUE = 2  # batches' spilled states waiting for the writer thread at most
@@ -123,18 +124,22 @@ class StateKeeper:
     """
 
     def __init__(self, batches: list, positions: int, width: int, dtype: torch.dtype, device: torch.device,
-                 spill: SpilledStates | None, consecutive: bool):
+                 spill: SpilledStates | None, consecutive: bool, token_positions: int | None = TOKEN_POSITIONS):
         sizes = [int(mask.shape[0]) for _, mask in batches]
-        self.token_counts = [int(mask.sum()) for _, mask in batches]
         self.positions, self.width, self.device, self.spill = positions, width, device, spill
-        # Per batch, on the device once: the rows and positions of the last tokens, the valid tokens.
+        # Per batch, on the device once: the rows and positions of the last tokens, the valid tokens (for
+        # cos(x_l, x_l+1)), the sampled tokens (spilled, as the in-memory path samples them).
         self.last_rows = [(torch.arange(size, device=device), last_positions(mask).to(device))
                           for size, (_, mask) in zip(sizes, batches, strict=True)]
-        self.valid = [mask.reshape(-1).nonzero()[:, 0].to(device) for _, mask in batches] \
-            if spill is not None or consecutive else None
+        self.valid = [mask.reshape(-1).nonzero()[:, 0].to(device) for _, mask in batches] if consecutive else None
+        sampled = [sampled_tokens(mask, token_positions) for _, mask in batches]
+        self.sampled = [tokens.to(device) for tokens, _ in sampled]
+        # Sampled tokens per sequence, in the spill's order: read-back chunks end where a sequence does.
+        self.sequence_lengths = [int(n) for _, rows in sampled for n in torch.bincount(rows)]
+        self.token_counts = [len(tokens) for tokens in self.sampled]  # spilled per batch
         self.last_token = torch.empty(sum(sizes), positions, width, dtype=dtype, device=device)
-        self.consecutive = [torch.empty(count, positions - 1, dtype=torch.float32, device=device)
-                            for count in self.token_counts] if consecutive else None
+        self.consecutive = [torch.empty(len(valid), positions - 1, dtype=torch.float32, device=device)
+                            for valid in self.valid] if consecutive else None
         self.row_starts = np.cumsum([0, *sizes])
         self.token_starts = np.cumsum([0, *self.token_counts])
         # The spilled states of a batch at one position go through a few buffers, reused: a steady
@@ -164,9 +169,9 @@ class StateKeeper:
         rows, ready = buffer[: self.token_counts[b]], None
         flat = hidden.reshape(-1, self.width)
         if flat.device.type == "cpu":
-            torch.index_select(flat, 0, self.valid[b], out=rows)
+            torch.index_select(flat, 0, self.sampled[b], out=rows)
         else:  # to pinned memory without waiting; the writer thread waits for the copy
-            rows.copy_(flat.index_select(0, self.valid[b]), non_blocking=True)
+            rows.copy_(flat.index_select(0, self.sampled[b]), non_blocking=True)
             if flat.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(flat.device))
@@ -182,15 +187,17 @@ class StateKeeper:
     def update(self, metrics: list, progress: bool) -> None:
         """Feed `metrics` the cosines of what was kept: (B, P, P) per batch, (K, P, P) per token chunk."""
         all_token_metrics = [m for m in metrics if m.level == "all_tokens"]
+        consecutive = [m for m in all_token_metrics if self.consecutive is not None and reads_consecutive_only(m)]
         for b in range(len(self.last_rows)):
             cosines = unit_cosines(self.last_token[self.row_starts[b] : self.row_starts[b + 1]])
             for metric in metrics:
                 if metric.level == "last_token":
                     metric.update(cosines)
         if self.consecutive is not None:
-            consecutive_cosines(self.consecutive, self.positions, all_token_metrics, self.device)
+            consecutive_cosines(self.consecutive, self.positions, consecutive, self.device)
         if self.spill is not None:
-            spilled_cosines(self.spill, all_token_metrics, self.device, progress)
+            spilled_cosines(self.spill, [m for m in all_token_metrics if m not in consecutive], self.device, progress,
+                            self.sequence_lengths)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -204,19 +211,37 @@ def consecutive_cosines(consecutive: list[torch.Tensor], positions: int, metrics
             metric.update_consecutive(values.to(device))
 
 
-def spilled_cosines(spill: SpilledStates, metrics: list, device: torch.device, progress: bool) -> None:
-    """Feed `metrics` the cosines of every spilled token, read back in chunks: the next chunk is read
-    (in another thread) into one of two buffers while the other's cosines are taken."""
+def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) token ranges of about `chunk` tokens, each ending where a sequence ends (a sequence
+    longer than `chunk` is one range)."""
+    ranges, start, stop = [], 0, 0
+    for length in lengths:
+        if stop > start and stop + length - start > chunk:
+            ranges.append((start, stop))
+            start = stop
+        stop += length
+    if stop > start:
+        ranges.append((start, stop))
+    return ranges
+
+
+def spilled_cosines(spill: SpilledStates, metrics: list, device: torch.device, progress: bool,
+                    sequence_lengths: list[int]) -> None:
+    """Feed `metrics` the cosines of every spilled token, read back in chunks of whole sequences (with
+    the sequence of each token): the next chunk is read (in another thread) into one of two buffers
+    while the other's cosines are taken."""
     cuda = device.type == "cuda"
-    chunk = chunk_tokens(spill.positions, spill.width)
-    starts = list(range(0, spill.tokens, chunk))
+    ranges = sequence_chunks(sequence_lengths, chunk_tokens(spill.positions, spill.width))
+    starts = [start for start, _ in ranges]
+    rows = torch.repeat_interleave(torch.arange(len(sequence_lengths)), torch.tensor(sequence_lengths, dtype=torch.long))
+    chunk = max((stop - start for start, stop in ranges), default=1)
     buffers = [host_buffer((spill.positions, chunk, spill.width), spill.dtype, pin=cuda) for _ in range(2)]
     copied = [None, None]  # CUDA: the event after which a buffer's copy to the device is done
 
     def read(i: int, after) -> torch.Tensor:
         if after is not None:
             after.synchronize()  # the buffer's previous chunk has reached the device
-        return spill.read(starts[i], min(starts[i] + chunk, spill.tokens), into=buffers[i % 2])
+        return spill.read(*ranges[i], into=buffers[i % 2])
 
     with ThreadPoolExecutor(1, thread_name_prefix="depthcut-read-back") as read_back:
         upcoming = read_back.submit(read, 0, None)
@@ -231,4 +256,4 @@ def spilled_cosines(spill: SpilledStates, metrics: list, device: torch.device, p
             cosines = unit_cosines(block.transpose(0, 1))  # (tokens, P, H) -> (tokens, P, P)
             del block
             for metric in metrics:
-                metric.update(cosines)
+                feed(metric, cosines, rows[ranges[i][0] : ranges[i][1]])

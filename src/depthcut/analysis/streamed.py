@@ -21,11 +21,12 @@ each sequence's last token stay on the device ((samples, L+1, hidden) in the mod
 Only what the chosen metrics read is kept beyond that:
 
 - the all-token angular distance needs every token's state at every position at once, so those
-  states (valid tokens only, in the model's dtype) are spilled to a file, position after position,
-  by a background writer, and read back in token chunks (the next chunk read while the current
-  one's cosines are taken); the disk space this takes is checked before anything runs;
-- Block Influence alone reads only cos(x_l, x_l+1), which is taken as each batch leaves layer l:
-  nothing is spilled;
+  states (of the tokens the in-memory path samples: `token_positions` per sequence, in the model's
+  dtype) are spilled to a file, position after position, by a background writer, and read back in
+  chunks of whole sequences (the next chunk read while the current one's cosines are taken); the
+  disk space this takes is checked before anything runs;
+- Block Influence reads only cos(x_l, x_l+1) of every token, which is taken as each batch leaves
+  layer l: nothing is spilled for it;
 - the last-token metrics alone spill nothing either.
 
 On CUDA nothing in the per-batch loop waits for the device: the token indices are put on the
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.analysis.capture import StopForward
+from depthcut.analysis.capture import TOKEN_POSITIONS, StopForward, sampled_tokens
 from depthcut.analysis.checkpoint import (
     CheckpointReader,
     assign_parameters,
@@ -213,6 +214,7 @@ def stream_states(
     observer=None,
     last_layer: int | None = None,
     progress: bool = True,
+    token_positions: int | None = TOKEN_POSITIONS,
 ) -> dict:
     """Run the calibration set through the checkpoint in `folder` layer by layer, feeding `metrics`
     (instances of `depthcut.metrics.Metric`); returns facts for the analysis metadata. `folder` may
@@ -225,7 +227,8 @@ def stream_states(
     `observer` (optional) sees the run: `observer.begin(model, stack, batches)` once the skeleton is
     built (it may hook the skeleton's modules: they compute with real weights while their layer is
     loaded), then `observer.after_layer(index, b, hidden)` as batch b leaves layer `index`.
-    `last_layer`: stop after that layer (nothing deeper is read or computed; no metric then)."""
+    `last_layer`: stop after that layer (nothing deeper is read or computed; no metric then).
+    `token_positions`: the tokens per sequence an all-token angular distance reads, as `analyze`'s."""
     model, dtype, reader = open_checkpoint(folder, dtype, device, trust_remote_code)
     stack = find_layer_stack(model, layer_path)
     layer_keys = [parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
@@ -237,7 +240,7 @@ def stream_states(
     if observer is not None:
         observer.begin(model, stack, batches)
     positions = len(stack) + 1
-    tokens = sum(int(mask.sum()) for _, mask in batches)  # valid tokens, over all batches
+    tokens = sum(len(sampled_tokens(mask, token_positions)[0]) for _, mask in batches)  # spilled, over all batches
     hidden_size = text_config(model).hidden_size
     if offload_states is None:
         offload_states = _states_exceed_half_the_memory(batches, hidden_size, dtype, device)
@@ -257,7 +260,8 @@ def stream_states(
                 check_space(spill_root, needed)  # the states came out wider than the config said
             spill = SpilledStates(spill_root, positions, tokens, width, state_dtype)
         keeper = StateKeeper(batches, positions, width, state_dtype, device, spill,
-                              consecutive=bool(all_token_metrics) and not spill_needed)
+                             consecutive=any(reads_consecutive_only(m) for m in all_token_metrics),
+                             token_positions=token_positions)
         for b, hidden in enumerate(entering):
             keeper.capture(0, b, hidden)
         states = [_park(hidden, parking) for hidden in entering]

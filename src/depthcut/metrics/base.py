@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from depthcut.metrics import METRICS
@@ -19,7 +21,9 @@ class Metric:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
 
-    def update(self, cosines: torch.Tensor) -> None:  # cosines: (M, L+1, L+1) float32
+    def update(self, cosines: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """`cosines` (M, L+1, L+1) float32; `rows` (M,), for all-token metrics: the sequence each token is
+        in (a sequence's tokens all in one update), for a standard error over sequences."""
         raise NotImplementedError
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -44,6 +48,15 @@ class Metric:
 
     def result(self):
         raise NotImplementedError
+
+
+def feed(metric: Metric, cosines: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """`metric.update`, with the tokens' sequences where it takes them (a metric written before they
+    were passed takes the cosines alone)."""
+    if rows is not None and "rows" in inspect.signature(metric.update).parameters:
+        metric.update(cosines, rows=rows)
+    else:
+        metric.update(cosines)
 
 
 def register_metric(cls: type[Metric]) -> type[Metric]:

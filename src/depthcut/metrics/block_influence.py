@@ -18,7 +18,7 @@ class BlockInfluence(Metric):
         self.total = torch.zeros(num_layers, dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
 
-    def update(self, cosines: torch.Tensor) -> None:
+    def update(self, cosines: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         index = torch.arange(self.num_layers, device=cosines.device)
         consecutive = cosines[:, index, index + 1]  # (M, L): cos(x_l, x_{l+1})
         self._accumulate("total", (1.0 - consecutive).sum(dim=0, dtype=torch.float64))

@@ -20,6 +20,8 @@ def check_data_options(options: DataOptions) -> None:
     check_positive(samples=options.samples, seq_len=options.seq_len, batch_size=options.batch_size)
     if not options.metrics:
         raise DepthcutError("--metrics names no metric")
+    if options.token_positions < 0:
+        raise DepthcutError(f"--token-positions must be 0 or more (0: every token), got {options.token_positions}")
     for name in options.metrics:
         METRICS.get(name)
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
-from depthcut.metrics import DEFAULT_METRICS
+from depthcut.metrics import DEFAULT_METRICS, TOKEN_POSITIONS
 from depthcut.pipeline.options import comma_list, option
 from depthcut.repair import REPAIRS
 from depthcut.strategies import STRATEGIES
@@ -54,12 +54,15 @@ class DataOptions:
                                       help="comma-separated metrics (default: all); the all-token ones keep a "
                                            "batch's states at every layer, so drop them to save memory on big models",
                                       show_default=False)
+    token_positions: int = option(TOKEN_POSITIONS, metavar="N",
+                                  help="tokens per sequence the all-token angular distance reads, evenly spaced "
+                                       "(its standard error is reported); 0: every token (more memory)")
 
     def analysis_options(self) -> dict:
         """The keyword arguments of `depthcut.analysis.passes.analyze` these options give."""
         return {"samples": self.samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "mode": self.sample_mode, "seed": self.seed, "text_field": self.text_field,
-                "metrics": list(self.metrics)}
+                "metrics": list(self.metrics), "token_positions": self.token_positions}
 
 
 @dataclass(kw_only=True)
@@ -81,7 +84,7 @@ class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
                                         "space needed is checked first)")
 
 
-CANDIDATES, VALIDATION = "candidates", "validation"
+CANDIDATES, VALIDATION, SHRINK_HEALING = "candidates", "validation", "healing the winner"
 
 
 @dataclass(kw_only=True)
@@ -329,3 +332,26 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
                                                    help="as for prune")
     data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")
+    heal_steps: int | None = option(None, group=SHRINK_HEALING, metavar="K",
+                                    help="heal the training-free winner with K LoRA steps on --data's training "
+                                         "documents; the heal is kept only where it beats the unhealed winner on "
+                                         "validation as a repair must (HF folder output)")
+    objective: str = option("lm", group=SHRINK_HEALING, choices=OBJECTIVES,
+                            help="the heal's loss: lm (next-token), kd (distillation from the unpruned model), kd+lm")
+    heal_seq_len: int = option(256, group=SHRINK_HEALING, help="tokens per healing sequence")
+    heal_batch_size: int = option(8, group=SHRINK_HEALING, help="sequences per healing step")
+    heal_lr: float = option(_RECIPE["lr"], group=SHRINK_HEALING, help="peak learning rate of the heal")
+    budget: float | None = option(None, metavar="MINUTES",
+                                  help="the time the choice may take: the candidates and validation windows are cut "
+                                       "to fit, from the analysis pass's measured speed")
+    tasks: tuple[str, ...] = option((), parse=comma_list, metavar="TASK[,TASK]",
+                                    help="evaluate the winner against MODEL on these tasks (as `depthcut eval "
+                                         "--baseline`), e.g. retained; the results go to OUT/eval.json",
+                                    show_default=False)
+    limit: int | None = option(None, help="with --tasks: a seeded random subset of N documents per task")
+
+    def recipe(self) -> HealRecipe:
+        """The winner's heal: the paper's LoRA settings, a warmup of a tenth of the (few) steps."""
+        return HealRecipe(steps=self.heal_steps, seq_len=self.heal_seq_len, batch_size=self.heal_batch_size,
+                          lr=self.heal_lr, warmup_steps=max(1, (self.heal_steps or 0) // 10), seed=self.seed,
+                          objective=self.objective, heldout_windows=8)
