@@ -73,10 +73,14 @@ def run_shrink(config: ShrinkConfig) -> None:
     validation text no fit saw (KL from the unpruned model and loss), keep a repair only where it beats the
     plain cut beyond the noise, and write the winner with the decision table in depthcut.json."""
     # deferred: torch is imported once a command runs, not to parse its arguments (start-up)
+    from depthcut.evaluation.table import format_table
     from depthcut.pipeline.shrink import decision_table, shrink_to
 
     result = shrink_to(config)
     print("\n".join([*decision_table(result.provenance["selection"]), *result.summary()]))
+    if "evaluation" in result.provenance:
+        print(format_table(result.provenance["evaluation"]))
+        print(f"evaluation: {config.out}/eval.json")
 
 
 @command("eval", EvalConfig, "held-out loss and multiple-choice benchmarks", EPILOG_EVAL)

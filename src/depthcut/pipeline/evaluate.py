@@ -48,9 +48,9 @@ def _evaluate(config: EvalConfig) -> dict:
     resolve_model(config.model)
     if config.baseline:
         resolve_model(config.baseline)
-    result = _measure(config, config.model)
+    result = measure(config, config.model)
     if config.baseline:
-        result["baseline"] = _measure(config, config.baseline)
+        result["baseline"] = measure(config, config.baseline)
         if is_main_process():
             result["retained"] = retained(result, result["baseline"])
     result["environment"] = environment()
@@ -60,7 +60,7 @@ def _evaluate(config: EvalConfig) -> dict:
     return result
 
 
-def _measure(config: EvalConfig, spec: str) -> dict:
+def measure(config: EvalConfig, spec: str) -> dict:
     """The tasks and loss of the model `spec`, as this config asks, with where the model came from."""
     model, tokenizer, source = load(dataclasses.replace(config, model=spec), quiet=config.quiet)
     result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,

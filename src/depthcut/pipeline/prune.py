@@ -25,7 +25,7 @@ from depthcut.model.surgery import parse_layer_spec
 from depthcut.pipeline.common import check_data_options
 from depthcut.pipeline.configs import PruneConfig
 from depthcut.pipeline.options import make_config
-from depthcut.pipeline.prune_backends import backend_for
+from depthcut.pipeline.prune_backends import PruneBackend, backend_for
 from depthcut.pipeline.prune_choice import needs_analysis
 from depthcut.pipeline.prune_repair import repair_lines
 from depthcut.repair import REPAIRS
@@ -170,9 +170,12 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
 
 
 def prune_with(config: PruneConfig, analysis, *, selection: dict | None = None,
-               strategy: str | None = None) -> PruneResult:
+               strategy: str | None = None, backend: PruneBackend | None = None) -> PruneResult:
     """`prune_to`'s work once `--out` is claimed: for a caller that chose the layers itself (`depthcut
-    shrink`), `selection` records how (provenance key `selection`) and `strategy` names it."""
+    shrink`), `selection` records how (provenance key `selection`) and `strategy` names it; `backend`,
+    a model it already cut (`Prepared`)."""
+    if backend is not None:
+        return _written(backend, config, strategy, selection)
     _check_choice(config, analysis)
     source = resolve_model(config.model)
     streamable = False
@@ -184,7 +187,11 @@ def prune_with(config: PruneConfig, analysis, *, selection: dict | None = None,
             config = dataclasses.replace(config, dtype="checkpoint")
         _check_space(config, source, configured)
         streamable = _streamable(config, source, analysis)
-    backend = backend_for(config, source, analysis, gguf_output(config.out), streamable)
+    return _written(backend_for(config, source, analysis, gguf_output(config.out), streamable), config, strategy,
+                    selection)
+
+
+def _written(backend: PruneBackend, config: PruneConfig, strategy: str | None, selection: dict | None) -> PruneResult:
     removed, chosen_by, analysis = backend.layers()
     fit = backend.repair(removed)
     strategy = strategy or chosen_by

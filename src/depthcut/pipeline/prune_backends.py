@@ -97,6 +97,34 @@ class InMemory(PruneBackend):
         return record
 
 
+class Prepared(PruneBackend):
+    """A model already cut (and repaired, and healed) in memory by `depthcut shrink`: written as
+    `InMemory` writes it, with what was done to it."""
+
+    name = "in_memory"
+
+    def __init__(self, config, source, model, tokenizer, removed: list[int], *, num_layers: int,
+                 parameters_before: int, rewrite, repair_record: dict | None):
+        super().__init__(config, source, None)
+        self.model, self.tokenizer, self.removed, self.num_layers = model, tokenizer, removed, num_layers
+        self.parameters_before, self.rewrite, self.repair_record = parameters_before, rewrite, repair_record
+
+    def layers(self):
+        return self.removed, "shrink", None
+
+    def repair(self, removed):
+        return self.repair_record
+
+    def write(self, removed, record):
+        model = self.model
+        record.update(parameters_before=self.parameters_before, parameters_after=parameter_count(model),
+                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                      config_rewrite=self.rewrite.as_dict(),
+                      output={"format": "safetensors", "path": str(self.config.out)})
+        save_pruned(model, self.tokenizer, self.config.out, record, force=self.config.force)
+        return record
+
+
 class StreamedRepair(PruneBackend):
     """A backend that never loads the model: a repair's statistics are gathered one layer at a time and
     the tensors its fold changes (`changed`) replace the originals as the model is written (in a GGUF,

@@ -6,14 +6,14 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import AutoTokenizer
 
 from depthcut.analysis.calibration import CalibrationSet, build_calibration
 from depthcut.errors import DepthcutError
-from depthcut.io.data import load_texts, split_documents
+from depthcut.io.data import TextSource, load_texts, split_documents
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
@@ -60,17 +60,25 @@ def repair_lines(fit: dict | None) -> list[str]:
     return lines
 
 
-def repair_samples(config: PruneConfig, tokenizer):
+class RepairSamples(NamedTuple):
+    calibration: CalibrationSet  # what the repair is fitted on
+    heldout: CalibrationSet  # held-out samples that judge the fit
+    data: str  # the data named
+    held_out: TextSource  # the held-out documents themselves (validation text)
+    fitted_on: TextSource  # the other documents (what a heal may train on)
+
+
+def repair_samples(config: PruneConfig, tokenizer) -> RepairSamples:
     """(calibration samples the repair is fitted on, held-out samples that judge it, the data named, the
-    held-out documents themselves): a tenth of the documents is held out, so the fit is judged on text
-    it never saw (and validated on it, `depthcut.pipeline.validation`)."""
+    held-out documents themselves, the others): a tenth of the documents is held out, so the fit is
+    judged on text it never saw (and validated on it, `depthcut.pipeline.validation`)."""
 
     data = config.data or "c4"
     fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
     samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
     calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
     heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
-    return calibration, heldout, data, held_out
+    return RepairSamples(calibration, heldout, data, held_out, fitted_on)
 
 
 def repair_record(config: PruneConfig, fit, heldout, data: str) -> dict:
@@ -86,7 +94,7 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     `--repair-policy warn` asks; what provenance records of it. `--repair-policy refuse` stops instead."""
     if config.repair == "none":
         return None
-    calibration, heldout, data, held_out = repair_samples(config, tokenizer)
+    calibration, heldout, data, held_out, _ = repair_samples(config, tokenizer)
     sets = validation_sets(config, tokenizer, held_out)
     predictions = references(model, sets, config.batch_size)
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
@@ -125,7 +133,7 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
     check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
     tokenizer = tokenizer_of(source, config.trust_remote_code)
-    calibration, heldout, data, _ = repair_samples(config, tokenizer)
+    calibration, heldout, data, _, _ = repair_samples(config, tokenizer)
     width = max(calibration.input_ids.shape[1], heldout.input_ids.shape[1])
 
     def padded(t):

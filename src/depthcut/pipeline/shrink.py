@@ -9,12 +9,15 @@ the decision table in its provenance (`selection`)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 from depthcut.analysis.passes import analyze
 from depthcut.errors import DepthcutError
+from depthcut.evaluation.tasks import resolve_tasks
 from depthcut.io.claims import claimed_for_writing
 from depthcut.io.data import load_texts
 from depthcut.io.output_checks import check_no_overlap
@@ -25,8 +28,10 @@ from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
 from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
+from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
-from depthcut.pipeline.prune_repair import repair_samples
+from depthcut.pipeline.prune_repair import repair_record, repair_samples
+from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.run import repair
@@ -47,6 +52,7 @@ class Option:
     kept: bool = False
     why: str = ""
     seconds: float = 0.0
+    fit: object = field(default=None, repr=False)  # the repair's fit, for healing the winner
 
     def score(self, aggregate: str) -> float:
         means = [s.summary()["kl"] for s in self.scores.values()]
@@ -97,6 +103,16 @@ def _check(config: ShrinkConfig) -> None:
     check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows)
     if config.margin < 0:
         raise DepthcutError(f"--margin must be 0 or more, got {config.margin}")
+    check_positive(heal_steps=config.heal_steps, limit=config.limit, heal_seq_len=config.heal_seq_len,
+                   heal_batch_size=config.heal_batch_size)
+    if config.heal_steps:
+        if gguf_output(config.out):
+            raise DepthcutError(f"--heal-steps writes a healed Hugging Face folder, not a .gguf file: shrink to a folder "
+                                f"(convert it afterwards), or leave --heal-steps out for {config.out}")
+        try:
+            config.recipe()  # its own checks, in its own option names
+        except DepthcutError as error:
+            raise DepthcutError(str(error).replace("--lr ", "--heal-lr ")) from None
     if gguf_output(config.out) and not resolve_model(config.model).gguf_file:
         raise DepthcutError(f"--out {config.out} asks for a .gguf file, which depthcut writes only from a GGUF model; "
                             f"{config.model} is not one (shrink it to a folder instead)")
@@ -104,6 +120,13 @@ def _check(config: ShrinkConfig) -> None:
         if name != "none":
             REPAIRS.check(name)
     check_data_options(config)
+    if config.budget is not None and not (math.isfinite(config.budget) and config.budget > 0):
+        raise DepthcutError(f"--budget must be a positive number of minutes, got {config.budget}")
+    if config.tasks:
+        resolve_tasks(config.tasks)
+        if gguf_output(config.out):
+            raise DepthcutError("--tasks evaluates a Hugging Face folder: shrink to a folder, or evaluate the .gguf "
+                                "with `depthcut eval` afterwards")
     for name in config.validation_sources():  # a validation source that is not there fails before any model loads
         if not name.startswith("hf:"):
             load_texts(name, config.text_field)
@@ -171,6 +194,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
     config = make_config(ShrinkConfig, config, fields)
     _check(config)
     check_no_overlap([config.model, config.data, *config.validate], config.out)
+    started = time.perf_counter()
     with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir",
                              writer=is_main_process()):
         model, tokenizer, source = load(config, quiet=config.quiet)
@@ -180,54 +204,106 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         else:
             drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
         check_drop(drop, num_layers)
-        calibration, heldout, data, held_out = repair_samples(config, tokenizer)  # the repairs' own split
-        log.info("shrink: analyzing %s to find candidate blocks ...", data)
-        analysis = analyze(model, tokenizer, calibration, layer_path=config.layer_path, batch_size=config.batch_size,
-                           metrics=list(config.metrics), progress=not config.quiet)
+        samples = repair_samples(config, tokenizer)  # the repairs' own split
+        log.info("shrink: analyzing %s to find candidate blocks ...", samples.data)
+        analysis_started = time.perf_counter()
+        analysis = analyze(model, tokenizer, samples.calibration, layer_path=config.layer_path,
+                           batch_size=config.batch_size, metrics=list(config.metrics),
+                           token_positions=config.token_positions, progress=not config.quiet)
+        analysis_seconds = time.perf_counter() - analysis_started
+        repairs = list(dict.fromkeys(["none", *config.repairs]))
+        plan = None
+        if config.budget is not None:
+            plan = plan_for_budget(config, analysis_seconds, len(samples.calibration), len(config.validation_sources()),
+                                   len(repairs), time.perf_counter() - started)
+            log.info("shrink: --budget %g min: %s", config.budget, plan.why)
+            config = dataclasses.replace(config, validation_windows=plan.validation_windows)
         prune_view = PruneConfig(model=config.model, out=config.out, layer_path=config.layer_path,
                                  allow_unknown_config=config.allow_unknown_config,
                                  trust_remote_code=config.trust_remote_code)
         candidates = _candidates(config, analysis, drop, cut_refusal(model, prune_view))
-        validation = validation_sets(config, tokenizer, held_out)
+        if plan is not None:
+            candidates = candidates[: plan.candidates]
+        validation = validation_sets(config, tokenizer, samples.held_out)
         predictions = references(model, validation, config.batch_size)
-        options = []
-        for number, (layers, found_by) in enumerate(candidates, 1):
-            for method in dict.fromkeys(["none", *config.repairs]):
-                option = Option(layers, found_by, method)
-                options.append(option)
-                started = time.perf_counter()
-                log.info("shrink: candidate %d of %d, layers %s, repair %s ...", number, len(candidates),
-                         _span(layers), method)
-                cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
-                try:
-                    if method == "none":
-                        option.scores = scores_after_cut(model, layers, predictions, config.batch_size, **cut)
-                    else:
-                        check_repair(model, layers, method, config.layer_path)
-                        trial = copy.deepcopy(model)
-                        repair(trial, tokenizer, calibration, layers, method, heldout=heldout, seed=config.seed,
-                               batch_size=config.batch_size, layer_path=config.layer_path)
-                        option.scores = scores_after_cut(trial, layers, predictions, config.batch_size,
-                                                         in_place=True, **cut)
-                        del trial
-                except DepthcutError as error:
-                    option.refused = str(error)
-                    continue
-                option.seconds = time.perf_counter() - started
+        options = _scored_options(model, tokenizer, candidates, repairs, samples, predictions, config)
         winner = _decide(options, config)
+        healed = None
+        if config.heal_steps:
+            healed = heal_winner(model, tokenizer, winner, winner.fit, samples.fitted_on, predictions, config)
+            row = Option(winner.layers, winner.found_by, f"{winner.repair}+heal", scores=healed.scores,
+                         kept=healed.kept, why=healed.why, seconds=healed.seconds)
+            options.append(row)
+            if healed.kept:
+                winner = row
         selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only beyond "
-                             f"{config.margin:g} paired standard errors of its plain cut",
+                             f"{config.margin:g} paired standard errors of its plain cut"
+                             + (", a heal only beyond as many of the unhealed winner's" if healed else ""),
                      "validation": {name: windows.as_dict() for name, windows in validation.items()},
-                     "options": [o.row() for o in options], "winner": winner.row()}
-        del model
+                     "options": [o.row() for o in options], "winner": winner.row(),
+                     "analysis_seconds": round(analysis_seconds, 2), "budget": plan.as_dict() if plan else None,
+                     "heal": healed.heal if healed else None}
+        strategy = f"shrink ({winner.found_by})"
+        repair_method = winner.repair.removesuffix("+heal")
         prune = PruneConfig(model=config.model, out=config.out, force=config.force, quiet=config.quiet,
-                            layers=",".join(map(str, winner.layers)), repair=winner.repair, data=config.data,
+                            layers=",".join(map(str, winner.layers)), repair=repair_method, data=config.data,
                             text_field=config.text_field, samples=config.samples, seq_len=config.seq_len,
                             batch_size=config.batch_size, sample_mode=config.sample_mode, seed=config.seed,
                             dtype=config.dtype, device=config.device, layer_path=config.layer_path,
                             trust_remote_code=config.trust_remote_code,
                             allow_unknown_config=config.allow_unknown_config)
-        return prune_with(prune, None, selection=selection, strategy=f"shrink ({winner.found_by})")
+        if healed is not None and healed.kept:
+            fit = winner_fit(options, winner)
+            record = repair_record(prune, fit, samples.heldout, samples.data) if fit is not None else None
+            backend = Prepared(prune, source, healed.model, tokenizer, winner.layers, num_layers=num_layers,
+                               parameters_before=healed.parameters_before, rewrite=healed.rewrite,
+                               repair_record=record)
+            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
+        else:
+            del model, healed
+            result = prune_with(prune, None, selection=selection, strategy=strategy)
+        if config.tasks:
+            result.provenance["evaluation"] = evaluate_winner(config)
+        return result
+
+
+def winner_fit(options: list[Option], winner: Option):
+    """The repair fit of the training-free option a healed winner grew from (None for the plain cut)."""
+    for option in options:
+        if option.layers == winner.layers and option.repair == winner.repair.removesuffix("+heal"):
+            return option.fit
+    return None
+
+
+def _scored_options(model, tokenizer, candidates, repairs, samples, predictions, config) -> list[Option]:
+    """Every candidate, plain and with each repair, scored on the validation windows, with the time left."""
+    options, started, total = [], time.perf_counter(), len(candidates) * len(repairs)
+    cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
+    for number, (layers, found_by) in enumerate(candidates, 1):
+        for method in repairs:
+            option = Option(layers, found_by, method)
+            options.append(option)
+            done = len(options) - 1
+            left = (time.perf_counter() - started) / done * (total - done) if done else None
+            log.info("shrink: candidate %d of %d, layers %s, repair %s%s ...", number, len(candidates), _span(layers),
+                     method, f" (about {minutes(left)} left)" if left is not None else "")
+            option_started = time.perf_counter()
+            try:
+                if method == "none":
+                    option.scores = scores_after_cut(model, layers, predictions, config.batch_size, **cut)
+                else:
+                    check_repair(model, layers, method, config.layer_path)
+                    trial = copy.deepcopy(model)
+                    option.fit = repair(trial, tokenizer, samples.calibration, layers, method, heldout=samples.heldout,
+                                        seed=config.seed, batch_size=config.batch_size, layer_path=config.layer_path)
+                    option.scores = scores_after_cut(trial, layers, predictions, config.batch_size, in_place=True,
+                                                     **cut)
+                    del trial
+            except DepthcutError as error:
+                option.refused = str(error)
+                continue
+            option.seconds = time.perf_counter() - option_started
+    return options
 
 
 shrink = shrink_to  # `depthcut.shrink(...)`

@@ -1,0 +1,122 @@
+"""`depthcut shrink` around its choice: the heal of the winner (kept only where it beats the unhealed
+winner on validation), the time budget, and the evaluation of what was written (issue 22)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_shrink import SMALL
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from depthcut.cli import main
+from depthcut.evaluation.divergence import reference_predictions, window_scores
+from depthcut.io.data import load_texts, split_documents
+from depthcut.pipeline.configs import ShrinkConfig
+from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
+from depthcut.pipeline.shrink import shrink_to
+from depthcut.pipeline.shrink_steps import FEWEST_WINDOWS, plan_for_budget
+from depthcut.pipeline.validation import validation_sets
+
+# One candidate, plain or lstsq: the heal is what these tests look at.
+ONE = {**SMALL, "candidates": 1, "repairs": ("none", "lstsq"), "heal_steps": 20, "heal_seq_len": 32,
+       "heal_batch_size": 4, "objective": "kd"}
+
+
+def _kl_of_written(out, tiny_llama_dir, corpus_file) -> float:
+    """The written model's KL from the original on the shrink's own validation windows, recomputed."""
+    source = str(corpus_file)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    config = ShrinkConfig(model=str(tiny_llama_dir), out=str(out), drop=2, data=source, **SMALL)
+    _, held_out = split_documents(load_texts(source), HELDOUT_FRACTION, config.seed)
+    windows = validation_sets(config, AutoTokenizer.from_pretrained(tiny_llama_dir), held_out)[source]
+    return window_scores(written, reference_predictions(original, windows)).summary()["kl"]
+
+
+def _rows(result):
+    selection = result.provenance["selection"]
+    return selection, {row["repair"]: row for row in selection["options"]}
+
+
+def test_a_heal_that_helps_is_kept_and_is_what_is_written(tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "healed"
+    # distillation from the unpruned model lowers the KL; margin 0: any gain counts
+    result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(out), margin=0.0,
+                       heal_lr=3e-3, **ONE)
+    selection, rows = _rows(result)
+    source = str(corpus_file)
+    healed = next(row for name, row in rows.items() if name.endswith("+heal"))
+    unhealed = rows[healed["repair"].removesuffix("+heal")]
+    assert healed["validation"][source]["kl"] < unhealed["validation"][source]["kl"]
+    assert healed["kept"] and selection["winner"]["repair"] == healed["repair"]
+    assert selection["heal"]["steps"] == 20 and selection["heal"]["objective"] == "kd"
+    assert _kl_of_written(out, tiny_llama_dir, corpus_file) == pytest.approx(healed["validation"][source]["kl"],
+                                                                             rel=1e-4, abs=1e-6)
+    written = json.loads((out / "depthcut.json").read_text())
+    assert written["removed_layers"] == result.removed and written["selection"]["winner"]["repair"].endswith("+heal")
+
+
+def test_a_heal_that_hurts_is_not_kept(tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "unhealed"
+    result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(out), heal_lr=10.0, **ONE)
+    selection, rows = _rows(result)
+    source = str(corpus_file)
+    healed = next(row for name, row in rows.items() if name.endswith("+heal"))
+    assert not healed["kept"] and "the unhealed winner is kept" in healed["why"]
+    assert not selection["winner"]["repair"].endswith("+heal")
+    assert _kl_of_written(out, tiny_llama_dir, corpus_file) == pytest.approx(
+        selection["winner"]["validation"][source]["kl"], rel=1e-4, abs=1e-6)
+
+
+def test_the_budget_plan_is_the_most_candidates_that_fit():
+    config = ShrinkConfig(model="m", out="o", drop=2, candidates=4, validation_windows=32, budget=1.0)
+    # a window forward costs 1.5 x 0.1 s; 4 options a candidate: a candidate costs
+    # 0.15 x (32 windows x 4 options + 3 fits x 10 windows) = 23.7 s, the references 0.15 x 32 = 4.8 s
+    plan = plan_for_budget(config, analysis_seconds=1.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
+                           seconds_spent=0.0)
+    assert plan.candidates == 2 and plan.validation_windows == 32  # 2 x 23.7 + 4.8 = 52.2 s <= 60 < 75.9 s
+    tight = plan_for_budget(config, analysis_seconds=100.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
+                            seconds_spent=30.0)
+    assert tight.candidates == 1 and tight.validation_windows == FEWEST_WINDOWS and "overruns" in tight.why
+
+
+def test_shrink_within_a_budget_tries_fewer_candidates(tmp_path, tiny_llama_dir, corpus_file):
+    result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(tmp_path / "quick"),
+                       budget=0.001, repairs=("none",), **SMALL)
+    selection = result.provenance["selection"]
+    assert selection["budget"]["candidates"] == 1 and len(selection["options"]) == 1
+    assert all(scores["windows"] == FEWEST_WINDOWS for scores in selection["winner"]["validation"].values())
+
+
+def test_shrink_evaluates_what_it_wrote_against_the_model(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    out = tmp_path / "evaluated"
+    argv = ["shrink", str(tiny_llama_dir), "--drop", "2", "--data", str(corpus_file), "--repairs", "none",
+            "--candidates", "1", "--samples", "16", "--seq-len", "32", "--validation-windows", "8", "--dtype",
+            "float32", "--tasks", "arc_easy", "--limit", "8", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())
+    task = result["retained"]["arc_easy"]
+    assert task["ratio"] == pytest.approx(result["tasks"]["arc_easy"][task["metric"]]
+                                          / result["baseline"]["tasks"]["arc_easy"][task["metric"]])
+    assert result["model"]["location"] == str(out) and "retained" in printed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--heal-steps", "0"], "--heal-steps must be at least 1"),
+    (["--budget", "-3"], "--budget must be a positive number of minutes"),
+    (["--tasks", "no_such_task"], "no_such_task"),
+    (["--heal-steps", "5", "--heal-lr", "-0.1"], "--heal-lr must be positive, got -0.1"),
+    (["--heal-steps", "5", "--out", "x.gguf"], "not a .gguf file"),
+])
+def test_bad_heal_budget_or_tasks_is_one_line_and_nothing_is_written(capsys, tmp_path, tiny_llama_dir, corpus_file,
+                                                                       argv, message):
+    out = tmp_path / "out"
+    argv = [str(tmp_path / a) if a.endswith(".gguf") else a for a in argv]
+    code = main(["-q", "shrink", str(tiny_llama_dir), "--drop", "2", "--data", str(corpus_file), "--out", str(out),
+                 "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
