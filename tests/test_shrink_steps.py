@@ -120,3 +120,55 @@ def test_bad_heal_budget_or_tasks_is_one_line_and_nothing_is_written(capsys, tmp
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_default_repair_calibration_grows_with_the_hidden_size():
+    from depthcut.pipeline.configs import PruneConfig
+    from depthcut.pipeline.prune_repair import repair_sample_count
+
+    default = PruneConfig(model="m", out="o", drop=2)
+    assert default.samples is None and default.seq_len == 256
+    # 16 tokens per row of a d x d map: 16 d / 256 sequences, never fewer than 64
+    assert repair_sample_count(default, 576, ["lstsq"]) == 64  # SmolLM2-135M: 36 would do
+    assert repair_sample_count(default, 2048, ["lstsq"]) == 128
+    assert repair_sample_count(default, 4096, ["none", "cosine"]) == 256
+    assert repair_sample_count(default, 4096, ["magnitude"]) == 64  # a scale per layer, not a map
+    assert repair_sample_count(PruneConfig(model="m", out="o", drop=2, samples=8), 4096, ["lstsq"]) == 8
+    assert repair_sample_count(PruneConfig(model="m", out="o", drop=2, seq_len=100), 1000, ["lstsq"]) == 160
+
+
+def test_prune_records_the_grown_sample_count(tmp_path, tiny_llama_dir, corpus_file):
+    from transformers import AutoConfig
+
+    from depthcut.pipeline import prune_to
+
+    width = AutoConfig.from_pretrained(tiny_llama_dir).hidden_size
+    result = prune_to(model=str(tiny_llama_dir), layers="2:4", repair="lstsq", repair_policy="warn",
+                      data=str(corpus_file), seq_len=8, dtype="float32", quiet=True, out=str(tmp_path / "p"))
+    assert result.provenance["repair"]["samples"] == max(64, 16 * width // 8)
+
+
+def test_one_pass_fits_every_repair_as_its_own_pass_would(tiny_llama_dir, corpus_file):
+    """The shrink gathers every repair's sums of a block in one pass: each fit equals `repair`'s alone."""
+    import copy
+
+    from depthcut.pipeline.prune_repair import repair_samples
+    from depthcut.pipeline.shrink import _fits
+    from depthcut.repair.run import repair
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = ShrinkConfig(model=str(tiny_llama_dir), out="o", drop=2, data=str(corpus_file), **SMALL)
+    samples = repair_samples(config, tokenizer, model.config.hidden_size, ["lstsq"])
+    together = _fits(model, [2, 3], ["none", "lstsq", "cosine", "magnitude"], samples, config)
+    for method in ("lstsq", "cosine", "magnitude"):
+        alone = repair(copy.deepcopy(model), tokenizer, samples.calibration, [2, 3], method, heldout=samples.heldout,
+                       seed=config.seed, batch_size=config.batch_size)
+        fit = together[method]
+        assert fit.error_after == pytest.approx(alone.error_after, rel=1e-6)
+        assert fit.details["relative_error_heldout_after"] == pytest.approx(
+            alone.details["relative_error_heldout_after"], rel=1e-6)
+        if alone.transform is not None:
+            torch.testing.assert_close(fit.transform, alone.transform, rtol=1e-6, atol=1e-9)
+        else:
+            assert fit.alpha == pytest.approx(alone.alpha, rel=1e-6)

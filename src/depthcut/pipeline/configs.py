@@ -60,7 +60,8 @@ class DataOptions:
 
     def analysis_options(self) -> dict:
         """The keyword arguments of `depthcut.analysis.passes.analyze` these options give."""
-        return {"samples": self.samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
+        samples = 64 if self.samples is None else self.samples  # prune and shrink leave it to the repair's size
+        return {"samples": samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "mode": self.sample_mode, "seed": self.seed, "text_field": self.text_field,
                 "metrics": list(self.metrics), "token_positions": self.token_positions}
 
@@ -109,6 +110,8 @@ class ValidationOptions:
 
 
 WHAT = "what to remove"
+REPAIR_SAMPLES_HELP = ("number of calibration sequences (default 64; a linear repair's fit takes enough for 16 "
+                       "tokens per row of its d x d map: more on wide models)")
 
 
 def _strategy_help() -> str:
@@ -124,6 +127,7 @@ def _repair_help() -> str:
 
 @dataclass(kw_only=True)
 class PruneConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
+    samples: int | None = option(None, help=REPAIR_SAMPLES_HELP, show_default=False)
     drop: int | None = option(None, group=WHAT, help="number of layers to remove")
     strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False)
     layers: str | None = option(None, group=WHAT,
@@ -317,6 +321,7 @@ class GenerateConfig(ModelOptions):
 
 @dataclass(kw_only=True)
 class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
+    samples: int | None = option(None, help=REPAIR_SAMPLES_HELP, show_default=False)
     drop: int | None = option(None, group=CANDIDATES, exclusive="size", help="number of layers to remove")
     fraction: float | None = option(None, group=CANDIDATES, exclusive="size",
                                     help="fraction of the layers to remove (rounded to a layer count)")

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from depthcut.analysis.calibration import CalibrationSet, build_calibration
 from depthcut.errors import DepthcutError
 from depthcut.io.data import TextSource, load_texts, split_documents
+from depthcut.model.layers import text_config
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
-from depthcut.repair import apply_repair, repair
-from depthcut.repair.run import fit_judged
+from depthcut.repair import REPAIRS, apply_repair, repair
+from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
 from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from depthcut.pipeline.prune import PruneConfig
 
 HELDOUT_FRACTION = 0.1  # of the repair data's documents, to judge the fit on
+DEFAULT_SAMPLES = 64  # calibration sequences where --samples is not given (a linear repair may take more)
 
 
 def repair_lines(fit: dict | None) -> list[str]:
@@ -68,23 +71,40 @@ class RepairSamples(NamedTuple):
     fitted_on: TextSource  # the other documents (what a heal may train on)
 
 
-def repair_samples(config: PruneConfig, tokenizer) -> RepairSamples:
+def repair_sample_count(config, width: int | None, methods) -> int:
+    """Calibration sequences for the repairs' fit: `--samples` where given; else 64, or as many as give a
+    linear map (lstsq, cosine: d x d unknowns) `TOKENS_PER_UNKNOWN` tokens per unknown row, so that the
+    default grows with the hidden size (a 576-wide model: 64 x 256 tokens; 4096-wide: 256 x 256)."""
+    if config.samples is not None:
+        return config.samples
+    linear = any(method != "none" and REPAIRS.get(method).linear for method in methods)
+    if not width or not linear:
+        return DEFAULT_SAMPLES
+    return max(DEFAULT_SAMPLES, math.ceil(TOKENS_PER_UNKNOWN * width / config.seq_len))
+
+
+def repair_samples(config: PruneConfig, tokenizer, width: int | None = None, methods=()) -> RepairSamples:
     """(calibration samples the repair is fitted on, held-out samples that judge it, the data named, the
     held-out documents themselves, the others): a tenth of the documents is held out, so the fit is
-    judged on text it never saw (and validated on it, `depthcut.pipeline.validation`)."""
+    judged on text it never saw (and validated on it, `depthcut.pipeline.validation`). `width`, the
+    hidden size, and `methods`, the repairs to fit, size the default sample (`repair_sample_count`)."""
 
     data = config.data or "c4"
+    count = repair_sample_count(config, width, methods)
+    if config.samples is None and count > DEFAULT_SAMPLES:
+        log.info("the repair fits a %d x %d map: %d calibration samples of %d tokens, %d tokens per unknown "
+                 "(--samples sets another count)", width, width, count, config.seq_len, TOKENS_PER_UNKNOWN)
     fitted_on, held_out = split_documents(load_texts(data, config.text_field), HELDOUT_FRACTION, config.seed)
     samples = {"seq_len": config.seq_len, "mode": config.sample_mode, "seed": config.seed}
-    calibration = build_calibration(tokenizer, fitted_on, config.samples, **samples)
-    heldout = build_calibration(tokenizer, held_out, max(1, config.samples // 4), **samples)
+    calibration = build_calibration(tokenizer, fitted_on, count, **samples)
+    heldout = build_calibration(tokenizer, held_out, max(1, count // 4), **samples)
     return RepairSamples(calibration, heldout, data, held_out, fitted_on)
 
 
-def repair_record(config: PruneConfig, fit, heldout, data: str) -> dict:
+def repair_record(config: PruneConfig, fit, calibration, heldout, data: str) -> dict:
     """What provenance records of a repair: its fit (judged on the held-out samples too)."""
-    return {**fit.as_dict(), "data": data, "samples": config.samples, "heldout_samples": heldout.input_ids.shape[0],
-            "seq_len": config.seq_len, "seed": config.seed}
+    return {**fit.as_dict(), "data": data, "samples": calibration.input_ids.shape[0],
+            "heldout_samples": heldout.input_ids.shape[0], "seq_len": config.seq_len, "seed": config.seed}
 
 
 def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) -> dict | None:
@@ -94,7 +114,8 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     `--repair-policy warn` asks; what provenance records of it. `--repair-policy refuse` stops instead."""
     if config.repair == "none":
         return None
-    calibration, heldout, data, held_out, _ = repair_samples(config, tokenizer)
+    calibration, heldout, data, held_out, _ = repair_samples(config, tokenizer, text_config(model).hidden_size,
+                                                             [config.repair])
     sets = validation_sets(config, tokenizer, held_out)
     predictions = references(model, sets, config.batch_size)
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
@@ -112,7 +133,7 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
                             "nothing was written (--repair-policy keep writes the plain cut, warn the repair)")
     if applied:
         apply_repair(model, fit, config.layer_path)
-    record = repair_record(config, fit, heldout, data)
+    record = repair_record(config, fit, calibration, heldout, data)
     record["validation"] = {
         "sources": {name: windows.as_dict() for name, windows in sets.items()},
         "plain": {name: scores.summary() for name, scores in plain.items()},
@@ -133,7 +154,8 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     location = Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
     check_streamed_repair(location, removed, config.repair, config.layer_path, config.trust_remote_code)
     tokenizer = tokenizer_of(source, config.trust_remote_code)
-    calibration, heldout, data, _, _ = repair_samples(config, tokenizer)
+    calibration, heldout, data, _, _ = repair_samples(config, tokenizer, hidden_size_of(source, config.trust_remote_code),
+                                                      [config.repair])
     width = max(calibration.input_ids.shape[1], heldout.input_ids.shape[1])
 
     def padded(t):
@@ -152,9 +174,16 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     statistics.calibration = calibration.as_dict()
     fit = fit_judged(config.repair, statistics, judged)
     changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
-    record = {**repair_record(config, fit, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
+    record = {**repair_record(config, fit, calibration, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
               "changed_tensors": sorted(changed)}
     return record, changed
+
+
+def hidden_size_of(source, trust_remote_code: bool) -> int | None:
+    """The hidden size a model's config gives, read without loading the model (None if it gives none)."""
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **gguf)
+    return getattr(text_config(config), "hidden_size", None)
 
 
 def tokenizer_of(source, trust_remote_code: bool):

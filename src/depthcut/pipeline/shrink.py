@@ -20,10 +20,12 @@ from depthcut.errors import DepthcutError
 from depthcut.evaluation.tasks import resolve_tasks
 from depthcut.io.claims import claimed_for_writing
 from depthcut.io.data import load_texts
+from depthcut.io.model_folder import parameter_count
 from depthcut.io.output_checks import check_no_overlap
 from depthcut.model.distributed import is_main_process
-from depthcut.model.layers import find_layer_stack
+from depthcut.model.layers import find_layer_stack, text_config
 from depthcut.model.loading import resolve_model
+from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
@@ -34,7 +36,9 @@ from depthcut.pipeline.prune_repair import repair_record, repair_samples
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, check_repair
-from depthcut.repair.run import repair
+from depthcut.repair.methods import apply_repair
+from depthcut.repair.run import fit_judged
+from depthcut.repair.statistics import repair_statistics
 from depthcut.strategies import check_drop, select
 
 log = logging.getLogger(__name__)
@@ -204,7 +208,8 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         else:
             drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
         check_drop(drop, num_layers)
-        samples = repair_samples(config, tokenizer)  # the repairs' own split
+        # the repairs' own split, sized for the widest fit asked for
+        samples = repair_samples(config, tokenizer, text_config(model).hidden_size, config.repairs)
         log.info("shrink: analyzing %s to find candidate blocks ...", samples.data)
         analysis_started = time.perf_counter()
         analysis = analyze(model, tokenizer, samples.calibration, layer_path=config.layer_path,
@@ -252,27 +257,50 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                             dtype=config.dtype, device=config.device, layer_path=config.layer_path,
                             trust_remote_code=config.trust_remote_code,
                             allow_unknown_config=config.allow_unknown_config)
-        if healed is not None and healed.kept:
-            fit = winner_fit(options, winner)
-            record = repair_record(prune, fit, samples.heldout, samples.data) if fit is not None else None
-            backend = Prepared(prune, source, healed.model, tokenizer, winner.layers, num_layers=num_layers,
-                               parameters_before=healed.parameters_before, rewrite=healed.rewrite,
-                               repair_record=record)
-            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
-        else:
+        base = _base_option(options, winner)  # the training-free option the winner is or grew from
+        if gguf_output(config.out) or base.fit is None and not (healed and healed.kept):
+            # a plain cut (nothing computed: the weights as stored), or a GGUF written tensor by tensor
             del model, healed
             result = prune_with(prune, None, selection=selection, strategy=strategy)
+        else:  # the repair (and heal) already fitted and scored: written as scored, not fitted again
+            record = _repair_provenance(prune, options, base, samples, validation, config)
+            if healed is not None and healed.kept:
+                written, before, rewrite = healed.model, healed.parameters_before, healed.rewrite
+            else:
+                written, before = model, parameter_count(model)
+                apply_repair(written, base.fit, config.layer_path)
+                rewrite = remove_layers(written, winner.layers, config.layer_path, config.allow_unknown_config)
+            backend = Prepared(prune, source, written, tokenizer, winner.layers, num_layers=num_layers,
+                               parameters_before=before, rewrite=rewrite, repair_record=record)
+            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
         if config.tasks:
             result.provenance["evaluation"] = evaluate_winner(config)
         return result
 
 
-def winner_fit(options: list[Option], winner: Option):
-    """The repair fit of the training-free option a healed winner grew from (None for the plain cut)."""
+def _base_option(options: list[Option], winner: Option) -> Option:
+    """The training-free option `winner` is, or the one a healed winner grew from."""
     for option in options:
         if option.layers == winner.layers and option.repair == winner.repair.removesuffix("+heal"):
-            return option.fit
-    return None
+            return option
+    raise AssertionError("a winner that is no option")  # _decide picks among the options
+
+
+def _repair_provenance(prune: PruneConfig, options: list[Option], base: Option, samples, validation,
+                       config: ShrinkConfig) -> dict | None:
+    """What provenance records of the winner's repair, as `prune --repair` records it (None: the plain cut)."""
+    if base.fit is None:
+        return None
+    plain = next(o for o in options if o.layers == base.layers and o.repair == "none")
+    record = repair_record(prune, base.fit, samples.calibration, samples.heldout, samples.data)
+    record["validation"] = {
+        "sources": {name: windows.as_dict() for name, windows in validation.items()},
+        "plain": {name: scores.summary() for name, scores in plain.scores.items()},
+        "repaired": {name: scores.summary() for name, scores in base.scores.items()},
+        "beats_plain": base.kept, "why": base.why, "policy": "keep", "margin": config.margin,
+        "aggregate": config.aggregate}
+    record["applied"] = True
+    return record
 
 
 def _scored_options(model, tokenizer, candidates, repairs, samples, predictions, config) -> list[Option]:
@@ -280,6 +308,7 @@ def _scored_options(model, tokenizer, candidates, repairs, samples, predictions,
     options, started, total = [], time.perf_counter(), len(candidates) * len(repairs)
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
     for number, (layers, found_by) in enumerate(candidates, 1):
+        fits = None
         for method in repairs:
             option = Option(layers, found_by, method)
             options.append(option)
@@ -292,18 +321,46 @@ def _scored_options(model, tokenizer, candidates, repairs, samples, predictions,
                 if method == "none":
                     option.scores = scores_after_cut(model, layers, predictions, config.batch_size, **cut)
                 else:
-                    check_repair(model, layers, method, config.layer_path)
+                    if fits is None:  # every repair of this block, from one pass
+                        fits = _fits(model, layers, repairs, samples, config)
+                    option.fit = fits[method]
+                    if isinstance(option.fit, DepthcutError):
+                        raise option.fit
                     trial = copy.deepcopy(model)
-                    option.fit = repair(trial, tokenizer, samples.calibration, layers, method, heldout=samples.heldout,
-                                        seed=config.seed, batch_size=config.batch_size, layer_path=config.layer_path)
+                    apply_repair(trial, option.fit, config.layer_path)
                     option.scores = scores_after_cut(trial, layers, predictions, config.batch_size, in_place=True,
                                                      **cut)
                     del trial
             except DepthcutError as error:
-                option.refused = str(error)
+                option.refused, option.fit = str(error), None
                 continue
             option.seconds = time.perf_counter() - option_started
     return options
+
+
+def _fits(model, layers: list[int], repairs: list[str], samples, config: ShrinkConfig) -> dict:
+    """Every training-free repair of cutting `layers`, fitted from one pass over the calibration samples and
+    judged on one pass over the held-out ones (the sums each method needs, gathered together): {method:
+    its fit, or the DepthcutError that refuses it}."""
+    fits, usable = {}, []
+    for method in repairs:
+        if method == "none":
+            continue
+        try:
+            check_repair(model, layers, method, config.layer_path)
+            usable.append(method)
+        except DepthcutError as error:
+            fits[method] = error
+    if not usable:
+        return fits
+    gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
+    statistics = repair_statistics(model, samples.calibration, layers, usable, **gather)
+    # a linear map's error needs M^T M; a scale's, the three sums magnitude gathers
+    judging = sorted({"lstsq" if REPAIRS.get(method).linear else "magnitude" for method in usable})
+    judged = repair_statistics(model, samples.heldout, layers, judging, **gather)
+    for method in usable:
+        fits[method] = fit_judged(method, statistics, judged)
+    return fits
 
 
 shrink = shrink_to  # `depthcut.shrink(...)`
