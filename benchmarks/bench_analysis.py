@@ -165,7 +165,7 @@ def forward_all(module, calibration, batch_size: int, device) -> None:
             module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
 
 
-def make_runner(variant: str, model, tokenizer, batch_size: int, device, metrics=None):
+def make_runner(variant: str, model, tokenizer, batch_size: int, device, metrics=None, token_positions=None):
     """A function that processes a whole calibration set the way `variant` does."""
     if variant == "plain":
         return lambda calibration: forward_all(model, calibration, batch_size, device)
@@ -175,6 +175,8 @@ def make_runner(variant: str, model, tokenizer, batch_size: int, device, metrics
     import depthcut
 
     chosen = {"metrics": metrics} if metrics else {}
+    if token_positions is not None:
+        chosen["token_positions"] = token_positions
     return lambda calibration: depthcut.analyze(model, tokenizer, calibration, batch_size=batch_size,
                                                 progress=False, **chosen)
 
@@ -205,7 +207,7 @@ def run_measurement(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model, tokenizer, _ = depthcut.load_model(str(args.workdir / "model"), dtype=args.dtype, device=args.device)
     calibration = load_calibration(args.workdir / "calibration.pt")
-    run = make_runner(args.worker, model, tokenizer, args.batch_size, device, args.metrics)
+    run = make_runner(args.worker, model, tokenizer, args.batch_size, device, args.metrics, args.token_positions)
 
     run(first_rows(calibration, args.batch_size))
     sync(device)
@@ -255,6 +257,8 @@ def spawn(args: argparse.Namespace, worker: str, result: Path, *extra: str) -> d
         command += ["--threads", str(args.threads)]
     if args.metrics:
         command += ["--metrics", ",".join(args.metrics)]
+    if args.token_positions is not None:
+        command += ["--token-positions", str(args.token_positions)]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"worker {' '.join(command[2:])} failed:\n{completed.stderr[-4000:]}")
@@ -394,7 +398,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "samples": args.samples,
             "seq_len": args.seq_len,
             "threads": args.threads,
-            "metrics": args.metrics or "default",
+            "metrics": args.metrics or "default", "token_positions": args.token_positions,
             "repeats": args.repeats,
             "passes": args.passes,
             "data": str(args.data),
@@ -443,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--metrics", type=lambda text: [m for m in text.split(",") if m], default=None,
                         help="the analysis' metrics, comma-separated (default: depthcut's defaults)")
+    parser.add_argument("--token-positions", type=int, default=None,
+                        help="tokens per sequence the all-token angular distance reads (default: analyze's, 128; "
+                             "0: every one)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per variant, interleaved")
     parser.add_argument("--passes", type=int, default=2, help="timed passes per process; the fastest counts")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

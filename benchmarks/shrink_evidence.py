@@ -3,9 +3,11 @@ recipe (angular or deepest block; none, lstsq, cosine or magnitude, the repair a
 WikiText-2 **test** loss, which nothing fits on or chooses with; and the shrink's time against one
 analysis pass.
 
-For each --drop: `shrink_to` (validating on the held-out C4 documents and WikiText-2 validation), then
-`prune_to` for each fixed recipe (--repair-policy warn: applied whatever it does), then every output's
-mean next-token loss on --test-windows windows of WikiText-2 test, with the standard error over windows.
+For each --drop: `shrink_to` (validating on the held-out C4 documents and WikiText-2 validation), the
+same with `--heal-steps` (the winner healed, the heal kept only where it beats the unhealed winner),
+then `prune_to` for each fixed recipe (--repair-policy warn: applied whatever it does), then every
+output's mean next-token loss on --test-windows windows of WikiText-2 test, with the standard error
+over windows.
 Figures go to benchmarks/results/shrink_evidence.json with where they ran.
 
 Run from the repository root:  .venv/bin/python benchmarks/shrink_evidence.py --drop 8
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--validation-windows", type=int, default=16)
     parser.add_argument("--test-windows", type=int, default=32)
+    parser.add_argument("--heal-steps", type=int, default=50, help="the healed shrink's steps (0: none)")
     parser.add_argument("--out", default="benchmarks/results/shrink_evidence.json")
     args = parser.parse_args()
     common = {"model": "smollm2-135m", "data": "c4", "samples": args.samples, "seq_len": args.seq_len,
@@ -66,18 +69,33 @@ def main() -> None:
         for drop in args.drop:
             depth = figures["depths"][str(drop)] = {}
             started = time.perf_counter()
-            shrunk = shrink_to(**common, drop=drop, validate=("c4", "wikitext"),
-                               validation_windows=args.validation_windows, out=str(scratch / f"shrink-{drop}"))
-            winner = shrunk.provenance["selection"]["winner"]
-            depth["shrink"] = {"seconds": time.perf_counter() - started, "layers": winner["layers"],
-                               "found_by": winner["found_by"], "repair": winner["repair"],
-                               "options": len(shrunk.provenance["selection"]["options"]),
-                               "test": test_loss(scratch / f"shrink-{drop}", windows)}
+            shrunk = shrink_to(**common, drop=drop, validate=("c4", "wikitext"), validation_windows=args.validation_windows,
+                               heal_steps=args.heal_steps or None, heal_batch_size=4, out=str(scratch / f"shrink-{drop}"))
+            seconds = time.perf_counter() - started
+            selection = shrunk.provenance["selection"]
+            rows = selection["options"]
+            heal_row = next((r for r in rows if r["repair"].endswith("+heal")), None)
+            # the training-free winner: the kept option of lowest KL (the worst over the sources), as _decide picks
+            free = min((r for r in rows if r["kept"] and not r["repair"].endswith("+heal")),
+                       key=lambda r: max(v["kl"] for v in r["validation"].values()))
+            free_seconds = seconds - (heal_row["seconds"] if heal_row else 0.0)
+            out = scratch / f"shrink-free-{drop}"
+            prune_to(**common, layers=",".join(map(str, free["layers"])), repair=free["repair"], repair_policy="warn",
+                     validation_windows=4, out=str(out))
+            depth["shrink"] = {"seconds": free_seconds, "layers": free["layers"], "found_by": free["found_by"],
+                               "repair": free["repair"], "options": len(rows), "test": test_loss(out, windows),
+                               "table": rows}
+            if heal_row is not None:
+                depth["shrink+heal"] = {"seconds": seconds, "kept": heal_row["kept"], "why": heal_row["why"],
+                                        "heal": selection["heal"],
+                                        "test": test_loss(scratch / f"shrink-{drop}", windows)}
+            winner = depth["shrink"]
             for strategy, method in RECIPES:
                 out = scratch / f"{strategy}-{method}-{drop}"
                 try:
+                    # applied whatever validation says (policy warn): few windows, only for the record
                     result = prune_to(**common, drop=drop, strategy=strategy, repair=method, repair_policy="warn",
-                                      out=str(out))
+                                      validation_windows=4, out=str(out))
                 except Exception as error:  # noqa: BLE001 (a refused recipe is a row, not the end of the run)
                     depth[f"{strategy}+{method}"] = {"refused": str(error).splitlines()[0]}
                     continue
@@ -89,8 +107,7 @@ def main() -> None:
                 test = row.get("test")
                 text = f"{test['loss']:.4f} ± {test['loss_stderr']:.4f}" if test else row.get("refused", "")
                 print(f"  {name:<20} WikiText-2 test loss {text}")
-    figures["environment"] = record(dtype=torch.float32)
-    save(figures, args.out, figures.pop("environment"))
+            save(figures, args.out, record(dtype=torch.float32))  # after every depth: a long run keeps what it did
 
 
 if __name__ == "__main__":
