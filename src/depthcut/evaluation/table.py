@@ -36,5 +36,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{'retained':<16} {'of the baseline':<22} {'ratio':>7} {'± se':>7}")
         for name, share in result["retained"].items():
             lines.append(f"{name:<16} {share['metric'][:22]:<22} {100 * share['ratio']:6.1f}% "
-                         f"{100 * share['ratio_stderr']:6.1f}%")
+                         f"{100 * share['ratio_stderr']:6.1f}%"
+                         + ("  (lower is better: above 100% is worse; not in the average)"
+                            if share.get("lower_is_better") else ""))
     return "\n".join(lines)

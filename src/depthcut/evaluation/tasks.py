@@ -1,5 +1,5 @@
 """Which tasks `evaluate` runs: any lm-evaluation-harness task, group or tag, and task files in
-lm-eval's YAML format; the seven built-in benchmarks on local data.
+lm-eval's YAML format; the built-in benchmarks on local data.
 
 For a built-in benchmark whose data is local (local_data.py), a task definition that `include`s
 lm-eval's own and replaces only where the documents come from is written into a folder for this
@@ -221,7 +221,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 # --tasks presets: the set the depth-pruning papers report "% retained" on (ReplaceMe, LLM-Streamline)
-PRESETS = {"retained": ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")}
+PRESETS = {"retained": ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
+                        "wikitext")}
 
 
 def expand_presets(names) -> tuple[str, ...]:
