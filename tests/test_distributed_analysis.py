@@ -5,7 +5,9 @@ import sys
 from depthcut.analysis.result import Analysis
 from depthcut.cli import main
 
-ARGS = ["--samples", "6", "--seq-len", "16", "--batch-size", "1", "--quiet"]
+# 16 tokens a sequence, 6 of them read by the all-token angular distance: the sample and its standard
+# error over sequences summed across processes too
+ARGS = ["--samples", "6", "--seq-len", "16", "--batch-size", "1", "--token-positions", "6", "--quiet"]
 
 
 def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, corpus_file):
@@ -25,6 +27,10 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, 
         flat_two = [v for row in (two.metrics[name] if isinstance(rows[0], list) else [two.metrics[name]])
                     for v in row if v is not None]
         assert max(abs(a - b) for a, b in zip(flat_one, flat_two)) < 1e-6
+    for name, rows in one.metadata["metric_stderr"].items():
+        pairs = [(a, b) for row_one, row_two in zip(rows, two.metadata["metric_stderr"][name])
+                 for a, b in zip(row_one, row_two) if a is not None]
+        assert pairs and max(abs(a - b) for a, b in pairs) < 1e-6
 
 
 PROBE = """
