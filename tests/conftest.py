@@ -142,5 +142,10 @@ SLOW_TESTS = (
     "test_eval_harness.py::test_every_scoring_mode_gives_lm_evals_answers",
     "test_retained.py::test_eval_against_a_baseline_reports_what_was_retained",
     "test_heal.py::test_resume_refuses_a_checkpoint_of_another_run",
+    "test_shrink_steps.py::test_a_heal_that_helps_is_kept_and_is_what_is_written",
+    "test_shrink_steps.py::test_a_heal_that_hurts_is_not_kept",
+    "test_shrink_steps.py::test_shrink_evaluates_what_it_wrote_against_the_model",
+    "test_shrink_steps.py::test_one_pass_fits_every_repair_as_its_own_pass_would",
+    "test_eval_harness.py::test_wikitext_runs_on_the_local_copy_as_hflm_scores_it",
 )
 
