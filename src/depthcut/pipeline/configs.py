@@ -39,12 +39,15 @@ class DeviceMapOption:
                                          "sequential); --device is then ignored")
 
 
+DEFAULT_SAMPLES = 64  # calibration sequences (a linear repair's fit may take more: prune_repair)
+
+
 @dataclass(kw_only=True)
 class DataOptions:
     data: str | None = option(None, help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
                                          "hf:NAME[:CONFIG][:SPLIT], or c4")
     text_field: str = option("text", help="the field holding text in JSON/parquet data")
-    samples: int = option(64, help="number of calibration sequences")
+    samples: int = option(DEFAULT_SAMPLES, help="number of calibration sequences")
     seq_len: int = option(256, help="tokens per sequence")
     batch_size: int = option(8, help="sequences per forward pass")
     sample_mode: str = option("windows", choices=("windows", "documents"),
@@ -60,7 +63,7 @@ class DataOptions:
 
     def analysis_options(self) -> dict:
         """The keyword arguments of `depthcut.analysis.passes.analyze` these options give."""
-        samples = 64 if self.samples is None else self.samples  # prune and shrink leave it to the repair's size
+        samples = DEFAULT_SAMPLES if self.samples is None else self.samples  # prune, shrink: the repair sizes it
         return {"samples": samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "mode": self.sample_mode, "seed": self.seed, "text_field": self.text_field,
                 "metrics": list(self.metrics), "token_positions": self.token_positions}

@@ -41,16 +41,17 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
     check_measures(config)
     check_positive(batch_size=config.batch_size)
     with claimed_for_writing(config.out, config.force, kind="file", writer=is_main_process()):
-        return _evaluate(config)
+        return evaluate_with(config)
 
 
-def _evaluate(config: EvalConfig) -> dict:
+def evaluate_with(config: EvalConfig) -> dict:
+    """`evaluate_to`'s work once `--out` is claimed (`depthcut shrink --tasks` calls it too)."""
     resolve_model(config.model)
     if config.baseline:
         resolve_model(config.baseline)
-    result = measure(config, config.model)
+    result = _measure(config, config.model)
     if config.baseline:
-        result["baseline"] = measure(config, config.baseline)
+        result["baseline"] = _measure(config, config.baseline)
         if is_main_process():
             result["retained"] = retained(result, result["baseline"])
     result["environment"] = environment()
@@ -60,7 +61,7 @@ def _evaluate(config: EvalConfig) -> dict:
     return result
 
 
-def measure(config: EvalConfig, spec: str) -> dict:
+def _measure(config: EvalConfig, spec: str) -> dict:
     """The tasks and loss of the model `spec`, as this config asks, with where the model came from."""
     model, tokenizer, source = load(dataclasses.replace(config, model=spec), quiet=config.quiet)
     result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,

@@ -18,6 +18,7 @@ from depthcut.io.data import TextSource, load_texts, split_documents
 from depthcut.model.layers import text_config
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
+from depthcut.pipeline.configs import DEFAULT_SAMPLES
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, apply_repair, repair
 from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from depthcut.pipeline.prune import PruneConfig
 
 HELDOUT_FRACTION = 0.1  # of the repair data's documents, to judge the fit on
-DEFAULT_SAMPLES = 64  # calibration sequences where --samples is not given (a linear repair may take more)
 
 
 def repair_lines(fit: dict | None) -> list[str]:

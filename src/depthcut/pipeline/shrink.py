@@ -56,7 +56,7 @@ class Option:
     kept: bool = False
     why: str = ""
     seconds: float = 0.0
-    fit: object = field(default=None, repr=False)  # the repair's fit, for healing the winner
+    fit: object = field(default=None, repr=False)  # the repair's fit: healed and written as scored
 
     def score(self, aggregate: str) -> float:
         means = [s.summary()["kl"] for s in self.scores.values()]

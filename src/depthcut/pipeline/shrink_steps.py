@@ -12,14 +12,11 @@ import time
 from pathlib import Path
 
 from depthcut.evaluation.divergence import window_scores
-from depthcut.evaluation.retained import retained
 from depthcut.healing.trainer import heal
-from depthcut.io.atomic import atomic_output_file, write_json
 from depthcut.io.model_folder import parameter_count
-from depthcut.io.provenance import environment
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import EvalConfig, ShrinkConfig
-from depthcut.pipeline.evaluate import measure
+from depthcut.pipeline.evaluate import evaluate_with
 from depthcut.pipeline.validation import beats_plain
 from depthcut.repair import apply_repair
 
@@ -114,17 +111,12 @@ def heal_winner(model, tokenizer, winner, fit, training, predictions, config: Sh
 
 def evaluate_winner(config: ShrinkConfig) -> dict:
     """`depthcut eval OUT --baseline MODEL --tasks ...` on what shrink wrote, saved as OUT/eval.json."""
-    evaluation = EvalConfig(model=config.out, baseline=config.model, tasks=config.tasks, out=str(Path(config.out) /
-                            "eval.json"), limit=config.limit, seed=config.seed, dtype=config.dtype, device=config.device,
-                            trust_remote_code=config.trust_remote_code, quiet=config.quiet)
+    evaluation = EvalConfig(model=config.out, baseline=config.model, tasks=config.tasks,
+                            out=str(Path(config.out) / "eval.json"), limit=config.limit, seed=config.seed,
+                            dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code,
+                            quiet=config.quiet)
     log.info("shrink: evaluating the winner against %s on %s ...", config.model, ", ".join(config.tasks))
-    result = measure(evaluation, config.out)
-    result["baseline"] = measure(evaluation, config.model)
-    result["retained"] = retained(result, result["baseline"])
-    result["environment"] = environment()
-    with atomic_output_file(evaluation.out) as staging:
-        write_json(staging, result)
-    return result
+    return evaluate_with(evaluation)
 
 
 def minutes(seconds: float) -> str:
