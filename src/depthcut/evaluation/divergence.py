@@ -6,22 +6,41 @@ next-token log-probabilities (float16 on the CPU: a window of T tokens over a vo
 KL(unpruned || candidate) over its predicted tokens, and the candidate's mean next-token loss.
 Means and standard errors are taken over windows, so two candidates scored on the same windows can
 be compared pair by pair (`paired_difference`).
+
+A cut model computes exactly what the unpruned one does before its first changed layer, so the
+reference pass can also keep the residual stream *entering* chosen layers (`entering`); a candidate
+stripped of the layers before one of them then starts there (`window_scores(..., entering=...)`),
+which saves the shared prefix of every candidate's forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from depthcut.analysis.calibration import CalibrationSet
 from depthcut.evaluation.metrics import mean_stderr
+from depthcut.model.layers import find_layer_stack, first_tensor, replace_first_tensor
 
 
 @dataclass
 class ReferencePredictions:
     windows: CalibrationSet
     logprobs: list[torch.Tensor]  # per window: (T-1, V) float16, the unpruned model's log-probabilities
+    # layer index -> (N, T, d) the residual stream entering that layer, on the CPU (padding columns zero)
+    entering: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def subset(self, start: int, stop: int) -> ReferencePredictions:
+        """Windows [start, stop): scored apart and concatenated, they give the scores of all of them."""
+        w = self.windows
+        windows = CalibrationSet(w.input_ids[start:stop], w.attention_mask[start:stop], w.description, w.mode, w.seed)
+        return ReferencePredictions(windows, self.logprobs[start:stop],
+                                    {layer: states[start:stop] for layer, states in self.entering.items()})
 
 
 @dataclass
@@ -30,6 +49,9 @@ class WindowScores:
 
     kl: list[float]
     loss: list[float]
+
+    def __add__(self, other: WindowScores) -> WindowScores:
+        return WindowScores(self.kl + other.kl, self.loss + other.loss)
 
     def summary(self) -> dict:
         return {"kl": sum(self.kl) / len(self.kl), "kl_stderr": mean_stderr(self.kl),
@@ -43,35 +65,73 @@ def _valid(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8) -> ReferencePredictions:
+def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, entering: Iterable[int] = (),
+                          layer_path: str | None = None) -> ReferencePredictions:
+    """The unpruned model's log-probabilities on `windows`, and the residual stream entering each
+    layer of `entering`."""
     device = next(model.parameters()).device
-    kept = []
-    for input_ids, attention_mask in windows.batches(batch_size):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-        for row in range(input_ids.shape[0]):
-            kept.append(logits[row, :-1].float().log_softmax(-1).to("cpu", torch.float16))
-    return ReferencePredictions(windows, kept)
+    kept, states, handles = [], {}, []
+    shape = tuple(windows.input_ids.shape)
+    if entering:
+        layers = find_layer_stack(model, layer_path).layers
+        for index in sorted(set(entering)):
+            def keep(module, args, kwargs, index=index):
+                hidden = first_tensor(args, kwargs)
+                if index not in states:
+                    states[index] = torch.zeros(*shape, hidden.shape[-1], dtype=hidden.dtype)
+                rows, width = hidden.shape[:2]
+                states[index][len(kept) : len(kept) + rows, :width] = hidden.detach().cpu()
+            handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
+    try:
+        for input_ids, attention_mask in windows.batches(batch_size):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           use_cache=False).logits
+            for row in range(input_ids.shape[0]):
+                kept.append(logits[row, :-1].float().log_softmax(-1).to("cpu", torch.float16))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ReferencePredictions(windows, kept, states)
 
 
 @torch.inference_mode()
-def window_scores(model, reference: ReferencePredictions, batch_size: int = 8) -> WindowScores:
-    """Score `model` (a candidate) on the reference's windows; KL and loss summed in float64."""
+def window_scores(model, reference: ReferencePredictions, batch_size: int = 8, entering: int | None = None,
+                  layer_path: str | None = None) -> WindowScores:
+    """Score `model` (a candidate) on the reference's windows; KL and loss summed in float64.
+
+    With `entering`, `model` lacks the unpruned model's layers before layer `entering` (and the
+    reference kept the stream entering it): its first layer is fed that stream instead of what its
+    embeddings give."""
     device = next(model.parameters()).device
     kl, loss, index = [], [], 0
-    for input_ids, attention_mask in reference.windows.batches(batch_size):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-        for row in range(input_ids.shape[0]):
-            logprobs = logits[row, :-1].float().log_softmax(-1).cpu()
-            base = reference.logprobs[index].float()
-            index += 1
-            valid = _valid(attention_mask[row])
-            if not valid.any():
-                continue
-            targets = input_ids[row, 1:]
-            per_token_kl = (base.exp() * (base - logprobs)).sum(-1)
-            nll = -logprobs.gather(-1, targets[:, None])[:, 0]
-            kl.append(float(per_token_kl[valid].double().mean()))
-            loss.append(float(nll[valid].double().mean()))
+    handle = None
+    if entering is not None:
+        states = reference.entering[entering]
+
+        def substitute(module, args, kwargs):
+            rows, width = first_tensor(args, kwargs).shape[:2]
+            return replace_first_tensor(args, kwargs, states[index : index + rows, :width].to(device))
+
+        handle = find_layer_stack(model, layer_path).layers[0].register_forward_pre_hook(substitute, with_kwargs=True)
+    try:
+        for input_ids, attention_mask in reference.windows.batches(batch_size):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           use_cache=False).logits
+            for row in range(input_ids.shape[0]):
+                logprobs = logits[row, :-1].float().log_softmax(-1).cpu()
+                base = reference.logprobs[index + row].float()
+                valid = _valid(attention_mask[row])
+                if not valid.any():
+                    continue
+                targets = input_ids[row, 1:]
+                per_token_kl = (base.exp() * (base - logprobs)).sum(-1)
+                nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+                kl.append(float(per_token_kl[valid].double().mean()))
+                loss.append(float(nll[valid].double().mean()))
+            index += input_ids.shape[0]
+    finally:
+        if handle is not None:
+            handle.remove()
     return WindowScores(kl, loss)
 
 

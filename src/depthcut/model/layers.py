@@ -127,6 +127,18 @@ def first_tensor(args: tuple, kwargs: dict, name: str = "hidden_states") -> torc
     raise RuntimeError("could not find the hidden state among a decoder layer's inputs")
 
 
+def replace_first_tensor(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"
+                         ) -> tuple[tuple, dict]:
+    """A decoder layer's (args, kwargs) with the hidden state `first_tensor` finds replaced by `value`
+    (what a forward pre-hook returns to feed the layer another stream)."""
+    if name in kwargs and isinstance(kwargs[name], torch.Tensor):
+        return args, {**kwargs, name: value}
+    for position, item in enumerate(args):
+        if isinstance(item, torch.Tensor):
+            return (*args[:position], value, *args[position + 1 :]), kwargs
+    raise RuntimeError("could not find the hidden state among a decoder layer's inputs")
+
+
 def output_tensor(output) -> torch.Tensor:
     """The hidden state a decoder layer returned (a tensor, or the first item of a tuple)."""
     if isinstance(output, torch.Tensor):

@@ -1,13 +1,21 @@
 """Judging a training-free repair on the model's output, on text no fit saw: the validation windows
 (per source; the --data corpus contributes only its held-out documents), and the rule that a repair
 counts as better than the plain cut only where its KL divergence from the unpruned model is lower
-by more than `margin` standard errors of the paired difference over windows (do no harm)."""
+by more than `margin` standard errors of the paired difference over windows (do no harm).
+
+A cut of layers from l on (with a repair folded into layer l-1) leaves layers 0..l-2 computing what
+they did: `references` keeps the unpruned stream entering layer l-1 of each cut asked for, checks on
+a window that a model stripped of the layers before it reproduces the unpruned predictions, and
+`scores_after_cut` then runs each candidate from there (where the check failed: from the embeddings).
+"""
 
 from __future__ import annotations
 
 import copy
+import logging
 
 from depthcut.analysis.calibration import CalibrationSet, build_calibration
+from depthcut.errors import DepthcutError
 from depthcut.evaluation.divergence import (
     ReferencePredictions,
     WindowScores,
@@ -18,6 +26,11 @@ from depthcut.evaluation.divergence import (
 from depthcut.io.data import TextSource, load_texts
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import ValidationOptions
+
+log = logging.getLogger(__name__)
+# Mean KL (nats per token) a model started from the kept stream may differ from the references by:
+# float16 rounding of the stored log-probabilities gives about 1e-6.
+RESUME_TOLERANCE = 1e-4
 
 
 def validation_sets(options: ValidationOptions, tokenizer, held_out: TextSource) -> dict[str, CalibrationSet]:
@@ -30,19 +43,58 @@ def validation_sets(options: ValidationOptions, tokenizer, held_out: TextSource)
     return sets
 
 
-def references(model, sets: dict[str, CalibrationSet], batch_size: int) -> dict[str, ReferencePredictions]:
-    """The unpruned model's predictions on every validation set, computed once."""
-    return {name: reference_predictions(model, windows, batch_size) for name, windows in sets.items()}
+def resume_layer(layers: list[int]) -> int:
+    """The first layer whose input a cut of `layers` changes, counting a repair folded into the layer
+    before the cut: its input is the unpruned model's."""
+    return max(0, min(layers) - 1)
+
+
+def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: list[list[int]] = (),
+               layer_path: str | None = None, allow_unknown_config=()) -> dict[str, ReferencePredictions]:
+    """The unpruned model's predictions on every validation set, computed once, with the stream entering
+    each cut's `resume_layer` (checked to reproduce the predictions; dropped where it does not)."""
+    starts = sorted({resume_layer(layers) for layers in cuts} - {0})
+    predictions = {name: reference_predictions(model, windows, batch_size, starts, layer_path)
+                   for name, windows in sets.items()}
+    first = next(iter(predictions.values()), None)
+    for start in starts if first is not None else ():
+        trial = copy.deepcopy(model)
+        try:
+            remove_layers(trial, range(start), layer_path, allow_unknown_config)
+            check = first.subset(0, 1)
+            drift = window_scores(trial, check, batch_size, entering=start, layer_path=layer_path).summary()["kl"]
+            reason = None if drift <= RESUME_TOLERANCE else f"it moves the predictions by a KL of {drift:.2g}"
+        except DepthcutError as error:
+            reason = str(error)
+        del trial
+        if reason is not None:
+            log.info("validation runs from the embeddings for cuts after layer %d: starting at it is not exact "
+                     "here (%s)", start, reason)
+            for reference in predictions.values():
+                reference.entering.pop(start, None)
+    return predictions
 
 
 def scores_after_cut(model, layers: list[int], reference: dict[str, ReferencePredictions], batch_size: int,
                      layer_path: str | None = None, allow_unknown_config=(), in_place: bool = False
                      ) -> dict[str, WindowScores]:
     """Validation scores of `model` less `layers`: cut in place with `in_place`, else on a copy (and
-    `model` keeps every layer)."""
+    `model` keeps every layer). Runs from the stream the references kept entering `resume_layer`,
+    where there is one: the layers before it are stripped from the trial, since it would only
+    recompute that stream."""
     trial = model if in_place else copy.deepcopy(model)
-    remove_layers(trial, layers, layer_path, allow_unknown_config)
-    return {name: window_scores(trial, predictions, batch_size) for name, predictions in reference.items()}
+    start = resume_layer(layers)
+    entering = None
+    if start and all(start in predictions.entering for predictions in reference.values()):
+        try:
+            remove_layers(trial, sorted({*range(start), *layers}), layer_path, allow_unknown_config)
+            entering = start
+        except DepthcutError:  # a refused strip leaves the trial as it was: the cut alone, from the embeddings
+            pass
+    if entering is None:
+        remove_layers(trial, layers, layer_path, allow_unknown_config)
+    return {name: window_scores(trial, predictions, batch_size, entering, layer_path)
+            for name, predictions in reference.items()}
 
 
 def beats_plain(plain: dict[str, WindowScores], repaired: dict[str, WindowScores], margin: float,
