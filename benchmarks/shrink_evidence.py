@@ -82,7 +82,8 @@ def main() -> None:
             out = scratch / f"shrink-free-{drop}"
             prune_to(**common, layers=",".join(map(str, free["layers"])), repair=free["repair"], repair_policy="warn",
                      validation_windows=4, out=str(out))
-            depth["shrink"] = {"seconds": free_seconds, "layers": free["layers"], "found_by": free["found_by"],
+            depth["shrink"] = {"seconds": free_seconds, "steps": selection["seconds"], "layers": free["layers"],
+                               "found_by": free["found_by"],
                                "repair": free["repair"], "options": len(rows), "test": test_loss(out, windows),
                                "table": rows}
             if heal_row is not None:
@@ -102,7 +103,8 @@ def main() -> None:
                 depth[f"{strategy}+{method}"] = {"layers": result.removed, "test": test_loss(out, windows)}
             print(f"drop {drop}: shrink chose {winner['layers']} + {winner['repair']} in "
                   f"{depth['shrink']['seconds']:.0f} s ({depth['shrink']['seconds'] / analysis_seconds:.1f}x one "
-                  f"analysis pass of {analysis_seconds:.1f} s)")
+                  f"analysis pass of {analysis_seconds:.1f} s; by step: "
+                  + ", ".join(f"{step} {value:.0f} s" for step, value in selection["seconds"].items()) + ")")
             for name, row in depth.items():
                 test = row.get("test")
                 text = f"{test['loss']:.4f} ± {test['loss_stderr']:.4f}" if test else row.get("refused", "")

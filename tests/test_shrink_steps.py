@@ -3,6 +3,7 @@ winner on validation), the time budget, and the evaluation of what was written (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from test_shrink import SMALL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from depthcut.cli import main
+from depthcut.errors import DepthcutError
 from depthcut.evaluation.divergence import reference_predictions, window_scores
 from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
@@ -71,12 +73,17 @@ def test_a_heal_that_hurts_is_not_kept(tmp_path, tiny_llama_dir, corpus_file):
 
 
 def test_the_budget_plan_is_the_most_candidates_that_fit():
-    config = ShrinkConfig(model="m", out="o", drop=2, candidates=4, validation_windows=32, budget=1.0)
-    # a window forward costs 1.5 x 0.1 s; 4 options a candidate: a candidate costs
-    # 0.15 x (32 windows x 4 options + 3 fits x 10 windows) = 23.7 s, the references 0.15 x 32 = 4.8 s
+    config = ShrinkConfig(model="m", out="o", drop=2, candidates=4, validation_windows=32, budget=0.8)
+    # a window forward costs 1.5 x 0.1 s; the references 32 windows, the fits 1.25 x 10; 4 options a
+    # candidate, screened on 4 windows, the 2 finalists' on the other 28:
+    # 3 candidates: 0.15 x (32 + 12.5 + 4 x (3 x 4 + 2 x 28)) = 47.5 s <= 48 s; 4 candidates: 49.9 s
     plan = plan_for_budget(config, analysis_seconds=1.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
                            seconds_spent=0.0)
-    assert plan.candidates == 2 and plan.validation_windows == 32  # 2 x 23.7 + 4.8 = 52.2 s <= 60 < 75.9 s
+    assert plan.candidates == 3 and plan.validation_windows == 32
+    # without screening, each candidate costs its 4 options x 32 windows: 2 candidates, 45.1 s
+    unscreened = plan_for_budget(dataclasses.replace(config, screen_windows=0), analysis_seconds=1.0,
+                                 analysis_windows=10, sources=1, repairs_per_candidate=4, seconds_spent=0.0)
+    assert unscreened.candidates == 2
     tight = plan_for_budget(config, analysis_seconds=100.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
                             seconds_spent=30.0)
     assert tight.candidates == 1 and tight.validation_windows == FEWEST_WINDOWS and "overruns" in tight.why
@@ -148,27 +155,39 @@ def test_prune_records_the_grown_sample_count(tmp_path, tiny_llama_dir, corpus_f
     assert result.provenance["repair"]["samples"] == max(64, 16 * width // 8)
 
 
-def test_one_pass_fits_every_repair_as_its_own_pass_would(tiny_llama_dir, corpus_file):
-    """The shrink gathers every repair's sums of a block in one pass: each fit equals `repair`'s alone."""
+@pytest.mark.parametrize("rows_shared", [True, False])
+def test_shared_passes_fit_every_repair_of_every_block_as_its_own_pass_would(tiny_llama_dir, corpus_file, monkeypatch,
+                                                                            rows_shared):
+    """The shrink gathers every block's sums in one pass (cosine's token rows in it, or in a pass of their
+    own when they would take too much memory): each fit equals `repair`'s alone, on that block alone."""
     import copy
 
+    from depthcut.pipeline import shrink_fits
     from depthcut.pipeline.prune_repair import repair_samples
-    from depthcut.pipeline.shrink import _fits
     from depthcut.repair.run import repair
 
+    if not rows_shared:
+        monkeypatch.setattr(shrink_fits, "SHARED_ROWS_BYTES", 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = ShrinkConfig(model=str(tiny_llama_dir), out="o", drop=2, data=str(corpus_file), **SMALL)
     samples = repair_samples(config, tokenizer, model.config.hidden_size, ["lstsq"])
-    together = _fits(model, [2, 3], ["none", "lstsq", "cosine", "magnitude"], samples, config)
-    for method in ("lstsq", "cosine", "magnitude"):
-        alone = repair(copy.deepcopy(model), tokenizer, samples.calibration, [2, 3], method, heldout=samples.heldout,
-                       seed=config.seed, batch_size=config.batch_size)
-        fit = together[method]
-        assert fit.error_after == pytest.approx(alone.error_after, rel=1e-6)
-        assert fit.details["relative_error_heldout_after"] == pytest.approx(
-            alone.details["relative_error_heldout_after"], rel=1e-6)
-        if alone.transform is not None:
-            torch.testing.assert_close(fit.transform, alone.transform, rtol=1e-6, atol=1e-9)
-        else:
-            assert fit.alpha == pytest.approx(alone.alpha, rel=1e-6)
+    blocks = [[2, 3], [4, 5], [1, 2, 3], [0, 1]]
+    fits = shrink_fits.BlockFits(model, blocks, ["lstsq", "cosine", "magnitude"], samples, config,
+                                 model.config.hidden_size)
+    assert fits.rows_shared is rows_shared
+    with pytest.raises(DepthcutError, match="layer 0"):  # refused before any pass: no layer -1 to fold into
+        fits.get([0, 1], "lstsq")
+    for block in blocks[:3]:
+        for method in ("lstsq", "cosine", "magnitude"):
+            alone = repair(copy.deepcopy(model), tokenizer, samples.calibration, block, method,
+                           heldout=samples.heldout, seed=config.seed, batch_size=config.batch_size)
+            fit = fits.get(block, method)
+            assert fit.block == alone.block
+            assert fit.error_after == pytest.approx(alone.error_after, rel=1e-6)
+            assert fit.details["relative_error_heldout_after"] == pytest.approx(
+                alone.details["relative_error_heldout_after"], rel=1e-6)
+            if alone.transform is not None:
+                torch.testing.assert_close(fit.transform, alone.transform, rtol=1e-6, atol=1e-9)
+            else:
+                assert fit.alpha == pytest.approx(alone.alpha, rel=1e-6)

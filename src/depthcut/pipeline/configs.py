@@ -337,6 +337,11 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     repairs: tuple[str, ...] = option(("none", *REPAIRS.names()), parse=comma_list, group=CANDIDATES,
                                       help="the training-free repairs to try on every contiguous candidate "
                                            "(none: the plain cut, always tried)", show_default=False)
+    screen_windows: int = option(4, group=CANDIDATES,
+                                 help="score every candidate on the first N validation windows per source, and only "
+                                      "the --finalists best blocks on them all, cosine fitted for those alone (0: "
+                                      "every candidate on every window)")
+    finalists: int = option(2, group=CANDIDATES, help="the blocks the screening keeps")
     allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
                                                    help="as for prune")
     data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")

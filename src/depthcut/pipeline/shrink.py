@@ -33,12 +33,11 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
+from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, BlockFits
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
 from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
-from depthcut.repair import REPAIRS, check_repair
+from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
-from depthcut.repair.run import fit_judged
-from depthcut.repair.statistics import repair_statistics
 from depthcut.strategies import check_drop, select
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,8 @@ class Option:
     repair: str
     scores: dict = field(default_factory=dict)  # validation source -> WindowScores
     refused: str | None = None
+    screened: bool = False  # left out of the choice by the screening (scored on its first windows only)
+    screening: dict = field(default_factory=dict)  # validation source -> WindowScores on the screening windows
     kept: bool = False
     why: str = ""
     seconds: float = 0.0
@@ -64,8 +65,9 @@ class Option:
 
     def row(self) -> dict:
         return {"layers": self.layers, "found_by": self.found_by, "repair": self.repair, "refused": self.refused,
-                "kept": self.kept, "why": self.why, "seconds": round(self.seconds, 2),
-                "validation": {name: s.summary() for name, s in self.scores.items()}}
+                "screened": self.screened, "kept": self.kept, "why": self.why, "seconds": round(self.seconds, 2),
+                "validation": {name: s.summary() for name, s in self.scores.items()},
+                **({"screening": {name: s.summary() for name, s in self.screening.items()}} if self.screening else {})}
 
 
 def parse_count(text: str) -> int:
@@ -104,7 +106,10 @@ def _check(config: ShrinkConfig) -> None:
         parse_count(config.params)
     if config.fraction is not None and not 0 < config.fraction < 1:
         raise DepthcutError(f"--fraction must be between 0 and 1, got {config.fraction}")
-    check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows)
+    check_positive(drop=config.drop, candidates=config.candidates, validation_windows=config.validation_windows,
+                   finalists=config.finalists)
+    if config.screen_windows < 0:
+        raise DepthcutError(f"--screen-windows must be 0 (no screening) or more, got {config.screen_windows}")
     if config.margin < 0:
         raise DepthcutError(f"--margin must be 0 or more, got {config.margin}")
     check_positive(heal_steps=config.heal_steps, limit=config.limit, heal_seq_len=config.heal_seq_len,
@@ -158,7 +163,7 @@ def _decide(options: list[Option], config: ShrinkConfig) -> Option:
     every source or on their mean) and return the best kept option."""
     plain = {tuple(o.layers): o for o in options if o.repair == "none" and not o.refused}
     for option in options:
-        if option.refused:
+        if option.refused or option.screened:
             continue
         if option.repair == "none":
             option.kept, option.why = True, "the plain cut"
@@ -176,9 +181,13 @@ def decision_table(selection: dict) -> list[str]:
         if row["refused"]:
             lines.append(f"{head} {'-':<5} refused: {row['refused'][:90]}")
             continue
+        if row.get("screened") and not row["validation"]:
+            lines.append(f"{head} {'-':<5} {row['why']}")
+            continue
         scores = "; ".join(f"{name} {s['kl']:.4f} ± {s['kl_stderr']:.4f} ({s['loss']:.3f})"
                            for name, s in row["validation"].items())
-        lines.append(f"{head} {'yes' if row['kept'] else 'no':<5} {scores}")
+        kept = "out" if row.get("screened") else "yes" if row["kept"] else "no"
+        lines.append(f"{head} {kept:<5} {scores}")
     winner = selection["winner"]
     lines.append(f"chosen: layers {_span(winner['layers'])} ({winner['found_by']}), repair {winner['repair']}: "
                  f"{winner['why']}")
@@ -230,8 +239,12 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         if plan is not None:
             candidates = candidates[: plan.candidates]
         validation = validation_sets(config, tokenizer, samples.held_out)
-        predictions = references(model, validation, config.batch_size)
-        options = _scored_options(model, tokenizer, candidates, repairs, samples, predictions, config)
+        seconds = {"analysis": analysis_seconds}
+        references_started = time.perf_counter()
+        predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
+                                 config.layer_path, config.allow_unknown_config)
+        seconds["references"] = time.perf_counter() - references_started
+        options = _scored_options(model, candidates, repairs, samples, predictions, config, seconds)
         winner = _decide(options, config)
         healed = None
         if config.heal_steps:
@@ -246,7 +259,9 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                              + (", a heal only beyond as many of the unhealed winner's" if healed else ""),
                      "validation": {name: windows.as_dict() for name, windows in validation.items()},
                      "options": [o.row() for o in options], "winner": winner.row(),
-                     "analysis_seconds": round(analysis_seconds, 2), "budget": plan.as_dict() if plan else None,
+                     "analysis_seconds": round(analysis_seconds, 2),
+                     "seconds": {step: round(value, 2) for step, value in seconds.items()},
+                     "finalists": config.finalists, "screen_windows": config.screen_windows, "budget": plan.as_dict() if plan else None,
                      "heal": healed.heal if healed else None}
         strategy = f"shrink ({winner.found_by})"
         repair_method = winner.repair.removesuffix("+heal")
@@ -303,64 +318,82 @@ def _repair_provenance(prune: PruneConfig, options: list[Option], base: Option, 
     return record
 
 
-def _scored_options(model, tokenizer, candidates, repairs, samples, predictions, config) -> list[Option]:
-    """Every candidate, plain and with each repair, scored on the validation windows, with the time left."""
-    options, started, total = [], time.perf_counter(), len(candidates) * len(repairs)
-    cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
-    for number, (layers, found_by) in enumerate(candidates, 1):
-        fits = None
-        for method in repairs:
-            option = Option(layers, found_by, method)
-            options.append(option)
-            done = len(options) - 1
-            left = (time.perf_counter() - started) / done * (total - done) if done else None
-            log.info("shrink: candidate %d of %d, layers %s, repair %s%s ...", number, len(candidates), _span(layers),
-                     method, f" (about {minutes(left)} left)" if left is not None else "")
-            option_started = time.perf_counter()
-            try:
-                if method == "none":
-                    option.scores = scores_after_cut(model, layers, predictions, config.batch_size, **cut)
-                else:
-                    if fits is None:  # every repair of this block, from one pass
-                        fits = _fits(model, layers, repairs, samples, config)
-                    option.fit = fits[method]
-                    if isinstance(option.fit, DepthcutError):
-                        raise option.fit
-                    trial = copy.deepcopy(model)
-                    apply_repair(trial, option.fit, config.layer_path)
-                    option.scores = scores_after_cut(trial, layers, predictions, config.batch_size, in_place=True,
-                                                     **cut)
-                    del trial
-            except DepthcutError as error:
-                option.refused, option.fit = str(error), None
-                continue
-            option.seconds = time.perf_counter() - option_started
+def _scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict) -> list[Option]:
+    """Every candidate, plain and with each repair, scored on the validation windows, with the time left.
+
+    Screening (`--screen-windows` below the windows per source, more candidate blocks than
+    `--finalists`): every option but the costly cosine fit is scored on the first windows of each
+    source; the finalists, the blocks whose best option scored lowest there, are then scored on the
+    rest (the scores concatenated: the same windows as without screening) and get their cosine fits.
+    The other blocks stay in the table with their screening scores, out of the choice. `seconds`
+    gains the time each step took."""
+    options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
+    width = text_config(model).hidden_size
+    started = time.perf_counter()
+    fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
+                     config, width)
+    seconds["fit_passes"] = time.perf_counter() - started
+    screen = config.screen_windows
+    screening = 0 < screen < min(len(r) for r in predictions.values()) and len(candidates) > config.finalists
+    if not screening:
+        started = time.perf_counter()
+        _score(model, options, fits, predictions, config, "scoring")
+        seconds["scoring"] = time.perf_counter() - started
+        return options
+    started = time.perf_counter()
+    first = {name: reference.subset(0, screen) for name, reference in predictions.items()}
+    rest = {name: reference.subset(screen, len(reference)) for name, reference in predictions.items()}
+    _score(model, [o for o in options if o.repair not in ROWS_KEPT_BY], fits, first, config, "screening")
+    for option in options:
+        option.screening = dict(option.scores)
+    seconds["screening"] = time.perf_counter() - started
+    started = time.perf_counter()
+    ranked = sorted({tuple(o.layers): min(b.score(config.aggregate) for b in options
+                                          if b.layers == o.layers and b.scores and not b.refused)
+                     for o in options if o.scores and not o.refused}.items(), key=lambda item: item[1])
+    if not ranked:  # every option refused: nothing to choose between
+        return options
+    finalists = {block for block, _ in ranked[: config.finalists]}
+    cutoff = ranked[min(len(ranked), config.finalists) - 1][1]
+    for option in options:
+        if tuple(option.layers) not in finalists and not option.refused:
+            option.screened = True
+            option.why = (f"screened out on {screen} window(s) per source: best KL of its block "
+                          f"{min(s for b, s in ranked if b == tuple(option.layers)):.4f}, the finalists' at most "
+                          f"{cutoff:.4f}" if option.scores else "not fitted: its block was screened out")
+    fits.gather_rows([list(block) for block in finalists])  # cosine's rows, where the shared pass did not keep them
+    chosen = [o for o in options if tuple(o.layers) in finalists]
+    _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")
+    _score(model, [o for o in chosen if not o.scores and not o.refused], fits, predictions, config, "finalists")
+    seconds["finalists"] = time.perf_counter() - started
     return options
 
 
-def _fits(model, layers: list[int], repairs: list[str], samples, config: ShrinkConfig) -> dict:
-    """Every training-free repair of cutting `layers`, fitted from one pass over the calibration samples and
-    judged on one pass over the held-out ones (the sums each method needs, gathered together): {method:
-    its fit, or the DepthcutError that refuses it}."""
-    fits, usable = {}, []
-    for method in repairs:
-        if method == "none":
-            continue
+def _score(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig, phase: str) -> None:
+    """Score each option on `predictions`' windows (added to what it scored already), fitting its repair
+    on first use; a repair that refuses the cut marks the option refused."""
+    started = time.perf_counter()
+    cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
+    for done, option in enumerate(options):
+        left = (time.perf_counter() - started) / done * (len(options) - done) if done else None
+        log.info("shrink: %s %d of %d, layers %s, repair %s%s ...", phase, done + 1, len(options),
+                 _span(option.layers), option.repair, f" (about {minutes(left)} left)" if left is not None else "")
+        option_started = time.perf_counter()
         try:
-            check_repair(model, layers, method, config.layer_path)
-            usable.append(method)
+            if option.repair == "none":
+                scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
+            else:
+                option.fit = fits.get(option.layers, option.repair)
+                trial = copy.deepcopy(model)
+                apply_repair(trial, option.fit, config.layer_path)
+                scores = scores_after_cut(trial, option.layers, predictions, config.batch_size, in_place=True, **cut)
+                del trial
         except DepthcutError as error:
-            fits[method] = error
-    if not usable:
-        return fits
-    gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
-    statistics = repair_statistics(model, samples.calibration, layers, usable, **gather)
-    # a linear map's error needs M^T M; a scale's, the three sums magnitude gathers
-    judging = sorted({"lstsq" if REPAIRS.get(method).linear else "magnitude" for method in usable})
-    judged = repair_statistics(model, samples.heldout, layers, judging, **gather)
-    for method in usable:
-        fits[method] = fit_judged(method, statistics, judged)
-    return fits
+            option.refused, option.fit = str(error), None
+            continue
+        option.scores = {name: option.scores[name] + value if name in option.scores else value
+                         for name, value in scores.items()}
+        option.seconds += time.perf_counter() - option_started
 
 
 shrink = shrink_to  # `depthcut.shrink(...)`

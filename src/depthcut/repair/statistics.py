@@ -15,7 +15,7 @@ The forward pass stops at the cut: nothing after layer l+n is computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,6 +141,8 @@ class Accumulator:
                 rows[name] = rows[name][keep]
 
     def hooks(self, stack: LayerStack, mlp: torch.nn.Module | None):
+        """Capture x and m, and sum at the target; the pass is stopped by `stop_after` (once every
+        accumulator of a shared pass has summed)."""
         first, stop = self.stats.first, self.stats.stop
 
         def entering(module, args, kwargs):
@@ -152,11 +154,9 @@ class Accumulator:
 
         def target_in(module, args, kwargs):
             self.add(first_tensor(args, kwargs))
-            raise StopForward
 
         def target_out(module, args, kwargs, output):
             self.add(output_tensor(output))
-            raise StopForward
 
         layers = stack.layers
         handles = [layers[first].register_forward_pre_hook(entering, with_kwargs=True)]
@@ -169,7 +169,21 @@ class Accumulator:
         return handles
 
 
-@torch.no_grad()
+def stop_after(stack: LayerStack, stop: int):
+    """A hook that ends the pass where the last target is summed (registered after the summing hooks, so
+    it runs after them)."""
+
+    def stop_in(module, args, kwargs):
+        raise StopForward
+
+    def stop_out(module, args, kwargs, output):
+        raise StopForward
+
+    if stop < len(stack.layers):
+        return stack.layers[stop].register_forward_pre_hook(stop_in, with_kwargs=True)
+    return stack.layers[-1].register_forward_hook(stop_out, with_kwargs=True)
+
+
 def repair_statistics(
     model,
     calibration: CalibrationSet,
@@ -188,31 +202,57 @@ def repair_statistics(
     ``range(3, 6)``). Every method is checked against the model before the forward pass, so a
     refusal costs nothing. `max_rows` bounds the token rows kept for ``cosine`` (drawn with `seed`).
     """
+    gathered = block_statistics(model, calibration, {tuple(block): methods}, layer_path, batch_size=batch_size,
+                                max_rows=max_rows, seed=seed, progress=progress)
+    return next(iter(gathered.values()))
+
+
+@torch.no_grad()
+def block_statistics(
+    model,
+    calibration: CalibrationSet,
+    blocks: Mapping[tuple[int, ...], Sequence[str]],
+    layer_path: str | None = None,
+    *,
+    batch_size: int = 8,
+    max_rows: int = MAX_ROWS,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[tuple[int, ...], RepairStatistics]:
+    """`repair_statistics` for several blocks from ONE pass over `calibration`: {block (its layers, as
+    given): the methods to gather for it} -> {block: its statistics}. Each block's sums are exactly
+    those a pass of its own gives; the pass stops after the furthest block."""
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
-    if not methods:
-        raise DepthcutError("no repair method asked for")
     stack = find_layer_stack(model, layer_path)
-    first, stop = contiguous_block(block, len(stack))
     arch = architecture_of(model)
-    chosen = [REPAIRS.get(name) for name in methods]
-    for method in chosen:
-        method.check(model, stack, arch, first, stop)
-    linear = any(method.linear for method in chosen)
-    stats = RepairStatistics(first, stop, len(stack), tuple(methods), type(model).__name__,
-                             calibration=calibration.as_dict())
-    mlp = submodule(stack.layers[first - 1], arch.mlp, "MLP", first - 1) if linear else None
-    accumulator = Accumulator(stats, linear, max_rows, seed)
+    accumulators = {}
+    for block, methods in blocks.items():
+        if not methods:
+            raise DepthcutError("no repair method asked for")
+        first, stop = contiguous_block(block, len(stack))
+        chosen = [REPAIRS.get(name) for name in methods]
+        for method in chosen:
+            method.check(model, stack, arch, first, stop)
+        linear = any(method.linear for method in chosen)
+        stats = RepairStatistics(first, stop, len(stack), tuple(methods), type(model).__name__,
+                                 calibration=calibration.as_dict())
+        mlp = submodule(stack.layers[first - 1], arch.mlp, "MLP", first - 1) if linear else None
+        accumulators[block] = (Accumulator(stats, linear, max_rows, seed), mlp)
+    if not accumulators:
+        return {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    handles = accumulator.hooks(stack, mlp)
+    handles = [handle for accumulator, mlp in accumulators.values() for handle in accumulator.hooks(stack, mlp)]
+    handles.append(stop_after(stack, max(accumulator.stats.stop for accumulator, _ in accumulators.values())))
     bar = tqdm(total=len(calibration), desc="repair statistics", unit="sample", disable=not progress)
     try:
         for input_ids, attention_mask in calibration.batches(batch_size):
-            accumulator.valid = attention_mask.reshape(-1).bool()
-            accumulator.x = accumulator.m = None
+            for accumulator, _ in accumulators.values():
+                accumulator.valid = attention_mask.reshape(-1).bool()
+                accumulator.x = accumulator.m = None
             try:
                 model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
             except StopForward:
@@ -225,9 +265,10 @@ def repair_statistics(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if stats.tokens == 0 or stats.y_sq == 0:
-        raise DepthcutError("the calibration data gave no tokens to fit a repair on")
-    return stats
+    for accumulator, _ in accumulators.values():
+        if accumulator.stats.tokens == 0 or accumulator.stats.y_sq == 0:
+            raise DepthcutError("the calibration data gave no tokens to fit a repair on")
+    return {block: accumulator.stats for block, (accumulator, _) in accumulators.items()}
 
 
 def relative_error(statistics, transform: torch.Tensor) -> float:
