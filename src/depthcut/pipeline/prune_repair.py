@@ -117,7 +117,8 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     calibration, heldout, data, held_out, _ = repair_samples(config, tokenizer, text_config(model).hidden_size,
                                                              [config.repair])
     sets = validation_sets(config, tokenizer, held_out)
-    predictions = references(model, sets, config.batch_size)
+    predictions = references(model, sets, config.batch_size, [removed], config.layer_path,
+                             config.allow_unknown_config)
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
     plain = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     log.info("repairing the cut with %s on %s ...", config.repair, data)
