@@ -29,7 +29,7 @@ for _name, _description in {
 
 _SOURCES = {
     "depthcut.repair.methods": "RepairFit RepairMethod apply_repair check_repair fit_repair",
-    "depthcut.repair.statistics": "RepairStatistics contiguous_block repair_statistics",
+    "depthcut.repair.statistics": "RepairStatistics block_statistics contiguous_block repair_statistics",
     "depthcut.repair.run": "repair",
 }
 __getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
