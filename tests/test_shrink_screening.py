@@ -62,6 +62,9 @@ def test_screening_scores_the_finalists_as_scoring_everything_would(tmp_path, ti
     assert len(finalists) == 2 and not any(r["screened"] for r in everything["options"])
     for row in screened["options"]:
         reference = full[(tuple(row["layers"]), row["repair"])]
+        contiguous = row["layers"] == list(range(row["layers"][0], row["layers"][-1] + 1))
+        if row["repair"] in ("lstsq", "cosine") and (not contiguous or row["layers"][0] == 0):  # refused, screened or not
+            assert row["refused"] and not row["screened"], row
         if row["refused"]:
             assert reference["refused"]
             continue

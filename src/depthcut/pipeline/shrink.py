@@ -333,6 +333,10 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
     fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
                      config, width)
     seconds["fit_passes"] = time.perf_counter() - started
+    for option in options:  # refusals are known before any scoring: said as such, screened or not
+        refusal = fits.refused.get(tuple(option.layers), {}).get(option.repair)
+        if refusal is not None:
+            option.refused = str(refusal)
     screen = config.screen_windows
     screening = 0 < screen < min(len(r) for r in predictions.values()) and len(candidates) > config.finalists
     if not screening:
