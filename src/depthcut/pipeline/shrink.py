@@ -4,7 +4,8 @@ is tried plain and with each training-free repair, each scored on validation tex
 KL divergence from the unpruned model's next-token distribution, and the loss, over windows); a
 repair is kept only where it beats the plain cut of its block by more than `margin` standard errors
 of the paired difference (do no harm); the winner is written as `depthcut prune` writes it, with
-the decision table in its provenance (`selection`)."""
+the decision table in its provenance (`selection`). Screening (`_scored_options`) scores every
+option on a few windows first and only the finalist blocks on them all."""
 
 from __future__ import annotations
 
