@@ -70,13 +70,18 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
     """The unpruned model's log-probabilities on `windows`, and the residual stream entering each
     layer of `entering`."""
     device = next(model.parameters()).device
-    kept, states, handles = [], {}, []
+    kept, states, handles, unusable, batch = [], {}, [], set(), [None]
     shape = tuple(windows.input_ids.shape)
     if entering:
         layers = find_layer_stack(model, layer_path).layers
         for index in sorted(set(entering)):
             def keep(module, args, kwargs, index=index):
                 hidden = first_tensor(args, kwargs)
+                # only a (batch, tokens, d) stream is kept (XLNet's is token-major, DeepSeek-V4's has
+                # streams of its own): elsewhere candidates run from the embeddings
+                if index in unusable or hidden.dim() != 3 or tuple(hidden.shape[:2]) != batch[0]:
+                    unusable.add(index)
+                    return
                 if index not in states:
                     states[index] = torch.zeros(*shape, hidden.shape[-1], dtype=hidden.dtype)
                 rows, width = hidden.shape[:2]
@@ -84,6 +89,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
     try:
         for input_ids, attention_mask in windows.batches(batch_size):
+            batch[0] = tuple(input_ids.shape)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits
             for row in range(input_ids.shape[0]):
@@ -91,7 +97,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
     finally:
         for handle in handles:
             handle.remove()
-    return ReferencePredictions(windows, kept, states)
+    return ReferencePredictions(windows, kept, {i: v for i, v in states.items() if i not in unusable})
 
 
 @torch.inference_mode()

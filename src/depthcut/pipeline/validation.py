@@ -58,6 +58,10 @@ def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: li
                    for name, windows in sets.items()}
     first = next(iter(predictions.values()), None)
     for start in starts if first is not None else ():
+        if not all(start in reference.entering for reference in predictions.values()):
+            for reference in predictions.values():  # a stream of another layout was not kept
+                reference.entering.pop(start, None)
+            continue
         trial = copy.deepcopy(model)
         try:
             remove_layers(trial, range(start), layer_path, allow_unknown_config)
