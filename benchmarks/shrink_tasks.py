@@ -30,7 +30,7 @@ from depthcut.pipeline import prune_to
 def scored(model, tokenizer, args) -> dict:
     started = time.perf_counter()
     result = evaluate(model, tokenizer, args.tasks.split(","), limit=args.limit, seed=0, batch_size=16,
-                      progress=False)
+                      progress=True)
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--evidence", default="benchmarks/results/shrink_evidence.json")
     parser.add_argument("--tasks", default="retained")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--depths", nargs="+", help="the evidence run's depths to rebuild (default: all)")
     parser.add_argument("--out", default="benchmarks/results/shrink_tasks.json")
     args = parser.parse_args()
     evidence = json.loads(Path(args.evidence).read_text())
@@ -59,6 +60,8 @@ def main() -> None:
     print(f"unpruned: {unpruned['seconds']:.0f} s")
     with tempfile.TemporaryDirectory() as scratch:
         for drop, depth in evidence["depths"].items():
+            if args.depths and drop not in args.depths:
+                continue
             best = fixed_best(depth)
             recipes = {"shrink": (depth["shrink"]["layers"], depth["shrink"]["repair"]),
                        "angular+none": (depth["angular+none"]["layers"], "none")}
