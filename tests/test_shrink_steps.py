@@ -173,8 +173,7 @@ def test_shared_passes_fit_every_repair_of_every_block_as_its_own_pass_would(tin
     config = ShrinkConfig(model=str(tiny_llama_dir), out="o", drop=2, data=str(corpus_file), **SMALL)
     samples = repair_samples(config, tokenizer, model.config.hidden_size, ["lstsq"])
     blocks = [[2, 3], [4, 5], [1, 2, 3], [0, 1]]
-    fits = shrink_fits.BlockFits(model, blocks, ["lstsq", "cosine", "magnitude"], samples, config,
-                                 model.config.hidden_size)
+    fits = shrink_fits.BlockFits(model, blocks, ["lstsq", "cosine", "magnitude"], samples, config)
     assert fits.rows_shared is rows_shared
     with pytest.raises(DepthcutError, match="layer 0"):  # refused before any pass: no layer -1 to fold into
         fits.get([0, 1], "lstsq")

@@ -262,7 +262,8 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                      "options": [o.row() for o in options], "winner": winner.row(),
                      "analysis_seconds": round(analysis_seconds, 2),
                      "seconds": {step: round(value, 2) for step, value in seconds.items()},
-                     "finalists": config.finalists, "screen_windows": config.screen_windows, "budget": plan.as_dict() if plan else None,
+                     "finalists": config.finalists, "screen_windows": config.screen_windows,
+                     "budget": plan.as_dict() if plan else None,
                      "heal": healed.heal if healed else None}
         strategy = f"shrink ({winner.found_by})"
         repair_method = winner.repair.removesuffix("+heal")
@@ -329,10 +330,9 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
     The other blocks stay in the table with their screening scores, out of the choice. `seconds`
     gains the time each step took."""
     options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
-    width = text_config(model).hidden_size
     started = time.perf_counter()
     fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
-                     config, width)
+                     config)
     seconds["fit_passes"] = time.perf_counter() - started
     for option in options:  # refusals are known before any scoring: said as such, screened or not
         refusal = fits.refused.get(tuple(option.layers), {}).get(option.repair)
@@ -353,19 +353,22 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
         option.screening = dict(option.scores)
     seconds["screening"] = time.perf_counter() - started
     started = time.perf_counter()
-    ranked = sorted({tuple(o.layers): min(b.score(config.aggregate) for b in options
-                                          if b.layers == o.layers and b.scores and not b.refused)
-                     for o in options if o.scores and not o.refused}.items(), key=lambda item: item[1])
-    if not ranked:  # every option refused: nothing to choose between
+    best: dict[tuple, float] = {}  # block -> the lowest screening score of its options
+    for option in options:
+        if option.scores:
+            block = tuple(option.layers)
+            best[block] = min(best.get(block, math.inf), option.score(config.aggregate))
+    if not best:  # every option refused: nothing to choose between
         return options
-    finalists = {block for block, _ in ranked[: config.finalists]}
-    cutoff = ranked[min(len(ranked), config.finalists) - 1][1]
+    ranked = sorted(best, key=best.get)
+    finalists = set(ranked[: config.finalists])
+    cutoff = max(best[block] for block in finalists)
     for option in options:
         if tuple(option.layers) not in finalists and not option.refused:
             option.screened = True
             option.why = (f"screened out on {screen} window(s) per source: best KL of its block "
-                          f"{min(s for b, s in ranked if b == tuple(option.layers)):.4f}, the finalists' at most "
-                          f"{cutoff:.4f}" if option.scores else "not fitted: its block was screened out")
+                          f"{best[tuple(option.layers)]:.4f}, the finalists' at most {cutoff:.4f}"
+                          if option.scores else "not fitted: its block was screened out")
     fits.gather_rows([list(block) for block in finalists])  # cosine's rows, where the shared pass did not keep them
     chosen = [o for o in options if tuple(o.layers) in finalists]
     _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")
@@ -379,6 +382,7 @@ def _score(model, options: list[Option], fits: BlockFits, predictions, config: S
     on first use; a repair that refuses the cut marks the option refused."""
     started = time.perf_counter()
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
+    options = [option for option in options if not option.refused]  # refused before any scoring
     for done, option in enumerate(options):
         left = (time.perf_counter() - started) / done * (len(options) - done) if done else None
         log.info("shrink: %s %d of %d, layers %s, repair %s%s ...", phase, done + 1, len(options),

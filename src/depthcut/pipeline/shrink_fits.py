@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from depthcut.errors import DepthcutError
+from depthcut.model.layers import text_config
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.methods import RepairFit
 from depthcut.repair.run import fit_judged
@@ -24,8 +25,8 @@ ROWS_KEPT_BY = ("cosine",)  # the repairs fitted on token rows, not on sums alon
 class BlockFits:
     """{block: {method: fit}} for the candidate `blocks` (each a list of layers), fitted lazily."""
 
-    def __init__(self, model, blocks: list[list[int]], methods: list[str], samples, config, width: int):
-        self.model, self.samples, self.config = model, samples, config
+    def __init__(self, model, blocks: list[list[int]], methods: list[str], samples, config):
+        self.model, self.samples = model, samples
         self.gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
         self.refused: dict[tuple, dict[str, DepthcutError]] = {}
         self.usable: dict[tuple, list[str]] = {}
@@ -41,6 +42,7 @@ class BlockFits:
         self.fits: dict[tuple, dict[str, RepairFit]] = {block: {} for block in self.usable}
         rows = min(MAX_ROWS, samples.calibration.num_tokens)
         with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
+        width = text_config(model).hidden_size
         self.rows_shared = 3 * rows * width * 4 * len(with_rows) <= SHARED_ROWS_BYTES
         wanted = {block: [m for m in usable if self.rows_shared or m not in ROWS_KEPT_BY]
                   for block, usable in self.usable.items()}
