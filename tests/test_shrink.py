@@ -152,3 +152,36 @@ def test_shrink_to_a_parameter_budget(tmp_path, tiny_llama_dir, corpus_file):
     result = shrink_to(model=str(tiny_llama_dir), params=str(total - 2 * layer), data=str(corpus_file),
                        repairs=("none",), out=str(tmp_path / "budget"), **SMALL)
     assert len(result.removed) == 2 and result.provenance["parameters_after"] <= total - 2 * layer
+
+
+@pytest.mark.parametrize(("stored", "dtype"), [(torch.float32, "float32"), (torch.bfloat16, "auto")])
+def test_a_plain_winner_is_written_from_the_loaded_model_when_prune_would_load_the_same(
+        monkeypatch, tmp_path, tokenizer, corpus_file, stored, dtype):
+    """A plain-cut winner is written from the model shrink loaded where prune would load the same weights
+    (one load): a float32 folder shrunk in float32. A bfloat16 folder shrunk with --dtype auto is
+    computed in float32 on a CPU without native bfloat16, and prune then loads it again to keep the
+    stored bfloat16 (two loads). Either way the output equals `prune --layers` of the same cut."""
+    from tiny import tiny_model
+
+    from depthcut.model.precision import choose_dtype
+    from depthcut.pipeline import common, prune_to
+
+    folder = tmp_path / "model"
+    tiny_model("llama").to(stored).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    computed = choose_dtype(dtype, "cpu", stored).dtype
+    calls = []
+    real = common.load_model_announced
+    monkeypatch.setattr(common, "load_model_announced", lambda *a, **k: calls.append(a) or real(*a, **k))
+    result = shrink_to(model=str(folder), drop=2, data=str(corpus_file), repairs=("none",),
+                       out=str(tmp_path / "shrunk"), **{**SMALL, "dtype": dtype})
+    assert len(calls) == (1 if computed == stored else 2)
+    assert result.provenance["selection"]["winner"]["repair"] == "none"
+    reference = prune_to(model=str(folder), layers=",".join(map(str, result.removed)), dtype=dtype,
+                         out=str(tmp_path / "pruned"), quiet=True)
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk", dtype="auto").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype="auto").state_dict()
+    assert written.keys() == expected.keys()
+    assert all(written[k].dtype == stored and torch.equal(written[k], expected[k]) for k in expected)
+    for key in ("parameters_before", "parameters_after", "dtype"):
+        assert result.provenance[key] == reference.provenance[key]

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
 from depthcut.analysis.result import Analysis
@@ -19,7 +20,7 @@ from depthcut.io.output_checks import check_free_space, check_no_overlap
 from depthcut.io.provenance import check_prune_record, prune_record
 from depthcut.model.distributed import is_main_process
 from depthcut.model.layers import text_config
-from depthcut.model.loading import resolve_model
+from depthcut.model.loading import checkpoint_dtype, resolve_device, resolve_dtype, resolve_model
 from depthcut.model.shards import INDEX_FILE
 from depthcut.model.surgery import parse_layer_spec
 from depthcut.pipeline.common import check_data_options
@@ -148,6 +149,22 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
                             "--repair), and --layers, a strategy without analysis, or --analysis FILE")
     # A repair streams only when asked: in memory its model is loaded once for statistics and surgery alike.
     return possible and (config.stream or (config.repair == "none" and (Path(source.location) / INDEX_FILE).is_file()))
+
+
+def loaded_as_prune_would(config: PruneConfig, source, model) -> bool:
+    """Whether `model` (loaded by the caller, every layer still in it, nothing folded in) holds the very
+    weights `prune_with` would load to write the plain cut `config` asks for, so that writing it spares a
+    second load: a folder output that would be written in memory (not shard by shard, which copies the
+    stored bytes), in the dtype prune would load (the stored one for --dtype auto: GGUF dequantizes to
+    float32; a folder's from its config, unknown means no)."""
+    if gguf_output(config.out) or config.repair != "none" or _streamable(config, source, None):
+        return False
+    asked = "checkpoint" if config.dtype == "auto" else config.dtype
+    if asked == "checkpoint":
+        wanted = torch.float32 if source.gguf_file else checkpoint_dtype(source)
+    else:
+        wanted = resolve_dtype(asked, resolve_device(config.device))
+    return wanted is not None and {p.dtype for p in model.parameters()} == {wanted}
 
 
 def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:

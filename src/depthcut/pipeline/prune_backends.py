@@ -117,6 +117,8 @@ class Prepared(PruneBackend):
 
     def write(self, removed, record):
         model = self.model
+        for note in self.rewrite.notes:
+            log.warning(note)
         record.update(parameters_before=self.parameters_before, parameters_after=parameter_count(model),
                       dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                       config_rewrite=self.rewrite.as_dict(),

@@ -30,7 +30,7 @@ from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
-from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
+from depthcut.pipeline.prune import PruneResult, gguf_output, loaded_as_prune_would, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
@@ -275,8 +275,16 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                             trust_remote_code=config.trust_remote_code,
                             allow_unknown_config=config.allow_unknown_config)
         base = _base_option(options, winner)  # the training-free option the winner is or grew from
-        if gguf_output(config.out) or base.fit is None and not (healed and healed.kept):
-            # a plain cut (nothing computed: the weights as stored), or a GGUF written tensor by tensor
+        if base.fit is None and not (healed and healed.kept) and loaded_as_prune_would(prune, source, model):
+            # the plain cut of the model loaded here, which is what prune would load again to write it
+            before = parameter_count(model)
+            rewrite = remove_layers(model, winner.layers, config.layer_path, config.allow_unknown_config)
+            backend = Prepared(prune, source, model, tokenizer, winner.layers, num_layers=num_layers,
+                               parameters_before=before, rewrite=rewrite, repair_record=None)
+            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
+        elif gguf_output(config.out) or base.fit is None and not (healed and healed.kept):
+            # a plain cut written from the weights as stored (shard by shard, or in their dtype), or a GGUF
+            # written tensor by tensor
             del model, healed
             result = prune_with(prune, None, selection=selection, strategy=strategy)
         else:  # the repair (and heal) already fitted and scored: written as scored, not fitted again
