@@ -22,7 +22,7 @@ from depthcut.evaluation.divergence import (
 from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
-from depthcut.pipeline.shrink import Option, _decide, shrink_to
+from depthcut.pipeline.shrink import Option, _decide, _refinements, shrink_to
 from depthcut.pipeline.validation import validation_sets
 
 SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
@@ -56,6 +56,28 @@ def test_a_repair_is_kept_only_beyond_the_noise_of_the_paired_windows():
                                                  "b": WindowScores([k + 0.01 for k in plain], plain)})]
     assert _decide(mixed, ShrinkConfig(model="m", out="o", drop=2, aggregate="worst")) is mixed[0]
     assert _decide(mixed, ShrinkConfig(model="m", out="o", drop=2, aggregate="mean")) is mixed[1]
+
+
+def test_cosine_is_fitted_only_where_the_lstsq_map_it_refines_beats_the_plain_cut():
+    plain = [0.50, 0.40, 0.60, 0.45, 0.55, 0.50]
+    options = [
+        Option([2, 3], "angular", "none", scores(plain)),
+        Option([2, 3], "angular", "lstsq", scores([k - 0.2 + 0.01 * (i % 2) for i, k in enumerate(plain)])),
+        Option([2, 3], "angular", "cosine"),
+        Option([4, 5], "deepest", "none", scores(plain)),
+        Option([4, 5], "deepest", "lstsq", scores([k + 0.05 for k in plain])),  # worse than the plain cut
+        Option([4, 5], "deepest", "cosine"),
+        Option([1, 2], "angular", "none", scores(plain)),
+        Option([1, 2], "angular", "cosine"),  # lstsq not tried: nothing to judge it by
+    ]
+    config = ShrinkConfig(model="m", out="o", drop=2, margin=2.0)
+    to_fit = _refinements(options, config)
+    assert [id(o) for o in to_fit] == [id(options[2]), id(options[7])]
+    assert options[5].screened and "not fitted: it refines lstsq's map" in options[5].why
+    assert not options[2].screened and not options[7].screened
+    options[2].scores = scores([k - 0.1 for k in plain])  # as scoring would leave them
+    options[7].scores = scores([k + 0.1 for k in plain])
+    assert _decide(options, config) is options[1] and not options[5].kept  # left out: not a candidate
 
 
 def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(tmp_path, tokenizer):

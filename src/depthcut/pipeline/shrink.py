@@ -53,7 +53,9 @@ class Option:
     repair: str
     scores: dict = field(default_factory=dict)  # validation source -> WindowScores
     refused: str | None = None
-    screened: bool = False  # left out of the choice by the screening (scored on its first windows only)
+    # left out of the choice before every window: screened out (scored on its first windows only), or a
+    # refinement not fitted because the repair it refines did not beat the plain cut
+    screened: bool = False
     screening: dict = field(default_factory=dict)  # validation source -> WindowScores on the screening windows
     kept: bool = False
     why: str = ""
@@ -334,9 +336,10 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
     Screening (`--screen-windows` below the windows per source, more candidate blocks than
     `--finalists`): every option but the costly cosine fit is scored on the first windows of each
     source; the finalists, the blocks whose best option scored lowest there, are then scored on the
-    rest (the scores concatenated: the same windows as without screening) and get their cosine fits.
-    The other blocks stay in the table with their screening scores, out of the choice. `seconds`
-    gains the time each step took."""
+    rest (the scores concatenated: the same windows as without screening). The other blocks stay in
+    the table with their screening scores, out of the choice. A repair that refines another (cosine
+    starts from lstsq's map) is fitted last, and only where the one it refines beats the plain cut of
+    its block (`_refinements`). `seconds` gains the time each step took."""
     options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
     started = time.perf_counter()
     fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
@@ -348,15 +351,17 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
             option.refused = str(refusal)
     screen = config.screen_windows
     screening = 0 < screen < min(len(r) for r in predictions.values()) and len(candidates) > config.finalists
+    first_fits = [o for o in options if not _deferred(o.repair)]
     if not screening:
         started = time.perf_counter()
-        _score(model, options, fits, predictions, config, "scoring")
+        _score(model, first_fits, fits, predictions, config, "scoring")
+        _score_refinements(model, options, fits, predictions, config)
         seconds["scoring"] = time.perf_counter() - started
         return options
     started = time.perf_counter()
     first = {name: reference.subset(0, screen) for name, reference in predictions.items()}
     rest = {name: reference.subset(screen, len(reference)) for name, reference in predictions.items()}
-    _score(model, [o for o in options if o.repair not in ROWS_KEPT_BY], fits, first, config, "screening")
+    _score(model, first_fits, fits, first, config, "screening")
     for option in options:
         option.screening = dict(option.scores)
     seconds["screening"] = time.perf_counter() - started
@@ -377,12 +382,55 @@ def _scored_options(model, candidates, repairs, samples, predictions, config, se
             option.why = (f"screened out on {screen} window(s) per source: best KL of its block "
                           f"{best[tuple(option.layers)]:.4f}, the finalists' at most {cutoff:.4f}"
                           if option.scores else "not fitted: its block was screened out")
-    fits.gather_rows([list(block) for block in finalists])  # cosine's rows, where the shared pass did not keep them
     chosen = [o for o in options if tuple(o.layers) in finalists]
     _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")
-    _score(model, [o for o in chosen if not o.scores and not o.refused], fits, predictions, config, "finalists")
+    _score(model, [o for o in chosen if not o.scores and not o.refused and not _deferred(o.repair)], fits, predictions,
+           config, "finalists")
+    _score_refinements(model, chosen, fits, predictions, config)
     seconds["finalists"] = time.perf_counter() - started
     return options
+
+
+def _refines(method: str) -> str | None:
+    return None if method == "none" else REPAIRS.get(method).refines
+
+
+def _deferred(method: str) -> bool:
+    """Fitted after the others: a repair on token rows (their pass is made only for the blocks that need
+    it), or one that refines another repair's fit."""
+    return method in ROWS_KEPT_BY or _refines(method) is not None
+
+
+def _refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
+    """The deferred options still to fit (`_deferred`); one that refines another repair (cosine: lstsq's
+    map) only where that repair's option is kept, beating the plain cut of its block; the others are
+    left out, with why. Where the refined repair was not tried, the refinement is fitted as it is."""
+    by_key = {(tuple(o.layers), o.repair): o for o in options}
+    to_fit = []
+    for option in options:
+        if not _deferred(option.repair) or option.refused or option.screened or option.scores:
+            continue
+        refined = _refines(option.repair)
+        base = by_key.get((tuple(option.layers), refined))
+        plain = by_key.get((tuple(option.layers), "none"))
+        if base is None or base.refused or not base.scores or plain is None or not plain.scores:
+            to_fit.append(option)
+            continue
+        beats, _ = beats_plain(plain.scores, base.scores, config.margin, config.aggregate)
+        if beats:
+            to_fit.append(option)
+        else:
+            option.screened = True
+            option.why = (f"not fitted: it refines {refined}'s map, which did not beat the plain cut of its block "
+                          "(it starts from that map and moves little)")
+    return to_fit
+
+
+def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:
+    """Fit and score `_refinements(options)` on every window (token rows gathered for them first)."""
+    to_fit = _refinements(options, config)
+    fits.gather_rows(list({tuple(o.layers): o.layers for o in to_fit}.values()))
+    _score(model, to_fit, fits, predictions, config, "refinements")
 
 
 def _score(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig, phase: str) -> None:

@@ -29,6 +29,7 @@ def mean_cosine_distance(rows: dict, transform: torch.Tensor, chunk: int = 8192)
 class Cosine(RepairMethod):
     name = "cosine"
     linear = True
+    refines = "lstsq"
 
     def check(self, model, stack, arch, first, stop):
         refuse_unless_linear(self.name, model, stack, arch, first, stop)

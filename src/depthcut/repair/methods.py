@@ -75,6 +75,7 @@ class RepairMethod:
 
     name: str = ""
     linear: bool = False  # needs M^T M, M^T R (and an MLP at layer l-1)
+    refines: str | None = None  # the method whose fit this one starts from and refines
 
     def check(self, model: nn.Module, stack: LayerStack, arch: Architecture, first: int, stop: int) -> None:
         raise NotImplementedError
