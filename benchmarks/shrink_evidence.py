@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--validation-windows", type=int, default=16)
     parser.add_argument("--test-windows", type=int, default=32)
     parser.add_argument("--heal-steps", type=int, default=50, help="the healed shrink's steps (0: none)")
+    parser.add_argument("--no-fixed", action="store_true",
+                        help="skip the fixed recipes (deterministic: their figures are in benchmarks/README.md)")
     parser.add_argument("--out", default="benchmarks/results/shrink_evidence.json")
     args = parser.parse_args()
     common = {"model": "smollm2-135m", "data": "c4", "samples": args.samples, "seq_len": args.seq_len,
@@ -91,7 +93,7 @@ def main() -> None:
                                         "heal": selection["heal"],
                                         "test": test_loss(scratch / f"shrink-{drop}", windows)}
             winner = depth["shrink"]
-            for strategy, method in RECIPES:
+            for strategy, method in [] if args.no_fixed else RECIPES:
                 out = scratch / f"{strategy}-{method}-{drop}"
                 try:
                     # applied whatever validation says (policy warn): few windows, only for the record
