@@ -22,7 +22,8 @@ from depthcut.evaluation.divergence import (
 from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
-from depthcut.pipeline.shrink import Option, _decide, _refinements, shrink_to
+from depthcut.pipeline.shrink import _decide, shrink_to
+from depthcut.pipeline.shrink_options import Option, refinements
 from depthcut.pipeline.validation import validation_sets
 
 SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
@@ -71,7 +72,7 @@ def test_cosine_is_fitted_only_where_the_lstsq_map_it_refines_beats_the_plain_cu
         Option([1, 2], "angular", "cosine"),  # lstsq not tried: nothing to judge it by
     ]
     config = ShrinkConfig(model="m", out="o", drop=2, margin=2.0)
-    to_fit = _refinements(options, config)
+    to_fit = refinements(options, config)
     assert [id(o) for o in to_fit] == [id(options[2]), id(options[7])]
     assert options[5].screened and "not fitted: it refines lstsq's map" in options[5].why
     assert not options[2].screened and not options[7].screened

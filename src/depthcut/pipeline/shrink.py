@@ -4,17 +4,15 @@ is tried plain and with each training-free repair, each scored on validation tex
 KL divergence from the unpruned model's next-token distribution, and the loss, over windows); a
 repair is kept only where it beats the plain cut of its block by more than `margin` standard errors
 of the paired difference (do no harm); the winner is written as `depthcut prune` writes it, with
-the decision table in its provenance (`selection`). Screening (`_scored_options`) scores every
-option on a few windows first and only the finalist blocks on them all."""
+the decision table in its provenance (`selection`). The options and their scoring (the screening,
+the refinements) are in `shrink_options`."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 from depthcut.analysis.passes import analyze
 from depthcut.errors import DepthcutError
@@ -34,43 +32,14 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, loaded_as_prune_wo
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
-from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, BlockFits
-from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
-from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
+from depthcut.pipeline.shrink_options import Option, scored_options, span
+from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, plan_for_budget
+from depthcut.pipeline.validation import beats_plain, references, validation_sets
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
 from depthcut.strategies import check_drop, select
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Option:
-    """One row of the decision table: a cut, with or without a repair, and how it scored."""
-
-    layers: list[int]
-    found_by: str
-    repair: str
-    scores: dict = field(default_factory=dict)  # validation source -> WindowScores
-    refused: str | None = None
-    # left out of the choice before every window: screened out (scored on its first windows only), or a
-    # refinement not fitted because the repair it refines did not beat the plain cut
-    screened: bool = False
-    screening: dict = field(default_factory=dict)  # validation source -> WindowScores on the screening windows
-    kept: bool = False
-    why: str = ""
-    seconds: float = 0.0
-    fit: object = field(default=None, repr=False)  # the repair's fit: healed and written as scored
-
-    def score(self, aggregate: str) -> float:
-        means = [s.summary()["kl"] for s in self.scores.values()]
-        return max(means) if aggregate == "worst" else sum(means) / len(means)
-
-    def row(self) -> dict:
-        return {"layers": self.layers, "found_by": self.found_by, "repair": self.repair, "refused": self.refused,
-                "screened": self.screened, "kept": self.kept, "why": self.why, "seconds": round(self.seconds, 2),
-                "validation": {name: s.summary() for name, s in self.scores.items()},
-                **({"screening": {name: s.summary() for name, s in self.screening.items()}} if self.screening else {})}
 
 
 def parse_count(text: str) -> int:
@@ -180,7 +149,7 @@ def decision_table(selection: dict) -> list[str]:
     """The decision table as `depthcut shrink` prints it, from the provenance's `selection`."""
     lines = [f"{'layers':>16}  {'found by':<15} {'repair':<10} {'kept':<5} validation KL ± s.e. (loss) per source"]
     for row in selection["options"]:
-        head = f"{_span(row['layers']):>16}  {row['found_by']:<15} {row['repair']:<10}"
+        head = f"{span(row['layers']):>16}  {row['found_by']:<15} {row['repair']:<10}"
         if row["refused"]:
             lines.append(f"{head} {'-':<5} refused: {row['refused'][:90]}")
             continue
@@ -192,14 +161,9 @@ def decision_table(selection: dict) -> list[str]:
         kept = "out" if row.get("screened") else "yes" if row["kept"] else "no"
         lines.append(f"{head} {kept:<5} {scores}")
     winner = selection["winner"]
-    lines.append(f"chosen: layers {_span(winner['layers'])} ({winner['found_by']}), repair {winner['repair']}: "
+    lines.append(f"chosen: layers {span(winner['layers'])} ({winner['found_by']}), repair {winner['repair']}: "
                  f"{winner['why']}")
     return lines
-
-
-def _span(layers: list[int]) -> str:
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else ",".join(map(str, layers))
 
 
 def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
@@ -247,7 +211,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
                                  config.layer_path, config.allow_unknown_config)
         seconds["references"] = time.perf_counter() - references_started
-        options = _scored_options(model, candidates, repairs, samples, predictions, config, seconds)
+        options = scored_options(model, candidates, repairs, samples, predictions, config, seconds)
         winner = _decide(options, config)
         healed = None
         if config.heal_steps:
@@ -328,137 +292,6 @@ def _repair_provenance(prune: PruneConfig, options: list[Option], base: Option, 
         "aggregate": config.aggregate}
     record["applied"] = True
     return record
-
-
-def _scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict) -> list[Option]:
-    """Every candidate, plain and with each repair, scored on the validation windows, with the time left.
-
-    Screening (`--screen-windows` below the windows per source, more candidate blocks than
-    `--finalists`): every option but the costly cosine fit is scored on the first windows of each
-    source; the finalists, the blocks whose best option scored lowest there, are then scored on the
-    rest (the scores concatenated: the same windows as without screening). The other blocks stay in
-    the table with their screening scores, out of the choice. A repair that refines another (cosine
-    starts from lstsq's map) is fitted last, and only where the one it refines beats the plain cut of
-    its block (`_refinements`). `seconds` gains the time each step took."""
-    options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
-    started = time.perf_counter()
-    fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
-                     config)
-    seconds["fit_passes"] = time.perf_counter() - started
-    for option in options:  # refusals are known before any scoring: said as such, screened or not
-        refusal = fits.refused.get(tuple(option.layers), {}).get(option.repair)
-        if refusal is not None:
-            option.refused = str(refusal)
-    screen = config.screen_windows
-    screening = 0 < screen < min(len(r) for r in predictions.values()) and len(candidates) > config.finalists
-    first_fits = [o for o in options if not _deferred(o.repair)]
-    if not screening:
-        started = time.perf_counter()
-        _score(model, first_fits, fits, predictions, config, "scoring")
-        _score_refinements(model, options, fits, predictions, config)
-        seconds["scoring"] = time.perf_counter() - started
-        return options
-    started = time.perf_counter()
-    first = {name: reference.subset(0, screen) for name, reference in predictions.items()}
-    rest = {name: reference.subset(screen, len(reference)) for name, reference in predictions.items()}
-    _score(model, first_fits, fits, first, config, "screening")
-    for option in options:
-        option.screening = dict(option.scores)
-    seconds["screening"] = time.perf_counter() - started
-    started = time.perf_counter()
-    best: dict[tuple, float] = {}  # block -> the lowest screening score of its options
-    for option in options:
-        if option.scores:
-            block = tuple(option.layers)
-            best[block] = min(best.get(block, math.inf), option.score(config.aggregate))
-    if not best:  # every option refused: nothing to choose between
-        return options
-    ranked = sorted(best, key=best.get)
-    finalists = set(ranked[: config.finalists])
-    cutoff = max(best[block] for block in finalists)
-    for option in options:
-        if tuple(option.layers) not in finalists and not option.refused:
-            option.screened = True
-            option.why = (f"screened out on {screen} window(s) per source: best KL of its block "
-                          f"{best[tuple(option.layers)]:.4f}, the finalists' at most {cutoff:.4f}"
-                          if option.scores else "not fitted: its block was screened out")
-    chosen = [o for o in options if tuple(o.layers) in finalists]
-    _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")
-    _score(model, [o for o in chosen if not o.scores and not o.refused and not _deferred(o.repair)], fits, predictions,
-           config, "finalists")
-    _score_refinements(model, chosen, fits, predictions, config)
-    seconds["finalists"] = time.perf_counter() - started
-    return options
-
-
-def _refines(method: str) -> str | None:
-    return None if method == "none" else REPAIRS.get(method).refines
-
-
-def _deferred(method: str) -> bool:
-    """Fitted after the others: a repair on token rows (their pass is made only for the blocks that need
-    it), or one that refines another repair's fit."""
-    return method in ROWS_KEPT_BY or _refines(method) is not None
-
-
-def _refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
-    """The deferred options still to fit (`_deferred`); one that refines another repair (cosine: lstsq's
-    map) only where that repair's option is kept, beating the plain cut of its block; the others are
-    left out, with why. Where the refined repair was not tried, the refinement is fitted as it is."""
-    by_key = {(tuple(o.layers), o.repair): o for o in options}
-    to_fit = []
-    for option in options:
-        if not _deferred(option.repair) or option.refused or option.screened or option.scores:
-            continue
-        refined = _refines(option.repair)
-        base = by_key.get((tuple(option.layers), refined))
-        plain = by_key.get((tuple(option.layers), "none"))
-        if base is None or base.refused or not base.scores or plain is None or not plain.scores:
-            to_fit.append(option)
-            continue
-        beats, _ = beats_plain(plain.scores, base.scores, config.margin, config.aggregate)
-        if beats:
-            to_fit.append(option)
-        else:
-            option.screened = True
-            option.why = (f"not fitted: it refines {refined}'s map, which did not beat the plain cut of its block "
-                          "(it starts from that map and moves little)")
-    return to_fit
-
-
-def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:
-    """Fit and score `_refinements(options)` on every window (token rows gathered for them first)."""
-    to_fit = _refinements(options, config)
-    fits.gather_rows(list({tuple(o.layers): o.layers for o in to_fit}.values()))
-    _score(model, to_fit, fits, predictions, config, "refinements")
-
-
-def _score(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig, phase: str) -> None:
-    """Score each option on `predictions`' windows (added to what it scored already), fitting its repair
-    on first use; a repair that refuses the cut marks the option refused."""
-    started = time.perf_counter()
-    cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
-    options = [option for option in options if not option.refused]  # refused before any scoring
-    for done, option in enumerate(options):
-        left = (time.perf_counter() - started) / done * (len(options) - done) if done else None
-        log.info("shrink: %s %d of %d, layers %s, repair %s%s ...", phase, done + 1, len(options),
-                 _span(option.layers), option.repair, f" (about {minutes(left)} left)" if left is not None else "")
-        option_started = time.perf_counter()
-        try:
-            if option.repair == "none":
-                scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
-            else:
-                option.fit = fits.get(option.layers, option.repair)
-                trial = copy.deepcopy(model)
-                apply_repair(trial, option.fit, config.layer_path)
-                scores = scores_after_cut(trial, option.layers, predictions, config.batch_size, in_place=True, **cut)
-                del trial
-        except DepthcutError as error:
-            option.refused, option.fit = str(error), None
-            continue
-        option.scores = {name: option.scores[name] + value if name in option.scores else value
-                         for name, value in scores.items()}
-        option.seconds += time.perf_counter() - option_started
 
 
 shrink = shrink_to  # `depthcut.shrink(...)`
