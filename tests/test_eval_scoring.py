@@ -166,3 +166,22 @@ def test_disable_tqdm_and_progress_silence_the_bars(tokenizer, capsys):
     assert capsys.readouterr().err == ""
     DepthcutLM(model, tokenizer).loglikelihood(instances(REQUESTS))
     assert "loglikelihood" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared", "full"])
+def test_a_batch_whose_logits_would_pass_the_budget_is_split_and_scores_the_same(mode, tokenizer, monkeypatch):
+    """WikiText-2's rolling windows on SmolLM2 (16 rows of 8192 positions x 49,152 tokens) would need 26 GB
+    of logits in one pass: batches are cut to the budget, one row at the least, with the same scores."""
+    model = tiny_model("llama")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    lm = DepthcutLM(model, tokenizer, scoring=mode, batch_size=8, progress=False)
+    expected = [naive(model, *encoded(lm, c, x)) for c, x in REQUESTS]
+    batches = []
+    real = Scorer._batches
+    monkeypatch.setattr(Scorer, "_batches", lambda self, ordered: (batches.append(b) or b for b in real(self, ordered)))
+    monkeypatch.setattr(Scorer, "LOGITS_BYTES", 12 * vocab * 4)  # 12 positions' logits
+    check(lm.loglikelihood(instances(REQUESTS)), expected, "cpu")
+    assert len(batches) > 1 and sum(sum(len(g.members) for g in b) for b in batches) == len(REQUESTS)
+    for batch in batches:  # within the budget, or a single row that cannot be cut
+        rows = max(len(g.context) + sum(len(c) for _, c in g.members) for g in batch)
+        assert len(batch) == 1 or len(batch) * rows <= 12

@@ -68,6 +68,9 @@ class Scorer:
     MODES = ("packed", "shared", "full")
     # A packed batch carries a (rows, width, width) mask; wider rows use the KV-cache path.
     PACKED_MAX_WIDTH = 2048
+    # The most the float32 logits one forward pass keeps may take: a batch of long rows (WikiText-2's
+    # rolling windows: 16 x 8192 positions x 49,152 tokens would be 26 GB) is split to fit.
+    LOGITS_BYTES = 2**31
 
     def __init__(self, model, batch_size: int = 16, max_length: int = 2048, mode: str = "packed", pad_id: int = 0):
         if mode not in self.MODES:
@@ -128,8 +131,7 @@ class Scorer:
         ordered = sorted(groups.values(), key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
         results: list[Score] = [(0.0, True)] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress)
-        for start in range(0, len(ordered), self.batch_size):
-            batch = ordered[start : start + self.batch_size]
+        for batch in self._batches(ordered):
             score = self._score_full if self.mode == "full" else self._score_shared
             if self.mode == "packed" and self._packed_width(batch) <= self.packed_window:
                 score = self._score_packed
@@ -138,6 +140,23 @@ class Scorer:
             bar.update(sum(len(g.members) for g in batch))
         bar.close()
         return results
+
+    def _batches(self, ordered: list[_Group]):
+        """Up to `batch_size` groups at a time, fewer where their logits could pass `LOGITS_BYTES`: each
+        group's row counted whole, context and continuations (a bound on the positions any mode keeps
+        logits for)."""
+        head = self.model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else text_config(self.model).vocab_size
+        start = 0
+        while start < len(ordered):
+            size = min(self.batch_size, len(ordered) - start)
+            while size > 1:
+                rows = max(len(g.context) + sum(len(c) for _, c in g.members) for g in ordered[start : start + size])
+                if size * rows * vocab * 4 <= self.LOGITS_BYTES:
+                    break
+                size = max(1, min(size - 1, self.LOGITS_BYTES // (rows * vocab * 4)))
+            yield ordered[start : start + size]
+            start += size
 
     def _score_full(self, batch: list[_Group]):
         rows, targets = [], []
