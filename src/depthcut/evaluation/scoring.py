@@ -128,7 +128,7 @@ class Scorer:
             key = (index, *context) if self.mode == "full" else tuple(context)
             groups.setdefault(key, _Group(context, [])).members.append((index, continuation))
         # Longest first: padding stays small and memory trouble shows at once.
-        ordered = sorted(groups.values(), key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
+        ordered = sorted(self._within_budget(groups.values()), key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
         results: list[Score] = [(0.0, True)] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress)
         for batch in self._batches(ordered):
@@ -141,12 +141,31 @@ class Scorer:
         bar.close()
         return results
 
+    def _vocab(self) -> int:
+        head = self.model.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else text_config(self.model).vocab_size
+
+    def _within_budget(self, groups) -> list[_Group]:
+        """The groups, a group whose continuations together could pass `LOGITS_BYTES` cut into several
+        with the same context (WikiText-2's rolling windows all start from the same token)."""
+        positions = max(1, self.LOGITS_BYTES // (self._vocab() * 4))
+        cut = []
+        for group in groups:
+            part, size = [], len(group.context)
+            for member in group.members:
+                if part and size + len(member[1]) > positions:
+                    cut.append(_Group(group.context, part))
+                    part, size = [], len(group.context)
+                part.append(member)
+                size += len(member[1])
+            cut.append(_Group(group.context, part))
+        return cut
+
     def _batches(self, ordered: list[_Group]):
         """Up to `batch_size` groups at a time, fewer where their logits could pass `LOGITS_BYTES`: each
         group's row counted whole, context and continuations (a bound on the positions any mode keeps
         logits for)."""
-        head = self.model.get_output_embeddings()
-        vocab = head.weight.shape[0] if head is not None else text_config(self.model).vocab_size
+        vocab = self._vocab()
         start = 0
         while start < len(ordered):
             size = min(self.batch_size, len(ordered) - start)
