@@ -180,7 +180,8 @@ def test_a_batch_whose_logits_would_pass_the_budget_is_split_and_scores_the_same
     expected = [naive(model, *encoded(lm, c, x)) for c, x in requests]
     batches = []
     real = Scorer._batches
-    monkeypatch.setattr(Scorer, "_batches", lambda self, ordered: (batches.append(b) or b for b in real(self, ordered)))
+    monkeypatch.setattr(Scorer, "_batches", lambda self, ordered, positions: (batches.append(b) or b
+                                                                              for b in real(self, ordered, positions)))
     monkeypatch.setattr(Scorer, "LOGITS_BYTES", 12 * vocab * 4)  # 12 positions' logits
     check(lm.loglikelihood(instances(requests)), expected, "cpu")
     assert len(batches) > 1 and sum(sum(len(g.members) for g in b) for b in batches) == len(requests)

@@ -62,6 +62,26 @@ def _picked(logprobs: torch.Tensor, targets: Sequence[int]) -> Score:
     return value, bool((logprobs.argmax(-1) == index[:, 0]).all())
 
 
+def _row(group: _Group) -> int:
+    """The tokens of `group`'s row when its continuations are packed after its context."""
+    return len(group.context) + sum(len(c) for _, c in group.members)
+
+
+def _cut_to(groups, positions: int) -> list[_Group]:
+    """`groups`, each one whose row would pass `positions` cut into several with the same context
+    (WikiText-2's rolling windows all start from the same token: one group of every document)."""
+    cut = []
+    for group in groups:
+        part = _Group(group.context, [])
+        for member in group.members:
+            if part.members and _row(part) + len(member[1]) > positions:
+                cut.append(part)
+                part = _Group(group.context, [])
+            part.members.append(member)
+        cut.append(part)
+    return cut
+
+
 class Scorer:
     """Scores (context tokens, continuation tokens) pairs with a causal LM; see the module docstring."""
 
@@ -127,11 +147,13 @@ class Scorer:
             context, continuation = self._truncate(list(context), list(continuation))
             key = (index, *context) if self.mode == "full" else tuple(context)
             groups.setdefault(key, _Group(context, [])).members.append((index, continuation))
+        positions = max(1, self.LOGITS_BYTES // (self._vocab() * 4))  # whose float32 logits fit the budget
         # Longest first: padding stays small and memory trouble shows at once.
-        ordered = sorted(self._within_budget(groups.values()), key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
+        ordered = sorted(_cut_to(groups.values(), positions),
+                         key=lambda g: -(len(g.context) + max(len(c) for _, c in g.members)))
         results: list[Score] = [(0.0, True)] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress)
-        for batch in self._batches(ordered):
+        for batch in self._batches(ordered, positions):
             score = self._score_full if self.mode == "full" else self._score_shared
             if self.mode == "packed" and self._packed_width(batch) <= self.packed_window:
                 score = self._score_packed
@@ -145,37 +167,18 @@ class Scorer:
         head = self.model.get_output_embeddings()
         return head.weight.shape[0] if head is not None else text_config(self.model).vocab_size
 
-    def _within_budget(self, groups) -> list[_Group]:
-        """The groups, a group whose continuations together could pass `LOGITS_BYTES` cut into several
-        with the same context (WikiText-2's rolling windows all start from the same token)."""
-        positions = max(1, self.LOGITS_BYTES // (self._vocab() * 4))
-        cut = []
-        for group in groups:
-            part, size = [], len(group.context)
-            for member in group.members:
-                if part and size + len(member[1]) > positions:
-                    cut.append(_Group(group.context, part))
-                    part, size = [], len(group.context)
-                part.append(member)
-                size += len(member[1])
-            cut.append(_Group(group.context, part))
-        return cut
-
-    def _batches(self, ordered: list[_Group]):
-        """Up to `batch_size` groups at a time, fewer where their logits could pass `LOGITS_BYTES`: each
-        group's row counted whole, context and continuations (a bound on the positions any mode keeps
-        logits for)."""
-        vocab = self._vocab()
-        start = 0
-        while start < len(ordered):
-            size = min(self.batch_size, len(ordered) - start)
-            while size > 1:
-                rows = max(len(g.context) + sum(len(c) for _, c in g.members) for g in ordered[start : start + size])
-                if size * rows * vocab * 4 <= self.LOGITS_BYTES:
-                    break
-                size = max(1, min(size - 1, self.LOGITS_BYTES // (rows * vocab * 4)))
-            yield ordered[start : start + size]
-            start += size
+    def _batches(self, ordered: list[_Group], positions: int):
+        """Up to `batch_size` groups at a time, fewer where their rows (context and continuations, a bound
+        on the positions any mode keeps logits for) would pass `positions` together."""
+        batch, widest = [], 0
+        for group in ordered:
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(widest, _row(group)) > positions):
+                yield batch
+                batch, widest = [], 0
+            batch.append(group)
+            widest = max(widest, _row(group))
+        if batch:
+            yield batch
 
     def _score_full(self, batch: list[_Group]):
         rows, targets = [], []

@@ -151,19 +151,27 @@ def _streamable(config: PruneConfig, source, analysis) -> bool:
     return possible and (config.stream or (config.repair == "none" and (Path(source.location) / INDEX_FILE).is_file()))
 
 
+def _as_written(config: PruneConfig, analysis) -> PruneConfig:
+    """`config` as prune writes it: where nothing is computed, --dtype auto keeps the weights as stored
+    (the hardware has no say)."""
+    if config.dtype == "auto" and not needs_analysis(config, analysis) and config.repair == "none":
+        return dataclasses.replace(config, dtype="checkpoint")
+    return config
+
+
 def loaded_as_prune_would(config: PruneConfig, source, model) -> bool:
     """Whether `model` (loaded by the caller, every layer still in it, nothing folded in) holds the very
     weights `prune_with` would load to write the plain cut `config` asks for, so that writing it spares a
     second load: a folder output that would be written in memory (not shard by shard, which copies the
     stored bytes), in the dtype prune would load (the stored one for --dtype auto: GGUF dequantizes to
     float32; a folder's from its config, unknown means no)."""
+    config = _as_written(config, None)
     if gguf_output(config.out) or config.repair != "none" or _streamable(config, source, None):
         return False
-    asked = "checkpoint" if config.dtype == "auto" else config.dtype
-    if asked == "checkpoint":
+    if config.dtype == "checkpoint":
         wanted = torch.float32 if source.gguf_file else checkpoint_dtype(source)
     else:
-        wanted = resolve_dtype(asked, resolve_device(config.device))
+        wanted = resolve_dtype(config.dtype, resolve_device(config.device))
     return wanted is not None and {p.dtype for p in model.parameters()} == {wanted}
 
 
@@ -199,9 +207,7 @@ def prune_with(config: PruneConfig, analysis, *, selection: dict | None = None,
     if not gguf_output(config.out):
         configured = configured_layers(config, source)
         _check_against_config(config, configured)
-        if config.dtype == "auto" and not needs_analysis(config, analysis) and config.repair == "none":
-            # nothing is computed, so the hardware has no say: keep the weights as stored
-            config = dataclasses.replace(config, dtype="checkpoint")
+        config = _as_written(config, analysis)
         _check_space(config, source, configured)
         streamable = _streamable(config, source, analysis)
     return _written(backend_for(config, source, analysis, gguf_output(config.out), streamable), config, strategy,

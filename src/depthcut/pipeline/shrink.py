@@ -241,25 +241,20 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                             trust_remote_code=config.trust_remote_code,
                             allow_unknown_config=config.allow_unknown_config)
         base = _base_option(options, winner)  # the training-free option the winner is or grew from
-        if base.fit is None and not (healed and healed.kept) and loaded_as_prune_would(prune, source, model):
-            # the plain cut of the model loaded here, which is what prune would load again to write it
-            before = parameter_count(model)
-            rewrite = remove_layers(model, winner.layers, config.layer_path, config.allow_unknown_config)
-            backend = Prepared(prune, source, model, tokenizer, winner.layers, num_layers=num_layers,
-                               parameters_before=before, rewrite=rewrite, repair_record=None)
-            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
-        elif gguf_output(config.out) or base.fit is None and not (healed and healed.kept):
-            # a plain cut written from the weights as stored (shard by shard, or in their dtype), or a GGUF
-            # written tensor by tensor
+        plain = base.fit is None and not (healed and healed.kept)
+        if gguf_output(config.out) or plain and not loaded_as_prune_would(prune, source, model):
+            # a GGUF written tensor by tensor, or a plain cut of weights prune loads otherwise than they
+            # are here (in their stored dtype, or copied shard by shard)
             del model, healed
             result = prune_with(prune, None, selection=selection, strategy=strategy)
-        else:  # the repair (and heal) already fitted and scored: written as scored, not fitted again
+        else:  # written as scored: the repair (and heal) not fitted again, the model not loaded again
             record = _repair_provenance(prune, options, base, samples, validation, config)
             if healed is not None and healed.kept:
                 written, before, rewrite = healed.model, healed.parameters_before, healed.rewrite
             else:
                 written, before = model, parameter_count(model)
-                apply_repair(written, base.fit, config.layer_path)
+                if base.fit is not None:
+                    apply_repair(written, base.fit, config.layer_path)
                 rewrite = remove_layers(written, winner.layers, config.layer_path, config.allow_unknown_config)
             backend = Prepared(prune, source, written, tokenizer, winner.layers, num_layers=num_layers,
                                parameters_before=before, rewrite=rewrite, repair_record=record)

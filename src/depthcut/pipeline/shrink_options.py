@@ -109,9 +109,7 @@ def scored_options(model, candidates, repairs, samples, predictions, config, sec
                           f"{best[tuple(option.layers)]:.4f}, the finalists' at most {cutoff:.4f}"
                           if option.scores else "not fitted: its block was screened out")
     chosen = [o for o in options if tuple(o.layers) in finalists]
-    _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")
-    _score(model, [o for o in chosen if not o.scores and not o.refused and not _deferred(o.repair)], fits, predictions,
-           config, "finalists")
+    _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")  # the screening scored the rest
     _score_refinements(model, chosen, fits, predictions, config)
     seconds["finalists"] = time.perf_counter() - started
     return options
