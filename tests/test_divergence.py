@@ -1,0 +1,70 @@
+"""The validation scores of `depthcut shrink` (`window_scores`) against a naive float64 computation of
+KL(unpruned || candidate) and the candidate's loss, window by window, padding left out."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import padded_calibration, tiny_model
+
+from depthcut.evaluation.divergence import reference_predictions, window_scores
+from depthcut.model.surgery import remove_layers
+
+
+class TableModel(torch.nn.Module):
+    """A 'model' whose logits are a fixed function of each token and its position: heavy-tailed
+    distributions over a vocabulary as wide as a real model's (49,152, SmolLM2's)."""
+
+    def __init__(self, vocab: int, width: int, spread: float, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Parameter(torch.randn(vocab, width, generator=generator))
+        self.head = torch.nn.Parameter(torch.randn(width, vocab, generator=generator) * spread / width**0.5)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        position = torch.arange(input_ids.shape[1]).float()[None, :, None]
+        return SimpleNamespace(logits=(self.embed[input_ids] + torch.sin(position)) @ self.head)
+
+
+def naive(candidate, reference, windows) -> tuple[list[float], list[float]]:
+    """Per window: mean KL and mean loss over the predicted, non-padding tokens, in float64."""
+    kl, loss = [], []
+    with torch.no_grad():
+        for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True):
+            length = int(mask.sum())
+            p = reference(input_ids=ids[None, :length]).logits[0, :-1].double().log_softmax(-1)
+            q = candidate(input_ids=ids[None, :length]).logits[0, :-1].double().log_softmax(-1)
+            kl.append(float((p.exp() * (p - q)).sum(-1).mean()))
+            loss.append(float(-q.gather(-1, ids[1:length, None])[:, 0].mean()))
+    return kl, loss
+
+
+def test_scores_on_a_wide_vocabulary_match_float64():
+    windows = padded_calibration([24, 17, 24, 9], seed=5)
+    reference = TableModel(49_152, 32, spread=4.0, seed=0)
+    candidate = TableModel(49_152, 32, spread=4.0, seed=0)
+    with torch.no_grad():
+        candidate.head.add_(0.3 * torch.randn(candidate.head.shape, generator=torch.Generator().manual_seed(9)))
+    stored = reference_predictions(reference, windows, batch_size=3)
+    scores = window_scores(candidate, stored, batch_size=3)
+    expected_kl, expected_loss = naive(candidate, reference, windows)
+    assert scores.kl == pytest.approx(expected_kl, rel=1e-4, abs=2e-6)
+    assert scores.loss == pytest.approx(expected_loss, rel=1e-6, abs=1e-6)
+    assert min(expected_kl) > 1e-3  # the candidate does differ
+    # the unpruned model against itself: no divergence beyond the storage's rounding
+    itself = window_scores(reference, stored, batch_size=3)
+    assert max(abs(value) for value in itself.kl) < 2e-6
+
+
+def test_scores_of_a_cut_model_match_float64():
+    windows = padded_calibration([12, 7, 12], seed=2)
+    original = tiny_model("llama")
+    cut = tiny_model("llama")
+    remove_layers(cut, [1])
+    stored = reference_predictions(original, windows, batch_size=2)
+    scores = window_scores(cut, stored, batch_size=2)
+    expected_kl, expected_loss = naive(cut, original, windows)
+    assert scores.kl == pytest.approx(expected_kl, rel=1e-4, abs=2e-6)
+    assert scores.loss == pytest.approx(expected_loss, rel=1e-6, abs=1e-6)
