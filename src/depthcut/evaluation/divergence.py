@@ -7,8 +7,9 @@ stays out of float16's coarse subnormal range: a window of T tokens over a vocab
 any candidate against them: per window, the mean KL(unpruned || candidate) over its predicted
 tokens, and the candidate's mean next-token loss. Per token,
 KL = (Σ p log p - Σ p l) / Σ p - log Σ p + logsumexp(l), with p the stored probabilities and l the
-candidate's logits less their maximum, every sum accumulated in float64: within about 1e-6 nats of
-a float64 computation on a 49k vocabulary, where float16 log-probabilities were 2e-4 off.
+candidate's logits less their maximum (every term small), summed in float32 (pairwise: a relative
+error about 1e-7): within 2e-6 nats of a float64 computation on a 49k vocabulary, where float16
+log-probabilities were 2e-4 off.
 Means and standard errors are taken over windows, so two candidates scored on the same windows can
 be compared pair by pair (`paired_difference`).
 
@@ -39,7 +40,7 @@ class ReferencePredictions:
     windows: CalibrationSet
     # per window: (T-1, V) float16, the unpruned model's next-token probabilities times PROBABILITY_SCALE
     probabilities: list[torch.Tensor]
-    negentropy: list[torch.Tensor]  # per window: (T-1,) float64, the sum of p log p
+    negentropy: list[torch.Tensor]  # per window: (T-1,) the sum of p log p (float64 tensors)
     mass: list[torch.Tensor]  # per window: (T-1,) float64, the sum of the stored p (1 up to rounding)
     # layer index -> (N, T, d) the residual stream entering that layer, on the CPU (padding columns zero)
     entering: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -110,8 +111,8 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
                 stored = logits[row, :-1].float().softmax(-1).cpu().mul_(PROBABILITY_SCALE).to(torch.float16)
                 probabilities = stored.float().div_(PROBABILITY_SCALE)  # as scoring will read them
                 kept.append(stored)
-                negentropy.append(torch.special.xlogy(probabilities, probabilities).sum(-1, dtype=torch.float64))
-                mass.append(probabilities.sum(-1, dtype=torch.float64))
+                negentropy.append(torch.special.xlogy(probabilities, probabilities).sum(-1).double())
+                mass.append(probabilities.sum(-1).double())
     finally:
         for handle in handles:
             handle.remove()
@@ -121,7 +122,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
 @torch.inference_mode()
 def window_scores(model, reference: ReferencePredictions, batch_size: int = 8, entering: int | None = None,
                   layer_path: str | None = None) -> WindowScores:
-    """Score `model` (a candidate) on the reference's windows; KL and loss summed in float64.
+    """Score `model` (a candidate) on the reference's windows; per window, the mean KL and loss in float64.
 
     With `entering`, `model` lacks the unpruned model's layers before layer `entering` (and the
     reference kept the stream entering it): its first layer is fed that stream instead of what its
@@ -158,11 +159,11 @@ def window_scores(model, reference: ReferencePredictions, batch_size: int = 8, e
 def _token_scores(logits: torch.Tensor, targets: torch.Tensor, reference: ReferencePredictions, window: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per predicted token of one window: KL(unpruned || candidate) and the candidate's next-token loss,
-    in float64, from the candidate's (T-1, V) logits (the formula is in the module's docstring)."""
+    from the candidate's (T-1, V) logits (the formula is in the module's docstring)."""
     shifted = logits.float().cpu()
     shifted = shifted - shifted.amax(-1, keepdim=True)  # every value <= 0: the sums below stay exact
     log_norm = torch.logsumexp(shifted, -1).double()
-    weighted = (reference.probabilities[window].float() * shifted).sum(-1, dtype=torch.float64) / PROBABILITY_SCALE
+    weighted = (reference.probabilities[window].float() * shifted).sum(-1).double() / PROBABILITY_SCALE
     mass = reference.mass[window]
     per_token_kl = (reference.negentropy[window] - weighted) / mass - mass.log() + log_norm
     nll = log_norm - shifted.gather(-1, targets.cpu()[:, None])[:, 0].double()
