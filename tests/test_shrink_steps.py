@@ -155,26 +155,43 @@ def test_prune_records_the_grown_sample_count(tmp_path, tiny_llama_dir, corpus_f
     assert result.provenance["repair"]["samples"] == max(64, 16 * width // 8)
 
 
-@pytest.mark.parametrize("rows_shared", [True, False])
+@pytest.mark.parametrize("where", ["one pass", "rows apart", "analysis"])
 def test_shared_passes_fit_every_repair_of_every_block_as_its_own_pass_would(tiny_llama_dir, corpus_file, monkeypatch,
-                                                                            rows_shared):
+                                                                            where):
     """The shrink gathers every block's sums in one pass (cosine's token rows in it, or in a pass of their
-    own when they would take too much memory): each fit equals `repair`'s alone, on that block alone."""
+    own when they would take too much memory), or during the analysis pass (every block of the size asked
+    for; the others in a pass after it): each fit equals `repair`'s alone, on that block alone."""
     import copy
 
+    from depthcut.analysis.passes import analyze
     from depthcut.pipeline import shrink_fits
     from depthcut.pipeline.prune_repair import repair_samples
     from depthcut.repair.run import repair
 
-    if not rows_shared:
+    if where == "rows apart":
         monkeypatch.setattr(shrink_fits, "SHARED_ROWS_BYTES", 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = ShrinkConfig(model=str(tiny_llama_dir), out="o", drop=2, data=str(corpus_file), **SMALL)
     samples = repair_samples(config, tokenizer, model.config.hidden_size, ["lstsq"])
     blocks = [[2, 3], [4, 5], [1, 2, 3], [0, 1]]
-    fits = shrink_fits.BlockFits(model, blocks, ["lstsq", "cosine", "magnitude"], samples, config)
-    assert fits.rows_shared is rows_shared
+    methods = ["lstsq", "cosine", "magnitude"]
+    gathered = None
+    if where == "analysis":
+        gatherer = shrink_fits.every_block_gatherer(model, samples.calibration, 2, methods, config)
+        num_layers = model.config.num_hidden_layers
+        # every block of 2 the analysis ranks, [0, 2) with magnitude alone (lstsq has no layer -1 to fold into)
+        assert set(gatherer.accumulators) == {tuple(range(f, f + 2)) for f in range(num_layers - 2)}
+        assert gatherer.accumulators[(0, 1)][0].stats.methods == ("magnitude",)
+        plain = analyze(model, tokenizer, samples.calibration, batch_size=config.batch_size, progress=False)
+        ridden = analyze(model, tokenizer, samples.calibration, batch_size=config.batch_size, progress=False,
+                         riders=[gatherer])
+        assert ridden.to_dict()["metrics"] == plain.to_dict()["metrics"]  # the riders change no metric
+        gathered = gatherer.result()
+    fits = shrink_fits.BlockFits(model, blocks, methods, samples, config, gathered)
+    assert fits.rows_shared is (where != "rows apart")
+    if where == "analysis":  # the gathered sums are used as they are, cosine's rows gathered apart
+        assert fits.statistics[(2, 3)] is gathered[(2, 3)]
     with pytest.raises(DepthcutError, match="layer 0"):  # refused before any pass: no layer -1 to fold into
         fits.get([0, 1], "lstsq")
     for block in blocks[:3]:

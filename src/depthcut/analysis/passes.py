@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def analyze(
     text_field: str = "text",
     progress: bool = True,
     token_positions: int | None = TOKEN_POSITIONS,
+    riders: Sequence = (),
 ) -> Analysis:
     """Measure how much every block of layers changes the residual stream.
 
@@ -109,6 +111,11 @@ def analyze(
 
     Launched as several processes (`accelerate launch`, `torchrun`), each runs a share of the
     batches and the metric accumulators are summed, so every process returns the same result.
+
+    `riders` gather sums of their own from the same forward pass (`depthcut shrink`: every possible
+    block's repair statistics, `repair.statistics.BlockGatherer`): each has `hooks()`, a context
+    manager, and `start_batch(attention_mask)`. They see this process's batches only, so one
+    process alone may carry them.
     """
     _check_arguments(batch_size, metrics, token_positions)
     stack = find_layer_stack(model, layer_path)
@@ -117,6 +124,9 @@ def analyze(
     run = _set_up(num_layers, metrics, device, data, tokenizer, samples, seq_len, mode, seed, text_field,
                   token_positions)
     chosen, calibration, rank, world = run.metrics, run.calibration, run.rank, run.world
+    if riders and world > 1:
+        raise DepthcutError("sums gathered alongside the analysis would hold one process's share of the samples: "
+                            "run it as one process")
     capture = ResidualCapture(stack, keep_all_tokens=any(m.level == "all_tokens" and not m.consecutive_only
                                                          for m in chosen),
                               consecutive=any(m.consecutive_only for m in chosen), token_positions=token_positions)
@@ -124,12 +134,17 @@ def analyze(
     model.eval()
     bar = tqdm(total=len(calibration), desc="analyze", unit="sample", disable=not progress or rank != 0)
     try:
-        with capture.hooks():
+        with ExitStack() as hooked:
+            for rider in riders:  # hooked first: a hook of theirs on the last layer runs before the capture stops
+                hooked.enter_context(rider.hooks())
+            hooked.enter_context(capture.hooks())
             for index, (input_ids, attention_mask) in enumerate(calibration.batches(batch_size)):
                 if index % world != rank:  # data parallel: every process takes every world-th batch
                     bar.update(input_ids.shape[0])
                     continue
                 capture.start_batch(attention_mask)  # on the CPU still: no device sync for its indices
+                for rider in riders:
+                    rider.start_batch(attention_mask)
                 input_ids = input_ids.to(device, non_blocking=True)
                 attention_mask = attention_mask.to(device, non_blocking=True)
                 try:
@@ -202,6 +217,8 @@ def analyze_streamed(
         raise TypeError(f"analyze_streamed: {error}") from None
     bound.apply_defaults()
     arguments = bound.arguments
+    if arguments["riders"]:
+        raise TypeError("analyze_streamed: riders need the whole model in memory (use analyze)")
     samples, seq_len, batch_size, mode, seed, metrics, layer_path, text_field, progress, token_positions = (
         arguments[name] for name in ("samples", "seq_len", "batch_size", "mode", "seed", "metrics", "layer_path",
                                      "text_field", "progress", "token_positions"))

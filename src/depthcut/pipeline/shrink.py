@@ -32,6 +32,7 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, loaded_as_prune_wo
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
+from depthcut.pipeline.shrink_fits import every_block_gatherer
 from depthcut.pipeline.shrink_options import Option, scored_options, span
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, plan_for_budget
 from depthcut.pipeline.validation import beats_plain, references, validation_sets
@@ -188,9 +189,13 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         samples = repair_samples(config, tokenizer, text_config(model).hidden_size, config.repairs)
         log.info("shrink: analyzing %s to find candidate blocks ...", samples.data)
         analysis_started = time.perf_counter()
+        # every block's repair sums ride on the analysis pass: no calibration pass of their own after it
+        gatherer = every_block_gatherer(model, samples.calibration, drop, list(config.repairs), config)
         analysis = analyze(model, tokenizer, samples.calibration, layer_path=config.layer_path,
                            batch_size=config.batch_size, metrics=list(config.metrics),
-                           token_positions=config.token_positions, progress=not config.quiet)
+                           token_positions=config.token_positions, progress=not config.quiet,
+                           riders=[gatherer] if gatherer else [])
+        gathered = gatherer.result() if gatherer else {}
         analysis_seconds = time.perf_counter() - analysis_started
         repairs = list(dict.fromkeys(["none", *config.repairs]))
         plan = None
@@ -211,7 +216,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
                                  config.layer_path, config.allow_unknown_config)
         seconds["references"] = time.perf_counter() - references_started
-        options = scored_options(model, candidates, repairs, samples, predictions, config, seconds)
+        options = scored_options(model, candidates, repairs, samples, predictions, config, seconds, gathered)
         winner = _decide(options, config)
         healed = None
         if config.heal_steps:

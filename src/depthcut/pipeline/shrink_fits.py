@@ -1,31 +1,64 @@
-"""The training-free repairs of every candidate block of `depthcut shrink`, from shared passes: one pass
-over the calibration samples gathers every block's sums (`block_statistics`), one over the held-out
-samples the sums that judge them (and choose a linear map's ridge); each fit is made when first asked
-for. The cosine repair also keeps token rows (3 x rows x d floats per block): they are gathered in the
-shared pass while every block's together fit in `SHARED_ROWS_BYTES`, else in a pass of their own for
-the blocks that still need them (the screening's finalists)."""
+"""The training-free repairs of every candidate block of `depthcut shrink`, from shared passes. The sums
+of every block the analysis can rank ride on the analysis pass itself (`every_block_gatherer`: two
+d x d float64 sums per block, while they fit in `SHARED_SUMS_BYTES`); where they do not, one pass over
+the calibration samples gathers the candidate blocks' sums after the analysis (`block_statistics`).
+One pass over the held-out samples gathers the sums that judge them (and choose a linear map's
+ridge); each fit is made when first asked for. The cosine repair also keeps token rows (3 x rows x d
+floats per block): they are gathered in that calibration pass while every block's together fit in
+`SHARED_ROWS_BYTES`, else (and always after sums from the analysis) in a pass of their own for the
+blocks that need them (those where the lstsq map cosine refines beats the plain cut)."""
 
 from __future__ import annotations
 
 import logging
 
 from depthcut.errors import DepthcutError
-from depthcut.model.layers import text_config
+from depthcut.model.distributed import launched_as_several
+from depthcut.model.layers import find_layer_stack, text_config
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.methods import RepairFit
 from depthcut.repair.run import fit_judged
-from depthcut.repair.statistics import MAX_ROWS, block_statistics
+from depthcut.repair.statistics import MAX_ROWS, BlockGatherer, RepairStatistics, block_statistics
 
 log = logging.getLogger(__name__)
 
 SHARED_ROWS_BYTES = 2**30
+SHARED_SUMS_BYTES = 2**30
 ROWS_KEPT_BY = ("cosine",)  # the repairs fitted on token rows, not on sums alone
 
 
-class BlockFits:
-    """{block: {method: fit}} for the candidate `blocks` (each a list of layers), fitted lazily."""
+def every_block_gatherer(model, calibration, size: int, methods: list[str], config) -> BlockGatherer | None:
+    """The sums of `methods` (but the token rows of cosine) for every block of `size` layers that the
+    analysis ranks (every [l, l+size) keeping the final layer), to gather during the analysis pass; None
+    where there is nothing to gather, where their d x d sums together would pass `SHARED_SUMS_BYTES`, or
+    where the analysis is shared out between processes (each would hold a share of the sums)."""
+    sums = [method for method in methods if method != "none" and method not in ROWS_KEPT_BY]
+    starts = range(len(find_layer_stack(model, config.layer_path)) - size)
+    width = text_config(model).hidden_size
+    linear = any(REPAIRS.get(method).linear for method in sums)
+    if not sums or launched_as_several() or linear and 2 * width * width * 8 * len(starts) > SHARED_SUMS_BYTES:
+        return None
+    blocks = {}
+    for first in starts:
+        layers = tuple(range(first, first + size))
+        usable = []
+        for method in sums:
+            try:
+                check_repair(model, list(layers), method, config.layer_path)
+                usable.append(method)
+            except DepthcutError:  # refused here: BlockFits says why, for the candidates
+                pass
+        if usable:
+            blocks[layers] = usable
+    return BlockGatherer(model, calibration, blocks, config.layer_path, seed=config.seed) if blocks else None
 
-    def __init__(self, model, blocks: list[list[int]], methods: list[str], samples, config):
+
+class BlockFits:
+    """{block: {method: fit}} for the candidate `blocks` (each a list of layers), fitted lazily; the sums in
+    `gathered` (by `every_block_gatherer`, during the analysis) are used where they hold a block's methods."""
+
+    def __init__(self, model, blocks: list[list[int]], methods: list[str], samples, config,
+                 gathered: dict[tuple, RepairStatistics] | None = None):
         self.model, self.samples = model, samples
         self.gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
         self.refused: dict[tuple, dict[str, DepthcutError]] = {}
@@ -44,10 +77,17 @@ class BlockFits:
         with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
         width = text_config(model).hidden_size
         self.rows_shared = 3 * rows * width * 4 * len(with_rows) <= SHARED_ROWS_BYTES
-        wanted = {block: [m for m in usable if self.rows_shared or m not in ROWS_KEPT_BY]
-                  for block, usable in self.usable.items()}
+        sums = {block: [m for m in usable if m not in ROWS_KEPT_BY] for block, usable in self.usable.items()}
+        self.statistics = {block: gathered[block] for block in sums
+                           if block in (gathered or {}) and set(sums[block]) <= set(gathered[block].methods)}
+        # the rest in a pass of its own, with the token rows where they all fit (none needed then: the rows
+        # of blocks whose sums came from the analysis are gathered later, for the blocks that need them)
+        rows_too = self.rows_shared and not self.statistics
+        wanted = {block: usable if rows_too else sums[block] for block, usable in self.usable.items()
+                  if block not in self.statistics}
         wanted = {block: methods for block, methods in wanted.items() if methods}
-        self.statistics = block_statistics(model, samples.calibration, wanted, **self.gather) if wanted else {}
+        if wanted:
+            self.statistics.update(block_statistics(model, samples.calibration, wanted, **self.gather))
         # a linear map's error needs M^T M; a scale's, the three sums magnitude gathers
         judging = {block: sorted({"lstsq" if REPAIRS.get(m).linear else "magnitude" for m in usable})
                    for block, usable in self.usable.items() if usable}

@@ -56,7 +56,8 @@ def span(layers: list[int]) -> str:
     return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else ",".join(map(str, layers))
 
 
-def scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict) -> list[Option]:
+def scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict,
+                   gathered: dict | None = None) -> list[Option]:
     """Every candidate, plain and with each repair, scored on the validation windows, with the time left.
 
     Screening (`--screen-windows` below the windows per source, more candidate blocks than
@@ -65,11 +66,12 @@ def scored_options(model, candidates, repairs, samples, predictions, config, sec
     rest (the scores concatenated: the same windows as without screening). The other blocks stay in
     the table with their screening scores, out of the choice. A repair that refines another (cosine
     starts from lstsq's map) is fitted last, and only where the one it refines beats the plain cut of
-    its block (`refinements`). `seconds` gains the time each step took."""
+    its block (`refinements`). `gathered`: repair sums the analysis pass gathered (`BlockFits`).
+    `seconds` gains the time each step took."""
     options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
     started = time.perf_counter()
     fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
-                     config)
+                     config, gathered)
     seconds["fit_passes"] = time.perf_counter() - started
     for option in options:  # refusals are known before any scoring: said as such, screened or not
         refusal = fits.refused.get(tuple(option.layers), {}).get(option.repair)

@@ -16,6 +16,7 @@ The forward pass stops at the cut: nothing after layer l+n is computed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +120,9 @@ class Accumulator:
             s.r_sq += float((rc * rc).sum())
             if self.max_rows:
                 self._sample(xc - mc, mc, yc)
+        # this batch's captures, let go at once: a pass gathering for every block would otherwise hold two
+        # (B, T, d) tensors per block after it, and the passes that follow ran 1.5x slower for it
+        self.x = self.m = None
 
     def _sample(self, base: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> None:
         """Keep the rows with the `max_rows` smallest random keys seen so far: a uniform subset."""
@@ -207,6 +211,55 @@ def repair_statistics(
     return next(iter(gathered.values()))
 
 
+class BlockGatherer:
+    """The sums of several blocks, gathered by hooks during forward passes run by someone else: the
+    statistics pass below, or the analysis pass of `depthcut shrink` (so that no pass of its own is
+    needed). {block (its layers): the methods to gather for it}; every method is checked first."""
+
+    def __init__(self, model, calibration: CalibrationSet, blocks: Mapping[tuple[int, ...], Sequence[str]],
+                 layer_path: str | None = None, *, max_rows: int = MAX_ROWS, seed: int = 0):
+        self.stack = find_layer_stack(model, layer_path)
+        arch = architecture_of(model)
+        self.accumulators = {}
+        for block, methods in blocks.items():
+            if not methods:
+                raise DepthcutError("no repair method asked for")
+            first, stop = contiguous_block(block, len(self.stack))
+            chosen = [REPAIRS.get(name) for name in methods]
+            for method in chosen:
+                method.check(model, self.stack, arch, first, stop)
+            linear = any(method.linear for method in chosen)
+            stats = RepairStatistics(first, stop, len(self.stack), tuple(methods), type(model).__name__,
+                                     calibration=calibration.as_dict())
+            mlp = submodule(self.stack.layers[first - 1], arch.mlp, "MLP", first - 1) if linear else None
+            self.accumulators[block] = (Accumulator(stats, linear, max_rows, seed), mlp)
+
+    @property
+    def furthest_stop(self) -> int:
+        return max(accumulator.stats.stop for accumulator, _ in self.accumulators.values())
+
+    @contextmanager
+    def hooks(self):
+        handles = [handle for accumulator, mlp in self.accumulators.values()
+                   for handle in accumulator.hooks(self.stack, mlp)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def start_batch(self, attention_mask: torch.Tensor) -> None:
+        for accumulator, _ in self.accumulators.values():
+            accumulator.valid = attention_mask.reshape(-1).bool()
+            accumulator.x = accumulator.m = None
+
+    def result(self) -> dict[tuple[int, ...], RepairStatistics]:
+        for accumulator, _ in self.accumulators.values():
+            if accumulator.stats.tokens == 0 or accumulator.stats.y_sq == 0:
+                raise DepthcutError("the calibration data gave no tokens to fit a repair on")
+        return {block: accumulator.stats for block, (accumulator, _) in self.accumulators.items()}
+
+
 @torch.no_grad()
 def block_statistics(
     model,
@@ -225,50 +278,32 @@ def block_statistics(
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
-    stack = find_layer_stack(model, layer_path)
-    arch = architecture_of(model)
-    accumulators = {}
-    for block, methods in blocks.items():
-        if not methods:
-            raise DepthcutError("no repair method asked for")
-        first, stop = contiguous_block(block, len(stack))
-        chosen = [REPAIRS.get(name) for name in methods]
-        for method in chosen:
-            method.check(model, stack, arch, first, stop)
-        linear = any(method.linear for method in chosen)
-        stats = RepairStatistics(first, stop, len(stack), tuple(methods), type(model).__name__,
-                                 calibration=calibration.as_dict())
-        mlp = submodule(stack.layers[first - 1], arch.mlp, "MLP", first - 1) if linear else None
-        accumulators[block] = (Accumulator(stats, linear, max_rows, seed), mlp)
-    if not accumulators:
+    gatherer = BlockGatherer(model, calibration, blocks, layer_path, max_rows=max_rows, seed=seed)
+    if not gatherer.accumulators:
         return {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    handles = [handle for accumulator, mlp in accumulators.values() for handle in accumulator.hooks(stack, mlp)]
-    handles.append(stop_after(stack, max(accumulator.stats.stop for accumulator, _ in accumulators.values())))
     bar = tqdm(total=len(calibration), desc="repair statistics", unit="sample", disable=not progress)
+    stopper = None
     try:
-        for input_ids, attention_mask in calibration.batches(batch_size):
-            for accumulator, _ in accumulators.values():
-                accumulator.valid = attention_mask.reshape(-1).bool()
-                accumulator.x = accumulator.m = None
-            try:
-                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-            except StopForward:
-                pass
-            else:
-                raise RuntimeError("the forward pass never reached the cut; is the layer path right?")
-            bar.update(input_ids.shape[0])
+        with gatherer.hooks():
+            stopper = stop_after(gatherer.stack, gatherer.furthest_stop)  # after the sums' hooks: runs after them
+            for input_ids, attention_mask in calibration.batches(batch_size):
+                gatherer.start_batch(attention_mask)
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                except StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the forward pass never reached the cut; is the layer path right?")
+                bar.update(input_ids.shape[0])
     finally:
         bar.close()
-        for handle in handles:
-            handle.remove()
+        if stopper is not None:
+            stopper.remove()
         model.train(was_training)
-    for accumulator, _ in accumulators.values():
-        if accumulator.stats.tokens == 0 or accumulator.stats.y_sq == 0:
-            raise DepthcutError("the calibration data gave no tokens to fit a repair on")
-    return {block: accumulator.stats for block, (accumulator, _) in accumulators.items()}
+    return gatherer.result()
 
 
 def relative_error(statistics, transform: torch.Tensor) -> float:
