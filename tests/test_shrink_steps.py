@@ -84,6 +84,12 @@ def test_the_budget_plan_is_the_most_candidates_that_fit():
     unscreened = plan_for_budget(dataclasses.replace(config, screen_windows=0), analysis_seconds=1.0,
                                  analysis_windows=10, sources=1, repairs_per_candidate=4, seconds_spent=0.0)
     assert unscreened.candidates == 2
+    # the sums gathered in the analysis pass: the fits cost the held-out quarter alone (2.5 windows), and in
+    # 49 s the 4 candidates fit (0.15 x (32 + 2.5 + 4 x (4 x 4 + 2 x 28)) = 48.4 s), where 3 fit otherwise
+    roomier = dataclasses.replace(config, budget=49 / 60)
+    plans = [plan_for_budget(roomier, analysis_seconds=1.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
+                             seconds_spent=0.0, sums_gathered=gathered) for gathered in (True, False)]
+    assert [plan.candidates for plan in plans] == [4, 3]
     tight = plan_for_budget(config, analysis_seconds=100.0, analysis_windows=10, sources=1, repairs_per_candidate=4,
                             seconds_spent=30.0)
     assert tight.candidates == 1 and tight.validation_windows == FEWEST_WINDOWS and "overruns" in tight.why

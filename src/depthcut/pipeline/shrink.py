@@ -201,7 +201,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         plan = None
         if config.budget is not None:
             plan = plan_for_budget(config, analysis_seconds, len(samples.calibration), len(config.validation_sources()),
-                                   len(repairs), time.perf_counter() - started)
+                                   len(repairs), time.perf_counter() - started, sums_gathered=bool(gathered))
             log.info("shrink: --budget %g min: %s", config.budget, plan.why)
             config = dataclasses.replace(config, validation_windows=plan.validation_windows)
         prune_view = PruneConfig(model=config.model, out=config.out, layer_path=config.layer_path,

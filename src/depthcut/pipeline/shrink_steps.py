@@ -40,16 +40,17 @@ class Plan:
 
 
 def plan_for_budget(config: ShrinkConfig, analysis_seconds: float, analysis_windows: int, sources: int,
-                    repairs_per_candidate: int, seconds_spent: float) -> Plan:
+                    repairs_per_candidate: int, seconds_spent: float, sums_gathered: bool = False) -> Plan:
     """The most candidates (then validation windows) whose cost, extrapolated from the analysis pass's
     seconds per window, fits in what is left of `config.budget` minutes.
 
     Cost model, in window forwards of `1.5 x analysis_seconds / analysis_windows` (the pass stops before
     the head, so this errs low; a factor 1.5 covers the head and the KL): the references, every
-    validation window once; the fits, one pass over the calibration windows and a quarter as many held
-    out; every option, every window (with screening: every option its screening windows, the
+    validation window once; the fits, one pass over the calibration windows (none where the analysis
+    pass gathered the sums, `sums_gathered`) and a quarter as many held out; every option, every window (with screening: every option its screening windows, the
     finalists' options the rest). A candidate started from the kept stream costs less: this errs high."""
     per_window = 1.5 * analysis_seconds / max(1, analysis_windows)
+    fit_windows = (0.25 if sums_gathered else 1.25) * analysis_windows
     left = config.budget * 60 - seconds_spent
     windows = config.validation_windows
 
@@ -59,14 +60,14 @@ def plan_for_budget(config: ShrinkConfig, analysis_seconds: float, analysis_wind
             scored = repairs_per_candidate * (candidates * screen + config.finalists * (windows - screen))
         else:
             scored = repairs_per_candidate * candidates * windows
-        return per_window * (sources * (windows + scored) + 1.25 * analysis_windows)
+        return per_window * (sources * (windows + scored) + fit_windows)
 
     most = config.candidates + 2  # the angular ones, the deepest block, Block Influence's
     for candidates in range(most, 0, -1):
         if cost(candidates, windows) <= left:
             return Plan(candidates, windows, f"{candidates} of {most} candidates x {windows} windows fit in about "
                                              f"{cost(candidates, windows) / 60:.1f} of {left / 60:.1f} minutes left")
-    fitting = int((left / per_window - 1.25 * analysis_windows) / (sources * (repairs_per_candidate + 1)))
+    fitting = int((left / per_window - fit_windows) / (sources * (repairs_per_candidate + 1)))
     windows = max(FEWEST_WINDOWS, min(windows, fitting))
     return Plan(1, windows, f"even one candidate at {config.validation_windows} windows overruns the "
                             f"{left / 60:.1f} minutes left: 1 candidate x {windows} windows (about "
