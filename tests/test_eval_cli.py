@@ -77,6 +77,7 @@ def test_limit_is_a_seeded_random_subset_and_a_small_task_runs_whole(tokenizer):
         ([], "nothing to evaluate"),
         (["--tasks", "{bad_task}"], "former task-file format"),
         (["--tasks", "piqa", "--num-fewshot", "-1"], "0 or more"),
+        (["--tasks", "wikitext", "--max-length", "1"], "--max-length must be at least 2"),
     ],
 )
 def test_eval_bad_input(capsys, tmp_path, tiny_llama_dir, argv, message):

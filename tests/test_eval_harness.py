@@ -211,3 +211,28 @@ def test_wikitext_runs_on_the_local_copy_as_hflm_scores_it(tokenizer, shared_dat
                           limit=2, progress=False)
     assert ours["wikitext"]["word_perplexity"] == pytest.approx(theirs["wikitext"]["word_perplexity"], rel=1e-4)
     assert "wikitext-2/test.txt" in resolve_tasks(["wikitext"])[0].source
+
+
+def test_max_length_caps_the_rolling_windows_as_hflm_does(capsys, tmp_path, tokenizer, shared_data):
+    """`depthcut eval --max-length N`: WikiText-2's rolling windows of N tokens, scored as lm-eval's hf model
+    scores them with its own max_length, and recorded in the result."""
+    from depthcut.cli import main
+
+    model = tiny_model("llama")  # its own context: 128 positions
+    capped, _ = run_tasks(DepthcutLM(model, tokenizer, progress=False, max_length=16), resolve_tasks(["wikitext"]),
+                          limit=1, progress=False)
+    theirs, _ = run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=16),
+                          resolve_tasks(["wikitext"]), limit=1, progress=False)
+    whole, _ = run_tasks(DepthcutLM(model, tokenizer, progress=False), resolve_tasks(["wikitext"]), limit=1,
+                         progress=False)
+    assert capped["wikitext"]["word_perplexity"] == pytest.approx(theirs["wikitext"]["word_perplexity"], rel=1e-4)
+    assert capped["wikitext"]["word_perplexity"] != pytest.approx(whole["wikitext"]["word_perplexity"], rel=1e-3)
+    folder, out = tmp_path / "tiny", tmp_path / "eval.json"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["eval", str(folder), "--tasks", "wikitext", "--limit", "1", "--max-length", "16", "--dtype", "float32",
+                 "--out", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["max_length"] == 16
+    assert result["tasks"]["wikitext"]["word_perplexity"] == pytest.approx(capped["wikitext"]["word_perplexity"],
+                                                                          rel=1e-4)

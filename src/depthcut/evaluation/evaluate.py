@@ -126,11 +126,14 @@ def evaluate(
     scoring: str = "packed",
     log_samples: bool = False,
     progress: bool = True,
+    max_length: int | None = None,
 ) -> dict:
     """Evaluate `model` on lm-evaluation-harness `tasks` (names, built-in benchmarks on local
     data, task YAML files; docs/tasks.md) and/or the held-out loss on `loss_data` (a DATA string,
     as for calibration). `limit`: a fixed random subset of that many documents per task (seeded
-    by `seed`, which also seeds lm-eval's few-shot draws). Returns a JSON-ready dict."""
+    by `seed`, which also seeds lm-eval's few-shot draws). `max_length`: the longest context scored,
+    rolling perplexity windows included (None: the model's own, as lm-eval's hf model takes it).
+    Returns a JSON-ready dict."""
 
     if not tasks and loss_data is None:
         raise DepthcutError("nothing to evaluate: give tasks and/or loss data")
@@ -138,6 +141,8 @@ def evaluate(
         raise DepthcutError("--limit must be at least 1")
     if num_fewshot is not None and num_fewshot < 0:
         raise DepthcutError("--num-fewshot must be 0 or more")
+    if max_length is not None and max_length < 2:
+        raise DepthcutError(f"--max-length must be at least 2 tokens, got {max_length}")
     specs = resolve_tasks(tasks)  # unknown names and bad task files fail before any work
     result: dict = {"format": RESULT_FORMAT, "format_version": 2, "tasks": {}}
     if loss_data is not None:
@@ -146,11 +151,13 @@ def evaluate(
         windows = build_calibration(tokenizer, source, loss_samples, loss_seq_len, "windows", seed)
         result["loss"] = heldout_loss(model, windows, batch_size=max(1, batch_size // 2), progress=progress)
     if specs:
-        lm = DepthcutLM(model, tokenizer, batch_size=batch_size, scoring=scoring, progress=progress)
+        lm = DepthcutLM(model, tokenizer, batch_size=batch_size, scoring=scoring, progress=progress,
+                        max_length=max_length)
         result["tasks"], samples = run_tasks(lm, specs, limit=limit, num_fewshot=num_fewshot, seed=seed,
                                              log_samples=log_samples, progress=progress)
         if log_samples:
             result["samples"] = samples
     result["settings"] = {"limit": limit, "num_fewshot": num_fewshot, "seed": seed, "batch_size": batch_size,
-                          "scoring": scoring, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                          "scoring": scoring, "max_length": lm.max_length if specs else max_length,
+                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return result

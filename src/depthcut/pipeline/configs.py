@@ -239,6 +239,11 @@ class EvalConfig(DeviceMapOption, MeasureOptions, ModelOptions):
                                "context once, its KV cache reused per choice; full: one sequence per choice",
                           show_default=False)
     log_samples: bool = option(False, help="add every item's scores to the output")
+    max_length: int | None = option(None, metavar="N",
+                                    help="the longest context scored, WikiText-2's rolling perplexity windows "
+                                         "included; a longer one keeps its last N tokens, as in lm-eval's hf model "
+                                         "(default: the model's own, 8192 for SmolLM2: on 2 CPU cores about two "
+                                         "minutes a WikiText-2 page)", show_default=False)
     baseline: str | None = option(None, metavar="MODEL",
                                   help="the model before pruning, evaluated the same way: each task's score is also "
                                        "given as a share of the baseline's (%% retained; on average the ratio of the "

@@ -40,6 +40,8 @@ def evaluate_to(config: EvalConfig | None = None, /, **fields) -> dict:
         raise DepthcutError("nothing to evaluate: give --tasks and/or --loss")
     check_measures(config)
     check_positive(batch_size=config.batch_size)
+    if config.max_length is not None and config.max_length < 2:  # before any model loads
+        raise DepthcutError(f"--max-length must be at least 2 tokens, got {config.max_length}")
     with claimed_for_writing(config.out, config.force, kind="file", writer=is_main_process()):
         return evaluate_with(config)
 
@@ -66,6 +68,6 @@ def _measure(config: EvalConfig, spec: str) -> dict:
     model, tokenizer, source = load(dataclasses.replace(config, model=spec), quiet=config.quiet)
     result = evaluate(model, tokenizer, list(config.tasks), seed=config.seed, batch_size=config.batch_size,
                       scoring=config.scoring, log_samples=config.log_samples, progress=not config.quiet,
-                      **config.evaluation_options())
+                      max_length=config.max_length, **config.evaluation_options())
     result["model"] = source.as_dict()
     return result
