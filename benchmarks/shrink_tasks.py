@@ -78,7 +78,7 @@ def main() -> None:
                               "result": result, "retained": retained(result, unpruned)}
                 average = rows[name]["retained"].get("average", {})
                 print(f"drop {drop} {name:<18} retained {average.get('ratio', float('nan')):.3f} ± "
-                      f"{average.get('ratio_stderr', float('nan')):.3f} ({result['seconds']:.0f} s)", flush=True)
+                      f"{average.get('ratio_stderr') if average.get('ratio_stderr') is not None else float('nan'):.3f} ({result['seconds']:.0f} s)", flush=True)
             save(figures, args.out, record(dtype=torch.float32))
 
 

@@ -62,5 +62,9 @@ def test_a_perplexity_is_reported_as_a_ratio_but_kept_out_of_the_average():
     shares = retained(result, base)
     assert shares["wikitext"]["ratio"] == pytest.approx(1.5) and shares["wikitext"]["lower_is_better"]
     assert shares["average"]["tasks"] == 1 and shares["average"]["ratio"] == pytest.approx(0.5 / 0.6)
-    assert "lower is better" in format_table({"tasks": {}, "retained": shares})
+    table = format_table({"tasks": {}, "retained": shares})
+    assert "lower is better" in table
+    # no standard error given (lm-eval gives none for a rolling perplexity): none claimed, not 0
+    assert shares["wikitext"]["ratio_stderr"] is None and shares["average"]["ratio_stderr"] is None
+    assert "n/a" in table
     assert "wikitext" in PRESETS["retained"]

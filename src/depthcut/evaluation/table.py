@@ -35,8 +35,9 @@ def format_table(result: dict) -> str:
         lines.append("")
         lines.append(f"{'retained':<16} {'of the baseline':<22} {'ratio':>7} {'± se':>7}")
         for name, share in result["retained"].items():
+            stderr = share["ratio_stderr"]
             lines.append(f"{name:<16} {share['metric'][:22]:<22} {100 * share['ratio']:6.1f}% "
-                         f"{100 * share['ratio_stderr']:6.1f}%"
+                         + (f"{100 * stderr:6.1f}%" if stderr is not None else f"{'n/a':>7}")
                          + ("  (lower is better: above 100% is worse; not in the average)"
                             if share.get("lower_is_better") else ""))
     return "\n".join(lines)
