@@ -3,9 +3,9 @@
 `reference_predictions` runs the unpruned model once over validation windows and keeps its
 next-token probabilities (float16 on the CPU, scaled by 2^15 so that the long tail of small ones
 stays out of float16's coarse subnormal range: a window of T tokens over a vocabulary of V costs
-2·T·V bytes), with each token's sums of p·log p and of p, taken once from the stored values; `window_scores` then scores
-any candidate against them: per window, the mean KL(unpruned || candidate) over its predicted
-tokens, and the candidate's mean next-token loss. Per token,
+2·T·V bytes), with each token's sums of p·log p and of p, taken once from the stored values;
+`window_scores` then scores any candidate against them: per window, the mean KL(unpruned ||
+candidate) over its predicted tokens, and the candidate's mean next-token loss. Per token,
 KL = (Σ p log p - Σ p l) / Σ p - log Σ p + logsumexp(l), with p the stored probabilities and l the
 candidate's logits less their maximum (every term small), summed in float32 (pairwise: a relative
 error about 1e-7): within 2e-6 nats of a float64 computation on a 49k vocabulary, where float16
@@ -40,7 +40,7 @@ class ReferencePredictions:
     windows: CalibrationSet
     # per window: (T-1, V) float16, the unpruned model's next-token probabilities times PROBABILITY_SCALE
     probabilities: list[torch.Tensor]
-    negentropy: list[torch.Tensor]  # per window: (T-1,) the sum of p log p (float64 tensors)
+    negentropy: list[torch.Tensor]  # per window: (T-1,) float64, the sum of p log p of the stored p
     mass: list[torch.Tensor]  # per window: (T-1,) float64, the sum of the stored p (1 up to rounding)
     # layer index -> (N, T, d) the residual stream entering that layer, on the CPU (padding columns zero)
     entering: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,8 +81,8 @@ def _valid(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, entering: Iterable[int] = (),
                           layer_path: str | None = None) -> ReferencePredictions:
-    """The unpruned model's log-probabilities on `windows`, and the residual stream entering each
-    layer of `entering`."""
+    """The unpruned model's next-token probabilities on `windows` (as `ReferencePredictions` stores
+    them), and the residual stream entering each layer of `entering`."""
     device = next(model.parameters()).device
     kept, negentropy, mass = [], [], []
     states, handles, unusable, batch = {}, [], set(), [None]

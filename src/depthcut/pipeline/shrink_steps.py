@@ -47,8 +47,9 @@ def plan_for_budget(config: ShrinkConfig, analysis_seconds: float, analysis_wind
     Cost model, in window forwards of `1.5 x analysis_seconds / analysis_windows` (the pass stops before
     the head, so this errs low; a factor 1.5 covers the head and the KL): the references, every
     validation window once; the fits, one pass over the calibration windows (none where the analysis
-    pass gathered the sums, `sums_gathered`) and a quarter as many held out; every option, every window (with screening: every option its screening windows, the
-    finalists' options the rest). A candidate started from the kept stream costs less: this errs high."""
+    pass gathered the sums, `sums_gathered`) and a quarter as many held out; every option, every
+    window (with screening: every option its screening windows, the finalists' options the rest). A
+    candidate started from the kept stream costs less: this errs high."""
     per_window = 1.5 * analysis_seconds / max(1, analysis_windows)
     fit_windows = (0.25 if sums_gathered else 1.25) * analysis_windows
     left = config.budget * 60 - seconds_spent
