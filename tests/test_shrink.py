@@ -81,6 +81,36 @@ def test_cosine_is_fitted_only_where_the_lstsq_map_it_refines_beats_the_plain_cu
     assert _decide(options, config) is options[1] and not options[5].kept  # left out: not a candidate
 
 
+def test_cosine_is_not_fitted_where_the_leading_option_beats_the_lstsq_map_it_would_refine():
+    plain = [0.50, 0.40, 0.60, 0.45, 0.55, 0.50]
+    wobble = [0.01 * (i % 2) for i in range(len(plain))]
+    options = [
+        Option([2, 3], "angular", "none", scores(plain)),
+        Option([2, 3], "angular", "lstsq", scores([k - 0.30 + w for k, w in zip(plain, wobble)])),  # the leader
+        Option([2, 3], "angular", "cosine"),
+        # beats its own plain cut, but is 0.18 to 0.2 behind the leader on every window: far beyond 2 standard errors
+        Option([4, 5], "angular", "none", scores(plain)),
+        Option([4, 5], "angular", "lstsq", scores([k - 0.10 - w for k, w in zip(plain, wobble)])),
+        Option([4, 5], "angular", "cosine"),
+        # behind the leader by 0.01 on average, 0.1 either way window to window: within the noise
+        Option([6, 7], "angular", "none", scores(plain)),
+        Option([6, 7], "angular", "lstsq", scores([k - 0.285 + (0.1 if i % 2 else -0.1) for i, k in enumerate(plain)])),
+        Option([6, 7], "angular", "cosine"),
+    ]
+    config = ShrinkConfig(model="m", out="o", drop=2, margin=2.0)
+    to_fit = refinements(options, config)
+    assert [id(o) for o in to_fit] == [id(options[2]), id(options[8])]
+    assert options[5].screened and "which the leading option (layers [2, 4), lstsq) beats" in options[5].why
+    gain, stderr = paired_difference(options[4].scores["text"].kl, options[1].scores["text"].kl)
+    assert gain == pytest.approx(0.19) and f"+{gain:.4f} ± {stderr:.4f}" in options[5].why
+    # a plain cut leads where no repair beats its own: the margin is taken against that plain cut
+    options = [Option([2, 3], "angular", "none", scores([k - 0.5 for k in plain])),
+               Option([4, 5], "angular", "none", scores(plain)),
+               Option([4, 5], "angular", "lstsq", scores([k - 0.1 - w for k, w in zip(plain, wobble)])),
+               Option([4, 5], "angular", "cosine")]
+    assert refinements(options, config) == [] and "layers [2, 4), none" in options[3].why
+
+
 def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(tmp_path, tokenizer):
     words = "the quick brown fox jumps over the lazy dog while depth pruning removes layers".split()
     rows = [" ".join(random.Random(i).sample(words, len(words)) * 3) for i in range(40)]  # 40 distinct documents

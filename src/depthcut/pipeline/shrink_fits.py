@@ -6,7 +6,7 @@ One pass over the held-out samples gathers the sums that judge them (and choose 
 ridge); each fit is made when first asked for. The cosine repair also keeps token rows (3 x rows x d
 floats per block): they are gathered in that calibration pass while every block's together fit in
 `SHARED_ROWS_BYTES`, else (and always after sums from the analysis) in a pass of their own for the
-blocks that need them (those where the lstsq map cosine refines beats the plain cut)."""
+blocks that need them (those where cosine is fitted: `shrink_options.refinements`)."""
 
 from __future__ import annotations
 

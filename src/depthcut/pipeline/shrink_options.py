@@ -1,7 +1,7 @@
 """The options of `depthcut shrink` (a candidate cut, plain or with one repair) and their scoring on the
 validation windows: the screening (every option but the deferred ones on the first windows, the
 finalist blocks on them all) and the refinements (cosine, fitted only where the lstsq map it refines
-beats the plain cut)."""
+beats the plain cut and is not beaten beyond the margin by the leading option)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def scored_options(model, candidates, repairs, samples, predictions, config, sec
     rest (the scores concatenated: the same windows as without screening). The other blocks stay in
     the table with their screening scores, out of the choice. A repair that refines another (cosine
     starts from lstsq's map) is fitted last, and only where the one it refines beats the plain cut of
-    its block (`refinements`). `gathered`: repair sums the analysis pass gathered (`BlockFits`).
-    `seconds` gains the time each step took."""
+    its block and is not beaten beyond the margin by the leading option (`refinements`). `gathered`:
+    repair sums the analysis pass gathered (`BlockFits`). `seconds` gains the time each step took."""
     options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
     started = time.perf_counter()
     fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
@@ -129,9 +129,12 @@ def _deferred(method: str) -> bool:
 
 def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
     """The deferred options still to fit (`_deferred`); one that refines another repair (cosine: lstsq's
-    map) only where that repair's option is kept, beating the plain cut of its block; the others are
-    left out, with why. Where the refined repair was not tried, the refinement is fitted as it is."""
+    map) only where that repair's option is kept, beating the plain cut of its block, and is not itself
+    beaten beyond the margin by the leading option (`_leader`): the refinement starts from its map and
+    moves little, so it could not win there, and each fit costs about two analysis passes. The others
+    are left out, with why. Where the refined repair was not tried, the refinement is fitted as it is."""
     by_key = {(tuple(o.layers), o.repair): o for o in options}
+    leader = _leader(options, config)
     to_fit = []
     for option in options:
         if not _deferred(option.repair) or option.refused or option.screened or option.scores:
@@ -143,13 +146,40 @@ def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
             to_fit.append(option)
             continue
         beats, _ = beats_plain(plain.scores, base.scores, config.margin, config.aggregate)
-        if beats:
+        behind, why = (False, "") if leader in (None, base) else beats_plain(base.scores, leader.scores, config.margin,
+                                                                            config.aggregate)
+        if beats and not behind:
             to_fit.append(option)
-        else:
-            option.screened = True
+            continue
+        option.screened = True
+        if not beats:
             option.why = (f"not fitted: it refines {refined}'s map, which did not beat the plain cut of its block "
                           "(it starts from that map and moves little)")
+        else:
+            option.why = (f"not fitted: it refines {refined}'s map on this block, which the leading option (layers "
+                          f"{span(leader.layers)}, {leader.repair}) beats: {_lower_by(why)} (it starts from that "
+                          "map and moves little)")
     return to_fit
+
+
+def _leader(options: list[Option], config: ShrinkConfig) -> Option | None:
+    """The option of lowest validation score among those the choice may keep: the plain cuts, and the
+    repairs that beat the plain cut of their block (as `_decide` will judge them)."""
+    plain = {tuple(o.layers): o for o in options if o.repair == "none" and o.scores and not o.refused}
+    eligible = []
+    for option in options:
+        if option.refused or option.screened or not option.scores or _deferred(option.repair):
+            continue
+        block = plain.get(tuple(option.layers))
+        if option.repair == "none" or block is not None and beats_plain(block.scores, option.scores, config.margin,
+                                                                        config.aggregate)[0]:
+            eligible.append(option)
+    return min(eligible, key=lambda o: o.score(config.aggregate), default=None)
+
+
+def _lower_by(why: str) -> str:
+    """`beats_plain`'s reason, said of the leading option instead of a repair."""
+    return why.replace("KL from the unpruned model lower than the plain cut's by", "its KL lower by")
 
 
 def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:
