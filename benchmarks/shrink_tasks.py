@@ -29,7 +29,7 @@ from depthcut.pipeline import prune_to
 
 def scored(model, tokenizer, args) -> dict:
     started = time.perf_counter()
-    result = evaluate(model, tokenizer, args.tasks.split(","), limit=args.limit, seed=0, batch_size=16,
+    result = evaluate(model, tokenizer, args.tasks.split(","), limit=args.limit or None, seed=0, batch_size=16,
                       progress=True)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -45,7 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evidence", default="benchmarks/results/shrink_evidence.json")
     parser.add_argument("--tasks", default="retained")
-    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=200, help="documents per task, seeded (0: every document)")
+    parser.add_argument("--recipes", nargs="+", choices=("shrink", "angular+none", "best-fixed"),
+                        default=["shrink", "angular+none", "best-fixed"], help="the models to score at each depth")
     parser.add_argument("--depths", nargs="+", help="the evidence run's depths to rebuild (default: all)")
     parser.add_argument("--out", default="benchmarks/results/shrink_tasks.json")
     args = parser.parse_args()
@@ -65,7 +67,8 @@ def main() -> None:
             best = fixed_best(depth)
             recipes = {"shrink": (depth["shrink"]["layers"], depth["shrink"]["repair"]),
                        "angular+none": (depth["angular+none"]["layers"], "none")}
-            if best is not None and best not in recipes:
+            recipes = {name: recipe for name, recipe in recipes.items() if name in args.recipes}
+            if best is not None and best not in recipes and "best-fixed" in args.recipes:
                 recipes[best] = (depth[best]["layers"], best.split("+")[1])
             rows = figures["depths"][drop] = {}
             for name, (layers, repair) in recipes.items():
