@@ -59,15 +59,16 @@ def main() -> None:
     unpruned = scored(model, tokenizer, args)
     del model
     figures = {"settings": vars(args), "unpruned": unpruned, "depths": {}}
+    save(figures, args.out, record(dtype=torch.float32))  # kept should a depth fail
     print(f"unpruned: {unpruned['seconds']:.0f} s")
     with tempfile.TemporaryDirectory() as scratch:
         for drop, depth in evidence["depths"].items():
             if args.depths and drop not in args.depths:
                 continue
             best = fixed_best(depth)
-            recipes = {"shrink": (depth["shrink"]["layers"], depth["shrink"]["repair"]),
-                       "angular+none": (depth["angular+none"]["layers"], "none")}
-            recipes = {name: recipe for name, recipe in recipes.items() if name in args.recipes}
+            # an evidence run with --no-fixed has the shrink's rows alone
+            recipes = {name: (depth[name]["layers"], depth[name]["repair"] if name == "shrink" else "none")
+                       for name in ("shrink", "angular+none") if name in args.recipes and name in depth}
             if best is not None and best not in recipes and "best-fixed" in args.recipes:
                 recipes[best] = (depth[best]["layers"], best.split("+")[1])
             rows = figures["depths"][drop] = {}
