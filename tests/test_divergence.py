@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import padded_calibration, tiny_model
 
+from depthcut.evaluation import divergence
 from depthcut.evaluation.divergence import reference_predictions, window_scores
 from depthcut.model.surgery import remove_layers
 
@@ -58,7 +59,9 @@ def test_scores_on_a_wide_vocabulary_match_float64():
     assert max(abs(value) for value in itself.kl) < 2e-6
 
 
-def test_scores_of_a_cut_model_match_float64():
+@pytest.mark.parametrize("chunk_bytes", [divergence.CHUNK_BYTES, 1], ids=["whole windows", "a token a slice"])
+def test_scores_of_a_cut_model_match_float64(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(divergence, "CHUNK_BYTES", chunk_bytes)  # the slicing changes no figure
     windows = padded_calibration([12, 7, 12], seed=2)
     original = tiny_model("llama")
     cut = tiny_model("llama")

@@ -110,10 +110,10 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits
             for row in range(input_ids.shape[0]):
-                stored, sums = _stored_probabilities(logits[row, :-1])
+                stored, row_negentropy, row_mass = _stored_probabilities(logits[row, :-1])
                 kept.append(stored)
-                negentropy.append(sums[0])
-                mass.append(sums[1])
+                negentropy.append(row_negentropy)
+                mass.append(row_mass)
     finally:
         for handle in handles:
             handle.remove()
@@ -165,9 +165,9 @@ def _token_chunks(tokens: int, vocabulary: int):
     return (slice(start, min(tokens, start + step)) for start in range(0, tokens, step))
 
 
-def _stored_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One window's (T-1, V) logits -> (its probabilities as stored: float16 on the CPU, times
-    PROBABILITY_SCALE; (the sums of p log p and of p over each token, of the stored values, float64))."""
+def _stored_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One window's (T-1, V) logits -> its probabilities as stored (float16 on the CPU, times
+    PROBABILITY_SCALE), and each token's sums of p log p and of p over the stored values (float64)."""
     tokens, vocabulary = logits.shape
     stored = torch.empty(tokens, vocabulary, dtype=torch.float16)
     negentropy = torch.empty(tokens, dtype=torch.float64)
@@ -177,7 +177,7 @@ def _stored_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[tor
         probabilities = stored[part].float().div_(PROBABILITY_SCALE)  # as scoring will read them
         negentropy[part] = torch.special.xlogy(probabilities, probabilities).sum(-1)
         mass[part] = probabilities.sum(-1)
-    return stored, (negentropy, mass)
+    return stored, negentropy, mass
 
 
 def _token_scores(logits: torch.Tensor, targets: torch.Tensor, reference: ReferencePredictions, window: int

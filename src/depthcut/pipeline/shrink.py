@@ -33,9 +33,9 @@ from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
 from depthcut.pipeline.shrink_fits import every_block_gatherer
-from depthcut.pipeline.shrink_options import Option, scored_options, span
+from depthcut.pipeline.shrink_options import Option, may_keep, plain_cuts, scored_options, span
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, plan_for_budget
-from depthcut.pipeline.validation import beats_plain, references, validation_sets
+from depthcut.pipeline.validation import references, validation_sets
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
 from depthcut.strategies import check_drop, select
@@ -134,15 +134,13 @@ def _candidates(config: ShrinkConfig, analysis, drop: int, refusal) -> list[tupl
 def _decide(options: list[Option], config: ShrinkConfig) -> Option:
     """Mark which repairs are kept (beating their plain cut beyond `margin` paired standard errors, on
     every source or on their mean) and return the best kept option."""
-    plain = {tuple(o.layers): o for o in options if o.repair == "none" and not o.refused}
+    plain = plain_cuts(options)
     for option in options:
         if option.refused or option.screened:
             continue
-        if option.repair == "none":
-            option.kept, option.why = True, "the plain cut"
-            continue
-        beats, why = beats_plain(plain[tuple(option.layers)].scores, option.scores, config.margin, config.aggregate)
-        option.kept, option.why = beats, why + (": kept" if beats else ": the plain cut is kept")
+        option.kept, option.why = may_keep(option, plain, config)
+        if option.repair != "none":
+            option.why += ": kept" if option.kept else ": the plain cut is kept"
     return min((o for o in options if o.kept), key=lambda o: o.score(config.aggregate))
 
 

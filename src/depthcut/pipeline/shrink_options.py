@@ -162,18 +162,28 @@ def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
     return to_fit
 
 
+def plain_cuts(options: list[Option]) -> dict[tuple, Option]:
+    """{block: its plain cut}, for the plain cuts that were scored."""
+    return {tuple(o.layers): o for o in options if o.repair == "none" and o.scores and not o.refused}
+
+
+def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -> tuple[bool, str]:
+    """(whether the choice may keep `option`, why): a plain cut always; a repair only where it beats the
+    plain cut of its block (`plain`, from `plain_cuts`) beyond the margin (do no harm)."""
+    if option.repair == "none":
+        return True, "the plain cut"
+    block = plain.get(tuple(option.layers))
+    if block is None:
+        return False, "the plain cut of its block was not scored"
+    return beats_plain(block.scores, option.scores, config.margin, config.aggregate)
+
+
 def _leader(options: list[Option], config: ShrinkConfig) -> Option | None:
-    """The option of lowest validation score among those the choice may keep: the plain cuts, and the
-    repairs that beat the plain cut of their block (as `_decide` will judge them)."""
-    plain = {tuple(o.layers): o for o in options if o.repair == "none" and o.scores and not o.refused}
-    eligible = []
-    for option in options:
-        if option.refused or option.screened or not option.scores or _deferred(option.repair):
-            continue
-        block = plain.get(tuple(option.layers))
-        if option.repair == "none" or block is not None and beats_plain(block.scores, option.scores, config.margin,
-                                                                        config.aggregate)[0]:
-            eligible.append(option)
+    """The option of lowest validation score among those the choice may keep (`may_keep`, as `_decide`
+    will judge them), the refinements not yet fitted aside."""
+    plain = plain_cuts(options)
+    eligible = [o for o in options if o.scores and not (o.refused or o.screened or _deferred(o.repair))
+                and may_keep(o, plain, config)[0]]
     return min(eligible, key=lambda o: o.score(config.aggregate), default=None)
 
 
