@@ -440,3 +440,66 @@ def test_bad_heal_choices_are_refused_before_loading(capsys, tmp_path, tiny_llam
                        *extra)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+PROBED_CONFIGURATION = "from transformers import LlamaConfig\n\n\nclass ProbedConfig(LlamaConfig):\n    model_type = 'llama'\n"
+PROBED_MODELING = '''from torch import nn
+from transformers import LlamaForCausalLM
+
+from .configuration_probed import ProbedConfig
+
+
+class ProbedForCausalLM(LlamaForCausalLM):
+    """A Llama with one probe per layer beside its layers, and, as custom code often has, no layer
+    class named: two lists of num_hidden_layers modules under the decoder, so neither is the stack."""
+
+    config_class = ProbedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.probes = nn.ModuleList(nn.Identity() for _ in range(config.num_hidden_layers))
+        self._no_split_modules = set()
+'''
+
+
+def test_sweep_prunes_repairs_and_heals_the_stack_layer_path_names(capsys, tmp_path, tiny_llama_dir, corpus_file):
+    """--layer-path reaches every step of the sweep: the analysis, the repair check and fit, the cut
+    and the heal's LoRA targets (a model whose stack depthcut cannot find needs it at each)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "probed"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "configuration_probed.py").write_text(PROBED_CONFIGURATION)
+    (model / "modeling_probed.py").write_text(PROBED_MODELING)
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["ProbedForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_probed.ProbedConfig",
+                            "AutoModelForCausalLM": "modeling_probed.ProbedForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    argv = ["sweep", model, "--trust-remote-code", "--data", corpus_file, "--loss", corpus_file, "--drop", "0,2",
+            "--strategies", "angular,deepest", "--repair", "none,lstsq", "--heal-after", "none", "--samples", "4",
+            "--seq-len", "16", "--loss-samples", "2", "--loss-seq-len", "16", "--heal", "--heal-steps", "1",
+            "--heal-seq-len", "16", "--heal-batch-size", "2", "--heal-rank", "2", "--heal-warmup-steps", "0",
+            "--dtype", "float32", "--keep-models", "--quiet"]
+
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "unnamed")
+    assert code == 2 and "found several decoder layer stacks" in err and "model.probes" in err, err
+
+    out = tmp_path / "named"
+    code, _, err = run(capsys, *argv, "--out", out, "--layer-path", "model.layers")
+    assert code == 0, err
+    points = ResultsLog(out).points()
+    assert set(points) == {"none/0/pruned"} | {f"{s}/2/{h}" for s in ("angular", "deepest")
+                                               for h in ("pruned", "healed", "pruned/lstsq")}
+    assert ResultsLog(out).analysis()["num_layers"] == 6
+    assert points["deepest/2/pruned/lstsq"]["repair_fit"]["block"] == [3, 5]
+    assert points["deepest/2/healed"]["heal"]["tokens"] == 2 * 16
+    # the reference: the kept cut is the original's layers 0, 1, 2 and 5, the rest of it untouched
+    original = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)
+    pruned = AutoModelForCausalLM.from_pretrained(out / "models" / "deepest-2-pruned", trust_remote_code=True)
+    assert type(pruned).__name__ == "ProbedForCausalLM" and pruned.config.num_hidden_layers == 4
+    kept = {f"model.layers.{new}.": f"model.layers.{old}." for new, old in enumerate([0, 1, 2, 5])}
+    before = original.state_dict()
+    for name, tensor in pruned.state_dict().items():
+        source = next((name.replace(new, old, 1) for new, old in kept.items() if name.startswith(new)), name)
+        assert torch.equal(tensor, before[source]), name

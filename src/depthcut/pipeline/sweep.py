@@ -140,7 +140,7 @@ def _sweep(config: SweepConfig) -> Path:
                       "progress": not config.quiet, **config.evaluation_options()}
         run_sweep(model, tokenizer, folder, plan, settings, evaluation, analysis=analysis, heal_recipe=recipe,
                   heal_data=heal_data, repair_data=_repair_data(config, tokenizer), keep_models=config.keep_models,
-                  seed=config.seed, progress=not config.quiet)
+                  seed=config.seed, layer_path=config.layer_path, progress=not config.quiet)
         build_report(folder, config.tolerance)
     return out / "report.html"
 

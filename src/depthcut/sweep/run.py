@@ -113,21 +113,22 @@ def _measure(model, tokenizer, evaluation: dict) -> dict:
 
 def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, evaluation: dict, *, analysis=None,
               heal_recipe=None, heal_data=None, repair_data=None, keep_models: bool = False, seed: int = 0,
-              progress: bool = True, announce: bool = True) -> ResultsLog:
+              layer_path: str | None = None, progress: bool = True, announce: bool = True) -> ResultsLog:
     """Evaluate every point of `plan` not already in `out/results.jsonl`, appending each at once.
 
     `repair_data` (a `CalibrationSet`) is what the training-free repairs are fitted on, with the
-    unpruned model's activations. `progress` draws the bars of each step; `announce` prints a line
-    per stage with the point's number and the time left (see `SweepProgress`).
+    unpruned model's activations. `layer_path` names the decoder layer list where it cannot be found
+    (every step takes it: the repairs, the cut, the heal's targets). `progress` draws the bars of each
+    step; `announce` prints a line per stage with the point's number and the time left (see `SweepProgress`).
     """
-    num_layers = len(find_layer_stack(model))
+    num_layers = len(find_layer_stack(model, layer_path))
 
     def removed_by(strategy: str, drop: int) -> list[int]:
         if drop == 0:
             return []
         return select(strategy, drop, num_layers, analysis if STRATEGIES.get(strategy).needs_analysis else None, seed)
 
-    _check_repairs(model, [(removed_by(s, n), r) for s, n, _, r in plan.points if n and r != "none"])
+    _check_repairs(model, [(removed_by(s, n), r) for s, n, _, r in plan.points if n and r != "none"], layer_path)
     log = ResultsLog(out)
     log.start(settings)
     if analysis is not None and log.analysis() is None:
@@ -143,16 +144,17 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
         began = time.perf_counter()
         removed = removed_by(strategy, drop)
         working = copy.deepcopy(model)  # `model` stays the unpruned base
-        fit = _repair(working, repair, removed, repair_data, tracker)
+        fit = _repair(working, repair, removed, repair_data, layer_path, tracker)
         if removed:
             tracker.stage(f"pruning layers {_span(removed)}")
-            prune(working, removed)
+            prune(working, removed, layer_path)
         record = {"type": "point", "key": key, "strategy": strategy, "drop": drop, "fraction": drop / num_layers,
                   "healed": bool(healed), "removed_layers": removed, "num_layers": num_layers}
         if fit is not None:
             record.update(repair=repair, repair_fit=fit)
         if healed:
-            working, record["heal"] = _heal(working, model, tokenizer, heal_data, heal_recipe, healed, tracker, progress)
+            working, record["heal"] = _heal(working, model, tokenizer, heal_data, heal_recipe, healed, layer_path,
+                                            tracker, progress)
         tracker.stage("measuring: " + ", ".join(filter(None, [
             "held-out loss" if evaluation.get("loss_data") else "", *evaluation.get("tasks", [])])))
         record.update(_measure(working, tokenizer, evaluation))
@@ -168,7 +170,7 @@ def run_sweep(model, tokenizer, out: Path, plan: SweepPlan, settings: dict, eval
     return log
 
 
-def _check_repairs(model, cuts: list[tuple[list[int], str]]) -> None:
+def _check_repairs(model, cuts: list[tuple[list[int], str]], layer_path: str | None) -> None:
     """A repair that cannot be folded for one of the sweep's cuts stops the sweep before its first
     point, saying which (a sweep that fails hours in helps nobody)."""
     if not cuts:
@@ -176,24 +178,25 @@ def _check_repairs(model, cuts: list[tuple[list[int], str]]) -> None:
 
     for removed, method in cuts:
         try:
-            check_repair(model, removed, method)
+            check_repair(model, removed, method, layer_path)
         except DepthcutError as refusal:
             raise DepthcutError(f"--repair {method} cannot repair the cut of layers {_span(removed)}: {refusal}; "
                                 f"leave {method} out of --repair") from None
 
 
-def _repair(working, method: str, removed: list[int], calibration, tracker) -> dict | None:
+def _repair(working, method: str, removed: list[int], calibration, layer_path: str | None, tracker) -> dict | None:
     """Fit `method` on the unpruned `working` model and fold it in (before the layers go)."""
     if method == "none" or not removed:
         return None
 
     tracker.stage(f"repairing the cut: {method}")
     began = time.perf_counter()
-    fit = repair_model(working, None, calibration, removed, method)
+    fit = repair_model(working, None, calibration, removed, method, layer_path=layer_path)
     return {**fit.as_dict(), "seconds": time.perf_counter() - began}
 
 
-def _heal(working, unpruned, tokenizer, data, recipe, healed: bool | str, tracker, progress: bool):
+def _heal(working, unpruned, tokenizer, data, recipe, healed: bool | str, layer_path: str | None, tracker,
+          progress: bool):
     """Heal the pruned `working` model with LoRA under `healed`'s objective; distillation takes the
     unpruned model (the sweep's base, already in memory) as its teacher. Returns the healed model
     and what the point records of the heal."""
@@ -202,7 +205,7 @@ def _heal(working, unpruned, tokenizer, data, recipe, healed: bool | str, tracke
     teacher = unpruned if recipe.distils else None
     what = "LoRA steps" if teacher is None else f"LoRA steps distilling from the unpruned model ({recipe.objective})"
     tracker.stage(f"healing: {recipe.total_steps()} {what}")
-    result = heal(working, tokenizer, data, recipe, teacher=teacher, progress=progress)
+    result = heal(working, tokenizer, data, recipe, layer_path=layer_path, teacher=teacher, progress=progress)
     record = {"objective": recipe.objective, "loss_before": result.loss_before["loss"],
               "loss_after": result.loss_after["loss"], "tokens": result.tokens, "seconds": result.seconds}
     if teacher is not None:
