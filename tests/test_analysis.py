@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -65,13 +66,24 @@ def test_low_precision_models_reduce_in_float32(dtype, device):
     assert low.metadata["dtype"] == str(dtype).removeprefix("torch.")
 
 
-def test_fp16_states_whose_squared_norm_overflows_give_finite_distances(device):
+def test_fp16_states_whose_squared_norm_overflows_give_the_float32_distances(device):
     model = tiny_model("gpt2", device=device).to(torch.float16)
     with torch.no_grad():
-        model.transformer.wte.weight.mul_(300.0)  # |h|^2 > 65504: a norm taken in fp16 would be inf
-    analysis = depthcut.analyze(model, data=_calibration([10, 10]), progress=False)
-    values = [v for row in analysis.metrics["angular_all_tokens"] for v in row if v is not None]
-    assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
+        model.transformer.wte.weight.mul_(600.0)  # |h|^2 > 65504: a norm taken in fp16 would be inf
+    calibration = _calibration([10, 10])
+    with torch.no_grad():
+        states = model(input_ids=calibration.input_ids.to(device), output_hidden_states=True).hidden_states
+    assert all(torch.isinf((state * state).sum(dim=-1)).any() for state in states[:-1])  # the premise holds
+    reference = depthcut.analyze(copy.deepcopy(model).float(), data=calibration, progress=False)
+    analysis = depthcut.analyze(model, data=calibration, progress=False)
+    for name in ("angular_last_token", "angular_all_tokens"):
+        expected = reference.metrics[name]
+        assert sum(v is not None for row in expected for v in row) == 6 * 7 // 2  # every block of 6 layers
+        for row, expected_row in zip(analysis.metrics[name], expected, strict=True):
+            assert [v is None for v in row] == [e is None for e in expected_row]
+            # the distances are small (the embeddings dominate the stream): overflow would give 0.5 or NaN
+            assert [v for v in row if v is not None] == pytest.approx([e for e in expected_row if e is not None],
+                                                                      rel=0.1)
 
 
 def test_identical_states_give_zero_distance_not_nan(device):

@@ -33,6 +33,7 @@ def _pytest(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_the_option_outranks_the_environment_and_a_missing_device_is_refused():
     # No machine has a 100th GPU: the variable alone is read, and refused before any test runs...
     refused = _pytest(env={"DEPTHCUT_TEST_DEVICE": "cuda:99"})

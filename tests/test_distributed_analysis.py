@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from depthcut.analysis.result import Analysis
 from depthcut.cli import main
 
@@ -10,6 +12,7 @@ from depthcut.cli import main
 ARGS = ["--samples", "6", "--seq-len", "16", "--batch-size", "1", "--token-positions", "6", "--quiet"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_result(tmp_path, tiny_llama_dir, corpus_file):
     single = tmp_path / "single"
     assert main(["analyze", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(single), *ARGS]) == 0
@@ -67,6 +70,7 @@ def test_a_launched_process_knows_its_rank_and_says_why_its_group_did_not_form()
     assert lines[2].startswith("DepthcutError: the process group did not form (") and "MASTER_ADDR" in lines[2]
 
 
+@pytest.mark.slow
 def test_eval_in_two_processes_scores_each_item_once_and_gives_the_single_process_answers(tmp_path, tiny_llama_dir):
     """lm-eval hands each process its share of the requests (DepthcutLM's rank and world size) and
     the first gathers every item: the same answers and the same scores as one process."""

@@ -80,6 +80,7 @@ def test_limit_is_a_seeded_random_subset_and_a_small_task_runs_whole(tokenizer):
         (["--tasks", "wikitext", "--max-length", "1"], "--max-length must be at least 2"),
     ],
 )
+@pytest.mark.slow
 def test_eval_bad_input(capsys, tmp_path, tiny_llama_dir, argv, message):
     bad_task = tmp_path / "bad.yaml"
     bad_task.write_text("name: bad\ndata: x.jsonl\nchoices: options\nanswer: label\n")
@@ -90,6 +91,7 @@ def test_eval_bad_input(capsys, tmp_path, tiny_llama_dir, argv, message):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_missing_task_data_says_where_it_looked(capsys, tmp_path, tiny_llama_dir, monkeypatch):
     from depthcut.evaluation import local_data
 

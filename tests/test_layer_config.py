@@ -141,6 +141,7 @@ def _with_field(source, target, **fields):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.slow
 def test_cli_refuses_an_unknown_layer_field_in_one_line_and_allow_goes_on(tiny_llama_dir, tmp_path, stream):
     folder = _with_field(tiny_llama_dir, tmp_path / "model", moe_every_k_layers_offset=1)
     out = tmp_path / "out"

@@ -137,6 +137,7 @@ def _argv(template: list[str], **fields) -> list[str]:
 
 # --- concurrent runs ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_at_the_same_out_fails_at_once_and_the_first_result_is_whole(tmp_path, tiny_llama_dir):
     out = tmp_path / "runs" / "pruned"
     first = Hooked(tmp_path, "loaded", _argv(PRUNE, model=tiny_llama_dir, out=out))
@@ -154,6 +155,7 @@ def test_a_second_run_at_the_same_out_fails_at_once_and_the_first_result_is_whol
     assert _hidden(out.parent) == []
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_one_wins_whole(tmp_path, tiny_llama_dir):
     """Unpaused: which one wins, and whether they overlap at all, is up to the machine."""
     out = tmp_path / "pruned"
@@ -259,6 +261,7 @@ def test_publishing_without_renameat2_still_never_replaces(monkeypatch, tmp_path
 # --- signals and kills at several points, then a rerun ------------------------------------------
 
 @pytest.mark.parametrize("point", ["claimed", "writing", "publishing"])
+@pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama_dir, point):
     out = tmp_path / "runs" / "pruned"  # runs/ is made by the command: it goes too
     run = Hooked(tmp_path, point, _argv(PRUNE, model=tiny_llama_dir, out=out))
@@ -271,6 +274,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_llama_dir, point):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hooked.py", "hook.reached"])
 
 
+@pytest.mark.slow
 def test_sighup_cleans_up_too(tmp_path, tiny_llama_dir):
     out = tmp_path / "pruned"
     run = Hooked(tmp_path, "writing", _argv(PRUNE, model=tiny_llama_dir, out=out))
@@ -295,6 +299,7 @@ def test_a_signal_during_a_publish_takes_effect_when_it_is_done():
 
 
 @pytest.mark.parametrize("point", ["claimed", "writing", "publishing"])
+@pytest.mark.slow
 def test_after_sigkill_a_rerun_removes_the_leftovers_and_says_so(tmp_path, tiny_llama_dir, point):
     out = tmp_path / "pruned"
     run = Hooked(tmp_path, point, _argv(PRUNE, model=tiny_llama_dir, out=out))
@@ -320,6 +325,7 @@ def test_a_temporary_of_a_live_process_is_left_alone(tmp_path):
     assert alive.is_dir()
 
 
+@pytest.mark.slow
 def test_heal_sigterm_keeps_checkpoints_for_resume_and_the_totals_count_the_whole_run(tmp_path, tiny_llama_dir,
                                                                                         corpus_file):
     out = tmp_path / "healed"
@@ -477,6 +483,7 @@ SWEEP = ["--drop", "0,1", "--strategies", "deepest", "--samples", "2", "--seq-le
          "--loss-seq-len", "8", "--quiet"]
 
 
+@pytest.mark.slow
 def test_a_sweep_folder_follows_the_same_rules(capsys, monkeypatch, tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_llama_dir), "--out", str(out), "--data", str(corpus_file), "--loss", str(corpus_file),

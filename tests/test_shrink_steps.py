@@ -42,6 +42,7 @@ def _rows(result):
     return selection, {row["repair"]: row for row in selection["options"]}
 
 
+@pytest.mark.slow
 def test_a_heal_that_helps_is_kept_and_is_what_is_written(tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "healed"
     # distillation from the unpruned model lowers the KL; margin 0: any gain counts
@@ -60,6 +61,7 @@ def test_a_heal_that_helps_is_kept_and_is_what_is_written(tmp_path, tiny_llama_d
     assert written["removed_layers"] == result.removed and written["selection"]["winner"]["repair"].endswith("+heal")
 
 
+@pytest.mark.slow
 def test_a_heal_that_hurts_is_not_kept(tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "unhealed"
     result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), out=str(out), heal_lr=10.0, **ONE)
@@ -103,6 +105,7 @@ def test_shrink_within_a_budget_tries_fewer_candidates(tmp_path, tiny_llama_dir,
     assert all(scores["windows"] == FEWEST_WINDOWS for scores in selection["winner"]["validation"].values())
 
 
+@pytest.mark.slow
 def test_shrink_evaluates_what_it_wrote_against_the_model(capsys, tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "evaluated"
     argv = ["shrink", str(tiny_llama_dir), "--drop", "2", "--data", str(corpus_file), "--repairs", "none",
@@ -162,6 +165,7 @@ def test_prune_records_the_grown_sample_count(tmp_path, tiny_llama_dir, corpus_f
 
 
 @pytest.mark.parametrize("where", ["one pass", "rows apart", "analysis"])
+@pytest.mark.slow
 def test_shared_passes_fit_every_repair_of_every_block_as_its_own_pass_would(tiny_llama_dir, corpus_file, monkeypatch,
                                                                             where):
     """The shrink gathers every block's sums in one pass (cosine's token rows in it, or in a pass of their

@@ -75,14 +75,39 @@ def test_states_read_back_in_many_small_chunks_through_few_buffers(tmp_path, tok
     model, folder = _saved("qwen3", tmp_path, tokenizer)
     config = model.config.get_text_config()
     row = (config.num_hidden_layers + 1) * config.hidden_size * 4
-    monkeypatch.setattr(streaming_states, "READ_BACK_BYTES", 4 * row)  # chunks of 4 tokens: 43 = 10 x 4 + 3
+    monkeypatch.setattr(streaming_states, "READ_BACK_BYTES", 4 * row)  # chunks of 4 tokens, ending with a sequence
     monkeypatch.setattr(streaming_states, "SPILL_QUEUE", 0)  # each write waits for the one before
+    # Every tensor written from and read into is kept alive here, so a fresh buffer could not reuse
+    # a freed one's memory and pass for the same buffer.
+    writes, reads = [], []
+    write, read = streaming_states.SpilledStates.write, streaming_states.SpilledStates.read
+
+    def recorded_write(self, position, first_token, states, ready=None):
+        writes.append(states)
+        return write(self, position, first_token, states, ready)
+
+    def recorded_read(self, start, stop, into=None):
+        reads.append((start, stop, into))
+        return read(self, start, stop, into)
+
+    monkeypatch.setattr(streaming_states.SpilledStates, "write", recorded_write)
+    monkeypatch.setattr(streaming_states.SpilledStates, "read", recorded_read)
     calibration = _calibration([12, 7, 10, 5, 9])
     expected = depthcut.analyze(model, data=calibration, batch_size=2, progress=False)
     streamed = depthcut.analyze_streamed(folder, data=calibration, batch_size=2, dtype=F32, spill_dir=tmp_path,
                                          progress=False)
     for name in expected.metrics:
         _assert_close(streamed.metrics[name], expected.metrics[name], tol=1e-6)
+    # writes: every position of every batch (3 batches of 2, 2, 1), all from the one buffer SPILL_QUEUE=0 leaves
+    assert len(writes) == (config.num_hidden_layers + 1) * 3
+    assert len({states.untyped_storage().data_ptr() for states in writes}) == 1
+    # reads: one per chunk of whole sequences (here each longer than 4 tokens: one a chunk), in order,
+    # covering every token once, alternating between two buffers
+    ends = [12, 19, 29, 34, 43]  # the running sum of the sequence lengths
+    assert [(start, stop) for start, stop, _ in reads] == list(zip([0, *ends[:-1]], ends))
+    buffers = [into for _, _, into in reads]
+    assert all(into is not None for into in buffers) and len({id(into) for into in buffers}) == 2
+    assert all(buffers[i] is not buffers[i + 1] for i in range(len(buffers) - 1))
 
 
 def test_block_influence_alone_spills_nothing(tmp_path, tokenizer):

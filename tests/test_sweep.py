@@ -301,6 +301,7 @@ def test_heldout_loss_reports_the_standard_error_over_windows():
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_every_figure_loaded(sweep_dir, tmp_path):
     # The page has no script of its own: the test adds one to a copy, that counts the images decoded.
     counted = tmp_path / "counted.html"
@@ -462,6 +463,7 @@ class ProbedForCausalLM(LlamaForCausalLM):
 '''
 
 
+@pytest.mark.slow
 def test_sweep_prunes_repairs_and_heals_the_stack_layer_path_names(capsys, tmp_path, tiny_llama_dir, corpus_file):
     """--layer-path reaches every step of the sweep: the analysis, the repair check and fit, the cut
     and the heal's LoRA targets (a model whose stack depthcut cannot find needs it at each)."""
