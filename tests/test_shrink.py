@@ -23,8 +23,9 @@ from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
 from depthcut.pipeline.shrink import _decide, shrink_to
-from depthcut.pipeline.shrink_options import Option, refinements
-from depthcut.pipeline.validation import validation_sets
+from depthcut.pipeline.shrink_options import Option, refinements, standing
+from depthcut.pipeline.shrink_table import decision_table
+from depthcut.pipeline.validation import judge, validation_sets
 
 SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
 
@@ -238,3 +239,106 @@ def test_a_plain_winner_is_written_from_the_loaded_model_when_prune_would_load_t
     assert all(written[k].dtype == stored and torch.equal(written[k], expected[k]) for k in expected)
     for key in ("parameters_before", "parameters_after", "dtype"):
         assert result.provenance[key] == reference.provenance[key]
+
+
+def _two_sources(kl_a, kl_b, loss_a, loss_b) -> dict:
+    return {"c4": WindowScores(list(kl_a), list(loss_a)), "wikitext": WindowScores(list(kl_b), list(loss_b))}
+
+
+BASE = [0.50, 0.40, 0.60, 0.45, 0.55, 0.50, 0.42, 0.58]
+LOSS = [3.0, 3.2, 2.9, 3.1, 3.05, 2.95, 3.15, 3.0]
+
+
+def _shifted(values, by, wobble=0.0):
+    return [v + by + (wobble if i % 2 else -wobble) for i, v in enumerate(values)]
+
+
+def test_a_repair_that_lowers_the_kl_but_raises_a_sources_loss_is_not_kept_and_the_loss_decides():
+    """Do no harm on the loss too: the planted lstsq lowers the KL on both sources far beyond the noise,
+    but raises WikiText's loss by 0.02 on every window; the plain cut is kept, and the table says the
+    loss decided. Its twin that raises no loss is kept."""
+    plain = Option([2, 3], "angular", "none", _two_sources(BASE, BASE, LOSS, LOSS))
+    harmful = Option([2, 3], "angular", "lstsq", _two_sources(_shifted(BASE, -0.1, 0.005), _shifted(BASE, -0.1, 0.005),
+                                                              LOSS, _shifted(LOSS, 0.02, 0.001)))
+    other_plain = Option([4, 5], "angular", "none", _two_sources(_shifted(BASE, 0.05), _shifted(BASE, 0.05), LOSS, LOSS))
+    helpful = Option([4, 5], "angular", "lstsq", _two_sources(_shifted(BASE, -0.02, 0.001), _shifted(BASE, -0.02, 0.001),
+                                                              _shifted(LOSS, -0.01, 0.001), LOSS))
+    options = [plain, harmful, other_plain, helpful]
+    config = ShrinkConfig(model="m", out="o", drop=2, margin=2.0)
+    winner = _decide(options, config)
+    assert not harmful.kept and harmful.decided_by == "loss" and "higher beyond 2 standard errors on wikitext" in harmful.why
+    assert helpful.kept and helpful.decided_by == "kl and loss"
+    # the harmful map had the lowest KL of all: without the loss guard it would have won
+    assert harmful.score("worst") < min(o.score("worst") for o in options if o is not harmful)
+    assert winner is helpful  # the lowest KL of those kept
+    selection = {"validation": {"c4": {}, "wikitext": {}}, "options": [o.row() for o in options],
+                 "winner": winner.row(), "runner_up": standing(options, winner, config)}
+    table = "\n".join(decision_table(selection))
+    harmful_row = next(line for line in table.splitlines() if line.split()[:4] == ["[2,", "4)", "angular", "lstsq"])
+    assert harmful_row.endswith("no (loss)")
+    winner_row = next(line for line in table.splitlines() if line.startswith("*"))
+    assert winner_row.split()[1:5] == ["[4,", "6)", "angular", "lstsq"]
+
+
+def test_a_scattered_cut_must_beat_the_best_plain_block_on_kl_and_loss():
+    """A cut that is not one block (Block Influence's, a search's) is chosen over the best plain block only
+    where it lowers the KL beyond the margin and raises no source's loss beyond it."""
+    block = Option([3, 4], "angular", "none", _two_sources(BASE, BASE, LOSS, LOSS))
+    worse_block = Option([5, 6], "deepest", "none", _two_sources(_shifted(BASE, 0.3), _shifted(BASE, 0.3), LOSS, LOSS))
+    scattered = Option([1, 5], "block-influence", "none",
+                       _two_sources(_shifted(BASE, -0.05, 0.002), _shifted(BASE, -0.05, 0.002),
+                                    _shifted(LOSS, 0.03, 0.001), LOSS))
+    config = ShrinkConfig(model="m", out="o", drop=2)
+    assert _decide([block, worse_block, scattered], config) is block
+    assert not scattered.kept and scattered.decided_by == "loss" and "best plain block [3, 5)'s" in scattered.why
+    assert worse_block.kept  # a plain block is never judged against another
+    scattered.scores["c4"] = WindowScores(scattered.scores["c4"].kl, _shifted(LOSS, -0.01, 0.001))
+    assert _decide([block, worse_block, scattered], config) is scattered and scattered.decided_by == "kl and loss"
+    # level on the KL: the best block stays
+    scattered.scores = _two_sources(_shifted(BASE, -0.001, 0.05), _shifted(BASE, -0.001, 0.05), LOSS, LOSS)
+    assert _decide([block, worse_block, scattered], config) is block and scattered.decided_by == "kl"
+
+
+def test_judge_against_a_naive_paired_computation():
+    """The verdict's figures are the paired mean differences and their standard errors over windows."""
+    baseline = _two_sources(BASE, BASE, LOSS, LOSS)
+    candidate = _two_sources(_shifted(BASE, -0.1, 0.01), _shifted(BASE, -0.1, 0.01), _shifted(LOSS, 0.004, 0.02), LOSS)
+    verdict = judge(baseline, candidate, 2.0, "worst")
+    rises = [c - b for c, b in zip(candidate["c4"].loss, LOSS)]
+    mean = sum(rises) / len(rises)
+    stderr = (sum((r - mean) ** 2 for r in rises) / (len(rises) - 1) / len(rises)) ** 0.5
+    assert f"c4: {mean:+.4f} ± {stderr:.4f}" in verdict.why
+    assert mean < 2 * stderr and verdict.better and verdict.decided_by == "kl and loss"  # a rise within the noise
+    assert not judge(baseline, candidate, 0.0, "worst").better  # any rise counts at margin 0
+    assert judge(baseline, candidate, 0.0, "worst").decided_by == "loss"
+
+
+def test_the_decision_table_marks_the_winner_shows_the_rank_score_and_wraps_reasons():
+    plain = Option([2, 3], "angular", "none", _two_sources(BASE, BASE, LOSS, LOSS))
+    level = Option([4, 5], "angular", "none", _two_sources(_shifted(BASE, 0.001, 0.05), _shifted(BASE, 0.001, 0.05),
+                                                           LOSS, LOSS))
+    long_reason = "this cut is refused because " + "the architecture says so " * 12 + "END"
+    refused = Option([0, 1], "angular", "none", refused=long_reason)
+    config = ShrinkConfig(model="m", out="o", drop=2)
+    options = [refused, level, plain]
+    winner = _decide(options, config)
+    selection = {"validation": {"c4": {}, "wikitext": {}}, "options": [o.row() for o in options],
+                 "winner": winner.row(), "runner_up": standing(options, winner, config)}
+    lines = decision_table(selection)
+    assert max(map(len, lines)) <= 118 + 10  # wrapped (a cell may overrun by its figures)
+    text = " ".join(line.strip() for line in lines)
+    assert long_reason in text  # wrapped, never cut
+    starred = [line for line in lines if line.startswith("*")]
+    assert len(starred) == 1 and "[2, 4)" in starred[0] and f"{plain.score('worst'):.4f}" in starred[0]
+    assert "runner-up: layers [4, 6)" in text and "level with it within the noise" in text
+
+
+def test_by_default_a_cut_is_judged_on_held_out_data_and_a_second_domain_where_the_data_folder_has_one(
+        tmp_path, monkeypatch, corpus_file):
+    data = str(corpus_file)
+    assert ShrinkConfig(model="m", out="o", drop=2, data=data).validation_sources() == (data, "wikitext")
+    assert ShrinkConfig(model="m", out="o", drop=2, data="wikitext").validation_sources() == ("wikitext", "c4")
+    assert ShrinkConfig(model="m", out="o", drop=2, data=data, validate=(data,)).validation_sources() == (data,)
+    (tmp_path / "c4").mkdir()  # a data folder without WikiText-2: the held-out documents alone
+    monkeypatch.setenv("DEPTHCUT_DATA_DIR", str(tmp_path))
+    assert ShrinkConfig(model="m", out="o", drop=2).validation_sources() == ("c4",)

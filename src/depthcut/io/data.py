@@ -196,3 +196,19 @@ def split_documents(source: TextSource, fraction: float, seed: int) -> tuple[Tex
     held = [source.documents[i] for i in sorted(order[:count])]
     train = [source.documents[i] for i in sorted(order[count:])]
     return (TextSource(f"{source.description} (training)", train), TextSource(f"{source.description} (held out)", held))
+
+
+def local_corpus(name: str) -> Path | None:
+    """The local copy of a named corpus in the data folder, where there is one (no hub is asked)."""
+    folder = data_dir()
+    if name not in NAMED_CORPORA or folder is None:
+        return None
+    path = folder / NAMED_CORPORA[name][0]
+    return path if path.is_file() else None
+
+
+def second_domain(primary: str) -> str | None:
+    """A named corpus of another domain than `primary` with a local copy (WikiText-2 beside C4), to judge a
+    cut on text unlike its calibration text; None where the data folder has none."""
+    other = "c4" if primary == "wikitext" else "wikitext"
+    return other if local_corpus(other) is not None else None

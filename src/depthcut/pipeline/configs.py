@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
+from depthcut.io.data import second_domain
 from depthcut.metrics import DEFAULT_METRICS, TOKEN_POSITIONS
 from depthcut.pipeline.options import comma_list, option
 from depthcut.repair import REPAIRS
@@ -98,16 +99,24 @@ class ValidationOptions:
 
     validate: tuple[str, ...] = option((), parse=comma_list, group=VALIDATION, metavar="DATA[,DATA]",
                                        help="validation text, as DATA (c4, wikitext, a file, ...); default: the "
-                                            "documents of --data held out from every fit", show_default=False)
+                                            "documents of --data held out from every fit and, where the data "
+                                            "folder has it, a second domain (WikiText-2 validation beside C4); "
+                                            "give one source to judge by it alone", show_default=False)
     validation_windows: int = option(32, group=VALIDATION, help="windows of validation text per source")
     aggregate: str = option("worst", group=VALIDATION, choices=("worst", "mean"),
                             help="over several --validate sources: judge by the worst or the mean")
     margin: float = option(2.0, group=VALIDATION,
                            help="a repair counts as better only where its KL from the unpruned model is lower than "
-                                "the plain cut's by more than this many standard errors (paired over windows)")
+                                "the plain cut's by more than this many standard errors (paired over windows), and "
+                                "no source's loss is higher by more than as many")
 
     def validation_sources(self) -> tuple[str, ...]:
-        return self.validate or (self.data or "c4",)
+        """--validate, else the held-out documents of --data and a second domain where one is at hand."""
+        if self.validate:
+            return self.validate
+        primary = self.data or "c4"
+        second = second_domain(primary)
+        return (primary, second) if second else (primary,)
 
 
 

@@ -19,7 +19,7 @@ from depthcut.model.layers import text_config
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.configs import DEFAULT_SAMPLES
-from depthcut.pipeline.validation import beats_plain, references, scores_after_cut, validation_sets
+from depthcut.pipeline.validation import judge, references, scores_after_cut, validation_sets
 from depthcut.repair import REPAIRS, apply_repair, repair
 from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
 from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
@@ -127,7 +127,8 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
                  batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet)
     repaired = scores_after_cut(trial, removed, predictions, config.batch_size, in_place=True, **cut)
     del trial
-    beats, why = beats_plain(plain, repaired, config.margin, config.aggregate)
+    verdict = judge(plain, repaired, config.margin, config.aggregate)
+    beats, why = verdict.better, verdict.why
     applied = beats or config.repair_policy == "warn"
     if not beats and config.repair_policy == "refuse":
         raise DepthcutError(f"--repair {config.repair} does no better than the plain cut on validation text ({why}); "
@@ -139,7 +140,8 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
         "sources": {name: windows.as_dict() for name, windows in sets.items()},
         "plain": {name: scores.summary() for name, scores in plain.items()},
         "repaired": {name: scores.summary() for name, scores in repaired.items()},
-        "beats_plain": beats, "why": why, "policy": config.repair_policy, "margin": config.margin,
+        "beats_plain": beats, "why": why, "decided_by": verdict.decided_by, "policy": config.repair_policy,
+        "margin": config.margin,
         "aggregate": config.aggregate}
     record["applied"] = applied
     return record

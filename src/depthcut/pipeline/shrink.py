@@ -33,8 +33,9 @@ from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
 from depthcut.pipeline.shrink_fits import every_block_gatherer
-from depthcut.pipeline.shrink_options import Option, may_keep, plain_cuts, scored_options, span
+from depthcut.pipeline.shrink_options import Option, may_keep, plain_cuts, scored_options, standing
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, plan_for_budget
+from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
 from depthcut.pipeline.validation import references, validation_sets
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
@@ -138,31 +139,13 @@ def _decide(options: list[Option], config: ShrinkConfig) -> Option:
     for option in options:
         if option.refused or option.screened:
             continue
-        option.kept, option.why = may_keep(option, plain, config)
+        verdict = may_keep(option, plain, config)
+        option.kept, option.why, option.decided_by = verdict.better, verdict.why, verdict.decided_by
         if option.repair != "none":
             option.why += ": kept" if option.kept else ": the plain cut is kept"
+        elif not option.kept:
+            option.why += ": the best plain block is kept"
     return min((o for o in options if o.kept), key=lambda o: o.score(config.aggregate))
-
-
-def decision_table(selection: dict) -> list[str]:
-    """The decision table as `depthcut shrink` prints it, from the provenance's `selection`."""
-    lines = [f"{'layers':>16}  {'found by':<15} {'repair':<10} {'kept':<5} validation KL ± s.e. (loss) per source"]
-    for row in selection["options"]:
-        head = f"{span(row['layers']):>16}  {row['found_by']:<15} {row['repair']:<10}"
-        if row["refused"]:
-            lines.append(f"{head} {'-':<5} refused: {row['refused'][:90]}")
-            continue
-        if row.get("screened") and not row["validation"]:
-            lines.append(f"{head} {'-':<5} {row['why']}")
-            continue
-        scores = "; ".join(f"{name} {s['kl']:.4f} ± {s['kl_stderr']:.4f} ({s['loss']:.3f})"
-                           for name, s in row["validation"].items())
-        kept = "out" if row.get("screened") else "yes" if row["kept"] else "no"
-        lines.append(f"{head} {kept:<5} {scores}")
-    winner = selection["winner"]
-    lines.append(f"chosen: layers {span(winner['layers'])} ({winner['found_by']}), repair {winner['repair']}: "
-                 f"{winner['why']}")
-    return lines
 
 
 def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
@@ -220,15 +203,19 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         if config.heal_steps:
             healed = heal_winner(model, tokenizer, winner, winner.fit, samples.fitted_on, predictions, config)
             row = Option(winner.layers, winner.found_by, f"{winner.repair}+heal", scores=healed.scores,
-                         kept=healed.kept, why=healed.why, seconds=healed.seconds)
+                         kept=healed.kept, why=healed.why, decided_by=healed.decided_by, seconds=healed.seconds)
             options.append(row)
             if healed.kept:
                 winner = row
-        selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only beyond "
-                             f"{config.margin:g} paired standard errors of its plain cut"
-                             + (", a heal only beyond as many of the unhealed winner's" if healed else ""),
+        selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only where its "
+                             f"KL is lower than its plain cut's beyond {config.margin:g} paired standard errors and "
+                             "no source's loss higher beyond as many, a cut that is not one block only where it beats "
+                             "the best plain block so"
+                             + (", a heal only where it beats the unhealed winner so" if healed else ""),
                      "validation": {name: windows.as_dict() for name, windows in validation.items()},
-                     "options": [o.row() for o in options], "winner": winner.row(),
+                     "options": [o.row(config.aggregate) for o in options], "winner": winner.row(config.aggregate),
+                     "runner_up": standing(options, winner, config), "aggregate": config.aggregate,
+                     "margin": config.margin,
                      "analysis_seconds": round(analysis_seconds, 2),
                      "seconds": {step: round(value, 2) for step, value in seconds.items()},
                      "finalists": config.finalists, "screen_windows": config.screen_windows,
@@ -286,7 +273,8 @@ def _repair_provenance(prune: PruneConfig, options: list[Option], base: Option, 
         "sources": {name: windows.as_dict() for name, windows in validation.items()},
         "plain": {name: scores.summary() for name, scores in plain.scores.items()},
         "repaired": {name: scores.summary() for name, scores in base.scores.items()},
-        "beats_plain": base.kept, "why": base.why, "policy": "keep", "margin": config.margin,
+        "beats_plain": base.kept, "why": base.why, "decided_by": base.decided_by, "policy": "keep",
+        "margin": config.margin,
         "aggregate": config.aggregate}
     record["applied"] = True
     return record

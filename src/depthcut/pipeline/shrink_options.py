@@ -15,7 +15,8 @@ from depthcut.errors import DepthcutError
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, BlockFits
 from depthcut.pipeline.shrink_steps import minutes
-from depthcut.pipeline.validation import beats_plain, scores_after_cut
+from depthcut.pipeline.shrink_table import contiguous, span
+from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
 
@@ -37,6 +38,7 @@ class Option:
     screening: dict = field(default_factory=dict)  # validation source -> WindowScores on the screening windows
     kept: bool = False
     why: str = ""
+    decided_by: str = ""  # which criterion of the do-no-harm rule decided (`Verdict.decided_by`); "" for none
     seconds: float = 0.0
     fit: object = field(default=None, repr=False)  # the repair's fit: healed and written as scored
 
@@ -44,16 +46,14 @@ class Option:
         means = [s.summary()["kl"] for s in self.scores.values()]
         return max(means) if aggregate == "worst" else sum(means) / len(means)
 
-    def row(self) -> dict:
+    def row(self, aggregate: str = "worst") -> dict:
+        score = self.score(aggregate) if self.scores else None
         return {"layers": self.layers, "found_by": self.found_by, "repair": self.repair, "refused": self.refused,
-                "screened": self.screened, "kept": self.kept, "why": self.why, "seconds": round(self.seconds, 2),
+                "score": score,
+                "screened": self.screened, "kept": self.kept, "why": self.why, "decided_by": self.decided_by,
+                "seconds": round(self.seconds, 2),
                 "validation": {name: s.summary() for name, s in self.scores.items()},
                 **({"screening": {name: s.summary() for name, s in self.screening.items()}} if self.screening else {})}
-
-
-def span(layers: list[int]) -> str:
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    return f"[{layers[0]}, {layers[-1] + 1})" if contiguous else ",".join(map(str, layers))
 
 
 def scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict,
@@ -145,9 +145,10 @@ def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
         if base is None or base.refused or not base.scores or plain is None or not plain.scores:
             to_fit.append(option)
             continue
-        beats, _ = beats_plain(plain.scores, base.scores, config.margin, config.aggregate)
-        behind, why = (False, "") if leader in (None, base) else beats_plain(base.scores, leader.scores, config.margin,
-                                                                            config.aggregate)
+        beats = judge(plain.scores, base.scores, config.margin, config.aggregate).better
+        # the leader's KL alone: the refinement ranks by its KL, and would not reach the leader's
+        behind, why = (False, "") if leader in (None, base) else lower_kl(base.scores, leader.scores, config.margin,
+                                                                         config.aggregate)
         if beats and not behind:
             to_fit.append(option)
             continue
@@ -157,8 +158,8 @@ def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
                           "(it starts from that map and moves little)")
         else:
             option.why = (f"not fitted: it refines {refined}'s map on this block, which the leading option (layers "
-                          f"{span(leader.layers)}, {leader.repair}) beats: {_lower_by(why)} (it starts from that "
-                          "map and moves little)")
+                          f"{span(leader.layers)}, {leader.repair}) beats: its KL lower by {why} (it starts from "
+                          "that map and moves little)")
     return to_fit
 
 
@@ -167,15 +168,48 @@ def plain_cuts(options: list[Option]) -> dict[tuple, Option]:
     return {tuple(o.layers): o for o in options if o.repair == "none" and o.scores and not o.refused}
 
 
-def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -> tuple[bool, str]:
-    """(whether the choice may keep `option`, why): a plain cut always; a repair only where it beats the
-    plain cut of its block (`plain`, from `plain_cuts`) beyond the margin (do no harm)."""
-    if option.repair == "none":
-        return True, "the plain cut"
-    block = plain.get(tuple(option.layers))
-    if block is None:
-        return False, "the plain cut of its block was not scored"
-    return beats_plain(block.scores, option.scores, config.margin, config.aggregate)
+def best_block(plain: dict[tuple, Option], config: ShrinkConfig) -> Option | None:
+    """The plain contiguous cut of lowest validation score: what a scattered cut has to beat."""
+    blocks = [o for layers, o in plain.items() if contiguous(list(layers)) and not o.screened]  # scored on every window
+    return min(blocks, key=lambda o: o.score(config.aggregate), default=None)
+
+
+def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -> Verdict:
+    """Whether the choice may keep `option` (do no harm, `judge`: a lower KL beyond the margin and no
+    source's loss higher beyond it): a repair only where it beats the plain cut of its block (`plain`,
+    from `plain_cuts`); a cut that is not one block only where it beats the best plain block too. The
+    plain contiguous cuts always."""
+    if option.repair != "none":
+        block = plain.get(tuple(option.layers))
+        if block is None:
+            return Verdict(False, "", "the plain cut of its block was not scored")
+        verdict = judge(block.scores, option.scores, config.margin, config.aggregate)
+        if not verdict.better:
+            return verdict
+    if contiguous(option.layers):
+        return verdict if option.repair != "none" else Verdict(True, "", "the plain cut")
+    best = best_block(plain, config)
+    if best is None:
+        return Verdict(True, "", "no plain block was scored to compare with")
+    versus = judge(best.scores, option.scores, config.margin, config.aggregate,
+                   against=f"the best plain block {span(best.layers)}")
+    if option.repair != "none" and versus.better:
+        return Verdict(True, versus.decided_by, f"{verdict.why}; {versus.why}")
+    return versus
+
+
+def standing(options: list[Option], winner: Option, config: ShrinkConfig) -> dict | None:
+    """How far the winner is ahead of the runner-up (the kept option of next lowest score): whether its KL
+    is lower beyond the margin (`lower_kl`), or the two are level within the noise. None: no runner-up."""
+    others = [o for o in options if o.kept and o is not winner]
+    runner = min(others, key=lambda o: o.score(config.aggregate), default=None)
+    if runner is None:
+        return None
+    ahead, gains = lower_kl(runner.scores, winner.scores, config.margin, config.aggregate)
+    return {"layers": runner.layers, "found_by": runner.found_by, "repair": runner.repair,
+            "score": runner.score(config.aggregate), "level": not ahead,
+            "why": f"the winner's KL lower by {gains}: {'beyond' if ahead else 'not beyond'} {config.margin:g} "
+                   "standard errors"}
 
 
 def _leader(options: list[Option], config: ShrinkConfig) -> Option | None:
@@ -183,13 +217,8 @@ def _leader(options: list[Option], config: ShrinkConfig) -> Option | None:
     will judge them), the refinements not yet fitted aside."""
     plain = plain_cuts(options)
     eligible = [o for o in options if o.scores and not (o.refused or o.screened or _deferred(o.repair))
-                and may_keep(o, plain, config)[0]]
+                and may_keep(o, plain, config).better]
     return min(eligible, key=lambda o: o.score(config.aggregate), default=None)
-
-
-def _lower_by(why: str) -> str:
-    """`beats_plain`'s reason, said of the leading option instead of a repair."""
-    return why.replace("KL from the unpruned model lower than the plain cut's by", "its KL lower by")
 
 
 def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:

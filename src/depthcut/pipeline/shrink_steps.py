@@ -17,7 +17,7 @@ from depthcut.io.model_folder import parameter_count
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import EvalConfig, ShrinkConfig
 from depthcut.pipeline.evaluate import evaluate_with
-from depthcut.pipeline.validation import beats_plain
+from depthcut.pipeline.validation import judge
 from depthcut.repair import apply_repair
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Healed:
     scores: dict
     kept: bool
     why: str
+    decided_by: str  # `Verdict.decided_by`
     seconds: float
     model: object
     rewrite: object
@@ -105,14 +106,15 @@ def heal_winner(model, tokenizer, winner, fit, training, predictions, config: Sh
                   teacher=teacher)
     healed = result.model
     scores = {name: window_scores(healed, reference, config.batch_size) for name, reference in predictions.items()}
-    kept, why = beats_plain(winner.scores, scores, config.margin, config.aggregate)
-    why = why.replace("the plain cut's", "the unhealed winner's") + (": kept" if kept else ": the unhealed winner is kept")
+    verdict = judge(winner.scores, scores, config.margin, config.aggregate, against="the unhealed winner")
+    kept, why = verdict.better, verdict.why + (": kept" if verdict.better else ": the unhealed winner is kept")
     record = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
               "objective": recipe.objective, "rank": recipe.rank, "lr": recipe.lr, "seq_len": recipe.seq_len,
               "batch_size": recipe.batch_size, "warmup_steps": recipe.warmup_steps,
               "training_data": training.description,
               "heldout_loss_before": result.loss_before["loss"], "heldout_loss_after": result.loss_after["loss"]}
-    return Healed(scores, kept, why, time.perf_counter() - started, healed, rewrite, before, record)
+    return Healed(scores, kept, why, verdict.decided_by, time.perf_counter() - started, healed, rewrite, before,
+                  record)
 
 
 def evaluate_winner(config: ShrinkConfig) -> dict:

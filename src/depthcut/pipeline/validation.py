@@ -1,7 +1,8 @@
 """Judging a training-free repair on the model's output, on text no fit saw: the validation windows
 (per source; the --data corpus contributes only its held-out documents), and the rule that a repair
 counts as better than the plain cut only where its KL divergence from the unpruned model is lower
-by more than `margin` standard errors of the paired difference over windows (do no harm).
+by more than `margin` standard errors of the paired difference over windows and no source's loss is
+higher by more than as many (do no harm: `judge`).
 
 A cut of layers from l on (with a repair folded into layer l-1) leaves layers 0..l-2 computing what
 they did: `references` keeps the unpruned stream entering layer l-1 of each cut asked for, checks on
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 from depthcut.analysis.calibration import CalibrationSet, build_calibration
 from depthcut.errors import DepthcutError
@@ -101,17 +103,54 @@ def scores_after_cut(model, layers: list[int], reference: dict[str, ReferencePre
             for name, predictions in reference.items()}
 
 
-def beats_plain(plain: dict[str, WindowScores], repaired: dict[str, WindowScores], margin: float,
-                aggregate: str) -> tuple[bool, str]:
-    """(whether the repaired cut beats the plain one beyond the noise, the reason in words): on every
-    source (`aggregate` "worst") or on the mean over sources ("mean")."""
-    gains = {name: paired_difference(plain[name].kl, repaired[name].kl) for name in repaired}
+@dataclass
+class Verdict:
+    """Whether a candidate is better than the cut it is judged against (do no harm), and why.
+
+    `decided_by`: "kl" where its KL from the unpruned model is not lower beyond the margin, "loss"
+    where it is, but some source's loss rises beyond the margin, "kl and loss" where both hold."""
+
+    better: bool
+    decided_by: str
+    why: str
+
+
+def lower_kl(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float,
+             aggregate: str) -> tuple[bool, str]:
+    """(whether `candidate`'s KL from the unpruned model is lower than `baseline`'s beyond the noise, the
+    gains in words): on every source (`aggregate` "worst") or on the mean over sources ("mean")."""
+    gains = {name: paired_difference(baseline[name].kl, candidate[name].kl) for name in candidate}
     if aggregate == "worst":
-        beats = all(gain > margin * stderr for gain, stderr in gains.values())
+        lower = all(gain > margin * stderr for gain, stderr in gains.values())
     else:
         gain = sum(g for g, _ in gains.values()) / len(gains)
-        beats = gain > margin * sum(s * s for _, s in gains.values()) ** 0.5 / len(gains)
-    details = ", ".join(f"{name}: {gain:+.4f} ± {stderr:.4f}" for name, (gain, stderr) in gains.items())
-    verdict = "beyond" if beats else "not beyond"
-    return beats, (f"KL from the unpruned model lower than the plain cut's by {details}: {verdict} {margin:g} "
-                   "standard errors")
+        lower = gain > margin * sum(s * s for _, s in gains.values()) ** 0.5 / len(gains)
+    return lower, ", ".join(f"{name}: {gain:+.4f} ± {stderr:.4f}" for name, (gain, stderr) in gains.items())
+
+
+def raised_loss(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float
+                ) -> tuple[list[str], str]:
+    """(the sources whose loss `candidate` raises above `baseline`'s by more than `margin` paired standard
+    errors, every source's rise in words). Judged per source whatever the aggregate: a user reads each
+    source's loss, and a repair that helps one domain must not hurt another."""
+    rises = {name: paired_difference(candidate[name].loss, baseline[name].loss) for name in candidate}
+    raised = [name for name, (rise, stderr) in rises.items() if rise > margin * stderr and rise > 0]
+    return raised, ", ".join(f"{name}: {rise:+.4f} ± {stderr:.4f}" for name, (rise, stderr) in rises.items())
+
+
+def judge(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float, aggregate: str,
+          against: str = "the plain cut") -> Verdict:
+    """Do no harm: `candidate` is better than `baseline` (`against`, in words) only where its KL from the
+    unpruned model is lower beyond `margin` paired standard errors (`lower_kl`) and no source's loss
+    rises beyond as many (`raised_loss`): the KL and the loss can disagree, and a user sees the loss."""
+    lower, gains = lower_kl(baseline, candidate, margin, aggregate)
+    raised, rises = raised_loss(baseline, candidate, margin)
+    kl_words = (f"KL from the unpruned model lower than {against}'s by {gains}: "
+                f"{'beyond' if lower else 'not beyond'} {margin:g} standard errors")
+    if not lower:
+        return Verdict(False, "kl", kl_words)
+    loss_words = f"loss minus {against}'s {rises}"
+    if raised:
+        return Verdict(False, "loss", f"{kl_words}; but its loss is higher beyond {margin:g} standard errors on "
+                                      f"{', '.join(raised)} ({loss_words})")
+    return Verdict(True, "kl and loss", f"{kl_words}, and no source's loss higher beyond them ({loss_words})")
