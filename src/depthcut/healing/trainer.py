@@ -26,6 +26,7 @@ from depthcut.errors import DepthcutError
 from depthcut.evaluation.loss import heldout_loss
 from depthcut.healing.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from depthcut.healing.distill import check_teacher, distillation_loss, heldout_kl, teacher_description, teacher_logits
+from depthcut.healing.quiet import unused_kernel_lookup_quiet
 from depthcut.healing.recipe import HealRecipe
 from depthcut.healing.targets import find_targets
 from depthcut.io.data import TextSource, split_documents
@@ -110,8 +111,9 @@ def keep_4bit_differentiable(model) -> None:
 
 @contextmanager
 def _peft_renamed_property_quiet():
-    """peft reads `is_gradient_checkpointing`, which transformers 5 renamed: a warning no user can act on."""
-    with warnings.catch_warnings():
+    """peft reads `is_gradient_checkpointing`, which transformers 5 renamed: a warning no user can act on
+    (as is the lookup of a kernel depthcut does not use, depthcut.healing.quiet)."""
+    with warnings.catch_warnings(), unused_kernel_lookup_quiet():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
 
