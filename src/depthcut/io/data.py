@@ -14,6 +14,12 @@ from depthcut.io.text import read_jsonl, read_utf8, utf8_lines  # noqa: F401 (ut
 
 DATA_DIR_ENV = "DEPTHCUT_DATA_DIR"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# The data folder when DEPTHCUT_DATA_DIR is unset: `shared/data` beside a source checkout (the parent
+# of the folder holding pyproject.toml, as the Makefile has it), so that `.venv/bin/depthcut` finds
+# it without `make`. An installed (not editable) package has no checkout and so no default.
+CHECKOUT = Path(__file__).resolve().parents[3]
+DEFAULT_DATA_DIR = CHECKOUT.parent / "shared" / "data"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 # Named corpora: a file in the local data folder (the layout of ../shared/data), else the hub.
 NAMED_CORPORA = {
@@ -148,23 +154,81 @@ def _hf_source(spec: str, field: str) -> TextSource:
 
 
 def data_dir() -> Path | None:
+    """The local data folder: $DEPTHCUT_DATA_DIR; unset, `shared/data` beside the source checkout where
+    there is one (DEFAULT_DATA_DIR); set but empty, none."""
     value = os.environ.get(DATA_DIR_ENV)
-    return Path(value) if value else None
+    if value is not None:
+        return Path(value).expanduser() if value else None
+    return default_data_dir()
+
+
+def default_data_dir() -> Path | None:
+    """DEFAULT_DATA_DIR where this package runs from a source checkout that has it beside it."""
+    if (CHECKOUT / "pyproject.toml").is_file() and DEFAULT_DATA_DIR.is_dir():
+        return DEFAULT_DATA_DIR
+    return None
+
+
+def hub_offline() -> str | None:
+    """The variable that tells the Hugging Face libraries not to reach the hub (HF_HUB_OFFLINE=1 and
+    the like), where one does."""
+    return next((name for name in OFFLINE_VARIABLES
+                 if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
+
+
+def _looked_in() -> str:
+    """Where a named corpus was looked for when $DEPTHCUT_DATA_DIR names no folder."""
+    if os.environ.get(DATA_DIR_ENV) is not None:
+        return f"{DATA_DIR_ENV} is set empty: no data folder"
+    return f"{DATA_DIR_ENV} is not set; looked in {DEFAULT_DATA_DIR}"
+
+
+def named_corpus_location(spec: str) -> str:
+    """Where the named corpus `spec` is read from: its file in the data folder, else its hub dataset.
+    Fails, without reading anything, where neither can serve: $DEPTHCUT_DATA_DIR names a folder
+    without it, or there is no local copy and the hub is off (HF_HUB_OFFLINE)."""
+    local, remote = NAMED_CORPORA[spec]
+    folder = data_dir()
+    path = folder / local if folder is not None else None
+    if path is not None and path.is_file():
+        return str(path)
+    if os.environ.get(DATA_DIR_ENV):
+        raise DepthcutError(f"{DATA_DIR_ENV} is {folder}, but {path} does not exist")
+    offline = hub_offline()
+    if offline:
+        raise DepthcutError(f"{spec}: no local copy ({_looked_in()}); set {DATA_DIR_ENV} to a folder with {local}, "
+                            f"or go online for {remote} ({offline} is set)")
+    return remote
+
+
+def check_data_exists(spec: str) -> None:
+    """The cheap half of `load_texts`: a DATA that names no file, folder, dataset or reachable named
+    corpus fails here, in milliseconds, without reading it (checked before a model loads)."""
+    if spec in NAMED_CORPORA:
+        named_corpus_location(spec)
+    elif not spec.startswith("hf:") and not Path(spec).expanduser().exists():
+        raise DepthcutError(_not_found(spec))
+
+
+def _not_found(spec: str) -> str:
+    names = ", ".join(NAMED_CORPORA)
+    return f"data {spec!r} not found: not a file, a folder, hf:NAME or a named corpus ({names})"
 
 
 def load_texts(spec: str, text_field: str = "text") -> TextSource:
     """Open DATA: a file, a folder of files, `hf:NAME[:CONFIG][:SPLIT]`, or a named corpus such as `c4`."""
     if spec in NAMED_CORPORA:
-        local, remote = NAMED_CORPORA[spec]
-        folder = data_dir()
-        if folder is not None:
-            path = folder / local
-            if not path.is_file():
-                raise DepthcutError(f"{DATA_DIR_ENV} is {folder}, but {path} does not exist")
-            source = load_texts(str(path), text_field)
-            source.description = f"{spec} ({path})"
-            return source
-        return _hf_source(remote, text_field)
+        location = named_corpus_location(spec)
+        if location.startswith("hf:"):
+            local = NAMED_CORPORA[spec][0]
+            try:
+                return _hf_source(location, text_field)
+            except DepthcutError as error:  # say what would have spared the hub
+                raise DepthcutError(f"{error}; no local copy of {spec} ({_looked_in()}): set {DATA_DIR_ENV} to a "
+                                    f"folder with {local}") from None
+        source = load_texts(location, text_field)
+        source.description = f"{spec} ({location})"
+        return source
     if spec.startswith("hf:"):
         return _hf_source(spec, text_field)
 
@@ -177,8 +241,7 @@ def load_texts(spec: str, text_field: str = "text") -> TextSource:
     elif path.is_file():
         documents = _read_file(path, text_field)
     else:
-        names = ", ".join(NAMED_CORPORA)
-        raise DepthcutError(f"data {spec!r} not found: not a file, a folder, hf:NAME or a named corpus ({names})")
+        raise DepthcutError(_not_found(spec))
     if not documents:
         raise DepthcutError(f"data {spec!r} holds no text")
     return TextSource(description=str(path), documents=documents, text_field=text_field)
