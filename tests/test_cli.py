@@ -89,7 +89,6 @@ def test_explicit_layers_and_deepest(capsys, tmp_path, tiny_llama_dir):
         (["analyze", "{model}", "--data", "{corpus}", "--metrics", "angular_last_token,bi"], "unknown metric 'bi'"),
         (["analyze", "{model}", "--data", "hf:no-such/dataset-xyz"], "cannot open Hugging Face dataset"),
         (["prune", "{model}", "--drop", "2", "--data", "{corpus}", "--seq-len", "0"], "at least 1"),
-        (["analyze", "someone/some-hub-model", "--data", "{corpus}", "--stream"], "--stream needs a local folder"),
         (["analyze", "smollm2-135m", "--data", "{corpus}", "--stream", "--device-map", "auto"], "exclude each other"),
         (["analyze", "{model}", "--data", "{corpus}", "--stream", "--device-map", "auto"], "exclude each other"),
         (["analyze", "{model}", "--data", "{corpus}", "--stream", "--spill-dir", "{tmp}/no-dir"], "does not exist"),

@@ -4,8 +4,10 @@ the exit codes: 0 done, 2 an error explained in one line, 128+N stopped by signa
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
+import re
 import signal
 import sys
 
@@ -16,6 +18,10 @@ from depthcut.io.claims import release_claims
 from depthcut.io.signals import handle_signals
 from depthcut.logs import configure as configure_logging
 from depthcut.pipeline.options import add_config_arguments, config_from_args
+from depthcut.pipeline.preflight import check_before_loading
+
+# argparse's message for a value outside the choices (3.11 quotes each choice; 3.12.8+ does not)
+INVALID_CHOICE = re.compile(r"invalid choice: '?(?P<given>[^'()]*?)'? \(choose from (?P<choices>.*)\)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +29,19 @@ class _Parser(argparse.ArgumentParser):
     number) reported like every other: one `depthcut: error:` line, exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"depthcut: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"depthcut: error: {with_suggestion(message)} (see {self.prog} --help)\n")
+
+
+def with_suggestion(message: str) -> str:
+    """argparse's `message`, with "did you mean ...?" where it refuses a value close to one of its choices
+    (`depthcut shirnk`: shrink; `--repair lstq`: lstsq)."""
+    refused = INVALID_CHOICE.search(message)
+    if refused is None:
+        return message
+    choices = [choice.strip(" '\"") for choice in refused["choices"].split(",")]
+    by_case = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(refused["given"].lower(), list(by_case), n=1, cutoff=0.6)
+    return f"{message}; did you mean {by_case[close[0]]!r}?" if close else message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with handle_signals():  # SIGTERM and SIGHUP clean up as Ctrl-C does
             try:
-                args.run(config_from_args(args.config_class, args))
+                config = config_from_args(args.config_class, args)
+                check_before_loading(config)  # in milliseconds, before the pipeline's imports and the model load
+                args.run(config)
             finally:
                 release_claims()
     except DepthcutError as error:

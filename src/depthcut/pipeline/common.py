@@ -1,29 +1,13 @@
-"""What several commands share: the model, calibration data and output options, their checks,
-the claim on an output path, and loading a model with a word to the user."""
+"""What several commands share: loading a model with a word to the user, and the analysis pass;
+the options' checks live in the torch-free `depthcut.pipeline.preflight` (re-exported here)."""
 
 from __future__ import annotations
 
 from depthcut.analysis.passes import analyze
-from depthcut.errors import DepthcutError
-from depthcut.metrics import METRICS
 from depthcut.model.loading import load_model_announced
 from depthcut.pipeline.configs import DataOptions, ModelOptions
-
-
-def check_positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise DepthcutError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-def check_data_options(options: DataOptions) -> None:
-    check_positive(samples=options.samples, seq_len=options.seq_len, batch_size=options.batch_size)
-    if not options.metrics:
-        raise DepthcutError("--metrics names no metric")
-    if options.token_positions < 0:
-        raise DepthcutError(f"--token-positions must be 0 or more (0: every token), got {options.token_positions}")
-    for name in options.metrics:
-        METRICS.get(name)
+# re-exported: the option checks are torch-free, in preflight
+from depthcut.pipeline.preflight import check_data_options, check_positive  # noqa: F401
 
 
 def load(options: ModelOptions, quiet: bool = False, quantize: str | None = None):

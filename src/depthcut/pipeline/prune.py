@@ -26,6 +26,7 @@ from depthcut.model.surgery import parse_layer_spec
 from depthcut.pipeline.common import check_data_options
 from depthcut.pipeline.configs import PruneConfig
 from depthcut.pipeline.options import make_config
+from depthcut.pipeline.preflight import check_before_loading
 from depthcut.pipeline.prune_backends import PruneBackend, backend_for
 from depthcut.pipeline.prune_choice import needs_analysis
 from depthcut.pipeline.prune_repair import repair_lines
@@ -185,6 +186,7 @@ def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:
     folders); a `.gguf` out is written from a GGUF model tensor by tensor.
     """
     config = make_config(PruneConfig, config, fields)
+    check_before_loading(config)  # the checks that need no weights (the layer count from the config or GGUF header)
     analysis = load_analysis(config.analysis) if config.analysis else None
     _check_choice(config, analysis)
     resolve_model(config.model)  # a MODEL that is no model says so, before what --out overlaps

@@ -28,6 +28,7 @@ from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
+from depthcut.pipeline.preflight import check_before_loading
 from depthcut.pipeline.prune import PruneResult, gguf_output, loaded_as_prune_would, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
@@ -154,6 +155,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
     `shrink_to(model="smollm2-135m", drop=8, validate=("c4", "wikitext"), out="smaller")`; returns the
     prune's result, whose provenance holds the decision table under `selection`."""
     config = make_config(ShrinkConfig, config, fields)
+    check_before_loading(config)  # the checks that need no weights (--drop against the config or GGUF header)
     _check(config)
     check_no_overlap([config.model, config.data, *config.validate], config.out)
     started = time.perf_counter()
