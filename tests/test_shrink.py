@@ -132,6 +132,7 @@ def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(t
     assert not torch.equal(windows.input_ids, fitted.input_ids)
 
 
+@pytest.mark.slow
 def test_shrink_writes_the_model_its_table_scored(tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "smaller"
     result = shrink_to(model=str(tiny_llama_dir), drop=2, data=str(corpus_file), validate=(str(corpus_file),),
