@@ -209,13 +209,13 @@ def test_shrink_to_a_parameter_budget(tmp_path, tiny_llama_dir, corpus_file):
     assert len(result.removed) == 2 and result.provenance["parameters_after"] <= total - 2 * layer
 
 
-@pytest.mark.parametrize(("stored", "dtype"), [(torch.float32, "float32"), (torch.bfloat16, "auto")])
-def test_a_plain_winner_is_written_from_the_loaded_model_when_prune_would_load_the_same(
+@pytest.mark.parametrize(("stored", "dtype"), [(torch.float32, "float32"), (torch.bfloat16, "auto"),
+                                               (torch.float32, "bfloat16")])
+def test_a_plain_winner_is_written_as_scored_in_the_dtype_it_was_scored_in(
         monkeypatch, tmp_path, tokenizer, corpus_file, stored, dtype):
-    """A plain-cut winner is written from the model shrink loaded where prune would load the same weights
-    (one load): a float32 folder shrunk in float32. A bfloat16 folder shrunk with --dtype auto is
-    computed in float32 on a CPU without native bfloat16, and prune then loads it again to keep the
-    stored bfloat16 (two loads). Either way the output equals `prune --layers` of the same cut."""
+    """The model written is the model scored: loaded once, in the dtype the candidates were scored in (a
+    float32 folder shrunk in bfloat16 is written in bfloat16, not copied in its stored float32), equal
+    to `prune --layers` of the same cut in that dtype, and recorded so."""
     from tiny import tiny_model
 
     from depthcut.model.precision import choose_dtype
@@ -230,16 +230,43 @@ def test_a_plain_winner_is_written_from_the_loaded_model_when_prune_would_load_t
     monkeypatch.setattr(common, "load_model_announced", lambda *a, **k: calls.append(a) or real(*a, **k))
     result = shrink_to(model=str(folder), drop=2, data=str(corpus_file), repairs=("none",),
                        out=str(tmp_path / "shrunk"), **{**SMALL, "dtype": dtype})
-    assert len(calls) == (1 if computed == stored else 2)
+    assert len(calls) == 1
     assert result.provenance["selection"]["winner"]["repair"] == "none"
-    reference = prune_to(model=str(folder), layers=",".join(map(str, result.removed)), dtype=dtype,
+    name = str(computed).removeprefix("torch.")
+    reference = prune_to(model=str(folder), layers=",".join(map(str, result.removed)), dtype=name,
                          out=str(tmp_path / "pruned"), quiet=True)
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk", dtype="auto").state_dict()
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype="auto").state_dict()
     assert written.keys() == expected.keys()
-    assert all(written[k].dtype == stored and torch.equal(written[k], expected[k]) for k in expected)
-    for key in ("parameters_before", "parameters_after", "dtype"):
+    assert all(written[k].dtype == computed and torch.equal(written[k], expected[k]) for k in expected)
+    assert result.provenance["dtype"] == name == reference.provenance["dtype"]
+    for key in ("parameters_before", "parameters_after"):
         assert result.provenance[key] == reference.provenance[key]
+
+
+def test_the_shrink_says_the_sizes_before_and_after_and_when_a_gguf_would_be_smaller(tmp_path):
+    """Sizes from the files themselves; a GGUF input written as a larger folder says so, with the .gguf estimate."""
+    from depthcut.pipeline.shrink_table import expectation_lines, size_lines
+
+    (tmp_path / "in.gguf").write_bytes(b"x" * 1_000_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"y" * 3_000_000)
+    (out / "tokenizer.json").write_bytes(b"z" * 500_000)  # not a weight file
+    provenance = {"base_model": {"location": str(tmp_path), "gguf_file": "in.gguf"}, "dtype": "bfloat16",
+                  "output": {"format": "safetensors", "path": str(out)}, "parameters_before": 135_000_000,
+                  "parameters_after": 108_000_000, "removed_layers": [12, 13, 14, 15, 16, 17], "num_layers_before": 30,
+                  "selection": {"winner": {"repair": "lstsq", "score": 1.23}}}
+    text = " ".join(line.strip() for line in size_lines(provenance))
+    assert "135.0M -> 108.0M parameters (20% fewer); on disk 1.0 MB (GGUF) -> 3.0 MB (safetensors, bfloat16)" in text
+    assert "--out NAME.gguf keeps the quantization (about 0.8 MB)" in text
+    (out / "model.safetensors").write_bytes(b"y" * 800_000)  # smaller than the input: nothing to say
+    assert len(size_lines(provenance)) == 1
+    advice = " ".join(line.strip() for line in expectation_lines(provenance, "small"))
+    assert "6 of 30 layers removed (20%)" in advice and "KL from the unpruned model is 1.23 nats" in advice
+    assert "1 to 1.5 kept 73-92% of arc_easy" in advice and "depthcut heal small --data c4" in advice
+    provenance["selection"]["winner"]["repair"] = "lstsq+heal"
+    assert "depthcut heal" not in " ".join(expectation_lines(provenance, "small"))
 
 
 def _two_sources(kl_a, kl_b, loss_a, loss_b) -> dict:

@@ -74,10 +74,12 @@ def run_shrink(config: ShrinkConfig) -> None:
     plain cut beyond the noise, and write the winner with the decision table in depthcut.json."""
     # deferred: torch is imported once a command runs, not to parse its arguments (start-up)
     from depthcut.evaluation.table import format_table
-    from depthcut.pipeline.shrink import decision_table, shrink_to
+    from depthcut.pipeline.shrink import shrink_to
+    from depthcut.pipeline.shrink_table import decision_table, expectation_lines, size_lines
 
     result = shrink_to(config)
-    print("\n".join([*decision_table(result.provenance["selection"]), *result.summary()]))
+    print("\n".join([*decision_table(result.provenance["selection"]), *result.summary(),
+                     *size_lines(result.provenance), *expectation_lines(result.provenance, config.out)]))
     if "evaluation" in result.provenance:
         print(format_table(result.provenance["evaluation"]))
         print(f"evaluation: {config.out}/eval.json")

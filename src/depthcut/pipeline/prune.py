@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig
 
 from depthcut.analysis.result import Analysis
@@ -20,7 +19,7 @@ from depthcut.io.output_checks import check_free_space, check_no_overlap
 from depthcut.io.provenance import check_prune_record, prune_record
 from depthcut.model.distributed import is_main_process
 from depthcut.model.layers import text_config
-from depthcut.model.loading import checkpoint_dtype, resolve_device, resolve_dtype, resolve_model
+from depthcut.model.loading import resolve_model
 from depthcut.model.shards import INDEX_FILE
 from depthcut.model.surgery import parse_layer_spec
 from depthcut.pipeline.common import check_data_options
@@ -158,22 +157,6 @@ def _as_written(config: PruneConfig, analysis) -> PruneConfig:
     if config.dtype == "auto" and not needs_analysis(config, analysis) and config.repair == "none":
         return dataclasses.replace(config, dtype="checkpoint")
     return config
-
-
-def loaded_as_prune_would(config: PruneConfig, source, model) -> bool:
-    """Whether `model` (loaded by the caller, every layer still in it, nothing folded in) holds the very
-    weights `prune_with` would load to write the plain cut `config` asks for, so that writing it spares a
-    second load: a folder output that would be written in memory (not shard by shard, which copies the
-    stored bytes), in the dtype prune would load (the stored one for --dtype auto: GGUF dequantizes to
-    float32; a folder's from its config, unknown means no)."""
-    config = _as_written(config, None)
-    if gguf_output(config.out) or config.repair != "none" or _streamable(config, source, None):
-        return False
-    if config.dtype == "checkpoint":
-        wanted = torch.float32 if source.gguf_file else checkpoint_dtype(source)
-    else:
-        wanted = resolve_dtype(config.dtype, resolve_device(config.device))
-    return wanted is not None and {p.dtype for p in model.parameters()} == {wanted}
 
 
 def prune_to(config: PruneConfig | None = None, /, **fields) -> PruneResult:

@@ -29,7 +29,7 @@ from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
 from depthcut.pipeline.preflight import check_before_loading
-from depthcut.pipeline.prune import PruneResult, gguf_output, loaded_as_prune_would, prune_with
+from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
@@ -233,13 +233,10 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                             trust_remote_code=config.trust_remote_code,
                             allow_unknown_config=config.allow_unknown_config)
         base = _base_option(options, winner)  # the training-free option the winner is or grew from
-        plain = base.fit is None and not (healed and healed.kept)
-        if gguf_output(config.out) or plain and not loaded_as_prune_would(prune, source, model):
-            # a GGUF written tensor by tensor, or a plain cut of weights prune loads otherwise than they
-            # are here (in their stored dtype, or copied shard by shard)
+        if gguf_output(config.out):  # a GGUF written tensor by tensor, each kept one in its quantization
             del model, healed
             result = prune_with(prune, None, selection=selection, strategy=strategy)
-        else:  # written as scored: the repair (and heal) not fitted again, the model not loaded again
+        else:  # written as scored, in the dtype it was scored in: not fitted again, not loaded again
             record = _repair_provenance(prune, options, base, samples, validation, config)
             if healed is not None and healed.kept:
                 written, before, rewrite = healed.model, healed.parameters_before, healed.rewrite

@@ -60,7 +60,11 @@ class BlockFits:
     def __init__(self, model, blocks: list[list[int]], methods: list[str], samples, config,
                  gathered: dict[tuple, RepairStatistics] | None = None):
         self.model, self.samples = model, samples
-        self.gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed}
+        self.gather = {"layer_path": config.layer_path, "batch_size": config.batch_size, "seed": config.seed,
+                       "progress": not config.quiet}
+        # an iterative fit (cosine's Adam steps) shows its progress too
+        self.fit_options = {method: {"progress": True} for method in methods
+                            if not config.quiet and REPAIRS.get(method).iterative}
         self.refused: dict[tuple, dict[str, DepthcutError]] = {}
         self.usable: dict[tuple, list[str]] = {}
         for layers in blocks:
@@ -103,7 +107,8 @@ class BlockFits:
             if statistics is None or method not in statistics.methods:
                 self.gather_rows([layers])
                 statistics = self.statistics[block]
-            self.fits[block][method] = fit_judged(method, statistics, self.judged[block])
+            self.fits[block][method] = fit_judged(method, statistics, self.judged[block],
+                                                  **self.fit_options.get(method, {}))
         return self.fits[block][method]
 
     def gather_rows(self, blocks: list[list[int]]) -> None:

@@ -8,6 +8,7 @@ tokens of 1 - cos((x_l - m) + m T, x_{l+n}). The tokens are the uniform random s
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from depthcut.errors import DepthcutError
 from depthcut.repair.architectures import mlp_output_projection
@@ -30,12 +31,13 @@ class Cosine(RepairMethod):
     name = "cosine"
     linear = True
     refines = "lstsq"
+    iterative = True
 
     def check(self, model, stack, arch, first, stop):
         refuse_unless_linear(self.name, model, stack, arch, first, stop)
 
     def fit(self, statistics, ridge: float = 0.0, steps: int = 300, lr: float = 1e-4, batch_rows: int = 8192,
-            seed: int = 0, device=None) -> RepairFit:
+            seed: int = 0, device=None, progress: bool = False) -> RepairFit:
         if not statistics.rows:
             raise DepthcutError("no token rows were kept for the cosine repair (max_rows=0?)")
         start = solve(statistics, ridge)
@@ -46,7 +48,8 @@ class Cosine(RepairMethod):
         generator = torch.Generator().manual_seed(seed)
         count = len(rows["m"])
         with torch.enable_grad():
-            for _ in range(steps):
+            # minutes on a wide model: a bar with the time left (`progress`)
+            for _ in tqdm(range(steps), desc="cosine fit", unit="step", disable=not progress, leave=False):
                 pick = torch.randperm(count, generator=generator)[:batch_rows].to(device) if count > batch_rows else slice(None)
                 pred = rows["base"][pick] + rows["m"][pick] @ transform  # (K, d)
                 loss = (1 - torch.cosine_similarity(pred, rows["target"][pick], dim=-1)).mean()

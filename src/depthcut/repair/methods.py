@@ -76,6 +76,7 @@ class RepairMethod:
     name: str = ""
     linear: bool = False  # needs M^T M, M^T R (and an MLP at layer l-1)
     refines: str | None = None  # the method whose fit this one starts from and refines
+    iterative: bool = False  # fitted by steps of an optimizer: `fit` takes progress=True for a bar with the time left
 
     def check(self, model: nn.Module, stack: LayerStack, arch: Architecture, first: int, stop: int) -> None:
         raise NotImplementedError
