@@ -194,7 +194,7 @@ def _constructed_sweep(folder):
         record.update(drop=drop, key=f"angular/{drop}/{'healed' if healed else 'pruned'}" if drop else "none/0/pruned",
                       strategy="angular" if drop else "none", removed_layers=list(range(20, 20 + drop)),
                       num_layers=30, parameters=134_000_000 - drop * 3_500_000,
-                      loss={"normalized_loss": loss, "normalized_loss_stderr": 0.01, "data": {"samples": 16}},
+                      loss={"loss": loss, "loss_stderr": 0.01, "data": {"samples": 16}},
                       inference_seconds=median_ms / 1e3,
                       forward_seconds={"median": median_ms / 1e3, "q1": (median_ms - 15) / 1e3,
                                        "q3": (median_ms + 24) / 1e3, "min": (median_ms - 20) / 1e3,
@@ -505,3 +505,77 @@ def test_sweep_prunes_repairs_and_heals_the_stack_layer_path_names(capsys, tmp_p
     for name, tensor in pruned.state_dict().items():
         source = next((name.replace(new, old, 1) for new, old in kept.items() if name.startswith(new)), name)
         assert torch.equal(tensor, before[source]), name
+
+
+def test_the_report_leads_with_one_sentence_and_its_error_bars_or_what_to_run(tmp_path):
+    from depthcut.sweep.report import headline
+
+    _constructed_sweep(tmp_path)  # 150 items a point: too few to tell a 5% drop from noise
+    page = build_report(tmp_path, 0.05).read_text()
+    unpruned_se = math.sqrt(0.4 * 0.6 / 149)
+    acceptable = math.ceil(100 * 2 * math.sqrt(2) * unpruned_se / 0.4)  # 2 combined s.e. as a share of 0.40
+    assert acceptable == 29
+    expected = ("Dropping 4 of 30 layers (angular, healed) leaves arc_easy at 0.440 ± 0.041 against 0.400 ± 0.040 "
+                "unpruned (10% higher; ± 1 standard error): 150 items a point are too few to tell a 5% drop from "
+                "noise. To decide, run with --limit 4800 (about 4,800 items a point; a task with fewer runs whole), "
+                f"or accept about a 29% drop (depthcut report {tmp_path} --tolerance 0.29).")
+    assert f'<p class="headline">{expected}</p>' in page
+    assert page.index('class="headline"') < page.index("<table")  # the answer comes first
+
+    kept = [_point("none", 0.0, 0.60), _point("a", 0.1, 0.59), _point("a", 0.2, 0.40)]  # 10,000 items a point
+    assert headline(kept, "t", tolerable_fraction(kept, "t", 0.05), 0.05) == (
+        "Dropping 1 of 10 layers (a, no healing) leaves t at 0.590 ± 0.005 against 0.600 ± 0.005 unpruned "
+        "(2% lower; ± 1 standard error): within the 5% tolerance, on enough items (10,000 a point) to tell. "
+        "Dropping 2 of 10 layers loses it.")
+    lost = [_point("none", 0.0, 0.60, stderr=0.04, items=150), _point("a", 0.1, 0.30, stderr=0.036, items=150)]
+    assert headline(lost, "t", tolerable_fraction(lost, "t", 0.05), 0.05) == (
+        "Dropping 1 of 10 layers (a, no healing) leaves t at 0.300 ± 0.036 against 0.600 ± 0.040 unpruned "
+        "(50% lower; ± 1 standard error): a drop beyond both the 5% tolerance and the noise, so not even 1 of 10 "
+        "layers can go.")
+
+
+def test_every_figure_has_a_caption_and_loss_is_in_nats_per_token_everywhere(tmp_path):
+    import re
+
+    _constructed_sweep(tmp_path)
+    page = build_report(tmp_path, 0.05).read_text()
+    captions = dict(re.findall(r'<figure id="figure-(\w+)">.*?<figcaption>(.*?)</figcaption>', page, re.S))
+    assert sorted(captions) == ["accuracy", "cost", "heatmap", "loss"]
+    assert "± 1 standard error on 150 items a point" in captions["accuracy"]
+    assert "Held-out loss in nats per token on 16 windows" in captions["loss"]
+    assert "lighter is smaller" in captions["heatmap"] and "Red circles" in captions["heatmap"]
+    # the constructed times: 260 (245-284) ms against 300 (285-324) ms unpruned, ranges apart
+    assert "Every pruned point&#39;s range is clear of the unpruned model&#39;s" in captions["cost"]
+    # one loss scale: the points table and the methods table both in nats per token, as the terminal prints
+    assert page.count("<th>held-out loss (nats/token)</th>") == 2 and "log V" not in page
+    assert "<td>0.450 ± 0.010</td>" in page  # the 4-layer point's loss, three digits like the terminal
+
+    log = tmp_path / "results.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:  # every pruned time inside the unpruned range: the caption says it is noise
+        if record.get("type") == "point":
+            record["forward_seconds"].update(q1=0.2, q3=0.4)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = build_report(tmp_path, 0.05).read_text()
+    assert "the differences in time are the machine&#39;s noise, not a measured speed-up" in page
+
+
+def test_lines_at_one_fraction_are_set_apart_by_a_small_share_of_the_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from depthcut.sweep.figures import SPREAD
+
+    positions = []
+    errorbar = matplotlib.axes.Axes.errorbar
+
+    def record_errorbar(self, x, y, yerr=None, **kwargs):
+        positions.extend(x)
+        return errorbar(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record_errorbar)
+    _constructed_sweep(tmp_path)  # two lines at 4 of 30 layers, one at 8
+    build_report(tmp_path, 0.05)
+    measured = [0.0, 4 / 30, 8 / 30]
+    offsets = [min(abs(x - f) for f in measured) for x in positions]
+    assert max(offsets) > 0  # set apart ...
+    assert max(offsets) <= SPREAD * (8 / 30) / 2 + 1e-12 < 0.01  # ... by under 1% of the axis either way

@@ -69,7 +69,7 @@ def test_summary_table_shows_standard_errors_and_item_counts():
                                                                              "num_items": 100}}},
     ]
     lines = summary_table(points, ["arc_easy"]).splitlines()
-    assert lines[0].split() == ["point", "layers", "loss", "arc_easy", "acc", "(n)", "seconds"]
+    assert lines[0].split() == ["point", "layers", "loss", "(nats/token)", "arc_easy", "acc", "(n)", "seconds"]
     assert lines[2].split()[:2] == ["none/0/pruned", "30/30"]  # the unpruned model first
     assert "3.100 ± 0.050" in lines[2] and "0.450 ± 0.050 (100)" in lines[2]
     assert lines[3].split()[:2] == ["angular/8/healed", "22/30"] and "0.410 ± 0.049 (100)" in lines[3]

@@ -88,7 +88,7 @@ def _with_stderr(value, stderr, digits: int) -> str:
 
 def summary_table(points: list[dict], tasks: list[str]) -> str:
     """A plain-text table of the finished points: layers, loss and task accuracy with standard errors."""
-    header = ["point", "layers", "loss"] + [f"{task} acc (n)" for task in tasks] + ["seconds"]
+    header = ["point", "layers", "loss (nats/token)"] + [f"{task} acc (n)" for task in tasks] + ["seconds"]
     rows = []
     order = sorted(points, key=lambda p: (p["drop"], p["strategy"] != "none", p["strategy"], p.get("repair") or "",
                                           point_healing(p)))

@@ -2,19 +2,22 @@
 
 The answer counts an accuracy drop only where it is larger than both the tolerance and the noise of
 the subset the tasks were scored on (see `judge`; the page states the rule, templates/report.html.j2),
-and says so where the subset is too small to tell a tolerance-sized drop from noise."""
+and says so where the subset is too small to tell a tolerance-sized drop from noise. It leads with one
+sentence a task (`headline`): the answer with its error bars, or what to run to get one. Loss is the held-out
+loss in nats per token everywhere, as the terminal prints it."""
 
 from __future__ import annotations
 
 import base64
 import math
+import shlex
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from depthcut.errors import DepthcutError
 from depthcut.io.atomic import atomic_output_dir, atomic_output_file
-from depthcut.sweep.figures import make_figures
+from depthcut.sweep.figures import figure_captions, make_figures
 from depthcut.sweep.results import (
     ResultsLog,
     configuration,
@@ -29,6 +32,8 @@ REPORT_FILE = "report.html"
 # report.html is rendered from a jinja2 template, every value escaped (templates/report.html.j2)
 _TEMPLATES = Environment(loader=PackageLoader("depthcut.sweep", "templates"), autoescape=select_autoescape(["j2"]),
                          undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+# One loss scale everywhere (tables, figures, the terminal): the held-out loss in nats per token.
+LOSS_HEADER = "held-out loss (nats/token)"
 NOISE_Z = 2.0  # a drop is told from noise when it exceeds this many combined standard errors
 
 def check_tolerance(tolerance) -> float:
@@ -128,7 +133,7 @@ def _methods_rows(points: list[dict], tasks: list[str]) -> list[list]:
         loss = p.get("loss") or {}
         seconds = (p.get("repair_fit") or {}).get("seconds", 0.0) + (p.get("heal") or {}).get("seconds", 0.0)
         row = [configuration_name(*configuration(p)), p["drop"], _percent(p["fraction"]),
-               _pm(loss.get("loss"), loss.get("loss_stderr"), 4), _percent(gap_closed(p, plain, base))
+               _pm(loss.get("loss"), loss.get("loss_stderr")), _percent(gap_closed(p, plain, base))
                if configuration(p)[1:] != ("none", "") else "-"]
         row += [_pm(*task_accuracy(p, t)[:2]) for t in tasks]
         rows.append(row + [f"{seconds:.1f}" if seconds else "-"])
@@ -188,6 +193,77 @@ def _answer_sentences(task: str, answer: dict, tolerance: float) -> list[str]:
     return sentences
 
 
+def _layers_phrase(points: list[dict], fraction: float) -> str:
+    """`8 of 30 layers` for the pruned points at `fraction`."""
+    point = next(p for p in points if p["drop"] and p["fraction"] == fraction)
+    return f"{point['drop']} of {round(point['drop'] / point['fraction'])} layers"
+
+
+def _headline_point(answer: dict) -> tuple[str, dict] | None:
+    """(configuration, point) a task's headline names: the deepest point shown kept (the answer); where none
+    is, the most accurate point that noise left undecided (the one more items would settle); else (every
+    curve lost at once) the most accurate point at the first fraction dropped."""
+    curves = answer["points"]
+    if answer["best_fraction"]:
+        name = answer["best_configuration"]
+        return name, next(e for e in curves[name] if e["fraction"] == answer["best_fraction"])
+    undecided = [(name, e) for name, curve in curves.items() for e in curve
+                 if ("unclear", e["fraction"]) == answer["ended_by"].get(name)]
+    candidates = undecided or [(name, curve[0]) for name, curve in curves.items()]
+    return max(candidates, key=lambda c: (-c[1]["fraction"], c[1]["accuracy"]), default=None)
+
+
+def headline(points: list[dict], task: str, answer: dict, tolerance: float, folder: str = "FOLDER") -> str:
+    """One sentence answering "how many layers can go?" for `task` (`answer`: `tolerable_fraction`'s), with
+    the error bars of the accuracies it compares, and what to run where the subset cannot tell; `folder`:
+    the sweep's, for the command that would rebuild the report."""
+    unpruned = _pm(answer["baseline"], answer["baseline_stderr"])
+    chosen = _headline_point(answer)
+    if chosen is None:
+        return (f"{task}: only the unpruned model was scored ({unpruned}); add depths with --drop to ask how many "
+                "layers can go.")
+    name, entry = chosen
+    tol, layers = f"{100 * tolerance:g}%", _layers_phrase(points, entry["fraction"])
+    change = entry["accuracy"] / answer["baseline"] - 1 if answer["baseline"] else None
+    relative = "" if change is None else f"{100 * abs(change):.0f}% {'lower' if change < 0 else 'higher'}; "
+    dropped = (f"Dropping {layers} ({name}) leaves {task} at {_pm(entry['accuracy'], entry['stderr'])} against "
+               f"{unpruned} unpruned ({relative}± 1 standard error)")
+    if entry["verdict"] == "kept":
+        sentence = f"{dropped}: within the {tol} tolerance, on enough items ({entry['items']:,} a point) to tell."
+        ended = answer["ended_by"][name]
+        if ended and ended[0] == "lost":
+            sentence += f" Dropping {_layers_phrase(points, ended[1])} loses it."
+        if answer["verdict"] == "at least":
+            sentence += f" Noise cut short {', '.join(answer['cut_short_by_noise'])}, which may allow more."
+        return sentence
+    if entry["verdict"] == "lost":
+        return f"{dropped}: a drop beyond both the {tol} tolerance and the noise, so not even {layers} can go."
+    if answer["items_needed"] is None or answer["comparison_noise"] is None:
+        return f"{dropped}: the unpruned accuracy has no usable standard error, so no drop can be told from noise."
+    resolvable = NOISE_Z * answer["comparison_noise"] / answer["baseline"]
+    return (f"{dropped}: {entry['items']:,} items a point are too few to tell a {tol} drop from noise. To decide, "
+            f"run with --limit {answer['items_needed']} (about {answer['items_needed']:,} items a point; a task "
+            f"with fewer runs whole), or accept about a {math.ceil(100 * resolvable):.0f}% drop "
+            f"(depthcut report {shlex.quote(folder)} --tolerance {math.ceil(100 * resolvable) / 100:g}).")
+
+
+def loss_headline(points: list[dict]) -> str | None:
+    """Where no task was scored: what the held-out loss says, and what to add for an answer."""
+    def loss(p):
+        return (p.get("loss") or {}).get("loss")
+
+    base = next((p for p in points if p["drop"] == 0 and loss(p) is not None), None)
+    pruned = [p for p in points if p["drop"] and loss(p) is not None]
+    if base is None or not pruned:
+        return None
+    deepest = max(p["fraction"] for p in pruned)
+    best = min((p for p in pruned if p["fraction"] == deepest), key=loss)
+    return (f"No task was scored, so this report cannot say how many layers can go (add --tasks, e.g. arc_easy). "
+            f"Held-out loss: {_pm(loss(best), best['loss'].get('loss_stderr'))} nats per token after dropping "
+            f"{_layers_phrase(points, deepest)} ({configuration_name(*configuration(best))}), against "
+            f"{_pm(loss(base), base['loss'].get('loss_stderr'))} unpruned.")
+
+
 def _ended_cell(ended) -> str:
     if ended is None:
         return "every point kept"
@@ -235,16 +311,20 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     # The figures are drawn into a temporary folder that replaces figures/ whole (depthcut.io.atomic).
     with atomic_output_dir(folder / "figures", force=True) as staging:
         drawn = make_figures(points, log.analysis(), staging, model=model or None)
-        images = {name: base64.b64encode(path.read_bytes()).decode() for name, path in drawn.items()}
+        captions = figure_captions(points, log.analysis(), drawn)
+        figures = [{"name": name, "data": base64.b64encode(path.read_bytes()).decode(), "caption": captions[name]}
+                   for name, path in drawn.items()]
     tasks = sorted({t for p in points for t in p.get("tasks", {})})
 
     answers = {task: tolerable_fraction(points, task, tolerance) for task in tasks}
     answers = {task: answer for task, answer in answers.items() if answer}
     answer_rows = [[t, f"{a['items']:,}" if a["items"] is not None else "-", _pm(a["baseline"], a["baseline_stderr"]),
                     _fmt(a["margin"], 3), _fmt(None if a["comparison_noise"] is None else NOISE_Z * a["comparison_noise"], 3),
-                    _answer_cell(a), a["best_configuration"] if a["verdict"] in ("shown", "at least") else "-"]
+                    _answer_cell(a), a["best_configuration"] if a["verdict"] in ("shown", "at least") else "none shown"]
                    for t, a in answers.items()]
     sentences = [s for t, a in answers.items() for s in _answer_sentences(t, a, tolerance)]
+    headlines = [headline(points, t, a, tolerance, str(folder)) for t, a in answers.items()] or [
+        line for line in [loss_headline(points)] if line]
     detail_rows = [[t, name, _percent(a["by_configuration"][name]), _ended_cell(a["ended_by"][name]),
                     "; ".join(f"{_percent(e['fraction'])}: {e['verdict'].replace('unclear', 'cannot tell')}"
                               for e in a["points"][name])]
@@ -257,7 +337,7 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
         row = [p["strategy"], p["drop"], _percent(p["fraction"]), p.get("repair") or "none",
                HEALED_CELLS[point_healing(p)],
                ", ".join(map(str, p["removed_layers"])) or "-",
-               _pm(loss.get("normalized_loss"), loss.get("normalized_loss_stderr"), 4)]
+               _pm(loss.get("loss"), loss.get("loss_stderr"))]
         for t in tasks:
             accuracy, stderr, items = task_accuracy(p, t)
             row += [_pm(accuracy, stderr), "-" if items is None else f"{items:,}"]
@@ -269,9 +349,9 @@ def build_report(folder: str | Path, tolerance: float = 0.05) -> Path:
     page = _TEMPLATES.get_template("report.html.j2").render(
         model=model, tolerance_percent=f"{100 * tolerance:g}", answer_rows=answer_rows, sentences=sentences,
         detail_rows=detail_rows, methods_rows=_methods_rows(points, tasks) if methods else [],
-        task_columns=[f"{t} acc" for t in tasks], images=images,
+        task_columns=[f"{t} acc" for t in tasks], figures=figures, headlines=headlines, loss_header=LOSS_HEADER,
         point_headers=["strategy", "dropped", "fraction", "repair", "healed", "removed layers (0-based)",
-                       "loss / log V", *[c for t in tasks for c in (f"{t} acc", f"{t} items")], "parameters",
+                       LOSS_HEADER, *[c for t in tasks for c in (f"{t} acc", f"{t} items")], "parameters",
                        forward_header],
         point_rows=point_rows, timing=timing, setting_rows=_setting_rows(settings))
     path = folder / REPORT_FILE
