@@ -24,6 +24,8 @@ from depthcut.io.gguf_files import open_gguf
 from depthcut.model.header import configured_layer_count, gguf_block_count, layer_count
 from depthcut.model.source import resolve_model
 from depthcut.pipeline import shrink_to
+from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
+from depthcut.pipeline.preflight import check_before_loading
 
 # Runs the command line in a fresh interpreter, then says whether torch (hence any model) was imported.
 RUN_AND_REPORT = ("import sys\nfrom depthcut.cli import main\ncode = main(sys.argv[1:])\n"
@@ -47,6 +49,12 @@ def test_drop_beyond_the_builtin_models_layers_is_refused_before_loading(tmp_pat
     assert "--drop must be between 1 and 29 for a model of 30 layers, got 40" in line
     line = refused_without_torch("prune", "smollm2-135m", "--drop", 30, "--strategy", "deepest", "--out", out)
     assert "for a model of 30 layers, got 30" in line
+    line = refused_without_torch("prune", "smollm2-135m", "--layers", "28:31", "--out", out)
+    assert "layer indices [30] are out of range: this model has 30 layers, numbered 0..29" in line
+    line = refused_without_torch("shrink", "smollm2-135m", "--fraction", 0.99, "--out", out)
+    assert "--fraction 0.99 removes all 30 layers of this model" in line
+    check_before_loading(ShrinkConfig(model="smollm2-135m", fraction=0.967, out=str(out)))  # 29 of 30: allowed
+    check_before_loading(PruneConfig(model="smollm2-135m", layers="25:30", out=str(out)))
     assert list(tmp_path.iterdir()) == []
 
 

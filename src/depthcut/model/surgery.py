@@ -4,56 +4,16 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from depthcut.errors import DepthcutError
 from depthcut.model.layer_fields import ConfigRewrite, rewrite_layer_fields
 from depthcut.model.layer_kinds import verify_cut
+from depthcut.model.layer_spec import parse_layer_spec, validate_layers  # noqa: F401 (re-exported)
 from depthcut.model.layers import LayerStack, find_layer_stack, text_config
-
-
-def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
-    """Parse ``"21:29"`` (half-open) or ``"3,7,12"`` (or a mix) into sorted 0-based indices."""
-    indices: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            raise DepthcutError(f"malformed --layers {spec!r}: empty item")
-        try:
-            if ":" in part:
-                start_text, _, stop_text = part.partition(":")
-                start, stop = int(start_text), int(stop_text)
-                if stop <= start:
-                    raise DepthcutError(
-                        f"malformed --layers item {part!r}: a block start:stop is half-open and needs stop > start"
-                    )
-                indices.extend(range(start, stop))
-            else:
-                indices.append(int(part))
-        except ValueError:
-            raise DepthcutError(
-                f"malformed --layers {spec!r}: use 0-based indices like '3,7,12' or a half-open block like '21:29'"
-            ) from None
-    return validate_layers(indices, num_layers)
-
-
-def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
-    layers = list(layers)
-    if not layers:
-        raise DepthcutError("no layers to remove")
-    duplicates = sorted({i for i in layers if layers.count(i) > 1})
-    if duplicates:
-        raise DepthcutError(f"layers listed more than once: {duplicates}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise DepthcutError(
-            f"layer indices {bad} are out of range: this model has {num_layers} layers, numbered 0..{num_layers - 1}"
-        )
-    if len(layers) >= num_layers:
-        raise DepthcutError(f"cannot remove all {num_layers} layers; at least one must stay")
-    return sorted(layers)
 
 
 def _renumber(module: nn.Module, new_index: int) -> None:
@@ -95,6 +55,31 @@ def remove_layers(model: nn.Module, layers: Iterable[int], layer_path: str | Non
     setattr(stack.parent, stack.attr, new_layers)
     # In place: the layers and the model hold references to this config object.
     return rewrite_layer_fields(text_config(model), kept, num_layers, allow_unknown_config)
+
+
+@contextmanager
+def layers_removed(model: nn.Module, layers: Iterable[int], layer_path: str | None = None,
+                   allow_unknown_config: Iterable[str] = ()) -> Iterator[ConfigRewrite]:
+    """`model` less `layers` inside the block, exactly as `remove_layers` cuts it, and whole again after:
+    the kept layers are the model's own (no weight is copied), and on leaving, the layer list, every
+    layer's index and the text config come back as they were. What a trial cut of a 70B model costs is
+    a list and a config, not a second model. A refused cut raises before anything changes."""
+    stack = find_layer_stack(model, layer_path)
+    layer_list = getattr(stack.parent, stack.attr)
+    config = text_config(model)
+    config_fields = copy.deepcopy(config.__dict__)
+    indices = [(sub, name, getattr(sub, name)) for layer in stack.layers for sub in layer.modules()
+               for name in ("layer_idx", "layer_index") if hasattr(sub, name)]
+    rewrite = remove_layers(model, layers, layer_path, allow_unknown_config)
+    try:
+        yield rewrite
+    finally:
+        setattr(stack.parent, stack.attr, layer_list)
+        for sub, name, value in indices:
+            setattr(sub, name, value)
+        # in place: the layers hold references to this config object
+        config.__dict__.clear()
+        config.__dict__.update(config_fields)
 
 
 def prune(model: nn.Module, layers: Iterable[int], layer_path: str | None = None,

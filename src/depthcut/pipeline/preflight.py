@@ -7,6 +7,7 @@ second instead of after the 10 s import and the model load; the library function
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from depthcut.errors import DepthcutError
@@ -14,6 +15,7 @@ from depthcut.io.data import check_data_exists, hub_offline
 from depthcut.io.output_checks import check_for_kind, check_no_overlap
 from depthcut.metrics import METRICS
 from depthcut.model.header import hub_model_cached, layer_count
+from depthcut.model.layer_spec import parse_layer_spec
 from depthcut.model.source import ModelSource, builtin_suggestion, resolve_model
 from depthcut.pipeline.configs import (
     AnalyzeConfig,
@@ -114,11 +116,21 @@ def _data_read(config) -> list[str]:
 
 
 def _check_drop(config, source: ModelSource) -> None:
-    """--drop (prune, shrink) against the layer count of the model's config or GGUF header."""
-    if not isinstance(config, (PruneConfig, ShrinkConfig)) or config.drop is None:
+    """--drop, --layers (prune) and --fraction (shrink) against the layer count of the model's config or
+    GGUF header; --layers' syntax even where the count is unknown."""
+    if not isinstance(config, (PruneConfig, ShrinkConfig)):
         return
-    if isinstance(config, PruneConfig) and config.layers is not None:
+    layers = config.layers if isinstance(config, PruneConfig) else None
+    if config.drop is None and layers is None and getattr(config, "fraction", None) is None:
         return
     num_layers = layer_count(source, config.layer_path)
-    if num_layers is not None:
+    if layers is not None:
+        parse_layer_spec(layers, num_layers or sys.maxsize)  # an unknown count: the syntax alone
+    if num_layers is None:
+        return
+    if config.drop is not None and layers is None:
         check_drop(config.drop, num_layers)
+    fraction = getattr(config, "fraction", None)
+    if fraction is not None and 0 < fraction < 1 and max(1, round(fraction * num_layers)) >= num_layers:
+        raise DepthcutError(f"--fraction {fraction:g} removes all {num_layers} layers of this model; at least one "
+                            f"must stay (give at most {(num_layers - 1) / num_layers:.3f})")
