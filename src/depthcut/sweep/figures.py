@@ -74,8 +74,8 @@ def _plot_lines(ax, series, base_label: str = "unpruned", layers: dict[float, st
         ax.errorbar([0.0], [base[0]], yerr=_yerr([base[1]]), marker="s", markersize=4, capsize=3, color="black",
                     linestyle="none", label=base_label, zorder=3)
     ax.set_xlabel("fraction of layers dropped (layers dropped / all)")
-    if layers:
-        ticks = sorted({0.0, *fractions})
+    ticks = sorted({0.0, *fractions})
+    if layers and len(ticks) <= 8:  # more labels than that would run into each other
         ax.set_xticks(ticks, [f"{f:.2f}\n{layers.get(f, '')}" if f else "0\nunpruned" for f in ticks])
     ax.grid(alpha=0.3)
 
