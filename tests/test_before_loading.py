@@ -103,6 +103,14 @@ def test_a_misspelled_builtin_name_gets_a_suggestion_before_any_hub_call(tmp_pat
     assert f"model '{spelling}' is not a built-in name, a folder or a file; did you mean 'smollm2-135m'" in line
 
 
+def test_the_parser_suggests_the_builtin_name_before_asking_for_missing_options(capsys):
+    assert main(["prune", "smolm2-135m"]) == 2  # no --out: the name is the first thing to put right
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument MODEL: model 'smolm2-135m'" in err and "did you mean 'smollm2-135m'" in err
+    assert main(["eval", "smollm2-135m", "--baseline", "SmolLM2-135M", "--loss", "c4"]) == 2
+    assert "argument --baseline: model 'SmolLM2-135M'" in capsys.readouterr().err
+
+
 def test_names_far_from_a_builtin_one_stay_hub_ids():
     for spec in ("gpt2", "Qwen/Qwen3-0.6B", "HuggingFaceTB/SmolLM2-135M"):
         assert resolve_model(spec).is_hub_id

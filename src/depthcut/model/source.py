@@ -81,8 +81,16 @@ def resolve_model(spec: str) -> ModelSource:
     # A hub id is "name" or "org/name"; anything else path-like that does not exist is a typo.
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise DepthcutError(f"model {spec} not found (no such folder or file)")
-    suggestion = builtin_suggestion(spec) if "/" not in spec else None
-    if suggestion is not None:  # before any hub call: a name without an org that is close to a built-in one
+    refuse_misspelled_builtin(spec)
+    return ModelSource(spec, spec)
+
+
+def refuse_misspelled_builtin(spec: str) -> None:
+    """Refuse a name without an org that is no folder or file but close to a built-in name, before
+    any hub call (the command line's parser calls it too, so that it comes before a missing --out)."""
+    if spec in BUILTIN_MODELS or "/" in spec or Path(spec).expanduser().exists():
+        return
+    suggestion = builtin_suggestion(spec)
+    if suggestion is not None:
         raise DepthcutError(f"model {spec!r} is not a built-in name, a folder or a file; did you mean {suggestion!r} "
                             f"(the built-in {BUILTIN_MODELS[suggestion][1]})?")
-    return ModelSource(spec, spec)

@@ -8,12 +8,15 @@ registries' declarations (`depthcut.registry`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from depthcut.errors import DepthcutError
 from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
 from depthcut.io.data import DATA_DIR_ENV, NAMED_CORPORA, second_domain
 from depthcut.metrics import DEFAULT_METRICS, METRICS, TOKEN_POSITIONS
+from depthcut.model.source import refuse_misspelled_builtin
 from depthcut.pipeline.options import comma_list, option
 from depthcut.repair import REPAIRS
 from depthcut.strategies import STRATEGIES
@@ -28,9 +31,19 @@ DTYPE_HELP = ("auto (default: what the device computes natively: bfloat16 on GPU
               "else float32), checkpoint (the stored dtype), float32, bfloat16 or float16")
 
 
+def model_name(text: str) -> str:
+    """A MODEL as the parser reads it: a misspelled built-in name is refused with a suggestion at once,
+    before argparse's complaint about a missing option (`depthcut prune smolm2-135m`)."""
+    try:
+        refuse_misspelled_builtin(text)
+    except DepthcutError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 @dataclass(kw_only=True)
 class ModelOptions:
-    model: str = option(positional=True, metavar="MODEL",
+    model: str = option(positional=True, metavar="MODEL", parse=model_name,
                         help="a local HF folder, a hub id, a .gguf file, or the built-in name smollm2-135m")
     dtype: str = option("auto", help=DTYPE_HELP, show_default=False)
     device: str = option("auto", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N",
@@ -203,7 +216,7 @@ class HealConfig(OutputOptions, ModelOptions):
                                           help="trade compute for activation memory")
     heldout_fraction: float = option(_RECIPE["heldout_fraction"], group=TRAINING, help="share of documents held out")
     heldout_windows: int = option(_RECIPE["heldout_windows"], group=TRAINING, help="held-out windows for the loss")
-    teacher: str | None = option(None, group=DISTILLATION, metavar="MODEL",
+    teacher: str | None = option(None, group=DISTILLATION, metavar="MODEL", parse=model_name,
                                  help="the unpruned model to distil from; needs --objective kd or kd+lm")
     objective: str = option(_RECIPE["objective"], group=DISTILLATION, choices=OBJECTIVES,
                             help="lm: next-token loss; kd: KL(teacher || student) at --kd-temperature, times its "
@@ -260,7 +273,7 @@ class EvalConfig(DeviceMapOption, MeasureOptions, ModelOptions):
                                          "included; a longer one keeps its last N tokens, as in lm-eval's hf model "
                                          "(default: the model's own, 8192 for SmolLM2: on 2 CPU cores about two "
                                          "minutes a WikiText-2 page)", show_default=False)
-    baseline: str | None = option(None, metavar="MODEL",
+    baseline: str | None = option(None, metavar="MODEL", parse=model_name,
                                   help="the model before pruning, evaluated the same way: each task's score is also "
                                        "given as a share of the baseline's (%% retained; on average the ratio of the "
                                        "averages), with a standard error")
