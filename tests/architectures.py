@@ -4,7 +4,7 @@ docs/architectures.md run on. `build_tiny(name)` returns the model or raises `No
 reason it cannot be built small on a CPU; `check_cut` prunes a saved copy as `depthcut prune` does
 and compares it with the original run with the removed layers bypassed.
 
-    python tests/architectures.py docs/architectures.md   # the supported-architecture list
+    python tests/architectures.py [TABLE.md]   # the counts (and table) of tests/architecture_outcomes.json
 """
 
 from __future__ import annotations
@@ -62,6 +62,30 @@ PATTERNS = {
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16),
     "gemma3n_text": dict(intermediate_size=[64] * NUM_LAYERS, num_kv_shared_layers=2,
                          activation_sparsity_pattern=[0.0] * NUM_LAYERS),
+    # multi-head latent attention: as many key/value heads as heads
+    "sarvam_mla": dict(num_key_value_heads=4),
+    "youtu": dict(num_key_value_heads=4),
+    # sizes under names of their own
+    "ctrl": dict(dff=64),
+    "cpmant": dict(dim_ff=64, dim_head=8),
+    # the per-layer lists are sized for the default depth and not derived again
+    "zamba2": dict(layers_block_type=["linear_attention", "linear_attention", "hybrid", "linear_attention",
+                                      "linear_attention", "hybrid", "linear_attention", "linear_attention"]),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "conv", "full_attention", "conv", "conv",
+                                                      "full_attention", "conv", "conv"]),
+    # transformers' DbrxAttentionConfig has neither rope_theta nor a usable clip_qkv default, which the model reads
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, kv_n_heads=2, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=64)),
+}
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+# Gemma 4's full-attention layers have a head size of their own (per_layer_config, by layer index):
+# the default names layers 5, 11, ... of 30; here the full layers of 8 (the last is always full).
+_GEMMA4_TEXT = dict(layer_types=[_SLIDING] * 5 + [_FULL, _SLIDING, _FULL],
+                    per_layer_config={"5": {"head_dim": 16}, "7": {"head_dim": 16}})
+# Settings of a multimodal model's text_config, by the model's name.
+TEXT_PATTERNS = {
+    "gemma3n": PATTERNS["gemma3n_text"],
+    "gemma4": _GEMMA4_TEXT,
+    "gemma4_unified": _GEMMA4_TEXT,
 }
 # Encoders with a language-model head: a causal LM only as a decoder (otherwise they attend both ways).
 AS_DECODER = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
@@ -94,7 +118,10 @@ def tiny_config(name: str):
 
     cls = CONFIG_MAPPING[name]
     settings = _shrunk(cls().to_dict())
-    settings.update(PATTERNS.get(name, {}))
+    for key, value in PATTERNS.get(name, {}).items():  # a sub-config's settings join its shrunk ones
+        settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
+    if name in TEXT_PATTERNS:
+        settings["text_config"] = {**settings["text_config"], **TEXT_PATTERNS[name]}
     if name in AS_DECODER:
         settings["is_decoder"] = True
     with warnings.catch_warnings():
@@ -102,8 +129,8 @@ def tiny_config(name: str):
         return cls(**settings)
 
 
-def _reason(error: Exception) -> str:
-    text = str(error).splitlines()[0][:160] if str(error) else ""
+def reason_of(error: Exception) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:160]
     return f"{type(error).__name__}: {text}"
 
 
@@ -117,7 +144,7 @@ def build_tiny(name: str, seed: int = 0):
         with init_empty_weights():
             meta = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # noqa: BLE001 (the reason goes into the list of untested architectures)
-        raise NotTiny(_reason(error)) from None
+        raise NotTiny(reason_of(error)) from None
     count = sum(p.numel() for p in meta.parameters())
     if count > MAX_PARAMETERS:
         biggest = max(meta.named_parameters(), key=lambda item: item[1].numel())[0]
@@ -126,7 +153,7 @@ def build_tiny(name: str, seed: int = 0):
     try:
         model = AutoModelForCausalLM.from_config(config).eval()
     except Exception as error:  # noqa: BLE001
-        raise NotTiny(_reason(error)) from None
+        raise NotTiny(reason_of(error)) from None
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
@@ -224,41 +251,40 @@ def check_cut(model, folder, spec: str, out, stream: bool, original_generates: b
     return "exact"
 
 
-def survey(root: Path) -> list[tuple[str, str, str]]:
-    """(architecture, outcome, detail) for every causal LM of transformers, in memory, at every cut."""
-    import tempfile
+def summary_of(entry: dict) -> str:
+    """One architecture's outcome in the snapshot: exact (at every cut, in memory), refused (at every
+    cut), exact or refused, or not buildable."""
+    if entry.get("build") != "ok":
+        return "not buildable"
+    outcomes = list(entry.get("memory", {}).values())
+    exact = sum(outcome == "exact" for outcome in outcomes)
+    return "exact" if exact == len(outcomes) else "refused" if not exact else "exact or refused"
 
-    from tiny import tiny_tokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    tokenizer, rows = tiny_tokenizer(), []
-    for name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        try:
-            model = build_tiny(name)
-            with torch.no_grad():
-                model(input_ids=random_ids(), use_cache=False)
-        except Exception as error:  # noqa: BLE001
-            rows.append((name, "not tested", str(error) if isinstance(error, NotTiny) else _reason(error)))
-            continue
-        folder, generates = saved_folder(name, model, tokenizer, root), cached_generation_matches(model)
-        outcomes = {cut: check_cut(model, folder, spec, Path(tempfile.mkdtemp(dir=root)) / "out", False, generates)
-                    for cut, spec in CUTS.items()}
-        exact = [f"`{CUTS[c]}`" for c, o in outcomes.items() if o == "exact"]
-        refused = {o.removeprefix("refused: ") for o in outcomes.values() if o != "exact"}
-        outcome = "exact" if not refused else "refused" if not exact else "exact or refused"
-        detail = (f"exact: {', '.join(exact)}" if exact else "") + (
-            f"{'; ' if exact else ''}refused: {sorted(refused)[0][:200]}" if refused else "")
-        rows.append((name, outcome, detail))
-    return rows
+def table(snapshot: dict) -> list[str]:
+    """The snapshot as docs/architectures.md's table: architecture, outcome, the exact cuts and a refusal."""
+    lines = ["| architecture | cuts | what happened at `--layers` " + ", ".join(f"`{s}`" for s in CUTS.values()) + " |",
+             "|---|---|---|"]
+    for name, entry in snapshot.items():
+        if entry["outcome"] == "not buildable":
+            detail = entry["build"].removeprefix("not buildable: ")
+        else:
+            outcomes = entry["memory"]
+            exact = [f"`{CUTS[cut]}`" for cut, outcome in outcomes.items() if outcome == "exact"]
+            refused = sorted({o.removeprefix("refused: ") for o in outcomes.values() if o != "exact"})
+            detail = "; ".join(filter(None, [f"exact: {', '.join(exact)}" if exact else "",
+                                             f"refused: {refused[0][:200]}" if refused else ""]))
+        lines.append(f"| {name} | {entry['outcome']} | {detail.replace('|', '/')} |")
+    return lines
 
 
 if __name__ == "__main__":
+    import collections
+    import json
     import sys
-    import tempfile
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    torch.set_num_threads(1)
-    rows = survey(Path(tempfile.mkdtemp()))
-    lines = ["| architecture | cuts | what happened at `--layers` " + ", ".join(f"`{s}`" for s in CUTS.values()) + " |",
-             "|---|---|---|", *[f"| {n} | {o} | {d.replace('|', '/')} |" for n, o, d in rows]]
-    Path(sys.argv[1] if len(sys.argv) > 1 else "architectures-table.md").write_text("\n".join(lines) + "\n")
+    snapshot = json.loads(Path(__file__).with_name("architecture_outcomes.json").read_text())
+    counts = collections.Counter(entry["outcome"] for entry in snapshot.values())
+    print(f"{len(snapshot)} architectures: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.most_common()))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text("\n".join(table(snapshot)) + "\n")
