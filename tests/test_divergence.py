@@ -71,3 +71,67 @@ def test_scores_of_a_cut_model_match_float64(chunk_bytes, monkeypatch):
     expected_kl, expected_loss = naive(cut, original, windows)
     assert scores.kl == pytest.approx(expected_kl, rel=1e-4, abs=2e-6)
     assert scores.loss == pytest.approx(expected_loss, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk_bytes", [divergence.CHUNK_BYTES, 1], ids=["whole windows", "a token a slice"])
+def test_references_on_disk_score_exactly_as_in_memory(chunk_bytes, monkeypatch, tmp_path):
+    """The same bytes read back a slice at a time: every window's KL and loss to the bit, subsets too;
+    the file has no name in its folder (nothing left behind) and holds nothing in memory."""
+    from depthcut.evaluation.reference_store import DiskProbabilities
+
+    monkeypatch.setattr(divergence, "CHUNK_BYTES", chunk_bytes)
+    windows = padded_calibration([24, 17, 24, 9], seed=5)
+    reference = TableModel(4_099, 16, spread=4.0, seed=0)
+    candidate = TableModel(4_099, 16, spread=4.0, seed=0)
+    with torch.no_grad():
+        candidate.head.add_(0.3 * torch.randn(candidate.head.shape, generator=torch.Generator().manual_seed(9)))
+    in_memory = reference_predictions(reference, windows, batch_size=3)
+    on_disk = reference_predictions(reference, windows, batch_size=3, store=DiskProbabilities(tmp_path))
+    assert list(tmp_path.iterdir()) == [] and on_disk.probabilities.resident_bytes == 0
+    assert on_disk.probabilities.file.size == in_memory.probabilities.resident_bytes
+    expected = window_scores(candidate, in_memory, batch_size=3)
+    assert window_scores(candidate, on_disk, batch_size=3) == expected
+    assert window_scores(candidate, on_disk.subset(1, 3), batch_size=2) == window_scores(
+        candidate, in_memory.subset(1, 3), batch_size=2)
+    expected_kl, _ = naive(candidate, reference, windows)
+    assert expected.kl == pytest.approx(expected_kl, rel=1e-4, abs=2e-6)
+
+
+REFERENCE_MEMORY_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+from test_divergence import TableModel
+from depthcut.analysis.calibration import CalibrationSet
+from depthcut.pipeline.validation import references
+torch.manual_seed(0)
+windows = int(sys.argv[1])
+ids = torch.randint(0, 151_936, (windows, 256))
+model = TableModel(151_936, 8, spread=4.0, seed=0)
+model.get_output_embeddings = lambda: None
+model.config = type("C", (), {{"vocab_size": 151_936}})()
+sets = {{"text": CalibrationSet(ids, torch.ones_like(ids), "random", "windows", 0)}}
+predictions = references(model, sets, batch_size=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, type(predictions["text"].probabilities).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_references_at_a_150k_vocabulary_grow_the_peak_memory_by_at_most_64_mb_per_10k_tokens(tmp_path):
+    """The issue's target, measured: the peak resident memory of computing the references for 6 and for
+    12 windows of 256 tokens over a 151,936-token vocabulary (both past the in-memory limit); in memory
+    they would add 2·V bytes a token (3 GB per 10,000 tokens, 0.9 GB for the 12 windows)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "references.py"
+    script.write_text(REFERENCE_MEMORY_SCRIPT.format(tests=str(Path(__file__).parent)))
+    peaks = {}
+    for windows in (6, 12):
+        done = subprocess.run([sys.executable, str(script), str(windows)], capture_output=True, text=True, check=True)
+        peak, store = done.stdout.split()
+        peaks[windows] = int(peak)
+        assert store == "DiskProbabilities"
+    per_10k_tokens = (peaks[12] - peaks[6]) / (6 * 255) * 10_000
+    assert per_10k_tokens <= 64 * 2**20, f"{per_10k_tokens / 2**20:.0f} MB per 10k tokens"
+    assert peaks[12] < 12 * 255 * 151_936 * 2 / 2, f"peak {peaks[12] / 2**20:.0f} MB"

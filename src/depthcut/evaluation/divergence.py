@@ -28,6 +28,7 @@ import torch
 
 from depthcut.analysis.calibration import CalibrationSet
 from depthcut.evaluation.metrics import mean_stderr
+from depthcut.evaluation.reference_store import DiskProbabilities, MemoryProbabilities
 from depthcut.model.layers import find_layer_stack, first_tensor, replace_first_tensor
 
 # float16 holds 11 significant bits only from 6.1e-5 up: scaled, probabilities down to 1.9e-9 keep them
@@ -40,8 +41,9 @@ CHUNK_BYTES = 2**22
 @dataclass
 class ReferencePredictions:
     windows: CalibrationSet
-    # per window: (T-1, V) float16, the unpruned model's next-token probabilities times PROBABILITY_SCALE
-    probabilities: list[torch.Tensor]
+    # per window: (T-1, V) float16, the unpruned model's next-token probabilities times PROBABILITY_SCALE, in
+    # memory or on disk (`reference_store`)
+    probabilities: MemoryProbabilities | DiskProbabilities
     negentropy: list[torch.Tensor]  # per window: (T-1,) float64, the sum of p log p of the stored p
     mass: list[torch.Tensor]  # per window: (T-1,) float64, the sum of the stored p (1 up to rounding)
     # layer index -> (N, T, d) the residual stream entering that layer, on the CPU (padding columns zero)
@@ -54,7 +56,7 @@ class ReferencePredictions:
         """Windows [start, stop): scored apart and concatenated, they give the scores of all of them."""
         w = self.windows
         windows = CalibrationSet(w.input_ids[start:stop], w.attention_mask[start:stop], w.description, w.mode, w.seed)
-        return ReferencePredictions(windows, self.probabilities[start:stop], self.negentropy[start:stop],
+        return ReferencePredictions(windows, self.probabilities.subset(start, stop), self.negentropy[start:stop],
                                     self.mass[start:stop],
                                     {layer: states[start:stop] for layer, states in self.entering.items()})
 
@@ -82,11 +84,13 @@ def _valid(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, entering: Iterable[int] = (),
-                          layer_path: str | None = None) -> ReferencePredictions:
+                          layer_path: str | None = None, store=None) -> ReferencePredictions:
     """The unpruned model's next-token probabilities on `windows` (as `ReferencePredictions` stores
-    them), and the residual stream entering each layer of `entering`."""
+    them, in `store`: in memory unless a `DiskProbabilities` is given), and the residual stream entering
+    each layer of `entering`."""
     device = next(model.parameters()).device
-    kept, negentropy, mass = [], [], []
+    store = store if store is not None else MemoryProbabilities()
+    negentropy, mass = [], []
     states, handles, unusable, batch = {}, [], set(), [None]
     shape = tuple(windows.input_ids.shape)
     if entering:
@@ -102,7 +106,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
                 if index not in states:
                     states[index] = torch.zeros(*shape, hidden.shape[-1], dtype=hidden.dtype)
                 rows, width = hidden.shape[:2]
-                states[index][len(kept) : len(kept) + rows, :width] = hidden.detach().cpu()
+                states[index][len(store) : len(store) + rows, :width] = hidden.detach().cpu()
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
     try:
         for input_ids, attention_mask in windows.batches(batch_size):
@@ -110,14 +114,13 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits
             for row in range(input_ids.shape[0]):
-                stored, row_negentropy, row_mass = _stored_probabilities(logits[row, :-1])
-                kept.append(stored)
+                row_negentropy, row_mass = _store_probabilities(logits[row, :-1], store)
                 negentropy.append(row_negentropy)
                 mass.append(row_mass)
     finally:
         for handle in handles:
             handle.remove()
-    return ReferencePredictions(windows, kept, negentropy, mass, {i: v for i, v in states.items() if i not in unusable})
+    return ReferencePredictions(windows, store, negentropy, mass, {i: v for i, v in states.items() if i not in unusable})
 
 
 @torch.inference_mode()
@@ -165,19 +168,21 @@ def _token_chunks(tokens: int, vocabulary: int):
     return (slice(start, min(tokens, start + step)) for start in range(0, tokens, step))
 
 
-def _stored_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One window's (T-1, V) logits -> its probabilities as stored (float16 on the CPU, times
-    PROBABILITY_SCALE), and each token's sums of p log p and of p over the stored values (float64)."""
+def _store_probabilities(logits: torch.Tensor, store) -> tuple[torch.Tensor, torch.Tensor]:
+    """One window's (T-1, V) logits -> its probabilities written to `store` as stored (float16 on the
+    CPU, times PROBABILITY_SCALE), a token slice at a time; returns each token's sums of p log p and
+    of p over the stored values (float64)."""
     tokens, vocabulary = logits.shape
-    stored = torch.empty(tokens, vocabulary, dtype=torch.float16)
+    store.begin(tokens, vocabulary)
     negentropy = torch.empty(tokens, dtype=torch.float64)
     mass = torch.empty(tokens, dtype=torch.float64)
     for part in _token_chunks(tokens, vocabulary):
-        stored[part] = logits[part].float().softmax(-1).cpu().mul_(PROBABILITY_SCALE)
-        probabilities = stored[part].float().div_(PROBABILITY_SCALE)  # as scoring will read them
+        stored = logits[part].float().softmax(-1).cpu().mul_(PROBABILITY_SCALE).to(torch.float16)
+        store.write(part, stored)
+        probabilities = stored.float().div_(PROBABILITY_SCALE)  # as scoring will read them
         negentropy[part] = torch.special.xlogy(probabilities, probabilities).sum(-1)
         mass[part] = probabilities.sum(-1)
-    return stored, negentropy, mass
+    return negentropy, mass
 
 
 def _token_scores(logits: torch.Tensor, targets: torch.Tensor, reference: ReferencePredictions, window: int
@@ -185,13 +190,13 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor, reference: Refere
     """Per predicted token of one window: KL(unpruned || candidate) and the candidate's next-token loss,
     from the candidate's (T-1, V) logits (the formula is in the module's docstring)."""
     tokens, vocabulary = logits.shape
-    probabilities, targets = reference.probabilities[window], targets.cpu()
+    probabilities, targets = reference.probabilities, targets.cpu()
     log_norm, weighted, picked = (torch.empty(tokens, dtype=torch.float64) for _ in range(3))
     for part in _token_chunks(tokens, vocabulary):
         shifted = logits[part].float().cpu()
         shifted = shifted - shifted.amax(-1, keepdim=True)  # every value <= 0: the sums below stay exact
         log_norm[part] = torch.logsumexp(shifted, -1)
-        weighted[part] = probabilities[part].float().mul_(shifted).sum(-1)
+        weighted[part] = probabilities.rows(window, part).float().mul_(shifted).sum(-1)
         picked[part] = shifted.gather(-1, targets[part, None])[:, 0]
     weighted /= PROBABILITY_SCALE
     mass = reference.mass[window]

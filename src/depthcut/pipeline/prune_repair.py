@@ -3,7 +3,6 @@ held-out text, and folded into the weights, in memory or one layer at a time (`d
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -20,7 +19,7 @@ from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.configs import DEFAULT_SAMPLES
 from depthcut.pipeline.validation import judge, references, scores_after_cut, validation_sets
-from depthcut.repair import REPAIRS, apply_repair, repair
+from depthcut.repair import REPAIRS, apply_repair, repair, repair_folded
 from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
 from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
 
@@ -122,11 +121,11 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
     plain = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     log.info("repairing the cut with %s on %s ...", config.repair, data)
-    trial = copy.deepcopy(model)  # the fit is folded into `model` only once it is shown to help
-    fit = repair(trial, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
-                 batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet)
-    repaired = scores_after_cut(trial, removed, predictions, config.batch_size, in_place=True, **cut)
-    del trial
+    # fitted, tried without a copy of the model, and folded into it only once shown to help
+    fit = repair(model, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
+                 batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet, fold=False)
+    with repair_folded(model, fit, config.layer_path):
+        repaired = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     verdict = judge(plain, repaired, config.margin, config.aggregate)
     beats, why = verdict.better, verdict.why
     applied = beats or config.repair_policy == "warn"

@@ -5,7 +5,6 @@ beats the plain cut and is not beaten beyond the margin by the leading option)."
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -18,7 +17,7 @@ from depthcut.pipeline.shrink_steps import minutes
 from depthcut.pipeline.shrink_table import contiguous, span
 from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut
 from depthcut.repair import REPAIRS
-from depthcut.repair.methods import apply_repair
+from depthcut.repair.methods import repair_folded
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +243,8 @@ def _score(model, options: list[Option], fits: BlockFits, predictions, config: S
                 scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
             else:
                 option.fit = fits.get(option.layers, option.repair)
-                trial = copy.deepcopy(model)
-                apply_repair(trial, option.fit, config.layer_path)
-                scores = scores_after_cut(trial, option.layers, predictions, config.batch_size, in_place=True, **cut)
-                del trial
+                with repair_folded(model, option.fit, config.layer_path):  # no copy of the model
+                    scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
         except DepthcutError as error:
             option.refused, option.fit = str(error), None
             continue

@@ -12,8 +12,8 @@ a window that a model stripped of the layers before it reproduces the unpruned p
 
 from __future__ import annotations
 
-import copy
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from depthcut.analysis.calibration import CalibrationSet, build_calibration
@@ -25,8 +25,10 @@ from depthcut.evaluation.divergence import (
     reference_predictions,
     window_scores,
 )
+from depthcut.evaluation.reference_store import MEMORY_LIMIT, choose_store
 from depthcut.io.data import TextSource, load_texts
-from depthcut.model.surgery import remove_layers
+from depthcut.model.layers import text_config
+from depthcut.model.surgery import layers_removed
 from depthcut.pipeline.configs import ValidationOptions
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,22 @@ def resume_layer(layers: list[int]) -> int:
 
 
 def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: list[list[int]] = (),
-               layer_path: str | None = None, allow_unknown_config=()) -> dict[str, ReferencePredictions]:
+               layer_path: str | None = None, allow_unknown_config=(), spill_dir=None,
+               memory_limit: int = MEMORY_LIMIT) -> dict[str, ReferencePredictions]:
     """The unpruned model's predictions on every validation set, computed once, with the stream entering
-    each cut's `resume_layer` (checked to reproduce the predictions; dropped where it does not)."""
+    each cut's `resume_layer` (checked to reproduce the predictions; dropped where it does not). Where
+    the probabilities of every set together would pass `memory_limit` bytes, they wait on disk
+    (`spill_dir`, else the system's temporary folder), read back a slice at a time."""
     starts = sorted({resume_layer(layers) for layers in cuts} - {0})
-    predictions = {name: reference_predictions(model, windows, batch_size, starts, layer_path)
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    vocabulary = head.shape[0] if head is not None else text_config(model).vocab_size
+    total = sum(windows.input_ids.shape[0] * (windows.input_ids.shape[1] - 1) for windows in sets.values())
+    total *= vocabulary * 2  # float16
+    if total > memory_limit:
+        log.info("validation: the unpruned model's predictions (%.1f GB) wait on disk, read back a slice at a time",
+                 total / 1e9)
+    predictions = {name: reference_predictions(model, windows, batch_size, starts, layer_path,
+                                               choose_store(total, spill_dir, memory_limit))
                    for name, windows in sets.items()}
     first = next(iter(predictions.values()), None)
     for start in starts if first is not None else ():
@@ -64,15 +77,13 @@ def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: li
             for reference in predictions.values():  # a stream of another layout was not kept
                 reference.entering.pop(start, None)
             continue
-        trial = copy.deepcopy(model)
         try:
-            remove_layers(trial, range(start), layer_path, allow_unknown_config)
-            check = first.subset(0, 1)
-            drift = window_scores(trial, check, batch_size, entering=start, layer_path=layer_path).summary()["kl"]
+            with layers_removed(model, range(start), layer_path, allow_unknown_config):
+                check = first.subset(0, 1)
+                drift = window_scores(model, check, batch_size, entering=start, layer_path=layer_path).summary()["kl"]
             reason = None if drift <= RESUME_TOLERANCE else f"it moves the predictions by a KL of {drift:.2g}"
         except DepthcutError as error:
             reason = str(error)
-        del trial
         if reason is not None:
             log.info("validation runs from the embeddings for cuts after layer %d: starting at it is not exact "
                      "here (%s)", start, reason)
@@ -82,25 +93,25 @@ def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: li
 
 
 def scores_after_cut(model, layers: list[int], reference: dict[str, ReferencePredictions], batch_size: int,
-                     layer_path: str | None = None, allow_unknown_config=(), in_place: bool = False
-                     ) -> dict[str, WindowScores]:
-    """Validation scores of `model` less `layers`: cut in place with `in_place`, else on a copy (and
-    `model` keeps every layer). Runs from the stream the references kept entering `resume_layer`,
-    where there is one: the layers before it are stripped from the trial, since it would only
-    recompute that stream."""
-    trial = model if in_place else copy.deepcopy(model)
+                     layer_path: str | None = None, allow_unknown_config=()) -> dict[str, WindowScores]:
+    """Validation scores of `model` less `layers`, cut for the scoring only (`layers_removed`: no copy;
+    `model` keeps every layer after). Runs from the stream the references kept entering `resume_layer`,
+    where there is one: the layers before it are left out too, since they would only recompute that
+    stream."""
     start = resume_layer(layers)
-    entering = None
-    if start and all(start in predictions.entering for predictions in reference.values()):
-        try:
-            remove_layers(trial, sorted({*range(start), *layers}), layer_path, allow_unknown_config)
-            entering = start
-        except DepthcutError:  # a refused strip leaves the trial as it was: the cut alone, from the embeddings
-            pass
-    if entering is None:
-        remove_layers(trial, layers, layer_path, allow_unknown_config)
-    return {name: window_scores(trial, predictions, batch_size, entering, layer_path)
-            for name, predictions in reference.items()}
+    with ExitStack() as cut:
+        entering = None
+        if start and all(start in predictions.entering for predictions in reference.values()):
+            try:
+                cut.enter_context(layers_removed(model, sorted({*range(start), *layers}), layer_path,
+                                                 allow_unknown_config))
+                entering = start
+            except DepthcutError:  # a refused strip changes nothing: the cut alone, from the embeddings
+                pass
+        if entering is None:
+            cut.enter_context(layers_removed(model, layers, layer_path, allow_unknown_config))
+        return {name: window_scores(model, predictions, batch_size, entering, layer_path)
+                for name, predictions in reference.items()}
 
 
 @dataclass

@@ -28,7 +28,7 @@ for _name, _description in {
     REPAIRS.declare(_name, f"depthcut.repair.{_name}", _description)  # each method in the module of its name
 
 _SOURCES = {
-    "depthcut.repair.methods": "RepairFit RepairMethod apply_repair check_repair fit_repair",
+    "depthcut.repair.methods": "RepairFit RepairMethod apply_repair check_repair fit_repair repair_folded",
     "depthcut.repair.statistics": "RepairStatistics block_statistics contiguous_block repair_statistics",
     "depthcut.repair.run": "repair",
 }

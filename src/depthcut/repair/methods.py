@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -135,3 +137,20 @@ def apply_repair(model: nn.Module, fit: RepairFit, layer_path: str | None = None
     method.check(model, stack, arch, fit.first, fit.stop)
     method.apply(model, stack, arch, fit)
     return model
+
+
+@contextmanager
+def repair_folded(model: nn.Module, fit: RepairFit, layer_path: str | None = None) -> Iterator[nn.Module]:
+    """`model` with `fit` folded in (`apply_repair`) inside the block, and its weights as they were after:
+    only the modules the fold changes are saved (one projection for a linear map), not the model."""
+    stack = find_layer_stack(model, layer_path)
+    method = REPAIRS.get(fit.method)
+    modules = method.modules(model, stack, architecture_of(model), fit)
+    saved = [(parameter, parameter.detach().clone()) for module in modules for parameter in module.parameters()]
+    apply_repair(model, fit, layer_path)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for parameter, value in saved:
+                parameter.copy_(value)

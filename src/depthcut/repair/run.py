@@ -31,6 +31,7 @@ def repair(
     layer_path: str | None = None,
     progress: bool = False,
     heldout=None,
+    fold: bool = True,
     **options,
 ) -> RepairFit:
     """Gather statistics on `data` (a DATA string, list of texts, `TextSource` or `CalibrationSet`), fit
@@ -38,7 +39,7 @@ def repair(
 
     With `heldout` (data as `data`, text the fit never sees), the fit is also judged there: its
     `details` gain `relative_error_heldout_before` (plain pruning), `relative_error_heldout_after`
-    and `heldout_tokens`."""
+    and `heldout_tokens`. `fold=False` only fits (`repair_folded` can then try it without a copy)."""
     chosen = REPAIRS.get(method)
     calibration = as_calibration(data, tokenizer, samples, seq_len, mode, seed, text_field)
     gather = {"layer_path": layer_path, "batch_size": batch_size, "seed": seed}
@@ -49,7 +50,8 @@ def repair(
         # the error of a linear map needs M^T M; that of a scale, the three sums magnitude gathers
         judged = repair_statistics(model, held, block, ["lstsq" if chosen.linear else "magnitude"], **gather)
     fit = fit_judged(method, statistics, judged, **options)
-    apply_repair(model, fit, layer_path)
+    if fold:
+        apply_repair(model, fit, layer_path)
     return fit
 
 
