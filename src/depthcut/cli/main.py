@@ -15,8 +15,18 @@ from depthcut import __version__
 from depthcut.cli.commands import COMMANDS
 from depthcut.errors import DepthcutError
 from depthcut.io.claims import release_claims
+from depthcut.io.invocation import clear_invocation, record_invocation
 from depthcut.io.signals import handle_signals
 from depthcut.logs import configure as configure_logging
+from depthcut.pipeline.config_files import (
+    CONFIG_DEST,
+    apply_settings,
+    drop_replaced_alternatives,
+    read_config_file,
+    recorded_invocation,
+    replay_source,
+    settings_of,
+)
 from depthcut.pipeline.options import add_config_arguments, config_from_args
 from depthcut.pipeline.preflight import check_before_loading
 
@@ -59,28 +69,99 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
                         help="only warnings and errors (a command's own --quiet hides its progress bars)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}  # name -> its parser, whose defaults a --config file sets (parse_arguments)
     for name, config_class, run, summary, description, epilog in COMMANDS:
         command = sub.add_parser(name, help=summary, description=description, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(command, config_class)
+        command.add_argument("--config", dest=CONFIG_DEST, metavar="FILE",
+                             help="read the settings from a YAML or JSON file (or a depthcut.json, to rerun its "
+                                  "command); the options given here override the file's (docs/config-files.md)")
         command.set_defaults(run=run, config_class=config_class)
+        parser.commands[name] = command
+    replay = sub.add_parser("replay", help="run a recorded command again with exactly its settings",
+                            description="Run the command that made RUN (an output folder with depthcut.json, or "
+                                        "an analysis.json or eval results file) with every setting it recorded.")
+    replay.add_argument("run_record", metavar="RUN", help="an output folder, or the JSON file that records the run")
+    replay.add_argument("--out", dest="replay_out",
+                        help="where the rerun writes (required unless --force replaces the recorded output)")
+    replay.add_argument("--force", dest="replay_force", action="store_true",
+                        help="replace an existing output (the recorded one when no --out is given)")
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed with `parser` (from `build_parser`), a --config file's settings read in as the
+    command's defaults (the flags given override them), and `replay RUN` turned into the command RUN
+    recorded with its settings. A mistake in a file or record raises DepthcutError."""
+    command = next((token for token in argv if not token.startswith("-")), None)
+    config_file = _config_file(argv)
+    if command in parser.commands and config_file is not None:
+        settings = read_config_file(config_file)
+        invocation = recorded_invocation(settings, config_file)
+        if invocation is not None:  # a depthcut.json: the settings its command ran with
+            if invocation["command"] != command:
+                raise DepthcutError(f"{config_file} records a `depthcut {invocation['command']}`, not {command}: "
+                                    f"run depthcut {invocation['command']} --config {config_file}, or replay it")
+            # its --force is not carried over: the recorded output is replaced only where asked again
+            settings = {**invocation["settings"], "force": False}
+        command_parser = parser.commands[command]
+        apply_settings(command_parser, command, drop_replaced_alternatives(command_parser, settings, argv),
+                       config_file)
+    args = parser.parse_args(argv)
+    if args.command != "replay":
+        return args
+    source = replay_source(args.run_record)
+    invocation = recorded_invocation(read_config_file(source), str(source))
+    if invocation is None:
+        raise DepthcutError(f"{source} is not a depthcut record (no environment with the command it ran)")
+    recorded = invocation["command"]
+    if recorded not in parser.commands:
+        raise DepthcutError(f"{source} records a command this depthcut does not have: {recorded}")
+    settings = dict(invocation["settings"])
+    if args.replay_out is None and not args.replay_force:
+        raise DepthcutError(f"replay writes a new output: give --out NEW (or --force to replace the recorded "
+                            f"{settings.get('out', 'output')})")
+    if "out" in settings and args.replay_out is not None:
+        settings["out"] = args.replay_out
+    if "force" in settings:
+        settings["force"] = args.replay_force
+    apply_settings(parser.commands[recorded], recorded, settings, str(source))
+    logging_flags = ["-v"] * args.verbose + ["--debug"] * args.debug + ["-q"] * args.log_quiet
+    return parser.parse_args([*logging_flags, recorded])
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The FILE of the last `--config FILE` (or `--config=FILE`) in `argv`, as argparse would keep it."""
+    found = None
+    for index, token in enumerate(argv):
+        if token == "--config" and index + 1 < len(argv):
+            found = argv[index + 1]
+        elif token.startswith("--config="):
+            found = token.partition("=")[2]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(build_parser(), argv)
     except SystemExit as done:  # --help, --version, or a mistake already reported
         return done.code if isinstance(done.code, int) else 2
+    except DepthcutError as error:  # a config file or a replayed record that cannot be read
+        print(f"depthcut: error: {error}", file=sys.stderr)
+        return 2
     configure_logging(args.verbose, args.log_quiet)
     try:
         with handle_signals():  # SIGTERM and SIGHUP clean up as Ctrl-C does
             try:
                 config = config_from_args(args.config_class, args)
+                record_invocation(args.command, argv, settings_of(config))  # for depthcut.json: replay
                 check_before_loading(config)  # in milliseconds, before the pipeline's imports and the model load
                 args.run(config)
             finally:
+                clear_invocation()
                 release_claims()
     except DepthcutError as error:
         print(f"depthcut: error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from depthcut import __version__
+from depthcut.io.invocation import current_invocation
 
 
 def environment() -> dict:
@@ -23,6 +24,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "invocation": current_invocation(),  # what `depthcut replay` reruns (None from the Python API)
     }
 
 
