@@ -169,6 +169,11 @@ def test_replay_never_writes_over_the_recorded_output_unasked(tmp_path, recorded
     assert (recorded_prune / "depthcut.json").read_text() == before
     assert main(["shrink", "--config", str(recorded_prune / "depthcut.json")]) == 2
     assert "records a `depthcut prune`, not shrink" in capsys.readouterr().err
+    # --force without --out: the recorded output is written again, in place
+    expected = tensors(recorded_prune)
+    assert main(["replay", str(recorded_prune), "--force"]) == 0
+    replayed = tensors(recorded_prune)
+    assert expected.keys() == replayed.keys() and all(expected[k].equal(replayed[k]) for k in expected)
 
 
 def test_a_record_of_another_schema_or_without_its_command_is_refused(tmp_path, recorded_prune):
@@ -181,3 +186,15 @@ def test_a_record_of_another_schema_or_without_its_command_is_refused(tmp_path, 
     write(other, json.dumps(record))
     with pytest.raises(DepthcutError, match="records no command to replay"):
         parse_arguments(build_parser(), ["replay", str(other), "--out", str(tmp_path / "x")])
+
+
+def test_an_analysis_folder_replays_its_analyze_settings(tmp_path, tiny_llama_dir, corpus_file, capsys):
+    first, again = tmp_path / "analysis", tmp_path / "again"
+    argv = ["analyze", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(first), "--samples", "4",
+            "--seq-len", "16", "--batch-size", "2", "--metrics", "angular_last_token", "--quiet"]
+    assert main(argv) == 0
+    replayed = parsed(["replay", first, "--out", again])
+    assert replayed == parsed([*argv[:5], str(again), *argv[6:]])
+    assert replayed.metrics == ("angular_last_token",)
+    with pytest.raises(DepthcutError, match="holds no depthcut.json or analysis.json"):
+        parsed(["replay", tmp_path, "--out", again])

@@ -104,7 +104,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
                 raise DepthcutError(f"{config_file} records a `depthcut {invocation['command']}`, not {command}: "
                                     f"run depthcut {invocation['command']} --config {config_file}, or replay it")
             # its --force is not carried over: the recorded output is replaced only where asked again
-            settings = {**invocation["settings"], "force": False}
+            settings = {**invocation["settings"], **({"force": False} if "force" in invocation["settings"] else {})}
         command_parser = parser.commands[command]
         apply_settings(command_parser, command, drop_replaced_alternatives(command_parser, settings, argv),
                        config_file)

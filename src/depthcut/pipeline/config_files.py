@@ -21,6 +21,7 @@ from depthcut.io.invocation import INVOCATION_SCHEMA
 
 CONFIG_DEST = "config_file"  # the parser's name for --config: not a setting of any command
 PROVENANCE_FILE = "depthcut.json"
+ANALYSIS_FILE = "analysis.json"
 
 
 def settings_of(config) -> dict:
@@ -100,9 +101,18 @@ def _major(schema: str) -> str:
 
 
 def replay_source(path: str | Path) -> Path:
-    """The file that records a run: OUT/depthcut.json for an output folder, else the file itself."""
+    """The file that records a run: an output folder's depthcut.json (an analysis folder's
+    analysis.json), or the file named (an eval's results)."""
     path = Path(path)
-    return path / PROVENANCE_FILE if path.is_dir() else path
+    if path.suffix.lower() == ".gguf":
+        raise DepthcutError(f"{path}: replay reads a JSON record; a GGUF keeps its record in the "
+                            "depthcut.provenance metadata key, which replay does not read yet")
+    if not path.is_dir():
+        return path
+    for name in (PROVENANCE_FILE, ANALYSIS_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise DepthcutError(f"{path} holds no {PROVENANCE_FILE} or {ANALYSIS_FILE} to replay")
 
 
 def setting_name(key) -> str:
