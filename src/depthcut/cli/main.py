@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run the command that made RUN (an output folder with depthcut.json, or "
                                         "an analysis.json or eval results file) with every setting it recorded.")
     replay.add_argument("run_record", metavar="RUN", help="an output folder, or the JSON file that records the run")
-    replay.add_argument("--out", dest="replay_out",
+    replay.add_argument("--out", dest="replay_out", metavar="NEW",
                         help="where the rerun writes (required unless --force replaces the recorded output)")
     replay.add_argument("--force", dest="replay_force", action="store_true",
                         help="replace an existing output (the recorded one when no --out is given)")
