@@ -54,9 +54,11 @@ def test_scores_on_a_wide_vocabulary_match_float64():
     assert scores.kl == pytest.approx(expected_kl, rel=1e-4, abs=2e-6)
     assert scores.loss == pytest.approx(expected_loss, rel=1e-6, abs=1e-6)
     assert min(expected_kl) > 1e-3  # the candidate does differ
-    # the unpruned model against itself: no divergence beyond the storage's rounding
+    # the unpruned model against itself: no divergence beyond the storage's rounding, and its own loss kept
     itself = window_scores(reference, stored, batch_size=3)
     assert max(abs(value) for value in itself.kl) < 2e-6
+    assert stored.loss == pytest.approx(naive(reference, reference, windows)[1], rel=1e-6, abs=1e-6)
+    assert stored.subset(1, 3).loss == stored.loss[1:3]
 
 
 @pytest.mark.parametrize("chunk_bytes", [divergence.CHUNK_BYTES, 1], ids=["whole windows", "a token a slice"])

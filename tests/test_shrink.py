@@ -370,3 +370,16 @@ def test_by_default_a_cut_is_judged_on_held_out_data_and_a_second_domain_where_t
     (tmp_path / "c4").mkdir()  # a data folder without WikiText-2: the held-out documents alone
     monkeypatch.setenv("DEPTHCUT_DATA_DIR", str(tmp_path))
     assert ShrinkConfig(model="m", out="o", drop=2).validation_sources() == ("c4",)
+
+
+def test_a_loss_no_higher_than_the_unpruned_models_is_no_harm():
+    """A baseline cut that happens to lower the loss below the unpruned model's (a random model) does not
+    make a cut that leaves the loss where the unpruned model has it harmful."""
+    unpruned = {"c4": _shifted(LOSS, 0.0), "wikitext": list(LOSS)}
+    baseline = _two_sources(BASE, BASE, _shifted(LOSS, -0.3, 0.001), LOSS)
+    candidate = _two_sources(_shifted(BASE, -0.4, 0.001), _shifted(BASE, -0.4, 0.001), _shifted(LOSS, 0.0, 0.001), LOSS)
+    assert judge(baseline, candidate, 2.0, "worst").decided_by == "loss"  # against the baseline alone: harm
+    verdict = judge(baseline, candidate, 2.0, "worst", unpruned=unpruned)
+    assert verdict.better and verdict.decided_by == "kl and loss"
+    raised = _two_sources(_shifted(BASE, -0.4, 0.001), _shifted(BASE, -0.4, 0.001), _shifted(LOSS, 0.05, 0.001), LOSS)
+    assert judge(baseline, raised, 2.0, "worst", unpruned=unpruned).decided_by == "loss"  # above both

@@ -48,6 +48,8 @@ class ReferencePredictions:
     mass: list[torch.Tensor]  # per window: (T-1,) float64, the sum of the stored p (1 up to rounding)
     # layer index -> (N, T, d) the residual stream entering that layer, on the CPU (padding columns zero)
     entering: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per window: the unpruned model's own mean next-token loss (nan for a window with no predicted token)
+    loss: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -58,7 +60,8 @@ class ReferencePredictions:
         windows = CalibrationSet(w.input_ids[start:stop], w.attention_mask[start:stop], w.description, w.mode, w.seed)
         return ReferencePredictions(windows, self.probabilities.subset(start, stop), self.negentropy[start:stop],
                                     self.mass[start:stop],
-                                    {layer: states[start:stop] for layer, states in self.entering.items()})
+                                    {layer: states[start:stop] for layer, states in self.entering.items()},
+                                    self.loss[start:stop])
 
 
 @dataclass
@@ -90,7 +93,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
     each layer of `entering`."""
     device = next(model.parameters()).device
     store = store if store is not None else MemoryProbabilities()
-    negentropy, mass = [], []
+    negentropy, mass, loss = [], [], []
     states, handles, unusable, batch = {}, [], set(), [None]
     shape = tuple(windows.input_ids.shape)
     if entering:
@@ -116,11 +119,15 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
             for row in range(input_ids.shape[0]):
                 row_negentropy, row_mass = _store_probabilities(logits[row, :-1], store)
                 negentropy.append(row_negentropy)
+                valid = _valid(attention_mask[row])
+                nll = _next_token_loss(logits[row, :-1], input_ids[row, 1:])
+                loss.append(float(nll[valid].mean()) if valid.any() else float("nan"))
                 mass.append(row_mass)
     finally:
         for handle in handles:
             handle.remove()
-    return ReferencePredictions(windows, store, negentropy, mass, {i: v for i, v in states.items() if i not in unusable})
+    return ReferencePredictions(windows, store, negentropy, mass, {i: v for i, v in states.items() if i not in unusable},
+                                loss)
 
 
 @torch.inference_mode()
@@ -183,6 +190,16 @@ def _store_probabilities(logits: torch.Tensor, store) -> tuple[torch.Tensor, tor
         negentropy[part] = torch.special.xlogy(probabilities, probabilities).sum(-1)
         mass[part] = probabilities.sum(-1)
     return negentropy, mass
+
+
+def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per predicted token, -log softmax(logits)[target] in float64, a token slice at a time."""
+    tokens, vocabulary = logits.shape
+    nll, targets = torch.empty(tokens, dtype=torch.float64), targets.cpu()
+    for part in _token_chunks(tokens, vocabulary):
+        values = logits[part].float().cpu()
+        nll[part] = torch.logsumexp(values, -1) - values.gather(-1, targets[part, None])[:, 0]
+    return nll
 
 
 def _token_scores(logits: torch.Tensor, targets: torch.Tensor, reference: ReferencePredictions, window: int

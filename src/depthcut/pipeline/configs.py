@@ -141,6 +141,7 @@ class ValidationOptions:
 
 
 WHAT = "what to remove"
+SEARCHES = ("greedy", "none")
 REPAIR_SAMPLES_HELP = ("number of calibration sequences (default 64; a linear repair's fit takes enough for 16 "
                        "tokens per row of its d x d map: more on wide models)")
 
@@ -377,6 +378,11 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
                                       "the --finalists best blocks on them all, cosine fitted for those alone (0: "
                                       "every candidate on every window)")
     finalists: int = option(2, group=CANDIDATES, help="the blocks the screening keeps")
+    search: str = option("greedy", group=CANDIDATES, choices=SEARCHES,
+                         help="a candidate found on the output: greedy removes one layer at a time, each step the "
+                              "one whose removal raises the KL on the screening windows least (about drop x layers "
+                              "/ 2 partial passes of them; left out where --budget cannot afford it); none: only "
+                              "the blocks and Block Influence's layers")
     allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
                                                    help="as for prune")
     data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")

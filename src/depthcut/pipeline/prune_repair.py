@@ -18,7 +18,7 @@ from depthcut.model.layers import text_config
 from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.configs import DEFAULT_SAMPLES
-from depthcut.pipeline.validation import judge, references, scores_after_cut, validation_sets
+from depthcut.pipeline.validation import judge, references, scores_after_cut, unpruned_losses, validation_sets
 from depthcut.repair import REPAIRS, apply_repair, repair, repair_folded
 from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
 from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
@@ -126,7 +126,7 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
                  batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet, fold=False)
     with repair_folded(model, fit, config.layer_path):
         repaired = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
-    verdict = judge(plain, repaired, config.margin, config.aggregate)
+    verdict = judge(plain, repaired, config.margin, config.aggregate, unpruned=unpruned_losses(predictions))
     beats, why = verdict.better, verdict.why
     applied = beats or config.repair_policy == "warn"
     if not beats and config.repair_policy == "refuse":

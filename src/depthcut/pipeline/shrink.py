@@ -35,9 +35,10 @@ from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
 from depthcut.pipeline.shrink_fits import every_block_gatherer
 from depthcut.pipeline.shrink_options import Option, may_keep, plain_cuts, scored_options, standing
-from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, plan_for_budget
+from depthcut.pipeline.shrink_search import greedy_search, search_cost
+from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
 from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
-from depthcut.pipeline.validation import references, validation_sets
+from depthcut.pipeline.validation import references, unpruned_losses, validation_sets
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import apply_repair
 from depthcut.strategies import check_drop, select
@@ -133,14 +134,14 @@ def _candidates(config: ShrinkConfig, analysis, drop: int, refusal) -> list[tupl
     return found
 
 
-def _decide(options: list[Option], config: ShrinkConfig) -> Option:
+def _decide(options: list[Option], config: ShrinkConfig, unpruned: dict | None = None) -> Option:
     """Mark which repairs are kept (beating their plain cut beyond `margin` paired standard errors, on
     every source or on their mean) and return the best kept option."""
     plain = plain_cuts(options)
     for option in options:
         if option.refused or option.screened:
             continue
-        verdict = may_keep(option, plain, config)
+        verdict = may_keep(option, plain, config, unpruned)
         option.kept, option.why, option.decided_by = verdict.better, verdict.why, verdict.decided_by
         if option.repair != "none":
             option.why += ": kept" if option.kept else ": the plain cut is kept"
@@ -195,12 +196,15 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
             candidates = candidates[: plan.candidates]
         validation = validation_sets(config, tokenizer, samples.held_out)
         seconds = {"analysis": analysis_seconds}
+        search = _search(model, validation, drop, config, candidates, analysis_seconds / len(samples.calibration),
+                         time.perf_counter() - started)
+        seconds["search"] = search.get("seconds", 0.0)
         references_started = time.perf_counter()
         predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
                                  config.layer_path, config.allow_unknown_config)
         seconds["references"] = time.perf_counter() - references_started
         options = scored_options(model, candidates, repairs, samples, predictions, config, seconds, gathered)
-        winner = _decide(options, config)
+        winner = _decide(options, config, unpruned_losses(predictions))
         healed = None
         if config.heal_steps:
             healed = heal_winner(model, tokenizer, winner, winner.fit, samples.fitted_on, predictions, config)
@@ -222,7 +226,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                      "seconds": {step: round(value, 2) for step, value in seconds.items()},
                      "finalists": config.finalists, "screen_windows": config.screen_windows,
                      "budget": plan.as_dict() if plan else None,
-                     "heal": healed.heal if healed else None}
+                     "heal": healed.heal if healed else None, "search": search}
         strategy = f"shrink ({winner.found_by})"
         repair_method = winner.repair.removesuffix("+heal")
         prune = PruneConfig(model=config.model, out=config.out, force=config.force, quiet=config.quiet,
@@ -251,6 +255,35 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         if config.tasks:
             result.provenance["evaluation"] = evaluate_winner(config)
         return result
+
+
+def _search(model, validation, drop: int, config: ShrinkConfig, candidates: list, seconds_per_window: float,
+            spent: float) -> dict:
+    """Run `--search` (`shrink_search`) and add its cut to `candidates` (where no other candidate is that
+    cut already); what the selection records of it. Left out, with why, where `--budget` cannot afford
+    about a quarter of what is left for it."""
+    if config.search == "none":
+        return {"method": "none"}
+    num_layers = len(find_layer_stack(model, config.layer_path))
+    # the analysis pass stops before the head: 1.5x its seconds per window, as plan_for_budget prices it
+    cost = search_cost(config, drop, num_layers, len(validation), 1.5 * seconds_per_window)
+    if config.budget is not None and cost > 0.25 * (config.budget * 60 - spent):
+        why = (f"left out: it would take about {minutes(cost)}, more than a quarter of the "
+               f"{minutes(max(0.0, config.budget * 60 - spent))} --budget leaves")
+        log.info("shrink: --search %s %s", config.search, why)
+        return {"method": config.search, "why": why}
+    log.info("shrink: searching greedily for %d layers on the screening windows (about %s) ...", drop, minutes(cost))
+    path = greedy_search(model, validation, drop, config)
+    record = path.as_dict()
+    layers = sorted(path.order)
+    same = next((found_by for known, found_by in candidates if known == layers), None)
+    if len(layers) < drop:
+        record["why"] = f"stopped after {len(layers)} of {drop} layers: no further layer may be removed"
+    elif same is not None:
+        record["why"] = f"found the cut {same} proposes already"
+    else:
+        candidates.append((layers, "greedy"))
+    return record
 
 
 def _base_option(options: list[Option], winner: Option) -> Option:

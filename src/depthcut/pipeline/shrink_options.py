@@ -15,7 +15,7 @@ from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, BlockFits
 from depthcut.pipeline.shrink_steps import minutes
 from depthcut.pipeline.shrink_table import contiguous, span
-from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut
+from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut, unpruned_losses
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import repair_folded
 
@@ -126,14 +126,14 @@ def _deferred(method: str) -> bool:
     return method in ROWS_KEPT_BY or _refines(method) is not None
 
 
-def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
+def refinements(options: list[Option], config: ShrinkConfig, unpruned: dict | None = None) -> list[Option]:
     """The deferred options still to fit (`_deferred`); one that refines another repair (cosine: lstsq's
     map) only where that repair's option is kept, beating the plain cut of its block, and is not itself
     beaten beyond the margin by the leading option (`_leader`): the refinement starts from its map and
     moves little, so it could not win there, and each fit costs about two analysis passes. The others
     are left out, with why. Where the refined repair was not tried, the refinement is fitted as it is."""
     by_key = {(tuple(o.layers), o.repair): o for o in options}
-    leader = _leader(options, config)
+    leader = _leader(options, config, unpruned)
     to_fit = []
     for option in options:
         if not _deferred(option.repair) or option.refused or option.screened or option.scores:
@@ -144,7 +144,7 @@ def refinements(options: list[Option], config: ShrinkConfig) -> list[Option]:
         if base is None or base.refused or not base.scores or plain is None or not plain.scores:
             to_fit.append(option)
             continue
-        beats = judge(plain.scores, base.scores, config.margin, config.aggregate).better
+        beats = judge(plain.scores, base.scores, config.margin, config.aggregate, unpruned=unpruned).better
         # the leader's KL alone: the refinement ranks by its KL, and would not reach the leader's
         behind, why = (False, "") if leader in (None, base) else lower_kl(base.scores, leader.scores, config.margin,
                                                                          config.aggregate)
@@ -173,7 +173,8 @@ def best_block(plain: dict[tuple, Option], config: ShrinkConfig) -> Option | Non
     return min(blocks, key=lambda o: o.score(config.aggregate), default=None)
 
 
-def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -> Verdict:
+def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig, unpruned: dict | None = None
+             ) -> Verdict:
     """Whether the choice may keep `option` (do no harm, `judge`: a lower KL beyond the margin and no
     source's loss higher beyond it): a repair only where it beats the plain cut of its block (`plain`,
     from `plain_cuts`); a cut that is not one block only where it beats the best plain block too. The
@@ -182,7 +183,7 @@ def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -
         block = plain.get(tuple(option.layers))
         if block is None:
             return Verdict(False, "", "the plain cut of its block was not scored")
-        verdict = judge(block.scores, option.scores, config.margin, config.aggregate)
+        verdict = judge(block.scores, option.scores, config.margin, config.aggregate, unpruned=unpruned)
         if not verdict.better:
             return verdict
     if contiguous(option.layers):
@@ -191,7 +192,7 @@ def may_keep(option: Option, plain: dict[tuple, Option], config: ShrinkConfig) -
     if best is None:
         return Verdict(True, "", "no plain block was scored to compare with")
     versus = judge(best.scores, option.scores, config.margin, config.aggregate,
-                   against=f"the best plain block {span(best.layers)}")
+                   against=f"the best plain block {span(best.layers)}", unpruned=unpruned)
     if option.repair != "none" and versus.better:
         return Verdict(True, versus.decided_by, f"{verdict.why}; {versus.why}")
     return versus
@@ -211,18 +212,18 @@ def standing(options: list[Option], winner: Option, config: ShrinkConfig) -> dic
                    "standard errors"}
 
 
-def _leader(options: list[Option], config: ShrinkConfig) -> Option | None:
+def _leader(options: list[Option], config: ShrinkConfig, unpruned: dict | None = None) -> Option | None:
     """The option of lowest validation score among those the choice may keep (`may_keep`, as `_decide`
     will judge them), the refinements not yet fitted aside."""
     plain = plain_cuts(options)
     eligible = [o for o in options if o.scores and not (o.refused or o.screened or _deferred(o.repair))
-                and may_keep(o, plain, config).better]
+                and may_keep(o, plain, config, unpruned).better]
     return min(eligible, key=lambda o: o.score(config.aggregate), default=None)
 
 
 def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:
     """Fit and score `refinements(options)` on every window (token rows gathered for them first)."""
-    to_fit = refinements(options, config)
+    to_fit = refinements(options, config, unpruned_losses(predictions))
     fits.gather_rows(list({tuple(o.layers): o.layers for o in to_fit}.values()))
     _score(model, to_fit, fits, predictions, config, "refinements")
 

@@ -17,7 +17,7 @@ from depthcut.io.model_folder import parameter_count
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import EvalConfig, ShrinkConfig
 from depthcut.pipeline.evaluate import evaluate_with
-from depthcut.pipeline.validation import judge
+from depthcut.pipeline.validation import judge, unpruned_losses
 from depthcut.repair import apply_repair
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def heal_winner(model, tokenizer, winner, fit, training, predictions, config: Sh
                   teacher=teacher)
     healed = result.model
     scores = {name: window_scores(healed, reference, config.batch_size) for name, reference in predictions.items()}
-    verdict = judge(winner.scores, scores, config.margin, config.aggregate, against="the unhealed winner")
+    verdict = judge(winner.scores, scores, config.margin, config.aggregate, against="the unhealed winner",
+                    unpruned=unpruned_losses(predictions))
     kept, why = verdict.better, verdict.why + (": kept" if verdict.better else ": the unhealed winner is kept")
     record = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
               "objective": recipe.objective, "rank": recipe.rank, "lr": recipe.lr, "seq_len": recipe.seq_len,

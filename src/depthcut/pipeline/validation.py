@@ -13,6 +13,7 @@ a window that a model stripped of the layers before it reproduces the unpruned p
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -139,23 +140,41 @@ def lower_kl(baseline: dict[str, WindowScores], candidate: dict[str, WindowScore
     return lower, ", ".join(f"{name}: {gain:+.4f} ± {stderr:.4f}" for name, (gain, stderr) in gains.items())
 
 
-def raised_loss(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float
-                ) -> tuple[list[str], str]:
+def raised_loss(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float,
+                unpruned: dict[str, list[float]] | None = None) -> tuple[list[str], str]:
     """(the sources whose loss `candidate` raises above `baseline`'s by more than `margin` paired standard
     errors, every source's rise in words). Judged per source whatever the aggregate: a user reads each
-    source's loss, and a repair that helps one domain must not hurt another."""
+    source's loss, and a repair that helps one domain must not hurt another. With `unpruned` (per source
+    the unpruned model's loss per window, `unpruned_losses`), a loss not higher than the unpruned model's
+    beyond the margin is no harm, even where a cut happens to lower it (as on a random model)."""
     rises = {name: paired_difference(candidate[name].loss, baseline[name].loss) for name in candidate}
     raised = [name for name, (rise, stderr) in rises.items() if rise > margin * stderr and rise > 0]
+    if unpruned:
+        raised = [name for name in raised if len(unpruned.get(name, ())) != len(candidate[name].loss)
+                  or _beyond(paired_difference(candidate[name].loss, unpruned[name]), margin)]
     return raised, ", ".join(f"{name}: {rise:+.4f} ± {stderr:.4f}" for name, (rise, stderr) in rises.items())
 
 
+def _beyond(difference: tuple[float, float], margin: float) -> bool:
+    mean, stderr = difference
+    return mean > margin * stderr and mean > 0
+
+
+def unpruned_losses(predictions: dict[str, ReferencePredictions]) -> dict[str, list[float]]:
+    """Per source, the unpruned model's loss on each window a candidate is scored on (those with a
+    predicted token), in the order `window_scores` gives a candidate's."""
+    return {name: [value for value in reference.loss if not math.isnan(value)]
+            for name, reference in predictions.items()}
+
+
 def judge(baseline: dict[str, WindowScores], candidate: dict[str, WindowScores], margin: float, aggregate: str,
-          against: str = "the plain cut") -> Verdict:
+          against: str = "the plain cut", unpruned: dict[str, list[float]] | None = None) -> Verdict:
     """Do no harm: `candidate` is better than `baseline` (`against`, in words) only where its KL from the
     unpruned model is lower beyond `margin` paired standard errors (`lower_kl`) and no source's loss
-    rises beyond as many (`raised_loss`): the KL and the loss can disagree, and a user sees the loss."""
+    rises beyond as many (`raised_loss`; above the `unpruned` model's too, where given): the KL and the
+    loss can disagree, and a user sees the loss."""
     lower, gains = lower_kl(baseline, candidate, margin, aggregate)
-    raised, rises = raised_loss(baseline, candidate, margin)
+    raised, rises = raised_loss(baseline, candidate, margin, unpruned)
     kl_words = (f"KL from the unpruned model lower than {against}'s by {gains}: "
                 f"{'beyond' if lower else 'not beyond'} {margin:g} standard errors")
     if not lower:
