@@ -80,6 +80,20 @@ def unit_cosines(states: torch.Tensor) -> torch.Tensor:
     return units @ units.transpose(1, 2)
 
 
+def check_finite(states: torch.Tensor, first_position: int = 0) -> None:
+    """`states` (B, P, H): position p (from `first_position`) is the stream entering layer p (the last:
+    leaving the last layer). Raises naming the first position where a state is NaN or infinite: the
+    embeddings at 0, else layer p-1's output. One reduction per batch (one host sync), not one per layer."""
+    finite = torch.isfinite(states).all(dim=-1).all(dim=0)  # (P,)
+    if bool(finite.all()):
+        return
+    position = first_position + int((~finite).nonzero()[0, 0])
+    where = "the embeddings" if position == 0 else f"decoder layer {position - 1}'s output"
+    raise DepthcutError(f"{where} holds NaN or infinite values on the calibration text: the model's weights there "
+                        "are not finite (or overflow in this dtype: try --dtype float32); nothing can be measured "
+                        "or cut from it")
+
+
 class ResidualCapture:
     """The states of one batch at every position, kept exactly as the model computed them.
 
@@ -176,7 +190,10 @@ class ResidualCapture:
     def cosines(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Cosines between all pairs of positions: (B, P, P) at last tokens, (S, P, P) over the S sampled
         tokens (and "all_token_rows", the row of each); (K, P-1) between consecutive positions of the K
-        non-pad tokens, where Block Influence asked for them."""
+        non-pad tokens, where Block Influence asked for them. A non-finite state is refused, naming the
+        first layer that produced one (`check_finite`): a NaN would otherwise turn every distance after it
+        into NaN and the choice into whatever is left."""
+        check_finite(self.last_token)
         result = {"last_token": unit_cosines(self.last_token)}
         if self.consecutive is not None:
             result["consecutive"] = self.consecutive

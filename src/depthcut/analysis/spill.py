@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthcut.analysis.capture import TOKEN_POSITIONS, last_positions, sampled_tokens, unit_cosines
+from depthcut.analysis.capture import TOKEN_POSITIONS, check_finite, last_positions, sampled_tokens, unit_cosines
 from depthcut.errors import DepthcutError
 from depthcut.io.output_checks import free_bytes
 from depthcut.metrics.base import feed
@@ -153,7 +153,9 @@ class StateKeeper:
         """Keep what the metrics read of the state `hidden` (B, T, H) of batch b at `position`
         (`entered`: the state that entered the layer that gave it)."""
         rows, last = self.last_rows[b]
-        self.last_token[self.row_starts[b] : self.row_starts[b + 1], position].copy_(hidden[rows, last])
+        kept = self.last_token[self.row_starts[b] : self.row_starts[b + 1], position]
+        kept.copy_(hidden[rows, last])
+        check_finite(kept[:, None], first_position=position)  # layer by layer here: refused where it starts
         if self.spill is not None:
             self._write_spill(position, b, hidden)
         if self.consecutive is not None and entered is not None:
