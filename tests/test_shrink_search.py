@@ -85,7 +85,7 @@ def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_
     tokenizer.save_pretrained(folder)
     result = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
                        repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
-                       dtype="float32", quiet=True, out=str(tmp_path / "small"))
+                       dtype="float32", quiet=True, search="greedy", out=str(tmp_path / "small"))
     selection = result.provenance["selection"]
     assert sorted(selection["search"]["order"]) == PLANTED and len(selection["search"]["steps"]) == 3
     winner = selection["winner"]
@@ -95,6 +95,6 @@ def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_
     assert (tuple(PLANTED), "greedy") in rows or "proposes already" in selection["search"]["why"]
     none = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
                      repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
-                     dtype="float32", quiet=True, search="none", out=str(tmp_path / "no-search"))
+                     dtype="float32", quiet=True, out=str(tmp_path / "no-search"))  # the default
     assert none.provenance["selection"]["search"] == {"method": "none"}
     assert all(r["found_by"] != "greedy" for r in none.provenance["selection"]["options"])
