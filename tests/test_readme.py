@@ -27,7 +27,7 @@ BUILT_IN_LAYERS = 30  # SmolLM2-135M's: the tiny stand-in has as many, so the RE
 # Sizes that make the first screen's commands run in seconds on the tiny model (appended: the last
 # occurrence of an option wins, and none of these is on the README's lines); shrink also gets a small
 # corpus as its --data and its one --validate source.
-# The greedy search (tests/test_shrink_search.py) is left out: drop x layers / 2 partial passes, minutes even here.
+# --search none: should the greedy search (tests/test_shrink_search.py) become the default, it costs minutes here.
 TINY_SHRINK = ["--samples", "8", "--seq-len", "16", "--validation-windows", "4", "--dtype", "float32", "--quiet",
                "--search", "none"]
 TINY_GENERATE = ["--max-new-tokens", "8"]
