@@ -64,6 +64,8 @@ PATTERNS = {
                          activation_sparsity_pattern=[0.0] * NUM_LAYERS),
     # multi-head latent attention: as many key/value heads as heads
     "sarvam_mla": dict(num_key_value_heads=4),
+    "bailing_hybrid": dict(num_key_value_heads=4, num_expert_group=1, num_experts_per_token=2),
+    "xmod": dict(default_language="en_XX"),  # its adapters are chosen by language; the model has one
     "youtu": dict(num_key_value_heads=4),
     # sizes under names of their own
     "ctrl": dict(dff=64),
