@@ -36,6 +36,12 @@ def _snapshot(model) -> dict:
             "indices": [getattr(sub, "layer_idx", None) for layer in stack.layers for sub in layer.modules()]}
 
 
+def _as_it_is(model, ids) -> tuple[torch.Tensor, dict]:
+    """(its logits on `ids`, its snapshot): what it must come back to."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits, _snapshot(model)
+
+
 def _assert_whole(model, before: dict, ids, logits) -> None:
     after = _snapshot(model)
     assert after["layers"] == before["layers"] and all(a is b for a, b in zip(after["layers"], before["layers"]))
@@ -50,9 +56,7 @@ def _assert_whole(model, before: dict, ids, logits) -> None:
 def test_a_cut_for_the_block_equals_a_copy_cut_for_good_and_leaves_the_model_whole(build, name, cut):
     model = build(name).eval()
     ids = random_ids()
-    with torch.no_grad():
-        original = model(input_ids=ids, use_cache=False).logits
-    before = _snapshot(model)
+    original, before = _as_it_is(model, ids)
     reference = copy.deepcopy(model)
     remove_layers(reference, cut)
     with torch.no_grad():
@@ -70,9 +74,7 @@ def test_a_cut_for_the_block_equals_a_copy_cut_for_good_and_leaves_the_model_who
 def test_a_refused_cut_changes_nothing_and_an_error_inside_the_block_still_restores(tmp_path):
     model = tiny_model("llama").eval()
     ids = random_ids()
-    with torch.no_grad():
-        original = model(input_ids=ids, use_cache=False).logits
-    before = _snapshot(model)
+    original, before = _as_it_is(model, ids)
     with pytest.raises(DepthcutError), layers_removed(model, range(len(before["layers"]))):
         pass  # every layer: refused before anything changes
     _assert_whole(model, before, ids, original)
@@ -86,9 +88,7 @@ def test_a_repair_tried_in_place_equals_a_repaired_copy_and_is_undone(corpus_fil
 
     model = tiny_model("llama").eval()
     ids = random_ids()
-    with torch.no_grad():
-        original = model(input_ids=ids, use_cache=False).logits
-    before = _snapshot(model)
+    original, before = _as_it_is(model, ids)
     fit = repair(model, tiny_tokenizer(), str(corpus_file), [2, 3], "lstsq", samples=8, seq_len=32, fold=False)
     _assert_whole(model, before, ids, original)  # fold=False fits only
     reference = copy.deepcopy(model)

@@ -29,6 +29,15 @@ class TableModel(torch.nn.Module):
         return SimpleNamespace(logits=(self.embed[input_ids] + torch.sin(position)) @ self.head)
 
 
+def _pair(vocab: int, width: int) -> tuple[TableModel, TableModel]:
+    """(the reference, a candidate whose head is perturbed): distributions that differ measurably."""
+    reference = TableModel(vocab, width, spread=4.0, seed=0)
+    candidate = TableModel(vocab, width, spread=4.0, seed=0)
+    with torch.no_grad():
+        candidate.head.add_(0.3 * torch.randn(candidate.head.shape, generator=torch.Generator().manual_seed(9)))
+    return reference, candidate
+
+
 def naive(candidate, reference, windows) -> tuple[list[float], list[float]]:
     """Per window: mean KL and mean loss over the predicted, non-padding tokens, in float64."""
     kl, loss = [], []
@@ -44,10 +53,7 @@ def naive(candidate, reference, windows) -> tuple[list[float], list[float]]:
 
 def test_scores_on_a_wide_vocabulary_match_float64():
     windows = padded_calibration([24, 17, 24, 9], seed=5)
-    reference = TableModel(49_152, 32, spread=4.0, seed=0)
-    candidate = TableModel(49_152, 32, spread=4.0, seed=0)
-    with torch.no_grad():
-        candidate.head.add_(0.3 * torch.randn(candidate.head.shape, generator=torch.Generator().manual_seed(9)))
+    reference, candidate = _pair(49_152, 32)
     stored = reference_predictions(reference, windows, batch_size=3)
     scores = window_scores(candidate, stored, batch_size=3)
     expected_kl, expected_loss = naive(candidate, reference, windows)
@@ -83,10 +89,7 @@ def test_references_on_disk_score_exactly_as_in_memory(chunk_bytes, monkeypatch,
 
     monkeypatch.setattr(divergence, "CHUNK_BYTES", chunk_bytes)
     windows = padded_calibration([24, 17, 24, 9], seed=5)
-    reference = TableModel(4_099, 16, spread=4.0, seed=0)
-    candidate = TableModel(4_099, 16, spread=4.0, seed=0)
-    with torch.no_grad():
-        candidate.head.add_(0.3 * torch.randn(candidate.head.shape, generator=torch.Generator().manual_seed(9)))
+    reference, candidate = _pair(4_099, 16)
     in_memory = reference_predictions(reference, windows, batch_size=3)
     on_disk = reference_predictions(reference, windows, batch_size=3, store=DiskProbabilities(tmp_path))
     assert list(tmp_path.iterdir()) == [] and on_disk.probabilities.resident_bytes == 0

@@ -264,7 +264,7 @@ def test_the_shrink_says_the_sizes_before_and_after_and_when_a_gguf_would_be_sma
     assert len(size_lines(provenance)) == 1
     advice = " ".join(line.strip() for line in expectation_lines(provenance, "small"))
     assert "6 of 30 layers removed (20%)" in advice and "KL from the unpruned model is 1.23 nats" in advice
-    assert "1 to 1.5 kept 73-92% of arc_easy" in advice and "depthcut heal small --data c4" in advice
+    assert "0.6 to 1.5 kept 73-92% of arc_easy" in advice and "depthcut heal small --data c4 --steps 50" in advice
     provenance["selection"]["winner"]["repair"] = "lstsq+heal"
     assert "depthcut heal" not in " ".join(expectation_lines(provenance, "small"))
 

@@ -1,4 +1,4 @@
-"""The three ways `prune_to` writes a pruned model, behind one interface: every backend takes the same
+"""The four ways `prune_to` writes a pruned model, behind one interface: every backend takes the same
 three steps, and their results fill the same provenance record (`depthcut.io.provenance`).
 
 - `InMemory`: the model is loaded; the strategy may analyze it, a repair is folded into it, and
@@ -6,6 +6,8 @@ three steps, and their results fill the same provenance record (`depthcut.io.pro
 - `ShardByShard`: a local safetensors folder rewritten one tensor at a time, kept tensors copied
   byte for byte; the model is never loaded (a repair's statistics are streamed layer by layer).
 - `GGUFFile`: a GGUF model written as a GGUF file, kept tensors copied in their own quantization.
+- `Prepared`: a model `depthcut shrink` already cut (and repaired, and healed) as it scored it,
+  written as `InMemory` writes it.
 
     backend = backend_for(config, source, analysis)
     removed, strategy, analysis = backend.layers()      # which layers go

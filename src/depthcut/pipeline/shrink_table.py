@@ -92,10 +92,10 @@ def _conclusion(selection: dict) -> list[str]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # What a KL meant on SmolLM2-135M (docs/choosing.md, from the project's own evidence): (below, words)
 KL_SCALE = ((0.6, "a mild cut: on SmolLM2-135M, cuts below 0.6 kept 92-99% of arc_easy and piqa"),
-            (1.5, "on SmolLM2-135M, 1 to 1.5 kept 73-92% of arc_easy: expect fluent text that knows less"),
-            (3.0, "on SmolLM2-135M, 2 to 3 kept about two thirds of arc_easy: expect many wrong facts"),
-            (float("inf"), ("on SmolLM2-135M, above 4 left arc_easy near guessing: expect fluent-looking "
-                            "nonsense until it is healed")))
+            (1.5, "on SmolLM2-135M, cuts of 0.6 to 1.5 kept 73-92% of arc_easy: expect fluent text that knows less"),
+            (3.0, "on SmolLM2-135M, cuts of 1.5 to 3 kept about two thirds of arc_easy: expect many wrong facts"),
+            (float("inf"), ("on SmolLM2-135M, cuts above 3 kept about half of arc_easy or less, near guessing "
+                            "above 4: expect fluent-looking nonsense until it is healed")))
 
 
 def disk_bytes(location: Path) -> int | None:
@@ -150,7 +150,8 @@ def expectation_lines(provenance: dict, out: str) -> list[str]:
     if winner["repair"].endswith("+heal"):
         lines.append("healed: the heal beat the unhealed winner on validation text, and was kept")
     else:
-        lines += _wrapped(f"next: heal it, e.g. `depthcut heal {out} --data c4 --steps 300 --out {out}-healed` (50 "
-                          "LoRA steps lowered SmolLM2-135M's test loss by 0.2 to 1.2 nats at 4 to 12 of 30 layers), "
-                          "or run shrink again with --heal-steps 300", indent="")
+        lines += _wrapped(f"next: heal it, e.g. `depthcut heal {out} --data c4 --steps 50 --seq-len 256 --batch-size 4 "
+                          f"--out {out}-healed` (minutes on a CPU for a model of this size; those 50 LoRA steps "
+                          "lowered SmolLM2-135M's test loss by 0.2 to 1.2 nats at 4 to 12 of 30 layers), or run "
+                          "shrink again with --heal-steps 50", indent="")
     return lines
