@@ -147,6 +147,8 @@ def test_shrink_writes_the_model_its_table_scored(tmp_path, tiny_llama_dir, corp
     source = str(corpus_file)
     assert winner["validation"][source]["kl"] == min(r["validation"][source]["kl"] for r in kept)
     assert result.removed == winner["layers"] and json.loads((out / "depthcut.json").read_text())["selection"]
+    # what shrink_to returns is what it wrote
+    assert json.loads(json.dumps(result.provenance)) == json.loads((out / "depthcut.json").read_text())
     # the model written is the one scored: its KL from the original on the same windows is the table's
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -80,8 +80,8 @@ def run_shrink(config: ShrinkConfig) -> None:
     result = shrink_to(config)
     print("\n".join([*decision_table(result.provenance["selection"]), *result.summary(),
                      *size_lines(result.provenance), *expectation_lines(result.provenance, config.out)]))
-    if "evaluation" in result.provenance:
-        print(format_table(result.provenance["evaluation"]))
+    if result.evaluation is not None:
+        print(format_table(result.evaluation))
         print(f"evaluation: {config.out}/eval.json")
 
 

@@ -49,7 +49,9 @@ class PruneResult:
     removed: list[int]
     strategy: str
     num_layers: int
-    provenance: dict
+    provenance: dict  # as written to depthcut.json, and nothing more
+    # `depthcut shrink --tasks`: the winner evaluated against the unpruned model, as written to OUT/eval.json
+    evaluation: dict | None = None
 
     def summary(self) -> list[str]:
         """The lines `depthcut prune` prints."""

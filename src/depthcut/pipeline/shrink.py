@@ -253,7 +253,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                                parameters_before=before, rewrite=rewrite, repair_record=record)
             result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
         if config.tasks:
-            result.provenance["evaluation"] = evaluate_winner(config)
+            result.evaluation = evaluate_winner(config)  # OUT/eval.json: depthcut.json stays as written
         return result
 
 
