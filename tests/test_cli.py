@@ -79,7 +79,7 @@ def test_explicit_layers_and_deepest(capsys, tmp_path, tiny_llama_dir):
         (["prune", "{model}", "--layers", "4:9"], "out of range"),
         (["prune", "{model}", "--layers", "x"], "malformed"),
         (["prune", "{model}", "--drop", "1", "--layers", "1"], "either --drop"),
-        (["prune", "{model}", "--drop", "1", "--strategy", "angulr"], "Did you mean 'angular'"),
+        (["prune", "{model}", "--drop", "1", "--strategy", "angulr"], "did you mean 'angular'"),
         (["prune", "{model}", "--drop", "1", "--analysis", "{tmp}/none.json"], "does not exist"),
         (["prune", "{model}", "--layers", "1", "--layer-path", "model.nothing"], "no module at layer path"),
         (["analyze", "{model}", "--data", "{empty}"], "holds no text"),

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from depthcut.errors import DepthcutError
+from depthcut.errors import DepthcutError, OptionTypeError
 from depthcut.io.text import read_jsonl, read_utf8, utf8_lines  # noqa: F401 (utf8_lines: re-exported)
 
 DATA_DIR_ENV = "DEPTHCUT_DATA_DIR"
@@ -217,6 +217,10 @@ def _not_found(spec: str) -> str:
 
 def load_texts(spec: str, text_field: str = "text") -> TextSource:
     """Open DATA: a file, a folder of files, `hf:NAME[:CONFIG][:SPLIT]`, or a named corpus such as `c4`."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise OptionTypeError(f"load_texts: data expects a path, hf:NAME or a corpus name such as c4, got {spec!r} "
+                              f"({type(spec).__name__})")
+    spec = os.fspath(spec)
     if spec in NAMED_CORPORA:
         location = named_corpus_location(spec)
         if location.startswith("hf:"):

@@ -17,7 +17,7 @@ from depthcut.healing.recipe import MIXED_PRECISION, OBJECTIVES, HealRecipe
 from depthcut.io.data import DATA_DIR_ENV, NAMED_CORPORA, second_domain
 from depthcut.metrics import DEFAULT_METRICS, METRICS, TOKEN_POSITIONS
 from depthcut.model.source import refuse_misspelled_builtin
-from depthcut.pipeline.options import comma_list, option
+from depthcut.pipeline.options import check_fields, comma_list, option
 from depthcut.repair import REPAIRS
 from depthcut.strategies import STRATEGIES
 
@@ -51,6 +51,9 @@ class ModelOptions:
     layer_path: str | None = option(None, help="dotted path of the decoder layer list when it cannot be found "
                                                "(e.g. model.layers)")
     trust_remote_code: bool = option(False, help="allow a model's own code to run")
+
+    def __post_init__(self):
+        check_fields(self)  # a wrong type or an unknown choice is refused here, naming the field
 
 
 @dataclass(kw_only=True)
@@ -161,7 +164,8 @@ def _repair_help() -> str:
 class PruneConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     samples: int | None = option(None, help=REPAIR_SAMPLES_HELP, show_default=False)
     drop: int | None = option(None, group=WHAT, help="number of layers to remove")
-    strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False)
+    strategy: str = option("angular", group=WHAT, help=_strategy_help(), show_default=False,
+                           choices=tuple(STRATEGIES.names()))
     layers: str | None = option(None, group=WHAT,
                                 help="explicit 0-based layers: a half-open block 21:29, or 3,7,12")
     analysis: str | None = option(None, group=WHAT,
@@ -347,6 +351,9 @@ class SweepConfig(DataOptions, MeasureOptions, ModelOptions):
 class ReportConfig:
     folder: str = option(positional=True, help="a sweep's --out folder")
     tolerance: float = option(0.05, help="relative accuracy loss accepted")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(kw_only=True)

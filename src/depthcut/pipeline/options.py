@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
+
+from depthcut.errors import OptionTypeError, OptionValueError
 
 MISSING = dataclasses.MISSING
 
@@ -117,10 +121,79 @@ def config_from_args(config_class: type, args: argparse.Namespace):
     return config_class(**{name: value for name, value in vars(args).items() if name in names})
 
 
+def _arms(hint) -> list:
+    """The types a field may hold: the arms of `X | None`, or the hint itself."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _describe(hint) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "True or False", type(None): "None"}
+    words = []
+    for arm in _arms(hint):
+        if typing.get_origin(arm) is tuple:
+            words.append("a list of strings")
+        else:
+            words.append(names.get(arm, getattr(arm, "__name__", str(arm))))
+    return " or ".join(words)
+
+
+def _checked(value, hint, parse):
+    """`value` as the field holds it (a path as a string, a list or a comma string as a tuple), or
+    OptionTypeError's message (a str) where it is not of the field's type."""
+    for arm in _arms(hint):
+        if arm is type(None) and value is None:
+            return value
+        if arm is bool and isinstance(value, bool):
+            return value
+        if arm is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if arm is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if arm is str and isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        if typing.get_origin(arm) is tuple:
+            if isinstance(value, str):
+                return parse(value) if parse else (value,)
+            if isinstance(value, (list, tuple)) and all(isinstance(item, (str, os.PathLike)) for item in value):
+                return tuple(os.fspath(item) for item in value)
+        if arm not in (type(None), bool, int, float, str) and typing.get_origin(arm) is not tuple:
+            return value  # a type this check does not know: left to the code that reads it
+    return TypeError
+
+
+def check_fields(config) -> None:
+    """Every option field of `config` holds a value of its declared type (a path is taken for a string, a
+    list or a comma string for a list of strings, an integer for a number) and, where the field has
+    choices, one of them: refused as the config is made, naming the field, not deep in the code."""
+    hints = typing.get_type_hints(type(config))
+    name = type(config).__name__
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        checked = _checked(value, hint, field.metadata.get("parse"))
+        if checked is TypeError:
+            raise OptionTypeError(f"{name}: {field.name} expects {_describe(hint)}, got {value!r} "
+                                  f"({type(value).__name__})")
+        choices = field.metadata.get("choices")
+        if choices and checked is not None and checked not in choices:
+            raise OptionValueError(f"{name}: {field.name} must be one of {', '.join(map(str, choices))}, "
+                                   f"got {checked!r}")
+        if checked is not value:
+            object.__setattr__(config, field.name, checked)
+
+
 def make_config(config_class: type, config=None, fields: dict | None = None):
     """`config` (an instance of `config_class`) with `fields` replaced, or a new one from `fields`:
-    the library functions take either `fn(config)` or `fn(model=..., out=..., ...)`."""
+    the library functions take either `fn(config)` or `fn(model=..., out=..., ...)`. A field name it
+    does not have is refused with the closest one."""
     fields = fields or {}
+    known = [f.name for f in dataclasses.fields(config_class) if f.init]
+    for key in fields:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OptionTypeError(f"{config_class.__name__} has no setting {key!r}{hint}")
     if config is None:
         return config_class(**fields)
     if not isinstance(config, config_class):
