@@ -320,9 +320,11 @@ def _minimal_gguf(path: Path, arch: str, tensors: list[str], layers: int = 2) ->
 
 def test_architectures_whose_layers_are_not_understood_are_refused_with_what_was_found(tmp_path):
     out = tmp_path / "out.gguf"
-    gemma3n = _minimal_gguf(tmp_path / "g.gguf", "gemma3n", ["per_layer_token_embd.weight", "blk.0.attn_norm.weight"])
+    gemma3n = _minimal_gguf(tmp_path / "g.gguf", "gemma3n", ["per_layer_token_embd.weight", "blk.0.attn_norm.weight",
+                                                             "blk.1.attn_norm.weight"])
     _expect_refusal(gemma3n, out, [1], r"\(gemma3n\): its per-layer embeddings .*per_layer_token_embd")
-    vision = _minimal_gguf(tmp_path / "v.gguf", "llama", ["blk.0.attn_norm.weight", "v.blk.0.ln1.weight"])
+    vision = _minimal_gguf(tmp_path / "v.gguf", "llama", ["blk.0.attn_norm.weight", "blk.1.attn_norm.weight",
+                                                          "v.blk.0.ln1.weight"])
     _expect_refusal(vision, out, [1], r"layer tensors outside blk.N \(under v.blk, e.g. v.blk.0.ln1.weight\)")
     beyond = _minimal_gguf(tmp_path / "b.gguf", "llama", ["blk.0.attn_norm.weight", "blk.7.attn_norm.weight"])
     _expect_refusal(beyond, out, [1], r"tensors of layers \[7\] but llama.block_count is 2")
@@ -642,3 +644,68 @@ def test_tiny_pruned_ggufs_of_several_architectures_run_in_llama_cpp(tmp_path, s
     assert text
     prune_gguf(pruned, rewritten, [])
     assert llama_cpp_greedy(rewritten, tokens=8) == text
+
+
+
+# --- structural checks (issue 38): every count bounded, tensors aligned and apart, layers whole -----
+
+
+def _patched(source: Path, target: Path, anchor: bytes, skip: int, fmt: str, value) -> Path:
+    """`source` with the value `skip` bytes after `anchor` (a key's or a tensor's name) overwritten."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    at = data.index(anchor) + len(anchor) + skip
+    struct.pack_into(fmt, data, at, value)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_metadata_array_claiming_more_items_than_the_file_holds_is_refused_at_once(tmp_path):
+    source = tiny_gguf(tmp_path, "llama", Q.Q8_0, {"llama.mystery_table": ([1, 2, 3, 4], T.ARRAY, T.UINT32)})
+    # after the key: its type (u32), the items' type (u32), the count (u64)
+    bad = _patched(source, tmp_path / "huge.gguf", b"llama.mystery_table", 8, "<Q", 2**62)
+    _expect_refusal(bad, tmp_path / "out.gguf", [1], r"the array llama.mystery_table claims 4,611,686,018,427,387,904 "
+                                                     r"items of at least 4 bytes")
+
+
+@pytest.mark.parametrize(("count", "match"), [
+    (8, r"llama.block_count is 8 but layer\(s\) 6, 7 have no tensors"),
+    (2**32 - 1, r"llama.block_count is 4,294,967,295 but layer\(s\) 6, 7, 8, 9, 10, 11, 12, 13, ... have no tensors")])
+def test_a_block_count_beyond_the_layers_with_tensors_is_refused(tmp_path, count, match):
+    source = tiny_gguf(tmp_path, "llama", Q.Q8_0)
+    bad = _patched(source, tmp_path / "count.gguf", b"llama.block_count", 4, "<I", count)  # after its type (u32)
+    _expect_refusal(bad, tmp_path / "out.gguf", [1], match)
+    with pytest.raises(DepthcutError, match=match):
+        open_gguf(bad)  # as analyze and the in-memory load read it
+
+
+def test_a_missing_layer_or_a_missing_tensor_is_refused(tmp_path):
+    out = tmp_path / "out.gguf"
+    kinds = ["attn_norm.weight", "ffn_down.weight"]
+    gap = _minimal_gguf(tmp_path / "gap.gguf", "llama", [f"blk.{i}.{k}" for i in (0, 1, 3) for k in kinds], layers=4)
+    _expect_refusal(gap, out, [1], r"llama.block_count is 4 but layer\(s\) 2 have no tensors")
+    names = [f"blk.{i}.{k}" for i in range(3) for k in kinds]
+    names.remove("blk.1.ffn_down.weight")
+    lacking = _minimal_gguf(tmp_path / "lacking.gguf", "llama", names, layers=3)
+    _expect_refusal(lacking, out, [1], r"layer 1 lacks blk.1.ffn_down.weight, which layer 0 of the same kind has")
+    # layers of different kinds (a hybrid's) are not a missing tensor
+    hybrid = _minimal_gguf(tmp_path / "hybrid.gguf", "llama", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight",
+                                                               "blk.1.ssm_in.weight", "blk.1.ffn_down.weight"])
+    assert open_gguf(hybrid).block_count == 2
+
+
+def test_a_tensor_offset_off_the_alignment_is_refused_not_copied(tmp_path):
+    import gguf as gguf_package
+
+    source = tiny_gguf(tmp_path, "llama", Q.Q8_0)
+    name = b"blk.2.ffn_down.weight"
+    dims = len(gguf_package.GGUFReader(source).get_tensor(0).shape)  # every 2-D weight: 2 dimensions
+    model = open_gguf(source)
+    tensor = next(t for t in model.tensors if t.name == name.decode())
+    relative = tensor.offset - int(model.readers[0].data_offset)
+    assert dims >= 1 and len(tensor.shape) == 2
+    # after the name: the dimension count (u32), the dimensions (u64 each), the type (u32), the offset (u64)
+    bad = _patched(source, tmp_path / "shifted.gguf", name, 4 + 8 * 2 + 4, "<Q", relative + 1)
+    _expect_refusal(bad, tmp_path / "out.gguf", [1], r"tensor 'blk.2.ffn_down.weight' starts at byte .* not on the "
+                                                     r"file's 32-byte alignment")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from depthcut.errors import DepthcutError
+from depthcut.io.gguf_checks import check_header_bounds, check_layers, check_tensor_layout
 from depthcut.io.model_files import plain_file_name
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -122,6 +123,8 @@ def open_gguf(path: str | Path) -> GGUFModel:
     if not path.is_file():
         raise DepthcutError(f"GGUF file {path} does not exist")
     parts = split_parts(path)
+    for part in parts:  # before gguf's reader, which trusts every count it reads
+        check_header_bounds(part)
     readers = [_read(part) for part in parts]
     fields = {name: value for name, value in readers[0].fields.items() if not name.startswith("GGUF.")}
     _check_split(parts, readers)
@@ -139,9 +142,14 @@ def open_gguf(path: str | Path) -> GGUFModel:
             shape = tuple(int(n) for n in reversed(info.shape.tolist()))
             tensors.append(Tensor(info.name, part, int(info.data_offset), int(info.n_bytes), info.tensor_type,
                                   shape, info))
+        check_tensor_layout(part, [t for t in tensors if t.path == part], int(reader.alignment),
+                            int(reader.data_offset))
     if "general.architecture" not in fields:
         raise _corrupt(parts[0], "it has no general.architecture")
-    return GGUFModel(parts[0], parts, fields, tensors, int(readers[0].alignment), readers[0].endianess, readers)
+    model = GGUFModel(parts[0], parts, fields, tensors, int(readers[0].alignment), readers[0].endianess, readers)
+    architecture = model.architecture
+    check_layers(model.path, architecture, model.value(f"{architecture}.block_count"), [t.name for t in tensors])
+    return model
 
 
 def _read(path: Path):

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from depthcut.errors import DepthcutError
+from depthcut.io.gguf_files import open_gguf
 from depthcut.io.safetensors import safetensors_header
 from depthcut.model.layers import text_config
 from depthcut.model.precision import announce, choose_dtype
@@ -61,10 +62,15 @@ except ImportError:  # older safetensors
 
 def check_weights(source: ModelSource) -> None:
     """Read the header of every safetensors file of a local model folder, so that a truncated or
-    corrupt file is named before loading starts (reading a header costs a few kilobytes)."""
+    corrupt file is named before loading starts (reading a header costs a few kilobytes); a GGUF file
+    gets the checks every GGUF path shares (`depthcut.io.gguf_files.open_gguf`: counts bounded by the
+    file, tensors aligned and apart, every layer whole) before transformers reads it."""
 
     folder = Path(source.location)
-    if source.gguf_file or not folder.is_dir():
+    if source.gguf_file:
+        open_gguf(folder / source.gguf_file)
+        return
+    if not folder.is_dir():
         return
     for shard in sorted(folder.glob("*.safetensors")):
         safetensors_header(shard)

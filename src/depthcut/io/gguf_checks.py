@@ -1,0 +1,149 @@
+"""A GGUF file checked as strictly as a safetensors folder, before anything trusts it.
+
+`check_header_bounds` walks the metadata with plain reads before gguf's reader sees the file: every
+count and length must fit in the bytes left (a metadata array that claims 2^62 items in a 5 MB file
+made the reader loop, its memory growing, instead of failing). `check_tensor_layout` then checks what
+the reader parsed: each tensor's bytes start on `general.alignment` inside the data section and
+overlap no other (a shifted offset was copied, re-aligned and so laundered into a valid-looking
+output), and the decoder layers are whole: `<arch>.block_count` equal to the layers that have
+tensors, and no layer missing a tensor kind that a layer of its own kind has (a dropped
+`blk.3.ffn_down.weight` was pruned with exit 0). Hybrid models keep layers of different kinds (an
+attention layer's tensors are no subset of a convolution layer's), so only a layer whose kinds are
+strictly fewer than another's is refused.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from itertools import islice, pairwise
+from pathlib import Path
+
+from depthcut.errors import DepthcutError
+
+MAGIC = b"GGUF"
+STRING, ARRAY = 8, 9
+# bytes of GGUF's scalar value types
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# the fewest bytes one metadata entry and one tensor description take (a key's length and type; a
+# name's length, the dimension count, a dimension, the type and the offset)
+MIN_ENTRY, MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
+BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def _invalid(path: Path, why: str) -> DepthcutError:
+    return DepthcutError(f"{path} is not a valid GGUF file: {why}")
+
+
+class _Reader:
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data, self.at = path, data, 0
+
+    def left(self) -> int:
+        return len(self.data) - self.at
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if size > self.left():
+            raise _invalid(self.path, f"its metadata ends early, at byte {self.at:,}")
+        value = struct.unpack_from(fmt, self.data, self.at)[0]
+        self.at += size
+        return value
+
+    def count(self, what: str, each: int) -> int:
+        """A u64 count of items of at least `each` bytes, bounded by the bytes left."""
+        count = self.take("<Q")
+        if count * each > self.left():
+            raise _invalid(self.path, f"{what} claims {count:,} items of at least {each} bytes, but only "
+                                      f"{self.left():,} bytes are left in the file")
+        return count
+
+    def skip(self, length: int) -> None:
+        self.at += length
+
+    def value(self, kind: int, key: str) -> None:
+        if kind in SCALAR_BYTES:
+            self.take(f"<{SCALAR_BYTES[kind]}s")
+        elif kind == STRING:
+            self.skip(self.count(f"the string of {key}", 1))
+        elif kind == ARRAY:
+            item = self.take("<I")
+            if item in SCALAR_BYTES:
+                self.skip(self.count(f"the array {key}", SCALAR_BYTES[item]) * SCALAR_BYTES[item])
+            elif item in (STRING, ARRAY):
+                for _ in range(self.count(f"the array {key}", 8 if item == STRING else 12)):
+                    self.value(item, key)
+            else:
+                raise _invalid(self.path, f"the array {key} holds items of unknown type {item}")
+        else:
+            raise _invalid(self.path, f"{key} has unknown value type {kind}")
+
+
+def check_header_bounds(path: str | Path, header_bytes: int = 1 << 30) -> None:
+    """Walk the GGUF header of `path` (magic, version, counts, every metadata entry, every tensor
+    description), refusing any count or length larger than the bytes left. Reads the header only (at
+    most `header_bytes`, where a vocabulary's strings are)."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        data = file.read(min(header_bytes, path.stat().st_size))
+    reader = _Reader(path, data)
+    if len(data) < 4 or data[:4] != MAGIC:
+        raise _invalid(path, "it does not start with GGUF")
+    reader.skip(4)
+    if reader.take("<I") not in (2, 3):
+        return  # another version (or a big-endian file): gguf's reader says what it makes of it
+    tensors = reader.count("the tensor count", MIN_TENSOR)
+    entries = reader.count("the metadata count", MIN_ENTRY)
+    for _ in range(entries):
+        length = reader.count("a metadata key", 1)
+        key = data[reader.at : reader.at + length].decode("utf-8", errors="replace")
+        reader.skip(length)
+        reader.value(reader.take("<I"), key)
+    for _ in range(tensors):
+        reader.skip(reader.count("a tensor name", 1))
+        dims = reader.take("<I")
+        if dims > 8:
+            raise _invalid(path, f"a tensor claims {dims} dimensions")
+        reader.skip(8 * dims + 4 + 8)
+    if reader.left() < 0:
+        raise _invalid(path, "its tensor descriptions end past the end of the file")
+
+
+def check_tensor_layout(part: Path, tensors: list, alignment: int, data_start: int) -> None:
+    """The tensors of one file: each starts on `alignment` within the data section (from
+    `data_start`) and overlaps no other."""
+    placed = sorted(tensors, key=lambda t: t.offset)
+    for tensor in placed:
+        if tensor.offset < data_start or (tensor.offset - data_start) % alignment:
+            raise _invalid(part, f"tensor {tensor.name!r} starts at byte {tensor.offset:,}, not on the file's "
+                                 f"{alignment}-byte alignment inside its data section (from byte {data_start:,}): "
+                                 "its offset is corrupt")
+    for first, second in pairwise(placed):
+        if first.offset + first.nbytes > second.offset:
+            raise _invalid(part, f"tensors {first.name!r} and {second.name!r} overlap")
+
+
+def check_layers(path: Path, architecture: str, block_count, tensor_names: list[str]) -> None:
+    """`<arch>.block_count` equal to the layers that have tensors (blk.0 .. blk.N-1, none missing),
+    and no layer missing a tensor kind that another layer of its kind has."""
+    kinds: dict[int, set[str]] = {}
+    for name in tensor_names:
+        if match := BLOCK.match(name):
+            kinds.setdefault(int(match[1]), set()).add(match[2])
+    if not kinds or not isinstance(block_count, int) or isinstance(block_count, bool):
+        return  # not a decoder's layers (or no count): the layer surgery says what it makes of it
+    beyond = sorted(i for i in kinds if i >= block_count)
+    if beyond:
+        raise DepthcutError(f"{path} has tensors of layers {beyond} but {architecture}.block_count is "
+                            f"{block_count}: its layers are not understood")
+    if len(kinds) < block_count:  # the first few missing (a count of 2^32 must not be walked)
+        missing = list(islice((i for i in range(block_count) if i not in kinds), 9))
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise _invalid(path, f"{architecture}.block_count is {block_count:,} but layer(s) {shown} have no tensors "
+                             f"({len(kinds)} layers have): the file is incomplete or its count is wrong")
+    for index, found in sorted(kinds.items()):
+        fuller = next((other for other, theirs in sorted(kinds.items()) if found < theirs), None)
+        if fuller is not None:
+            absent = sorted(kinds[fuller] - found)
+            raise _invalid(path, f"layer {index} lacks {', '.join(f'blk.{index}.{k}' for k in absent[:4])}, "
+                                 f"which layer {fuller} of the same kind has: a tensor is missing")
