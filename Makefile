@@ -42,7 +42,7 @@ experiment: install
 	    --tasks arc_easy,piqa --limit 500 --loss c4 --loss-samples 32 --loss-seq-len 256 \
 	    --heal --heal-steps 50 --heal-seq-len 256 --heal-batch-size 4 --heal-warmup-steps 5 --quiet
 
-# Every test, on two processes (the machines this runs on have 2 cores): about 23 minutes instead of 35.
+# Every test, on two processes (the machines this runs on have 2 cores): 18 minutes on 2 AVX512 cores (2026-12-07).
 test: install
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
