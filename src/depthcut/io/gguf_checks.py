@@ -14,17 +14,21 @@ strictly fewer than another's is refused.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+from collections.abc import Iterator
 from itertools import islice, pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 from depthcut.errors import DepthcutError
 
 MAGIC = b"GGUF"
 STRING, ARRAY = 8, 9
-# bytes of GGUF's scalar value types
-SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# struct formats of GGUF's scalar value types (little-endian, as versions 2 and 3 store them)
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                  12: "<d"}
 # the fewest bytes one metadata entry and one tensor description take (a key's length and type; a
 # name's length, the dimension count, a dimension, the type and the offset)
 MIN_ENTRY, MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
@@ -36,19 +40,22 @@ def _invalid(path: Path, why: str) -> DepthcutError:
 
 
 class _Reader:
-    def __init__(self, path: Path, data: bytes):
-        self.path, self.data, self.at = path, data, 0
+    """Plain reads through a GGUF header, every count bounded by the bytes left in the file: a skip
+    is a seek, so a header of any size costs a few reads, not the header in memory."""
+
+    def __init__(self, path: Path, file: BinaryIO):
+        self.path, self.file = path, file
+        self.size = os.fstat(file.fileno()).st_size
 
     def left(self) -> int:
-        return len(self.data) - self.at
+        return self.size - self.file.tell()
 
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
-        if size > self.left():
-            raise _invalid(self.path, f"its metadata ends early, at byte {self.at:,}")
-        value = struct.unpack_from(fmt, self.data, self.at)[0]
-        self.at += size
-        return value
+        data = self.file.read(size)
+        if len(data) != size:
+            raise _invalid(self.path, f"its metadata ends early, at byte {self.file.tell():,}")
+        return struct.unpack(fmt, data)[0]
 
     def count(self, what: str, each: int) -> int:
         """A u64 count of items of at least `each` bytes, bounded by the bytes left."""
@@ -59,17 +66,26 @@ class _Reader:
         return count
 
     def skip(self, length: int) -> None:
-        self.at += length
+        self.file.seek(length, os.SEEK_CUR)
+
+    def string(self, what: str) -> str:
+        return self.file.read(self.count(what, 1)).decode("utf-8", errors="replace")
+
+    def scalar(self, kind: int):
+        """A scalar value of GGUF type `kind` (an integer, float or bool)."""
+        return self.take(SCALAR_FORMATS[kind])
 
     def value(self, kind: int, key: str) -> None:
-        if kind in SCALAR_BYTES:
-            self.take(f"<{SCALAR_BYTES[kind]}s")
+        """Skip the value of `key` (of GGUF type `kind`), checking every length in it."""
+        if kind in SCALAR_FORMATS:
+            self.skip(struct.calcsize(SCALAR_FORMATS[kind]))
         elif kind == STRING:
             self.skip(self.count(f"the string of {key}", 1))
         elif kind == ARRAY:
             item = self.take("<I")
-            if item in SCALAR_BYTES:
-                self.skip(self.count(f"the array {key}", SCALAR_BYTES[item]) * SCALAR_BYTES[item])
+            if item in SCALAR_FORMATS:
+                size = struct.calcsize(SCALAR_FORMATS[item])
+                self.skip(self.count(f"the array {key}", size) * size)
             elif item in (STRING, ARRAY):
                 for _ in range(self.count(f"the array {key}", 8 if item == STRING else 12)):
                     self.value(item, key)
@@ -79,34 +95,50 @@ class _Reader:
             raise _invalid(self.path, f"{key} has unknown value type {kind}")
 
 
-def check_header_bounds(path: str | Path, header_bytes: int = 1 << 30) -> None:
+def header(path: Path, file: BinaryIO) -> tuple[_Reader, int, int] | None:
+    """(a reader at the first metadata entry, the tensor count, the entry count) of the GGUF `file`,
+    both counts bounded by the file; None for a version other than 2 or 3 (or a big-endian file):
+    gguf's reader says what it makes of those."""
+    reader = _Reader(path, file)
+    if file.read(4) != MAGIC:
+        raise _invalid(path, "it does not start with GGUF")
+    if reader.take("<I") not in (2, 3):
+        return None
+    return reader, reader.count("the tensor count", MIN_TENSOR), reader.count("the metadata count", MIN_ENTRY)
+
+
+def metadata(reader: _Reader, entries: int) -> Iterator[tuple[str, int]]:
+    """(key, value type) of each metadata entry, its value next: the caller may read it (`scalar`,
+    `string`); a value left unread is skipped, every length in it checked."""
+    for _ in range(entries):
+        key = reader.string("a metadata key")
+        kind = reader.take("<I")
+        before = reader.file.tell()
+        yield key, kind
+        if reader.file.tell() == before:
+            reader.value(kind, key)
+
+
+def check_header_bounds(path: str | Path) -> None:
     """Walk the GGUF header of `path` (magic, version, counts, every metadata entry, every tensor
-    description), refusing any count or length larger than the bytes left. Reads the header only (at
-    most `header_bytes`, where a vocabulary's strings are)."""
+    description), refusing any count or length larger than the bytes left, with seeks over the
+    values (a vocabulary's strings are never held in memory)."""
     path = Path(path)
     with open(path, "rb") as file:
-        data = file.read(min(header_bytes, path.stat().st_size))
-    reader = _Reader(path, data)
-    if len(data) < 4 or data[:4] != MAGIC:
-        raise _invalid(path, "it does not start with GGUF")
-    reader.skip(4)
-    if reader.take("<I") not in (2, 3):
-        return  # another version (or a big-endian file): gguf's reader says what it makes of it
-    tensors = reader.count("the tensor count", MIN_TENSOR)
-    entries = reader.count("the metadata count", MIN_ENTRY)
-    for _ in range(entries):
-        length = reader.count("a metadata key", 1)
-        key = data[reader.at : reader.at + length].decode("utf-8", errors="replace")
-        reader.skip(length)
-        reader.value(reader.take("<I"), key)
-    for _ in range(tensors):
-        reader.skip(reader.count("a tensor name", 1))
-        dims = reader.take("<I")
-        if dims > 8:
-            raise _invalid(path, f"a tensor claims {dims} dimensions")
-        reader.skip(8 * dims + 4 + 8)
-    if reader.left() < 0:
-        raise _invalid(path, "its tensor descriptions end past the end of the file")
+        opened = header(path, file)
+        if opened is None:
+            return
+        reader, tensors, entries = opened
+        for _ in metadata(reader, entries):
+            pass
+        for _ in range(tensors):
+            reader.skip(reader.count("a tensor name", 1))
+            dims = reader.take("<I")
+            if dims > 8:
+                raise _invalid(path, f"a tensor claims {dims} dimensions")
+            reader.skip(8 * dims + 4 + 8)
+        if reader.left() < 0:
+            raise _invalid(path, "its tensor descriptions end past the end of the file")
 
 
 def check_tensor_layout(part: Path, tensors: list, alignment: int, data_start: int) -> None:

@@ -8,20 +8,14 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import BinaryIO
 
+from depthcut.errors import DepthcutError
+from depthcut.io.gguf_checks import SCALAR_FORMATS, STRING, header, metadata
 from depthcut.model.source import ModelSource
 
 # The keys that hold a decoder's layer count in config.json (transformers maps the older names onto
 # num_hidden_layers: n_layer for GPT-2 and BLOOM, n_layers for MPT).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers")
-
-GGUF_MAGIC = b"GGUF"
-GGUF_STRING, GGUF_ARRAY = 8, 9
-# struct formats of GGUF's scalar value types (the metadata is little-endian in files of version 2 and 3)
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                12: "<d"}
-LONGEST_GGUF_STRING = 1 << 24  # a longer length means the file is not what its name says: give up
 
 
 def layer_count(source: ModelSource, layer_path: str | None = None) -> int | None:
@@ -70,61 +64,22 @@ def hub_model_cached(repo_id: str) -> bool:
 
 def gguf_block_count(path: Path) -> int | None:
     """`<general.architecture>.block_count` from a GGUF file's metadata, reading only the metadata up
-    to that key (a few kilobytes; the vocabulary arrays usually come after it)."""
+    to that key (a few kilobytes; the vocabulary arrays usually come after it), or None where the file
+    does not tell (`depthcut.io.gguf_checks`' reader: every length bounded by the file)."""
     try:
         with open(path, "rb") as file:
-            if file.read(4) != GGUF_MAGIC or _read(file, "<I") not in (2, 3):
+            opened = header(path, file)
+            if opened is None:
                 return None
-            _read(file, "<Q")  # tensor count
+            reader, _, entries = opened
             architecture = None
-            for _ in range(_read(file, "<Q")):
-                key = _read_string(file)
-                kind = _read(file, "<I")
-                if key == "general.architecture" and kind == GGUF_STRING:
-                    architecture = _read_string(file)
-                elif architecture is not None and key == f"{architecture}.block_count" and kind in GGUF_SCALARS:
-                    count = _read(file, GGUF_SCALARS[kind])
+            for key, kind in metadata(reader, entries):
+                if key == "general.architecture" and kind == STRING:
+                    architecture = reader.string(key)
+                elif architecture is not None and key == f"{architecture}.block_count" and kind in SCALAR_FORMATS:
+                    count = reader.scalar(kind)
                     return count if isinstance(count, int) and count > 0 else None
-                else:
-                    _skip_value(file, kind)
-    except (OSError, ValueError, struct.error):
+    except (OSError, DepthcutError, struct.error):
         return None
     return None
 
-
-def _read(file: BinaryIO, fmt: str):
-    size = struct.calcsize(fmt)
-    data = file.read(size)
-    if len(data) != size:
-        raise ValueError("the GGUF metadata ends early")
-    return struct.unpack(fmt, data)[0]
-
-
-def _read_string(file: BinaryIO) -> str:
-    length = _read(file, "<Q")
-    if length > LONGEST_GGUF_STRING:
-        raise ValueError("not a GGUF string")
-    return file.read(length).decode("utf-8", errors="replace")
-
-
-def _skip_value(file: BinaryIO, kind: int) -> None:
-    if kind in GGUF_SCALARS:
-        file.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
-    elif kind == GGUF_STRING:
-        file.seek(_skip_length(file), 1)
-    elif kind == GGUF_ARRAY:
-        item, count = _read(file, "<I"), _read(file, "<Q")
-        if item in GGUF_SCALARS:
-            file.seek(struct.calcsize(GGUF_SCALARS[item]) * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(file, item)
-    else:
-        raise ValueError(f"unknown GGUF value type {kind}")
-
-
-def _skip_length(file: BinaryIO) -> int:
-    length = _read(file, "<Q")
-    if length > LONGEST_GGUF_STRING:
-        raise ValueError("not a GGUF string")
-    return length
