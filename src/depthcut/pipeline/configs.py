@@ -364,7 +364,7 @@ class GenerateConfig(ModelOptions):
 
 
 @dataclass(kw_only=True)
-class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
+class ShrinkConfig(DeviceMapOption, ValidationOptions, OutputOptions, DataOptions, ModelOptions):
     samples: int | None = option(None, help=REPAIR_SAMPLES_HELP, show_default=False)
     drop: int | None = option(None, group=CANDIDATES, exclusive="size", help="number of layers to remove")
     fraction: float | None = option(None, group=CANDIDATES, exclusive="size",
@@ -411,6 +411,12 @@ class ShrinkConfig(ValidationOptions, OutputOptions, DataOptions, ModelOptions):
                                          "--baseline`), e.g. retained; the results go to OUT/eval.json",
                                     show_default=False)
     limit: int | None = option(None, help="with --tasks: a seeded random subset of N documents per task")
+    stream: bool = option(False, help="layer by layer: every phase (analysis, repair sums, the scoring of every "
+                                      "option at once) holds one decoder layer at a time, read from the "
+                                      "safetensors shards or dequantized from the GGUF; automatic where a local "
+                                      "model would not fit in memory")
+    spill_dir: str | None = option(None, metavar="DIR",
+                                   help="where --stream keeps what does not fit in memory (default: the temp folder)")
 
     def recipe(self) -> HealRecipe:
         """The winner's heal: the paper's LoRA settings, a warmup of a tenth of the (few) steps."""
