@@ -164,9 +164,11 @@ def _recording_layers(stack: LayerStack, record, style):
             del layer.forward
 
 
-def _record_layer_calls(model, stack: LayerStack, batches: list, device: torch.device, progress: bool) -> list:
-    """Run every batch through the model (embeddings loaded, layers not) and return, per batch,
-    the call each decoder layer received. The first batch finds how layers return their output."""
+def record_layer_calls(model, stack: LayerStack, batches: list, device: torch.device, progress: bool
+                       ) -> tuple[list, object]:
+    """Run every batch through the model (embeddings loaded, layers not) and return (per batch, the call
+    each decoder layer received; how the layers hand their hidden state back: a function of it). The first
+    batch finds that style."""
     failures = []
 
     def record(input_ids, attention_mask, style) -> list | None:
@@ -194,7 +196,7 @@ def _record_layer_calls(model, stack: LayerStack, batches: list, device: torch.d
                 raise DepthcutError(f"could not replay the decoder layers of {type(model).__name__} one at a time "
                                     f"({'; '.join(failures) or 'the layers saw hidden states of changing shapes'})")
         calls.append(batch_calls)
-    return calls
+    return calls, styles[0]
 
 
 def stream_states(
@@ -314,7 +316,7 @@ def _embed(model, stack: LayerStack, reader: CheckpointReader, batches: list, dt
     skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # tied: the embeddings stay
     skip |= {id(p) for p in stack.layers.parameters()}
     resident = load_parameters(model, parameter_keys(model, "", reader, skip), reader, dtype, device)
-    calls = _record_layer_calls(model, stack, batches, device, progress)
+    calls, _ = record_layer_calls(model, stack, batches, device, progress)
     entering = [first_tensor(*batch_calls[0]) for batch_calls in calls]
     # The embeddings are done with; the layers' own buffers (OpenAI GPT's causal mask) are still to be used.
     layer_buffers = [(module, name, buffer) for module in stack.layers.modules()

@@ -85,6 +85,42 @@ def _valid(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask[1:] * attention_mask[:-1]).bool()
 
 
+class ReferenceBuilder:
+    """`ReferencePredictions` built a batch of logits at a time (`add`), from any forward pass: the model's
+    own (`reference_predictions`) or the layer-major scoring's (`depthcut.evaluation.streamed_scores`)."""
+
+    def __init__(self, windows: CalibrationSet, store=None):
+        self.windows = windows
+        self.store = store if store is not None else MemoryProbabilities()
+        self.negentropy, self.mass, self.loss = [], [], []
+
+    def add(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The next batch of windows (in order): their (rows, T, V) logits, input ids and attention mask."""
+        for row in range(input_ids.shape[0]):
+            row_negentropy, row_mass = _store_probabilities(logits[row, :-1], self.store)
+            self.negentropy.append(row_negentropy)
+            valid = _valid(attention_mask[row])
+            nll = _next_token_loss(logits[row, :-1], input_ids[row, 1:])
+            self.loss.append(float(nll[valid].mean()) if valid.any() else float("nan"))
+            self.mass.append(row_mass)
+
+    def finish(self, entering: dict[int, torch.Tensor] | None = None) -> ReferencePredictions:
+        return ReferencePredictions(self.windows, self.store, self.negentropy, self.mass, entering or {}, self.loss)
+
+
+def add_batch_scores(scores: WindowScores, logits: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, reference: ReferencePredictions, first_window: int) -> None:
+    """Score a batch of a candidate's (rows, T, V) logits, windows `first_window`.. of `reference`, into
+    `scores` (a window with no predicted token is left out, as everywhere)."""
+    for row in range(input_ids.shape[0]):
+        valid = _valid(attention_mask[row])
+        if not valid.any():
+            continue
+        per_token_kl, nll = _token_scores(logits[row, :-1], input_ids[row, 1:], reference, first_window + row)
+        scores.kl.append(float(per_token_kl[valid].mean()))
+        scores.loss.append(float(nll[valid].mean()))
+
+
 @torch.inference_mode()
 def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, entering: Iterable[int] = (),
                           layer_path: str | None = None, store=None) -> ReferencePredictions:
@@ -92,8 +128,7 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
     them, in `store`: in memory unless a `DiskProbabilities` is given), and the residual stream entering
     each layer of `entering`."""
     device = next(model.parameters()).device
-    store = store if store is not None else MemoryProbabilities()
-    negentropy, mass, loss = [], [], []
+    built = ReferenceBuilder(windows, store)
     states, handles, unusable, batch = {}, [], set(), [None]
     shape = tuple(windows.input_ids.shape)
     if entering:
@@ -109,25 +144,19 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
                 if index not in states:
                     states[index] = torch.zeros(*shape, hidden.shape[-1], dtype=hidden.dtype)
                 rows, width = hidden.shape[:2]
-                states[index][len(store) : len(store) + rows, :width] = hidden.detach().cpu()
+                done = len(built.store)
+                states[index][done : done + rows, :width] = hidden.detach().cpu()
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
     try:
         for input_ids, attention_mask in windows.batches(batch_size):
             batch[0] = tuple(input_ids.shape)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits
-            for row in range(input_ids.shape[0]):
-                row_negentropy, row_mass = _store_probabilities(logits[row, :-1], store)
-                negentropy.append(row_negentropy)
-                valid = _valid(attention_mask[row])
-                nll = _next_token_loss(logits[row, :-1], input_ids[row, 1:])
-                loss.append(float(nll[valid].mean()) if valid.any() else float("nan"))
-                mass.append(row_mass)
+            built.add(logits, input_ids, attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    return ReferencePredictions(windows, store, negentropy, mass, {i: v for i, v in states.items() if i not in unusable},
-                                loss)
+    return built.finish({i: v for i, v in states.items() if i not in unusable})
 
 
 @torch.inference_mode()
@@ -139,7 +168,7 @@ def window_scores(model, reference: ReferencePredictions, batch_size: int = 8, e
     reference kept the stream entering it): its first layer is fed that stream instead of what its
     embeddings give."""
     device = next(model.parameters()).device
-    kl, loss, index = [], [], 0
+    scores, index = WindowScores([], []), 0
     handle = None
     if entering is not None:
         states = reference.entering[entering]
@@ -153,18 +182,12 @@ def window_scores(model, reference: ReferencePredictions, batch_size: int = 8, e
         for input_ids, attention_mask in reference.windows.batches(batch_size):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits
-            for row in range(input_ids.shape[0]):
-                valid = _valid(attention_mask[row])
-                if not valid.any():
-                    continue
-                per_token_kl, nll = _token_scores(logits[row, :-1], input_ids[row, 1:], reference, index + row)
-                kl.append(float(per_token_kl[valid].mean()))
-                loss.append(float(nll[valid].mean()))
+            add_batch_scores(scores, logits, input_ids, attention_mask, reference, index)
             index += input_ids.shape[0]
     finally:
         if handle is not None:
             handle.remove()
-    return WindowScores(kl, loss)
+    return scores
 
 
 def _token_chunks(tokens: int, vocabulary: int):
