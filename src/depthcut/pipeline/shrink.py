@@ -33,8 +33,8 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples
-from depthcut.pipeline.shrink_fits import every_block_gatherer
-from depthcut.pipeline.shrink_options import Option, may_keep, plain_cuts, scored_options, standing
+from depthcut.pipeline.shrink_fits import BlockFits, every_block_gatherer
+from depthcut.pipeline.shrink_options import MemoryScorer, Option, may_keep, plain_cuts, scored_options, standing
 from depthcut.pipeline.shrink_search import greedy_search, search_cost
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
 from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
@@ -203,7 +203,11 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
                                  config.layer_path, config.allow_unknown_config)
         seconds["references"] = time.perf_counter() - references_started
-        options = scored_options(model, candidates, repairs, samples, predictions, config, seconds, gathered)
+        fits_started = time.perf_counter()
+        fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
+                         config, gathered)
+        seconds["fit_passes"] = time.perf_counter() - fits_started
+        options = scored_options(MemoryScorer(model, predictions, config), fits, candidates, repairs, config, seconds)
         winner = _decide(options, config, unpruned_losses(predictions))
         healed = None
         if config.heal_steps:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from depthcut.errors import DepthcutError
 from depthcut.pipeline.configs import ShrinkConfig
-from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, BlockFits
+from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY
 from depthcut.pipeline.shrink_steps import minutes
 from depthcut.pipeline.shrink_table import contiguous, span
 from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut, unpruned_losses
@@ -55,9 +55,30 @@ class Option:
                 **({"screening": {name: s.summary() for name, s in self.screening.items()}} if self.screening else {})}
 
 
-def scored_options(model, candidates, repairs, samples, predictions, config, seconds: dict,
-                   gathered: dict | None = None) -> list[Option]:
-    """Every candidate, plain and with each repair, scored on the validation windows, with the time left.
+class MemoryScorer:
+    """Scores options one after another on the model in memory (each cut and repaired for its scoring
+    only), against references computed before (`validation.references`)."""
+
+    def __init__(self, model, predictions: dict, config: ShrinkConfig):
+        self.model, self.predictions, self.config = model, predictions, config
+
+    def windows(self) -> int:
+        return min(len(reference) for reference in self.predictions.values())
+
+    def score(self, options: list[Option], fits, part: tuple[int, int] | None, phase: str) -> None:
+        """Score `options` on windows [start, stop) of every source (`part`; None: all), added to what each
+        scored already."""
+        predictions = self.predictions if part is None else {
+            name: reference.subset(*part) for name, reference in self.predictions.items()}
+        _score(self.model, options, fits, predictions, self.config, phase)
+
+    def unpruned_losses(self) -> dict[str, list[float]]:
+        return unpruned_losses(self.predictions)
+
+
+def scored_options(scorer, fits, candidates, repairs, config, seconds: dict) -> list[Option]:
+    """Every candidate, plain and with each repair, scored on the validation windows by `scorer`
+    (`MemoryScorer`, or the layer-major one of `shrink_streamed`) with the repairs of `fits` (`BlockFits`).
 
     Screening (`--screen-windows` below the windows per source, more candidate blocks than
     `--finalists`): every option but the costly cosine fit is scored on the first windows of each
@@ -65,30 +86,25 @@ def scored_options(model, candidates, repairs, samples, predictions, config, sec
     rest (the scores concatenated: the same windows as without screening). The other blocks stay in
     the table with their screening scores, out of the choice. A repair that refines another (cosine
     starts from lstsq's map) is fitted last, and only where the one it refines beats the plain cut of
-    its block and is not beaten beyond the margin by the leading option (`refinements`). `gathered`:
-    repair sums the analysis pass gathered (`BlockFits`). `seconds` gains the time each step took."""
+    its block and is not beaten beyond the margin by the leading option (`refinements`). `seconds`
+    gains the time each step took."""
     options = [Option(layers, found_by, method) for layers, found_by in candidates for method in repairs]
-    started = time.perf_counter()
-    fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,
-                     config, gathered)
-    seconds["fit_passes"] = time.perf_counter() - started
     for option in options:  # refusals are known before any scoring: said as such, screened or not
         refusal = fits.refused.get(tuple(option.layers), {}).get(option.repair)
         if refusal is not None:
             option.refused = str(refusal)
     screen = config.screen_windows
-    screening = 0 < screen < min(len(r) for r in predictions.values()) and len(candidates) > config.finalists
+    windows = scorer.windows()
+    screening = 0 < screen < windows and len(candidates) > config.finalists
     first_fits = [o for o in options if not _deferred(o.repair)]
     if not screening:
         started = time.perf_counter()
-        _score(model, first_fits, fits, predictions, config, "scoring")
-        _score_refinements(model, options, fits, predictions, config)
+        scorer.score(first_fits, fits, None, "scoring")
+        _score_refinements(scorer, options, fits, config)
         seconds["scoring"] = time.perf_counter() - started
         return options
     started = time.perf_counter()
-    first = {name: reference.subset(0, screen) for name, reference in predictions.items()}
-    rest = {name: reference.subset(screen, len(reference)) for name, reference in predictions.items()}
-    _score(model, first_fits, fits, first, config, "screening")
+    scorer.score(first_fits, fits, (0, screen), "screening")
     for option in options:
         option.screening = dict(option.scores)
     seconds["screening"] = time.perf_counter() - started
@@ -110,8 +126,9 @@ def scored_options(model, candidates, repairs, samples, predictions, config, sec
                           f"{best[tuple(option.layers)]:.4f}, the finalists' at most {cutoff:.4f}"
                           if option.scores else "not fitted: its block was screened out")
     chosen = [o for o in options if tuple(o.layers) in finalists]
-    _score(model, [o for o in chosen if o.scores], fits, rest, config, "finalists")  # the screening scored the rest
-    _score_refinements(model, chosen, fits, predictions, config)
+    # the screening scored the first windows: the finalists' options the rest
+    scorer.score([o for o in chosen if o.scores], fits, (screen, windows), "finalists")
+    _score_refinements(scorer, chosen, fits, config)
     seconds["finalists"] = time.perf_counter() - started
     return options
 
@@ -221,14 +238,16 @@ def _leader(options: list[Option], config: ShrinkConfig, unpruned: dict | None =
     return min(eligible, key=lambda o: o.score(config.aggregate), default=None)
 
 
-def _score_refinements(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig) -> None:
+def _score_refinements(scorer, options: list[Option], fits, config: ShrinkConfig) -> None:
     """Fit and score `refinements(options)` on every window (token rows gathered for them first)."""
-    to_fit = refinements(options, config, unpruned_losses(predictions))
+    to_fit = refinements(options, config, scorer.unpruned_losses())
+    if not to_fit:
+        return
     fits.gather_rows(list({tuple(o.layers): o.layers for o in to_fit}.values()))
-    _score(model, to_fit, fits, predictions, config, "refinements")
+    scorer.score(to_fit, fits, None, "refinements")
 
 
-def _score(model, options: list[Option], fits: BlockFits, predictions, config: ShrinkConfig, phase: str) -> None:
+def _score(model, options: list[Option], fits, predictions, config: ShrinkConfig, phase: str) -> None:
     """Score each option on `predictions`' windows (added to what it scored already), fitting its repair
     on first use; a repair that refuses the cut marks the option refused."""
     started = time.perf_counter()
