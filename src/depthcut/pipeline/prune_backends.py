@@ -135,8 +135,13 @@ class StreamedRepair(PruneBackend):
     dequantized to F32; every other tensor is copied)."""
 
     changed: dict | None = None
+    # (what provenance records, the changed tensors) of a repair fitted and scored already (`shrink --stream`)
+    fitted: tuple[dict, dict] | None = None
 
     def repair(self, removed):
+        if self.fitted is not None:
+            record, self.changed = self.fitted
+            return record
         if self.config.repair == "none":
             return None
         fit, self.changed = repair_streamed(self.config, self.source, removed)
