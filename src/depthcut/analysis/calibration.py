@@ -37,6 +37,22 @@ class CalibrationSet:
             width = int(mask.sum(dim=1).max())
             yield self.input_ids[start : start + batch_size, :width], mask[:, :width]
 
+    def subset(self, start: int, stop: int | None = None) -> CalibrationSet:
+        """Rows [start, stop)."""
+        return CalibrationSet(self.input_ids[start:stop], self.attention_mask[start:stop], self.description,
+                              self.mode, self.seed)
+
+    def joined(self, other: CalibrationSet) -> CalibrationSet:
+        """These rows, then `other`'s (the shorter padded on the right), described as these."""
+        width = max(self.input_ids.shape[1], other.input_ids.shape[1])
+
+        def padded(tensor):
+            return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+        return CalibrationSet(torch.cat([padded(self.input_ids), padded(other.input_ids)]),
+                              torch.cat([padded(self.attention_mask), padded(other.attention_mask)]),
+                              self.description, self.mode, self.seed)
+
     def as_dict(self) -> dict:
         return {
             "source": self.description,

@@ -14,7 +14,8 @@ import logging
 import math
 import time
 
-from depthcut.analysis.passes import analyze
+from depthcut.analysis.checkpoint import open_checkpoint
+from depthcut.analysis.passes import analyze, analyze_streamed
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.tasks import resolve_tasks
 from depthcut.io.claims import claimed_for_writing
@@ -23,8 +24,10 @@ from depthcut.io.model_folder import parameter_count
 from depthcut.io.output_checks import check_no_overlap
 from depthcut.model.distributed import is_main_process
 from depthcut.model.layers import find_layer_stack, text_config
-from depthcut.model.loading import resolve_model
+from depthcut.model.loading import resolve_device, resolve_model
+from depthcut.model.precision import choose_dtype
 from depthcut.model.surgery import remove_layers
+from depthcut.pipeline.analyze import should_stream
 from depthcut.pipeline.common import check_data_options, check_positive, load
 from depthcut.pipeline.configs import PruneConfig, ShrinkConfig
 from depthcut.pipeline.options import make_config
@@ -32,11 +35,18 @@ from depthcut.pipeline.preflight import check_before_loading
 from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
-from depthcut.pipeline.prune_repair import repair_record, repair_samples
+from depthcut.pipeline.prune_repair import repair_record, repair_samples, tokenizer_of
 from depthcut.pipeline.shrink_fits import BlockFits, every_block_gatherer
 from depthcut.pipeline.shrink_options import MemoryScorer, Option, may_keep, plain_cuts, scored_options, standing
 from depthcut.pipeline.shrink_search import greedy_search, search_cost
-from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, plan_for_budget
+from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, peak_memory_bytes, plan_for_budget
+from depthcut.pipeline.shrink_streamed import (
+    StreamedBlockFits,
+    StreamedScorer,
+    check_streamable,
+    checkpoint_location,
+    streamed_writer,
+)
 from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
 from depthcut.pipeline.validation import references, unpruned_losses, validation_sets
 from depthcut.repair import REPAIRS
@@ -160,15 +170,17 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
     _check(config)
     check_no_overlap([config.model, config.data, *config.validate], config.out)
     started = time.perf_counter()
+    source = resolve_model(config.model)
+    streamed = should_stream(config, source)
+    if streamed:
+        check_streamable(config, source)
     with claimed_for_writing(config.out, config.force, kind="file" if gguf_output(config.out) else "dir",
                              writer=is_main_process()):
+        if streamed:
+            return _shrink_streamed(config, source, started)
         model, tokenizer, source = load(config, quiet=config.quiet)
         num_layers = len(find_layer_stack(model, config.layer_path))
-        if config.params is not None:
-            drop = drop_for_params(model, config.layer_path, parse_count(config.params))
-        else:
-            drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
-        check_drop(drop, num_layers)
+        drop = _drop(config, model, num_layers)
         # the repairs' own split, sized for the widest fit asked for
         samples = repair_samples(config, tokenizer, text_config(model).hidden_size, config.repairs)
         log.info("shrink: analyzing %s to find candidate blocks ...", samples.data)
@@ -182,16 +194,8 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         gathered = gatherer.result() if gatherer else {}
         analysis_seconds = time.perf_counter() - analysis_started
         repairs = list(dict.fromkeys(["none", *config.repairs]))
-        plan = None
-        if config.budget is not None:
-            plan = plan_for_budget(config, analysis_seconds, len(samples.calibration), len(config.validation_sources()),
-                                   len(repairs), time.perf_counter() - started, sums_gathered=bool(gathered))
-            log.info("shrink: --budget %g min: %s", config.budget, plan.why)
-            config = dataclasses.replace(config, validation_windows=plan.validation_windows)
-        prune_view = PruneConfig(model=config.model, out=config.out, layer_path=config.layer_path,
-                                 allow_unknown_config=config.allow_unknown_config,
-                                 trust_remote_code=config.trust_remote_code)
-        candidates = _candidates(config, analysis, drop, cut_refusal(model, prune_view))
+        plan, config = _plan(config, analysis_seconds, samples, repairs, started, bool(gathered))
+        candidates = _candidates(config, analysis, drop, cut_refusal(model, _prune_view(config)))
         if plan is not None:
             candidates = candidates[: plan.candidates]
         validation = validation_sets(config, tokenizer, samples.held_out)
@@ -217,35 +221,16 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
             options.append(row)
             if healed.kept:
                 winner = row
-        selection = {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only where its "
-                             f"KL is lower than its plain cut's beyond {config.margin:g} paired standard errors and "
-                             "no source's loss higher beyond as many, a cut that is not one block only where it beats "
-                             "the best plain block so"
-                             + (", a heal only where it beats the unhealed winner so" if healed else ""),
-                     "validation": {name: windows.as_dict() for name, windows in validation.items()},
-                     "options": [o.row(config.aggregate) for o in options], "winner": winner.row(config.aggregate),
-                     "runner_up": standing(options, winner, config), "aggregate": config.aggregate,
-                     "margin": config.margin,
-                     "analysis_seconds": round(analysis_seconds, 2),
-                     "seconds": {step: round(value, 2) for step, value in seconds.items()},
-                     "finalists": config.finalists, "screen_windows": config.screen_windows,
-                     "budget": plan.as_dict() if plan else None,
-                     "heal": healed.heal if healed else None, "search": search}
+        selection = _selection(config, validation, options, winner, seconds, plan, healed, search)
         strategy = f"shrink ({winner.found_by})"
-        repair_method = winner.repair.removesuffix("+heal")
-        prune = PruneConfig(model=config.model, out=config.out, force=config.force, quiet=config.quiet,
-                            layers=",".join(map(str, winner.layers)), repair=repair_method, data=config.data,
-                            text_field=config.text_field, samples=config.samples, seq_len=config.seq_len,
-                            batch_size=config.batch_size, sample_mode=config.sample_mode, seed=config.seed,
-                            dtype=config.dtype, device=config.device, layer_path=config.layer_path,
-                            trust_remote_code=config.trust_remote_code,
-                            allow_unknown_config=config.allow_unknown_config)
+        prune = _prune_config(config, winner)
         base = _base_option(options, winner)  # the training-free option the winner is or grew from
+        record = _repair_provenance(prune, options, base, samples, validation, config)
         if gguf_output(config.out):  # a GGUF written tensor by tensor, each kept one in its quantization
             del model, healed
-            result = prune_with(prune, None, selection=selection, strategy=strategy)
+            backend = streamed_writer(prune, source, base.fit, record)  # the repair as scored, not fitted again
+            result = prune_with(prune, None, selection=selection, strategy=strategy, backend=backend)
         else:  # written as scored, in the dtype it was scored in: not fitted again, not loaded again
-            record = _repair_provenance(prune, options, base, samples, validation, config)
             if healed is not None and healed.kept:
                 written, before, rewrite = healed.model, healed.parameters_before, healed.rewrite
             else:
@@ -259,6 +244,105 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         if config.tasks:
             result.evaluation = evaluate_winner(config)  # OUT/eval.json: depthcut.json stays as written
         return result
+
+
+def _drop(config: ShrinkConfig, model, num_layers: int) -> int:
+    """The layers to remove: --drop, --fraction of the layers, or as few as bring the model to --params."""
+    if config.params is not None:
+        drop = drop_for_params(model, config.layer_path, parse_count(config.params))
+    else:
+        drop = config.drop if config.drop is not None else max(1, round(config.fraction * num_layers))
+    check_drop(drop, num_layers)
+    return drop
+
+
+def _plan(config: ShrinkConfig, analysis_seconds: float, samples, repairs: list[str], started: float,
+          sums_gathered: bool) -> tuple:
+    """(the `--budget` plan or None, the config with its validation windows)."""
+    if config.budget is None:
+        return None, config
+    plan = plan_for_budget(config, analysis_seconds, len(samples.calibration), len(config.validation_sources()),
+                           len(repairs), time.perf_counter() - started, sums_gathered=sums_gathered)
+    log.info("shrink: --budget %g min: %s", config.budget, plan.why)
+    return plan, dataclasses.replace(config, validation_windows=plan.validation_windows)
+
+
+def _prune_view(config: ShrinkConfig) -> PruneConfig:
+    """The prune options that decide which cuts the architecture allows."""
+    return PruneConfig(model=config.model, out=config.out, layer_path=config.layer_path,
+                       allow_unknown_config=config.allow_unknown_config, trust_remote_code=config.trust_remote_code)
+
+
+def _prune_config(config: ShrinkConfig, winner: Option, stream: bool = False) -> PruneConfig:
+    """What `depthcut prune` is asked to write: the winner's layers and repair, with the shrink's settings."""
+    return PruneConfig(model=config.model, out=config.out, force=config.force, quiet=config.quiet,
+                       layers=",".join(map(str, winner.layers)), repair=winner.repair.removesuffix("+heal"),
+                       data=config.data, text_field=config.text_field, samples=config.samples, seq_len=config.seq_len,
+                       batch_size=config.batch_size, sample_mode=config.sample_mode, seed=config.seed,
+                       dtype=config.dtype, device=config.device, layer_path=config.layer_path,
+                       trust_remote_code=config.trust_remote_code, allow_unknown_config=config.allow_unknown_config,
+                       stream=stream)
+
+
+def _selection(config: ShrinkConfig, validation: dict, options: list[Option], winner: Option, seconds: dict,
+               plan, healed, search: dict) -> dict:
+    """The decision table and how it was made, as depthcut.json's `selection` records it."""
+    return {"rule": f"lowest validation KL ({config.aggregate} over sources); a repair kept only where its "
+                    f"KL is lower than its plain cut's beyond {config.margin:g} paired standard errors and "
+                    "no source's loss higher beyond as many, a cut that is not one block only where it beats "
+                    "the best plain block so"
+                    + (", a heal only where it beats the unhealed winner so" if healed else ""),
+            "validation": {name: windows.as_dict() for name, windows in validation.items()},
+            "options": [o.row(config.aggregate) for o in options], "winner": winner.row(config.aggregate),
+            "runner_up": standing(options, winner, config), "aggregate": config.aggregate,
+            "margin": config.margin,
+            "analysis_seconds": round(seconds["analysis"], 2),
+            "seconds": {step: round(value, 2) for step, value in seconds.items()},
+            "finalists": config.finalists, "screen_windows": config.screen_windows,
+            "budget": plan.as_dict() if plan else None,
+            "heal": healed.heal if healed else None, "search": search,
+            "peak_memory_bytes": peak_memory_bytes()}
+
+
+def _shrink_streamed(config: ShrinkConfig, source, started: float) -> PruneResult:
+    """`shrink_to` for a checkpoint never loaded whole (`shrink_streamed`): the same choice, every phase a
+    walk over the layers holding one at a time."""
+    location = checkpoint_location(source)
+    device = resolve_device(config.device)
+    choice = choose_dtype(config.dtype, device)
+    skeleton, _, _ = open_checkpoint(location, choice.dtype, device, config.trust_remote_code)
+    num_layers = len(find_layer_stack(skeleton, config.layer_path))
+    drop = _drop(config, skeleton, num_layers)
+    tokenizer = tokenizer_of(source, config.trust_remote_code)
+    samples = repair_samples(config, tokenizer, text_config(skeleton).hidden_size, config.repairs)
+    log.info("shrink: analyzing %s one layer at a time (%s) ...", samples.data, choice.dtype)
+    analysis_started = time.perf_counter()
+    analysis = analyze_streamed(location, tokenizer, samples.calibration, dtype=config.dtype, device=device,
+                                layer_path=config.layer_path, batch_size=config.batch_size,
+                                metrics=list(config.metrics), token_positions=config.token_positions,
+                                progress=not config.quiet, trust_remote_code=config.trust_remote_code,
+                                spill_dir=config.spill_dir)
+    seconds = {"analysis": time.perf_counter() - analysis_started}
+    repairs = list(dict.fromkeys(["none", *config.repairs]))
+    plan, config = _plan(config, seconds["analysis"], samples, repairs, started, False)
+    candidates = _candidates(config, analysis, drop, cut_refusal(skeleton, _prune_view(config)))
+    if plan is not None:
+        candidates = candidates[: plan.candidates]
+    validation = validation_sets(config, tokenizer, samples.held_out)
+    fits_started = time.perf_counter()
+    fits = StreamedBlockFits(location, skeleton, [layers for layers, _ in candidates],
+                             [m for m in repairs if m != "none"], samples, config, choice.dtype, device)
+    seconds["fit_passes"] = time.perf_counter() - fits_started
+    scorer = StreamedScorer(location, validation, config, choice.dtype, device)
+    options = scored_options(scorer, fits, candidates, repairs, config, seconds)
+    winner = _decide(options, config, scorer.unpruned_losses())
+    selection = _selection(config, validation, options, winner, seconds, plan, None, {"method": "none"})
+    selection["streamed"] = {"walks": scorer.walks, "dtype": str(choice.dtype).removeprefix("torch.")}
+    prune = _prune_config(config, winner, stream=True)
+    base = _base_option(options, winner)
+    backend = streamed_writer(prune, source, base.fit,
+                              _repair_provenance(prune, options, base, samples, validation, config))
+    return prune_with(prune, None, selection=selection, strategy=f"shrink ({winner.found_by})", backend=backend)
 
 
 def _search(model, validation, drop: int, config: ShrinkConfig, candidates: list, seconds_per_window: float,

@@ -99,17 +99,7 @@ class BlockFits:
 
     def get(self, layers: list[int], method: str) -> RepairFit:
         """The fit of `method` for cutting `layers`; `DepthcutError` where the method refuses this cut."""
-        block = tuple(layers)
-        if method in self.refused[block]:
-            raise self.refused[block][method]
-        if method not in self.fits[block]:
-            statistics = self.statistics.get(block)
-            if statistics is None or method not in statistics.methods:
-                self.gather_rows([layers])
-                statistics = self.statistics[block]
-            self.fits[block][method] = fit_judged(method, statistics, self.judged[block],
-                                                  **self.fit_options.get(method, {}))
-        return self.fits[block][method]
+        return get_fit(self, layers, method)
 
     def gather_rows(self, blocks: list[list[int]]) -> None:
         """One more pass, for the `blocks` (of those asked for) that lack the token rows their methods need."""
@@ -122,3 +112,19 @@ class BlockFits:
         if missing:
             log.info("shrink: gathering token rows for %d block(s) ...", len(missing))
             self.statistics.update(block_statistics(self.model, self.samples.calibration, missing, **self.gather))
+
+
+def get_fit(fits, layers: list[int], method: str) -> RepairFit:
+    """The fit of `method` for cutting `layers` from `fits` (a `BlockFits`, or the streamed one), made on
+    first use from its statistics (gathering token rows first where they are missing)."""
+    block = tuple(layers)
+    if method in fits.refused[block]:
+        raise fits.refused[block][method]
+    if method not in fits.fits[block]:
+        statistics = fits.statistics.get(block)
+        if statistics is None or method not in statistics.methods:
+            fits.gather_rows([layers])
+            statistics = fits.statistics[block]
+        fits.fits[block][method] = fit_judged(method, statistics, fits.judged[block],
+                                              **fits.fit_options.get(method, {}))
+    return fits.fits[block][method]

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -130,3 +131,8 @@ def evaluate_winner(config: ShrinkConfig) -> dict:
 
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{math.ceil(seconds)} s"
+
+
+def peak_memory_bytes() -> int:
+    """The most resident memory this process has held so far (Linux counts it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,147 @@
+"""What `depthcut shrink --stream` does in place of the in-memory steps, for a checkpoint never loaded
+whole (a safetensors folder, or a .gguf file dequantized a tensor at a time): the repairs of every
+candidate block from one layer-by-layer pass (`StreamedBlockFits`), every option scored in one walk
+over the layers per phase (`StreamedScorer`, `evaluation.streamed_scores`: the references ride on
+it), and the winner written shard by shard or tensor by tensor, its repair folded into just the
+tensors it changes, as fitted and scored (`streamed_writer`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from depthcut.errors import DepthcutError
+from depthcut.evaluation.streamed_scores import Trial, stream_scores
+from depthcut.model.layers import find_layer_stack
+from depthcut.pipeline.configs import ShrinkConfig
+from depthcut.pipeline.prune import gguf_output
+from depthcut.pipeline.prune_backends import backend_for
+from depthcut.pipeline.shrink_fits import get_fit
+from depthcut.repair import REPAIRS, check_repair
+from depthcut.repair.streamed import folded_tensors
+from depthcut.repair.streamed_blocks import streamed_block_statistics
+
+log = logging.getLogger(__name__)
+
+
+def check_streamable(config: ShrinkConfig, source) -> None:
+    """What the layer-major shrink does not do, refused before any work with what to do instead."""
+    if config.device_map:
+        raise DepthcutError("--stream and --device-map exclude each other: streaming holds one layer at a time")
+    if config.heal_steps:
+        raise DepthcutError("--heal-steps trains the winner in memory, which --stream avoids: shrink with --stream, "
+                            "then heal the written model (`depthcut heal`) where it fits")
+    if config.search != "none":
+        raise DepthcutError(f"--search {config.search} is not layer-major yet (each step would walk the layers "
+                            "again): leave it out with --stream")
+    if config.tasks:
+        raise DepthcutError("--tasks loads both models whole: shrink with --stream, then run `depthcut eval` on "
+                            "what it wrote")
+    if source.gguf_file and not gguf_output(config.out):
+        raise DepthcutError(f"a streamed shrink of {source.gguf_file} writes a .gguf file, tensor by tensor: give a "
+                            f"--out ending in .gguf (or shrink without --stream to a folder)")
+
+
+def checkpoint_location(source) -> Path:
+    return Path(source.location) / source.gguf_file if source.gguf_file else Path(source.location)
+
+
+class StreamedBlockFits:
+    """`shrink_fits.BlockFits` for a checkpoint never loaded: the sums of every candidate block (and their
+    token rows, for cosine) from one layer-by-layer pass over the fitted and the held-out samples."""
+
+    def __init__(self, location, skeleton, blocks: list[list[int]], methods: list[str], samples, config: ShrinkConfig,
+                 dtype, device):
+        self.refused: dict[tuple, dict[str, DepthcutError]] = {}
+        self.usable: dict[tuple, list[str]] = {}
+        for layers in blocks:
+            block = tuple(layers)
+            self.refused[block], self.usable[block] = {}, []
+            for method in methods:
+                try:
+                    check_repair(skeleton, layers, method, config.layer_path)
+                    self.usable[block].append(method)
+                except DepthcutError as error:
+                    self.refused[block][method] = error
+        self.fits: dict[tuple, dict] = {block: {} for block in self.usable}
+        self.fit_options = {method: {"progress": True} for method in methods
+                            if not config.quiet and REPAIRS.get(method).iterative}
+        self.statistics, self.judged = {}, {}
+        wanted = {block: usable for block, usable in self.usable.items() if usable}
+        if wanted:
+            num_layers = len(find_layer_stack(skeleton, config.layer_path))
+            log.info("shrink: gathering the repair sums of %d block(s), one layer at a time ...", len(wanted))
+            self.statistics, self.judged = streamed_block_statistics(
+                location, samples.calibration.joined(samples.heldout), len(samples.calibration), wanted, num_layers,
+                type(skeleton).__name__, dtype=dtype, device=device, batch_size=config.batch_size,
+                layer_path=config.layer_path, seed=config.seed, trust_remote_code=config.trust_remote_code,
+                progress=not config.quiet)
+            for statistics in self.statistics.values():
+                statistics.calibration = samples.calibration.as_dict()
+
+    def get(self, layers: list[int], method: str):
+        return get_fit(self, layers, method)
+
+    def gather_rows(self, blocks: list[list[int]]) -> None:
+        """Nothing to do: the token rows came with the sums."""
+
+
+class StreamedScorer:
+    """`shrink_options.MemoryScorer` for a checkpoint never loaded: every option of a phase scored in one
+    walk over the layers, the unpruned model's predictions on the same windows computed on the way."""
+
+    def __init__(self, location, sets: dict, config: ShrinkConfig, dtype, device):
+        self.location, self.sets, self.config, self.dtype, self.device = location, sets, config, dtype, device
+        self.losses = {name: [math.nan] * len(windows) for name, windows in sets.items()}
+        self.walks = 0
+
+    def windows(self) -> int:
+        return min(len(windows) for windows in self.sets.values())
+
+    def score(self, options: list, fits, part: tuple[int, int] | None, phase: str) -> None:
+        live = []
+        for option in options:
+            if option.refused:
+                continue
+            try:
+                option.fit = None if option.repair == "none" else fits.get(option.layers, option.repair)
+            except DepthcutError as error:
+                option.refused, option.fit = str(error), None
+                continue
+            live.append(option)
+        if not live:
+            return
+        start, stop = part if part is not None else (0, None)
+        sets = {name: windows.subset(start, stop) for name, windows in self.sets.items()}
+        log.info("shrink: %s: %d option(s) at once, one walk over the layers ...", phase, len(live))
+        started = time.perf_counter()
+        references, scores = stream_scores(
+            self.location, sets, [Trial(tuple(o.layers), (o.fit,) if o.fit is not None else ()) for o in live],
+            batch_size=self.config.batch_size, dtype=self.dtype, device=self.device,
+            layer_path=self.config.layer_path, trust_remote_code=self.config.trust_remote_code,
+            spill_dir=self.config.spill_dir, progress=not self.config.quiet, description=phase)
+        self.walks += 1
+        for name, reference in references.items():
+            self.losses[name][start : start + len(reference)] = reference.loss
+        share = (time.perf_counter() - started) / len(live)
+        for option, scored in zip(live, scores, strict=True):
+            option.scores = {name: option.scores[name] + value if name in option.scores else value
+                             for name, value in scored.items()}
+            option.seconds += share
+
+    def unpruned_losses(self) -> dict[str, list[float]]:
+        return {name: [value for value in losses if not math.isnan(value)] for name, losses in self.losses.items()}
+
+
+def streamed_writer(prune, source, fit, record: dict | None):
+    """The backend that writes the winner without loading the model (shard by shard, or tensor by tensor
+    into a GGUF), its repair `fit` (None: the plain cut) folded into the tensors it changes, as scored:
+    not fitted again. `record`: what provenance records of the repair."""
+    backend = backend_for(prune, source, None, gguf_output(prune.out), streamable=True)
+    if fit is not None:
+        changed = folded_tensors(checkpoint_location(source), fit, prune.layer_path, prune.trust_remote_code)
+        record = {**record, "streamed": True, "changed_tensors": sorted(changed)}
+        backend.fitted = (record, changed)
+    return backend
