@@ -18,6 +18,7 @@ from depthcut.io.data import DATA_DIR_ENV, NAMED_CORPORA, second_domain
 from depthcut.metrics import DEFAULT_METRICS, METRICS, TOKEN_POSITIONS
 from depthcut.model.source import refuse_misspelled_builtin
 from depthcut.pipeline.options import check_fields, comma_list, option
+from depthcut.pipeline.search_choice import search_choice, search_width
 from depthcut.repair import REPAIRS
 from depthcut.strategies import STRATEGIES
 
@@ -100,24 +101,12 @@ class OutputOptions:
     quiet: bool = option(False, help="no progress bars")
 
 
-@dataclass(kw_only=True)
-class AnalyzeConfig(DeviceMapOption, OutputOptions, DataOptions, ModelOptions):
-    data: str = option(help=DATA_HELP)
-    stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
-                                      "shards (for models bigger than memory; automatic when a local model would "
-                                      "not fit)")
-    spill_dir: str | None = option(None, metavar="DIR",
-                                   help="where --stream writes the all-token states (default: the temp folder; the "
-                                        "space needed is checked first)")
-
-
 CANDIDATES, VALIDATION, SHRINK_HEALING = "candidates", "validation", "healing the winner"
 
 
 @dataclass(kw_only=True)
-class ValidationOptions:
-    """How a training-free repair is judged against the plain cut on text no fit saw (`shrink`, and
-    `prune --repair`)."""
+class ValidationSources:
+    """The text a cut is scored on by its KL from the unpruned model (`analyze --search`; and below)."""
 
     validate: tuple[str, ...] = option((), parse=comma_list, group=VALIDATION, metavar="DATA[,DATA]",
                                        help="validation text, as DATA (c4, wikitext, a file, ...); default: the "
@@ -127,10 +116,6 @@ class ValidationOptions:
     validation_windows: int = option(32, group=VALIDATION, help="windows of validation text per source")
     aggregate: str = option("worst", group=VALIDATION, choices=("worst", "mean"),
                             help="over several --validate sources: judge by the worst or the mean")
-    margin: float = option(2.0, group=VALIDATION,
-                           help="a repair counts as better only where its KL from the unpruned model is lower than "
-                                "the plain cut's by more than this many standard errors (paired over windows), and "
-                                "no source's loss is higher by more than as many")
 
     def validation_sources(self) -> tuple[str, ...]:
         """--validate, else the held-out documents of --data and a second domain where one is at hand."""
@@ -141,10 +126,45 @@ class ValidationOptions:
         return (primary, second) if second else (primary,)
 
 
+@dataclass(kw_only=True)
+class ValidationOptions(ValidationSources):
+    """How a training-free repair is judged against the plain cut on text no fit saw (`shrink`, and
+    `prune --repair`)."""
+
+    margin: float = option(2.0, group=VALIDATION,
+                           help="a repair counts as better only where its KL from the unpruned model is lower than "
+                                "the plain cut's by more than this many standard errors (paired over windows), and "
+                                "no source's loss is higher by more than as many")
+
+
+SEARCH = "the search (--search)"
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig(DeviceMapOption, ValidationSources, OutputOptions, DataOptions, ModelOptions):
+    data: str = option(help=DATA_HELP)
+    stream: bool = option(False, help="hold one decoder layer in memory at a time, reading it from the safetensors "
+                                      "shards (for models bigger than memory; automatic when a local model would "
+                                      "not fit)")
+    spill_dir: str | None = option(None, metavar="DIR",
+                                   help="where --stream writes the all-token states (default: the temp folder; the "
+                                        "space needed is checked first)")
+    search: str = option("none", group=SEARCH, parse=search_choice, metavar="greedy|beam:K|none",
+                         help="also remove one layer at a time, each step the one whose removal raises the KL from "
+                              "the unpruned model on the validation windows least (beam:K keeps the K best partial "
+                              "cuts): analysis.json keeps the order and each step's KL, heatmap.png their curve; "
+                              "`prune --analysis FILE --strategy search --drop k` removes its first k layers")
+    search_drop: int | None = option(None, group=SEARCH, metavar="N",
+                                     help="the layers the search removes (default: half of them)")
+    validation_windows: int = option(4, group=VALIDATION,
+                                     help="windows of validation text per source, every trial of the search scored on them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        search_width(self.search)
 
 
 WHAT = "what to remove"
-SEARCHES = ("greedy", "none")
 REPAIR_SAMPLES_HELP = ("number of calibration sequences (default 64; a linear repair's fit takes enough for 16 "
                        "tokens per row of its d x d map: more on wide models)")
 
@@ -385,12 +405,12 @@ class ShrinkConfig(DeviceMapOption, ValidationOptions, OutputOptions, DataOption
                                       "the --finalists best blocks on them all, cosine fitted for those alone (0: "
                                       "every candidate on every window)")
     finalists: int = option(2, group=CANDIDATES, help="the blocks the screening keeps")
-    search: str = option("none", group=CANDIDATES, choices=SEARCHES,
+    search: str = option("none", group=CANDIDATES, parse=search_choice, metavar="greedy|beam:K|none",
                          help="a candidate found on the output: greedy removes one layer at a time, each step the "
                               "one whose removal raises the KL on the screening windows least (drop x layers trials "
                               "on them: about 19 analysis passes at 8 of 30 layers, so not yet the default; left "
-                              "out where --budget cannot afford it); none: only the blocks and Block Influence's "
-                              "layers")
+                              "out where --budget cannot afford it); beam:K keeps the K best partial cuts a step "
+                              "(about K times the trials); none: only the blocks and Block Influence's layers")
     allow_unknown_config: tuple[str, ...] = option((), parse=comma_list, metavar="FIELD[,FIELD]",
                                                    help="as for prune")
     data: str = option("c4", help="calibration text (analysis and the repairs' fit), as DATA")
@@ -423,3 +443,7 @@ class ShrinkConfig(DeviceMapOption, ValidationOptions, OutputOptions, DataOption
         return HealRecipe(steps=self.heal_steps, seq_len=self.heal_seq_len, batch_size=self.heal_batch_size,
                           lr=self.heal_lr, warmup_steps=max(1, (self.heal_steps or 0) // 10), seed=self.seed,
                           objective=self.objective, heldout_windows=8)
+
+    def __post_init__(self):
+        super().__post_init__()
+        search_width(self.search)
