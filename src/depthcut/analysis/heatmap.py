@@ -1,4 +1,6 @@
-"""The paper's figure: angular distance per block size n and first layer l, minimum per n marked."""
+"""The paper's figure: angular distance per block size n and first layer l, minimum per n marked; the
+Block Influence bars; and, after `analyze --search`, the search's KL against the layers removed beside
+the best block's by angular distance."""
 
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ def plot_heatmap(analysis: Analysis, path: str | Path, title: str | None = None)
 
     size = analysis.num_layers
     matrices = [name for name in ("angular_last_token", "angular_all_tokens") if name in analysis.metrics]
-    panels = len(matrices) + (1 if "block_influence" in analysis.metrics else 0)
+    searched = bool(analysis.search and analysis.search.get("steps"))
+    panels = len(matrices) + (1 if "block_influence" in analysis.metrics else 0) + searched
     figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
     axes = list(axes[0])
+    if searched:
+        _plot_search(axes.pop(), analysis.search)
     title = model_title(analysis) if title is None else title
     for ax, name in zip(axes, matrices):
         values = _matrix(analysis.metrics[name])
@@ -72,3 +77,23 @@ def plot_heatmap(analysis: Analysis, path: str | Path, title: str | None = None)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _plot_search(ax, search: dict) -> None:
+    """KL from the unpruned model against the layers removed: the search's path (each point labelled with
+    the layer that step removed) and the best block by angular distance of each size."""
+    steps = search["steps"]
+    removed = range(1, len(steps) + 1)
+    ax.plot(removed, [step["kl"] for step in steps], marker="o", color="tab:red", label=f"--search {search['method']}")
+    for k, step in zip(removed, steps):
+        ax.annotate(str(step["layer"]), (k, step["kl"]), textcoords="offset points", xytext=(0, 5), fontsize=6,
+                    ha="center")
+    blocks = [point for point in search.get("blocks", []) if point.get("kl") is not None]
+    if blocks:
+        ax.plot([point["size"] for point in blocks], [point["kl"] for point in blocks], marker="s", color="tab:blue",
+                label="best block by angular distance")
+    ax.set_yscale("symlog", linthresh=1e-3)  # the first steps of a redundant model are near 0
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel(f"KL from the unpruned model ({search.get('aggregate', 'worst')} over sources)")
+    ax.set_title("search: removal order (layer labelled)")
+    ax.legend(fontsize=7, framealpha=0.8)

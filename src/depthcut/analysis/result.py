@@ -20,11 +20,20 @@ class Analysis:
 
     Matrix metrics are L x L lists: row n-1 is block size n, column l the first layer of the
     block, None where l+n > L. Per-layer metrics are lists of L values. Layers are 0-based.
+    `search`: what `depthcut analyze --search` found (the order of removal, each step's KL), or None.
     """
 
     num_layers: int
     metrics: dict[str, list]
     metadata: dict = field(default_factory=dict)
+    search: dict | None = None
+
+    def search_order(self) -> list[int]:
+        """The layers `analyze --search` removed, in its order: the first k are its cut of k layers."""
+        if not self.search or not self.search.get("order"):
+            raise DepthcutError("this analysis has no search order: run `depthcut analyze --search greedy` "
+                                "(or beam:K) and give its analysis.json")
+        return list(self.search["order"])
 
     def distance(self, first: int, size: int, metric: str = BLOCK_METRIC) -> float | None:
         return self.metric(metric)[size - 1][first]
@@ -46,7 +55,7 @@ class Analysis:
 
     def ranked_blocks(self, size: int, metric: str = BLOCK_METRIC) -> list[tuple[int, int]]:
         """Every block [l, l+n) that keeps the final layer, from the smallest distance up."""
-        first, _ = self.best_block(size, metric)  # checks the size
+        self.best_block(size, metric)  # checks the size
         row = self.metric(metric)[size - 1]
         return [(l, l + size) for _, l in sorted((row[l], l) for l in range(self.num_layers - size))]
 
@@ -63,6 +72,7 @@ class Analysis:
             "metrics": self.metrics,
             "best_block": self.best_blocks(),
             "metadata": self.metadata,
+            **({"search": self.search} if self.search is not None else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -86,4 +96,5 @@ class Analysis:
     @classmethod
     def from_dict(cls, data: dict) -> Analysis:
         """The inverse of `to_dict` (the best blocks are derived again from the metrics)."""
-        return cls(num_layers=data["num_layers"], metrics=data["metrics"], metadata=data.get("metadata", {}))
+        return cls(num_layers=data["num_layers"], metrics=data["metrics"], metadata=data.get("metadata", {}),
+                   search=data.get("search"))

@@ -82,4 +82,4 @@ def select_allowed(strategy: str, drop: int, num_layers: int | None, analysis: A
                         f"removing {layers} is refused: {reason}")
 
 
-from depthcut.strategies import angular, block_influence, deepest, random_block  # noqa: F401
+from depthcut.strategies import angular, block_influence, deepest, random_block, search_order  # noqa: F401
