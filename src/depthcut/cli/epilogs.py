@@ -8,10 +8,15 @@ EPILOG_ANALYZE = """examples:
   accelerate launch --num_processes 2 $(which depthcut) analyze smollm2-135m --data c4 --out runs/dp
   depthcut analyze ./Llama-3.1-405B --stream --dtype bfloat16 --spill-dir /scratch --data c4 --out runs/405b
   depthcut analyze ./Llama-3.1-70B --device-map auto --dtype bfloat16 --data c4 --out runs/70b
+  depthcut analyze smollm2-135m --data c4 --search greedy --search-drop 12 --out runs/searched
+  depthcut prune smollm2-135m --drop 8 --strategy search --analysis runs/searched/analysis.json --out OUT
 
 writes DIR/analysis.json (format: docs/analysis-format.md) and DIR/heatmap.png; launched as several
 processes, each analyzes a share of the batches and the sums are reduced across them. --stream
 (automatic when a local model would not fit in memory) keeps one decoder layer in memory at a time.
+--search greedy (or beam:K) also removes layers one at a time by their effect on the output, scored on
+the validation windows (docs/cli.md, Outputs): the order, each step's KL and the best blocks' beside
+it go to analysis.json and the heatmap; the first k of the order are `prune --strategy search --drop k`.
 """
 
 EPILOG_PRUNE = """examples:
