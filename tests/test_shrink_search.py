@@ -113,6 +113,21 @@ def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_
     assert all(r["found_by"] != "greedy" for r in none.provenance["selection"]["options"])
 
 
+def test_shrink_runs_a_beam_as_its_search(tmp_path, tokenizer, corpus_file):
+    """`shrink --search beam:2` goes through the same call as greedy (`greedy_search` reads the width from
+    the config): its path is recorded with its method and its cut wins on the planted model."""
+    folder = tmp_path / "planted"
+    _planted_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
+                       repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
+                       dtype="float32", quiet=True, search="beam:2", out=str(tmp_path / "small"))
+    search = result.provenance["selection"]["search"]
+    assert search["method"] == "beam:2" and sorted(search["order"]) == PLANTED
+    assert search["trials"] > 7 + 6 + 5  # more than greedy's
+    assert result.removed == PLANTED
+
+
 def test_beam_1_is_greedy_trial_for_trial(tokenizer, corpus_file):
     """On a model without planted layers (no ties), beam:1 removes the same layers in the same order, with
     the same KL at every step and the same trials, as greedy."""
