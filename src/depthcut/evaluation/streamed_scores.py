@@ -46,6 +46,7 @@ from depthcut.evaluation.divergence import ReferenceBuilder, ReferencePrediction
 from depthcut.evaluation.reference_store import MEMORY_LIMIT, choose_store
 from depthcut.model.layers import LayerStack, find_layer_stack, first_tensor, output_tensor, replace_first_tensor
 from depthcut.repair.methods import repair_folded
+from depthcut.repair.reach import EMBEDDINGS, changed_layers
 
 # The most bytes the candidates' streams may take at once, where the free memory is not known: past it the
 # windows are walked in groups
@@ -54,20 +55,24 @@ STREAMS_BYTES = 2**30
 
 @dataclass
 class Trial:
-    """A candidate to score: `layers` removed, each fit of `fits` (`RepairFit`) folded into the layer
-    before its block while the candidate runs that layer."""
+    """A candidate to score: `layers` removed, each fit of `fits` (`RepairFit`) folded in while the candidate
+    runs a layer the fold changes (`repair.reach`: the layer before its block for a linear map; for a
+    magnitude scale the embeddings, and so the stream from its start, and every layer before the block)."""
 
     layers: tuple[int, ...]
     fits: tuple = ()
+    folds: dict = field(default_factory=dict)  # layer index (EMBEDDINGS too) -> the fits changing it: `reach`
 
-    @property
-    def folds(self) -> dict[int, object]:
-        return {fit.first - 1: fit for fit in self.fits}
+    def reach(self, model, layer_path: str | None) -> None:
+        self.folds = {}
+        for fit in self.fits:
+            for index in changed_layers(model, fit, layer_path):
+                self.folds.setdefault(index, []).append(fit)
 
     @property
     def start(self) -> int:
         """The first layer whose computation differs from the unpruned model's."""
-        return min([min(self.layers), *self.folds])
+        return max(0, min([min(self.layers), *self.folds]))
 
 
 @dataclass
@@ -96,6 +101,7 @@ def stream_scores(location, sets: dict[str, CalibrationSet], trials: list[Trial]
     for trial in trials:
         if not trial.layers or max(trial.layers) >= len(stack):
             raise ValueError(f"a trial removes layers {list(trial.layers)} of a {len(stack)}-layer model")
+        trial.reach(model, layer_path)
     layer_keys = [parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
     _load_outside_layers(model, stack, reader, dtype, device)
     batches = [(name, first, input_ids, mask) for name, windows in sets.items()
@@ -113,6 +119,12 @@ def stream_scores(location, sets: dict[str, CalibrationSet], trials: list[Trial]
             walk.calls, style = record_layer_calls(model, stack, [(ids, mask) for _, _, ids, mask in group], device,
                                                    progress=False)
             walk.unpruned = [first_tensor(*calls[0]) for calls in walk.calls]
+            for t, trial in enumerate(trials):  # a fold into the embeddings: the trial's stream starts changed
+                if EMBEDDINGS in trial.folds:
+                    with _folded(model, trial.folds[EMBEDDINGS], layer_path):
+                        calls, _ = record_layer_calls(model, stack, [(ids, mask) for _, _, ids, mask in group],
+                                                      device, progress=False)
+                    walk.streams[t] = [first_tensor(*batch_calls[0]) for batch_calls in calls]
             _walk_layers(model, stack, layer_keys, reader, dtype, device, trials, walk, progress, description,
                          layer_path)
             for b, (name, first, input_ids, mask) in enumerate(group):
@@ -181,7 +193,7 @@ def _walk_layers(model, stack: LayerStack, layer_keys: list, reader, dtype, devi
             if index + 1 < len(stack):
                 upcoming = prefetch.submit(read_parameters, layer_keys[index + 1], reader, dtype, device, cuda)
             for t, trial in enumerate(trials):
-                if starts[t] == index:  # the trial's own stream starts here, as the unpruned one enters
+                if starts[t] == index and t not in walk.streams:  # it starts here, as the unpruned stream enters
                     walk.streams[t] = [state.clone() for state in walk.unpruned]
                 if t not in walk.streams or index in trial.layers:
                     continue
@@ -195,9 +207,10 @@ def _walk_layers(model, stack: LayerStack, layer_keys: list, reader, dtype, devi
 
 
 @contextmanager
-def _folded(model, fit, layer_path: str | None):
+def _folded(model, fits, layer_path: str | None):
+    """`model` with `fits` (None: none) folded in, restored after."""
     with ExitStack() as stack:
-        if fit is not None:
+        for fit in fits or ():
             stack.enter_context(repair_folded(model, fit, layer_path))
         yield
 

@@ -18,6 +18,7 @@ from depthcut.pipeline.shrink_table import contiguous, span
 from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut, unpruned_losses
 from depthcut.repair import REPAIRS
 from depthcut.repair.methods import repair_folded
+from depthcut.repair.reach import first_changed_layer
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,10 @@ def _score(model, options: list[Option], fits, predictions, config: ShrinkConfig
                 scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
             else:
                 option.fit = fits.get(option.layers, option.repair)
+                changed_from = first_changed_layer(model, option.fit, config.layer_path)
                 with repair_folded(model, option.fit, config.layer_path):  # no copy of the model
-                    scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
+                    scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut,
+                                              changed_from=changed_from)
         except DepthcutError as error:
             option.refused, option.fit = str(error), None
             continue

@@ -94,12 +94,14 @@ def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: li
 
 
 def scores_after_cut(model, layers: list[int], reference: dict[str, ReferencePredictions], batch_size: int,
-                     layer_path: str | None = None, allow_unknown_config=()) -> dict[str, WindowScores]:
+                     layer_path: str | None = None, allow_unknown_config=(), changed_from: int | None = None
+                     ) -> dict[str, WindowScores]:
     """Validation scores of `model` less `layers`, cut for the scoring only (`layers_removed`: no copy;
     `model` keeps every layer after). Runs from the stream the references kept entering `resume_layer`,
     where there is one: the layers before it are left out too, since they would only recompute that
-    stream."""
-    start = resume_layer(layers)
+    stream. `changed_from`: the first layer a folded repair changes (`repair.reach`; 0 for the
+    embeddings), where it is before the resume layer: the run starts no later."""
+    start = resume_layer(layers) if changed_from is None else min(resume_layer(layers), changed_from)
     with ExitStack() as cut:
         entering = None
         if start and all(start in predictions.entering for predictions in reference.values()):
