@@ -19,9 +19,10 @@ from depthcut.model.loading import resolve_device
 from depthcut.model.precision import choose_dtype
 from depthcut.pipeline.configs import DEFAULT_SAMPLES
 from depthcut.pipeline.validation import judge, references, scores_after_cut, unpruned_losses, validation_sets
-from depthcut.repair import REPAIRS, apply_repair, repair, repair_folded
-from depthcut.repair.run import TOKENS_PER_UNKNOWN, fit_judged
-from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_repair_statistics
+from depthcut.repair import REPAIRS, RepairFit
+from depthcut.repair.gaps import apply_gaps, check_gaps, fit_gaps, gaps_folded, gaps_summary
+from depthcut.repair.run import TOKENS_PER_UNKNOWN
+from depthcut.repair.streamed import check_streamed_repair, folded_tensors, streamed_fit_gaps
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ def repair_lines(fit: dict | None) -> list[str]:
              f"{fit['relative_error_after']:.4f} on {fit['tokens']:,} calibration tokens, "
              f"{fit['relative_error_heldout_before']:.4f} -> {fit['relative_error_heldout_after']:.4f} on "
              f"{fit['heldout_tokens']:,} held-out tokens"]
+    if fit.get("gaps"):
+        lines[0] = lines[0].replace("at the cut", f"at the {len(fit['gaps'])} cuts (mean)", 1)
+        lines.extend(f"  gap [{gap['block'][0]}, {gap['block'][1]}): {gap['relative_error_before']:.4f} -> "
+                     f"{gap['relative_error_after']:.4f} calibration, {gap['relative_error_heldout_before']:.4f} -> "
+                     f"{gap['relative_error_heldout_after']:.4f} held-out" for gap in fit["gaps"])
     if fit.get("changed_tensors"):
         lines.append(f"repair changed {len(fit['changed_tensors'])} tensor(s): {', '.join(fit['changed_tensors'][:4])}"
                      + (" ..." if len(fit["changed_tensors"]) > 4 else ""))
@@ -100,9 +106,12 @@ def repair_samples(config: PruneConfig, tokenizer, width: int | None = None, met
     return RepairSamples(calibration, heldout, data, held_out, fitted_on)
 
 
-def repair_record(config: PruneConfig, fit, calibration, heldout, data: str) -> dict:
-    """What provenance records of a repair: its fit (judged on the held-out samples too)."""
-    return {**fit.as_dict(), "data": data, "samples": calibration.input_ids.shape[0],
+def repair_record(config: PruneConfig, fit: RepairFit | list[RepairFit], calibration, heldout, data: str) -> dict:
+    """What provenance records of a repair: its fit (judged on the held-out samples too); for a cut of
+    several gaps (a list of fits, one per gap) the mean of their errors and each fit under `gaps`."""
+    fits = [fit] if isinstance(fit, RepairFit) else list(fit)
+    fitted = fits[0].as_dict() if len(fits) == 1 else gaps_summary(fits)
+    return {**fitted, "data": data, "samples": calibration.input_ids.shape[0],
             "heldout_samples": heldout.input_ids.shape[0], "seq_len": config.seq_len, "seed": config.seed}
 
 
@@ -113,6 +122,7 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     `--repair-policy warn` asks; what provenance records of it. `--repair-policy refuse` stops instead."""
     if config.repair == "none":
         return None
+    check_gaps(model, removed, config.repair, config.layer_path)  # every gap's refusal, before any pass
     calibration, heldout, data, held_out, _ = repair_samples(config, tokenizer, text_config(model).hidden_size,
                                                              [config.repair])
     sets = validation_sets(config, tokenizer, held_out)
@@ -121,10 +131,12 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
     cut = {"layer_path": config.layer_path, "allow_unknown_config": config.allow_unknown_config}
     plain = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     log.info("repairing the cut with %s on %s ...", config.repair, data)
-    # fitted, tried without a copy of the model, and folded into it only once shown to help
-    fit = repair(model, tokenizer, calibration, removed, config.repair, heldout=heldout, seed=config.seed,
-                 batch_size=config.batch_size, layer_path=config.layer_path, progress=not config.quiet, fold=False)
-    with repair_folded(model, fit, config.layer_path):
+    # one fit per gap, each on the stream the fits before it give; tried without a copy of the model, and
+    # folded into it only once shown to help
+    fits = fit_gaps(model, removed, config.repair, calibration, heldout, seed=config.seed, batch_size=config.batch_size,
+                    layer_path=config.layer_path, allow_unknown_config=config.allow_unknown_config,
+                    progress=not config.quiet)
+    with gaps_folded(model, fits, config.layer_path):
         repaired = scores_after_cut(model, removed, predictions, config.batch_size, **cut)
     verdict = judge(plain, repaired, config.margin, config.aggregate, unpruned=unpruned_losses(predictions))
     beats, why = verdict.better, verdict.why
@@ -133,8 +145,8 @@ def repair_in_memory(config: PruneConfig, model, tokenizer, removed: list[int]) 
         raise DepthcutError(f"--repair {config.repair} does no better than the plain cut on validation text ({why}); "
                             "nothing was written (--repair-policy keep writes the plain cut, warn the repair)")
     if applied:
-        apply_repair(model, fit, config.layer_path)
-    record = repair_record(config, fit, calibration, heldout, data)
+        apply_gaps(model, fits, config.layer_path)
+    record = repair_record(config, fits, calibration, heldout, data)
     record["validation"] = {
         "sources": {name: windows.as_dict() for name, windows in sets.items()},
         "plain": {name: scores.summary() for name, scores in plain.items()},
@@ -169,14 +181,12 @@ def repair_streamed(config: PruneConfig, source, removed: list[int]) -> tuple[di
     device = resolve_device(config.device)
     dtype = choose_dtype(config.dtype, device)
     log.info("repairing the cut with %s on %s, one layer at a time (%s) ...", config.repair, data, dtype.name)
-    statistics, judged = streamed_repair_statistics(
-        location, both, removed, [config.repair], heldout_from=len(calibration), dtype=dtype.dtype, device=device,
-        batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
-        trust_remote_code=config.trust_remote_code, progress=not config.quiet)
-    statistics.calibration = calibration.as_dict()
-    fit = fit_judged(config.repair, statistics, judged)
-    changed = folded_tensors(location, fit, config.layer_path, config.trust_remote_code)
-    record = {**repair_record(config, fit, calibration, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
+    # one stream per gap, each with the gaps before it cut and repaired
+    fits = streamed_fit_gaps(location, both, removed, config.repair, heldout_from=len(calibration), dtype=dtype.dtype,
+                             device=device, batch_size=config.batch_size, layer_path=config.layer_path, seed=config.seed,
+                             trust_remote_code=config.trust_remote_code, progress=not config.quiet)
+    changed = folded_tensors(location, fits, config.layer_path, config.trust_remote_code)
+    record = {**repair_record(config, fits, calibration, heldout, data), "streamed": True, "statistics_dtype": dtype.name,
               "changed_tensors": sorted(changed)}
     return record, changed
 

@@ -11,7 +11,9 @@ gains no parameter and stays a plain architecture. Each method is a small regist
     apply_repair(model, fit)            # on the UNPRUNED model, original layer indices
     depthcut.prune(model, range(l, l + n))
 
-or `repair(model, tokenizer, data, block, method)` for all three at once. See docs/repair.md.
+or `repair(model, tokenizer, data, block, method)` for all three at once. A cut of several gaps
+(runs of consecutive layers) gets one map per gap, fitted in order: `fit_gaps`, `apply_gaps`,
+`gaps_folded` (`depthcut.repair.gaps`). See docs/repair.md.
 """
 
 from depthcut.lazy import lazy_attributes
@@ -31,6 +33,7 @@ _SOURCES = {
     "depthcut.repair.methods": "RepairFit RepairMethod apply_repair check_repair fit_repair repair_folded",
     "depthcut.repair.statistics": "RepairStatistics block_statistics contiguous_block repair_statistics",
     "depthcut.repair.run": "repair",
+    "depthcut.repair.gaps": "apply_gaps check_gaps fit_gaps gap_runs gaps_folded",
 }
 __getattr__, __dir__ = lazy_attributes(__name__, _SOURCES)
 __all__ = ["REPAIRS", *sorted(name for names in _SOURCES.values() for name in names.split())]

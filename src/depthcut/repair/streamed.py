@@ -14,10 +14,14 @@ their own, which judge the fit on text it never saw, in the same pass.
     fit, tensors = streamed_repair(folder, calibration, range(l, l + n), "lstsq")
     # tensors: {checkpoint tensor name: new value}; write them in place of the originals while
     # the kept tensors are copied (depthcut.model.shards.prune_shards(..., replaced=tensors))
+
+A cut of several gaps gets one fit per gap (`streamed_fit_gaps`), one stream each: gap k's stream passes
+through the earlier gaps' layers unchanged and has their fits folded in (`depthcut.repair.gaps_streamed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +31,12 @@ from depthcut.analysis.checkpoint import load_parameters, open_checkpoint, param
 from depthcut.analysis.streamed import stream_states
 from depthcut.errors import DepthcutError
 from depthcut.model.layers import find_layer_stack, output_tensor
-from depthcut.repair import REPAIRS, check_repair
+from depthcut.repair import REPAIRS
 from depthcut.repair.architectures import architecture_of, submodule
+from depthcut.repair.gaps import check_gaps, gap_runs
+from depthcut.repair.gaps_streamed import CutAndRepaired
+from depthcut.repair.methods import RepairFit
+from depthcut.repair.run import fit_judged
 from depthcut.repair.statistics import MAX_ROWS, Accumulator, RepairStatistics, contiguous_block
 
 
@@ -96,10 +104,12 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
                                *, heldout_from: int | None = None, dtype: torch.dtype | None = None,
                                device: torch.device | str = "cpu", batch_size: int = 8, layer_path: str | None = None,
                                max_rows: int = MAX_ROWS, seed: int = 0, trust_remote_code: bool = False,
-                               progress: bool = False) -> tuple[RepairStatistics, RepairStatistics | None]:
+                               progress: bool = False, earlier: Sequence[RepairFit] = (),
+                               ) -> tuple[RepairStatistics, RepairStatistics | None]:
     """`repair_statistics` for the checkpoint `source` (safetensors folder or .gguf), streamed one
     layer at a time: (the statistics of rows [0, heldout_from), those of the rows after; None
-    without `heldout_from`). The methods are checked before anything is computed."""
+    without `heldout_from`). The methods are checked before anything is computed. `earlier`: fits of
+    gaps before `block` (the checkpoint's numbering), cut and repaired in the stream first."""
 
     if batch_size < 1:
         raise DepthcutError("batch size must be at least 1")
@@ -121,6 +131,8 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
     heldout = (RepairStatistics(first, stop, len(stack), judged_methods, name)
                if heldout_from < len(calibration) else None)
     observer = _RepairObserver(statistics, heldout, heldout_from, linear, max_rows if "cosine" in methods else 0, seed)
+    if earlier:
+        observer = CutAndRepaired(earlier, observer)
     del skeleton
     try:
         stream_states(source, calibration, [], batch_size=batch_size, dtype=dtype, device=device,
@@ -134,33 +146,62 @@ def streamed_repair_statistics(source: str | Path, calibration: CalibrationSet, 
     return statistics, heldout
 
 
-def check_streamed_repair(source: str | Path, block, method: str, layer_path: str | None = None,
+def streamed_fit_gaps(source: str | Path, calibration: CalibrationSet, layers, method: str, *,
+                      heldout_from: int | None = None, layer_path: str | None = None, trust_remote_code: bool = False,
+                      **stream) -> list[RepairFit]:
+    """`depthcut.repair.gaps.fit_gaps` for the checkpoint `source`, streamed: one stream per gap (rows from
+    `heldout_from` on judge each fit), gap k's on the checkpoint with the gaps before k cut and their fits
+    folded in. `stream`: `streamed_repair_statistics`' options (dtype, device, batch_size, seed, progress)."""
+    skeleton = open_checkpoint(source, trust_remote_code=trust_remote_code)[0]
+    check_gaps(skeleton, layers, method, layer_path)
+    runs = gap_runs(layers, len(find_layer_stack(skeleton, layer_path)))
+    del skeleton
+    fits: list[RepairFit] = []
+    for first, stop in runs:
+        statistics, judged = streamed_repair_statistics(
+            source, calibration, range(first, stop), [method], heldout_from=heldout_from, layer_path=layer_path,
+            trust_remote_code=trust_remote_code, earlier=fits, **stream)
+        fit = fit_judged(method, statistics, judged)
+        if fits:
+            fit.details["fitted_after_gaps"] = [[gap.first, gap.stop] for gap in fits]
+        fits.append(fit)
+    return fits
+
+
+def check_streamed_repair(source: str | Path, layers, method: str, layer_path: str | None = None,
                           trust_remote_code: bool = False) -> None:
-    """The refusal `method` would give for removing `block` from the checkpoint `source`, from a
+    """The refusal `method` would give for any gap of removing `layers` from the checkpoint `source`, from a
     weightless skeleton (nothing read but the config)."""
 
-    check_repair(open_checkpoint(source, trust_remote_code=trust_remote_code)[0], block, method, layer_path)
+    check_gaps(open_checkpoint(source, trust_remote_code=trust_remote_code)[0], layers, method, layer_path)
 
 
 @torch.no_grad()
-def folded_tensors(source: str | Path, fit, layer_path: str | None = None,
+def folded_tensors(source: str | Path, fit: RepairFit | Sequence[RepairFit], layer_path: str | None = None,
                    trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors that folding `fit` changes, folded: {checkpoint name: new value}, in
-    the dtype they are stored in (a GGUF's are dequantized: float32). Only the modules the method
-    folds into are read, one at a time."""
+    """The checkpoint tensors that folding `fit` (or several fits, one per gap, in order) changes, folded:
+    {checkpoint name: new value}, in the dtype they are stored in (a GGUF's are dequantized: float32).
+    Only the modules the methods fold into are read, one at a time, each once."""
 
+    fits = [fit] if isinstance(fit, RepairFit) else list(fit)
     model, _, reader = open_checkpoint(source, trust_remote_code=trust_remote_code)
     stack = find_layer_stack(model, layer_path)
-    if len(stack) != fit.num_layers:
-        raise DepthcutError(f"this repair was fitted on a model of {fit.num_layers} layers, {source} has {len(stack)}")
-    method, arch = REPAIRS.get(fit.method), architecture_of(model)
-    method.check(model, stack, arch, fit.first, fit.stop)
+    arch = architecture_of(model)
+    touched: dict[int, tuple[torch.nn.Module, list[RepairFit]]] = {}  # module -> the fits folded into it, in order
+    for one in fits:
+        if len(stack) != one.num_layers:
+            raise DepthcutError(f"this repair was fitted on a model of {one.num_layers} layers, {source} has {len(stack)}")
+        method = REPAIRS.get(one.method)
+        method.check(model, stack, arch, one.first, one.stop)
+        for module in method.modules(model, stack, arch, one):
+            touched.setdefault(id(module), (module, []))[1].append(one)
     paths = {id(module): name for name, module in model.named_modules()}
     changed = {}
-    for module in method.modules(model, stack, arch, fit):
+    for module, folded in touched.values():
         keys = parameter_keys(module, paths[id(module)], reader)
         load_parameters(module, keys, reader, None, torch.device("cpu"))
-        method.fold(module, fit)
+        for one in folded:
+            REPAIRS.get(one.method).fold(module, one)
         parameters = dict(module.named_parameters())
         changed.update({key: parameters[name].detach().clone() for name, key in keys.items()})
         module.to("meta")
