@@ -13,6 +13,7 @@ import torch
 
 from depthcut.analysis.gguf_checkpoint import GGUFCheckpointReader, gguf_skeleton
 from depthcut.errors import DepthcutError
+from depthcut.io.finite import check_finite_tensors
 from depthcut.io.safetensors import own_memory, read_tensor
 from depthcut.model.shards import INDEX_FILE, SINGLE_FILE, model_names, shard_map
 from depthcut.model.skeleton import checkpoint_dtype, meta_skeleton
@@ -76,8 +77,12 @@ class CheckpointReader:
 
     def get(self, key: str, pin: bool = False) -> torch.Tensor:
         """The tensor `key`, read into memory of its own (see `own_memory`), or page-locked memory
-        with `pin` (for asynchronous copies to a GPU)."""
-        return read_tensor(self.folder / self.weight_map[key], key, pin=pin)
+        with `pin` (for asynchronous copies to a GPU); refused if not finite (no layer is run, no
+        repair fitted, on a NaN weight)."""
+        path = self.folder / self.weight_map[key]
+        tensor = read_tensor(path, key, pin=pin)
+        check_finite_tensors([(key, tensor)], str(path))
+        return tensor
 
 
 def open_checkpoint(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None,

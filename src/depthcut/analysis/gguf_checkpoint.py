@@ -18,6 +18,7 @@ from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
 from depthcut.errors import DepthcutError
+from depthcut.io.finite import check_finite_tensors
 from depthcut.io.gguf_files import gguf_module, open_gguf, read_bytes
 from depthcut.model.skeleton import Skeleton, skeleton_of
 
@@ -71,6 +72,7 @@ class GGUFCheckpointReader:
         if result.name is None:
             raise DepthcutError(f"tensor {key} of {self.folder} is converted on load in a way streaming cannot follow")
         values = torch.from_numpy(np.ascontiguousarray(result.weights))
+        check_finite_tensors([(key, values)], str(tensor.path))  # dequantized: a block's scale counts too
         if pin:
             values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True).copy_(values)
         return values

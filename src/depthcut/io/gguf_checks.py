@@ -179,3 +179,19 @@ def check_layers(path: Path, architecture: str, block_count, tensor_names: list[
             absent = sorted(kinds[fuller] - found)
             raise _invalid(path, f"layer {index} lacks {', '.join(f'blk.{index}.{k}' for k in absent[:4])}, "
                                  f"which layer {fuller} of the same kind has: a tensor is missing")
+
+
+def check_sizes(path: Path, architecture: str, value, tensors: list) -> None:
+    """`<arch>.embedding_length` (and `<arch>.vocab_size`, where given) equal to the embedding's
+    shape (`token_embd.weight`, (vocabulary, width) in torch order): a model is built from the
+    metadata, and a width the tensors do not have would be built (a 2^40 one, allocated) before the
+    load found that the weights do not fit it. `value(key)` reads the metadata."""
+    embedding = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    if embedding is None or len(embedding.shape) != 2:
+        return
+    for key, size in ((f"{architecture}.embedding_length", embedding.shape[1]),
+                      (f"{architecture}.vocab_size", embedding.shape[0])):
+        declared = value(key)
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared != size:
+            raise _invalid(path, f"{key} is {declared:,} but token_embd.weight is {list(embedding.shape)} "
+                                 "(vocabulary, width): the metadata does not describe the tensors")

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from depthcut.errors import DepthcutError
-from depthcut.io.gguf_checks import check_header_bounds, check_layers, check_tensor_layout
+from depthcut.io.finite import check_finite_bytes
+from depthcut.io.gguf_checks import check_header_bounds, check_layers, check_sizes, check_tensor_layout
 from depthcut.io.model_files import plain_file_name
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -149,6 +150,7 @@ def open_gguf(path: str | Path) -> GGUFModel:
     model = GGUFModel(parts[0], parts, fields, tensors, int(readers[0].alignment), readers[0].endianess, readers)
     architecture = model.architecture
     check_layers(model.path, architecture, model.value(f"{architecture}.block_count"), [t.name for t in tensors])
+    check_sizes(model.path, architecture, model.value, tensors)
     return model
 
 
@@ -182,18 +184,22 @@ def _corrupt(path: Path, why: str) -> DepthcutError:
 
 # --- tensor bytes -----------------------------------------------------------------------------
 
-def copy_bytes(source: Path, offset: int, length: int, target: int, target_offset: int) -> None:
+def copy_bytes(source: Path, offset: int, length: int, target: int, target_offset: int,
+               checked: str | None = None, name: str = "") -> None:
     """Copy `length` bytes at `offset` of the file `source` to the open file descriptor `target` at
-    `target_offset`, inside the kernel where it can (no bytes pass through this process)."""
+    `target_offset`, inside the kernel where it can (no bytes pass through this process). `checked`
+    (a float format of `depthcut.io.finite`): the bytes pass through, in whole elements, and the
+    tensor `name` is refused if a value is NaN or infinite."""
     with open(source, "rb", buffering=0) as handle:
         done = 0
         try:
-            while done < length:
+            while done < length and checked is None:
                 count = os.copy_file_range(handle.fileno(), target, length - done, offset + done, target_offset + done)
                 if count == 0:
                     raise DepthcutError(f"{source} ended early while copying its tensors (truncated?)")
                 done += count
-            return
+            if done == length:
+                return
         except OSError as error:
             if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                                    errno.EBADF, errno.EPERM):
@@ -201,13 +207,27 @@ def copy_bytes(source: Path, offset: int, length: int, target: int, target_offse
         except AttributeError:  # no os.copy_file_range on this system
             pass
         while done < length:
-            chunk = os.pread(handle.fileno(), min(_COPY_CHUNK, length - done), offset + done)
-            if not chunk:
+            chunk = _read_fully(handle.fileno(), min(_COPY_CHUNK, length - done), offset + done)
+            if len(chunk) < min(_COPY_CHUNK, length - done):
                 raise DepthcutError(f"{source} ended early while copying its tensors (truncated?)")
+            if checked is not None:
+                check_finite_bytes(chunk, checked, f"tensor {name!r} of {source}")
             written = 0
             while written < len(chunk):
                 written += os.pwrite(target, chunk[written:], target_offset + done + written)
             done += len(chunk)
+
+
+def _read_fully(descriptor: int, length: int, offset: int) -> bytes:
+    """`length` bytes at `offset` (fewer only at the end of the file): a chunk of whole elements."""
+    parts, got = [], 0
+    while got < length:
+        part = os.pread(descriptor, length - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def read_bytes(tensor: Tensor) -> np.ndarray:

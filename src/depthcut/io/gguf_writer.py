@@ -17,6 +17,7 @@ import numpy as np
 
 from depthcut.errors import DepthcutError
 from depthcut.io.atomic import atomic_output_file
+from depthcut.io.finite import GGUF_FLOATS, REFUSAL
 from depthcut.io.gguf_files import GGUFModel, copy_bytes, gguf_module
 
 
@@ -64,6 +65,8 @@ def write_pruned(model: GGUFModel, plan, path: Path, extra: dict | None = None,
             continue
         new = (replaced or {}).get(tensor.name)
         if new is not None:
+            if not np.isfinite(new).all():
+                raise DepthcutError(f"the repaired {tensor.name} holds NaN or infinite values: {REFUSAL}")
             writer.add_tensor_info(name, new.shape, new.dtype, new.nbytes)
             copies.append(new)
             continue
@@ -87,7 +90,9 @@ def write_pruned(model: GGUFModel, plan, path: Path, extra: dict | None = None,
                 out.write(tensor.tobytes())
             else:
                 out.flush()
-                copy_bytes(tensor.path, tensor.offset, tensor.nbytes, out.fileno(), start)
+                # a plain float tensor passes through, checked finite; quantized blocks are copied in the kernel
+                copy_bytes(tensor.path, tensor.offset, tensor.nbytes, out.fileno(), start,
+                           GGUF_FLOATS.get(int(tensor.qtype)), tensor.name)
                 out.seek(start + tensor.nbytes)
         writer.write_padding(out, out.tell())
         out.flush()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from depthcut.io.atomic import atomic_output_dir, write_json
+from depthcut.io.finite import check_finite_tensors
 from depthcut.io.model_card import PROVENANCE_FILE, prune_card
 from depthcut.io.model_files import copy_model_file, relative_file_name
 from depthcut.io.provenance import environment
@@ -63,5 +64,8 @@ def copy_remote_code(source: str | Path | None, staging: Path) -> None:
 
 
 def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False) -> Path:
+    """`save_model` of a pruned model, refused before anything is written where a tensor it keeps holds
+    NaN or an infinity (the original's, or made so by a cast to a narrower dtype or by a repair)."""
+    check_finite_tensors(model.state_dict().items(), "the pruned model")
     provenance = {**provenance, "environment": provenance.get("environment") or environment()}
     return save_model(model, tokenizer, out, provenance, prune_card(provenance, out), force)

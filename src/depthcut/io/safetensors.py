@@ -15,8 +15,6 @@ Like `safetensors.torch`, this assumes a little-endian host (the format's byte o
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
 import mmap
@@ -27,6 +25,8 @@ from pathlib import Path
 import torch
 
 from depthcut.errors import DepthcutError
+from depthcut.io.finite import check_finite_bytes, check_finite_tensors
+from depthcut.io.safetensors_header import safetensors_header
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,7 +36,6 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit
 _COPY_CHUNK = 16 * 2**20  # bytes copied from a source file at a time
 
 
@@ -49,67 +48,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # --- reading ----------------------------------------------------------------------------------
-
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets; `__metadata__`) and where
-    its data begins. Read once per version of the file: a file rewritten in place is read again."""
-    path = Path(path)
-    stat = path.stat()
-    return _read_header(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_header(path: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
-    with path.open("rb") as handle:
-        start = handle.read(8)
-        if len(start) < 8:
-            raise _corrupt(path, f"{size} bytes, too short for a header")
-        length = struct.unpack("<Q", start)[0]
-        if length > size - 8 or length > _MAX_HEADER:
-            raise _corrupt(path, "the header length is beyond the end of the file")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise _corrupt(path, "the header is not valid JSON") from None
-    _check_offsets(path, header, size - 8 - length)
-    return header, 8 + length
-
-
-def _check_offsets(path: Path, header, data_size: int) -> None:
-    """Every tensor's bytes must lie inside the file, apart from every other tensor's, and (for a
-    dtype torch has) be as many as its shape needs: a truncated file fails here, not mid-copy."""
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = entry["data_offsets"]
-            shape = entry["shape"]
-            valid = (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
-                     and isinstance(entry["dtype"], str) and isinstance(shape, list)
-                     and all(isinstance(n, int) and n >= 0 for n in shape))
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise _corrupt(path, f"the entry of tensor {name!r} is malformed")
-        if end > data_size:
-            raise _corrupt(path, f"tensor {name!r} ends {end - data_size:,} bytes past the end of the file (truncated?)")
-        dtype = DTYPES.get(entry["dtype"])
-        if dtype is not None and end - start != math.prod(shape) * dtype.itemsize:
-            raise _corrupt(path, f"tensor {name!r} has {end - start:,} bytes, its shape {shape} of "
-                                 f"{entry['dtype']} needs {math.prod(shape) * dtype.itemsize:,}")
-        spans.append((start, end, name))
-    spans.sort()
-    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
-        if start < end:
-            raise _corrupt(path, f"the bytes of tensors {name!r} and {other!r} overlap")
-
-
-def _corrupt(path: Path, why: str) -> DepthcutError:
-    return DepthcutError(f"{path} is not a valid safetensors file: {why}")
-
 
 def read_tensor(path: Path, name: str, pin: bool = False) -> torch.Tensor:
     """The tensor `name` of the safetensors file `path`, read into memory of its own (`own_memory`),
@@ -166,6 +104,7 @@ class FileBytes:
     path: Path
     offset: int
     length: int
+    key: str = ""  # the tensor's name in that file
 
 
 @dataclass(frozen=True)
@@ -197,13 +136,16 @@ def copied_entry(name: str, path: Path, key: str) -> Entry:
     if entry is None:
         raise DepthcutError(f"{path} holds no tensor {key!r}, which the shard index says it does")
     start, end = entry["data_offsets"]
-    return Entry(name, entry["dtype"], tuple(entry["shape"]), FileBytes(Path(path), data_start + start, end - start))
+    return Entry(name, entry["dtype"], tuple(entry["shape"]), FileBytes(Path(path), data_start + start, end - start, key))
 
 
-def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None,
+                      finite: bool = False) -> int:
     """Write `entries` into the safetensors file `path`, in their order, one tensor in memory at a
     time (a copied one in chunks); returns the bytes of tensor data. `metadata` is the file's
-    `__metadata__` (strings to strings), by default {"format": "pt"}, which transformers expects."""
+    `__metadata__` (strings to strings), by default {"format": "pt"}, which transformers expects.
+    `finite`: refuse a float tensor holding NaN or an infinity (`depthcut.io.finite`), checked as
+    it is copied (the caller writes into a staging folder, removed on the error)."""
     metadata = {"format": "pt"} if metadata is None else metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata maps strings to strings")
@@ -222,8 +164,10 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str]
         out.write(encoded)
         for entry in entries:
             if isinstance(entry.source, FileBytes):
-                _copy_bytes(entry.source, out)
+                _copy_bytes(entry.source, out, entry.dtype if finite else None, entry.name)
             elif entry.nbytes:
+                if finite:
+                    check_finite_tensors([(entry.name, entry.source)], "the tensors written")
                 data = entry.source.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 out.write(memoryview(data.numpy()))
     return offset
@@ -242,7 +186,9 @@ def _check_entry(entry: Entry) -> None:
                          f"needs {math.prod(entry.shape) * dtype.itemsize}")
 
 
-def _copy_bytes(span: FileBytes, out) -> None:
+def _copy_bytes(span: FileBytes, out, checked: str | None = None, name: str = "") -> None:
+    """Copy `span` to the open file `out` in chunks (whole elements: a buffered read returns all it
+    is asked for before the end of the file); `checked`: the dtype whose values must be finite."""
     with span.path.open("rb") as handle:
         handle.seek(span.offset)
         left = span.length
@@ -250,5 +196,7 @@ def _copy_bytes(span: FileBytes, out) -> None:
             data = handle.read(min(left, _COPY_CHUNK))
             if not data:
                 raise DepthcutError(f"{span.path} is truncated")
+            if checked is not None:
+                check_finite_bytes(data, checked, f"tensor {(span.key or name)!r} of {span.path}")
             out.write(data)
             left -= len(data)

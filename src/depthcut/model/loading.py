@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from depthcut.errors import DepthcutError
+from depthcut.io.config_checks import check_config_against_weights, config_failure
 from depthcut.io.gguf_files import open_gguf
+from depthcut.io.model_files import read_model_text
 from depthcut.io.safetensors import safetensors_header
 from depthcut.model.layers import text_config
 from depthcut.model.precision import announce, choose_dtype
@@ -58,11 +60,14 @@ try:
     from safetensors import SafetensorError
 except ImportError:  # older safetensors
     from safetensors._safetensors_rust import SafetensorError
+from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
 
 
 def check_weights(source: ModelSource) -> None:
     """Read the header of every safetensors file of a local model folder, so that a truncated or
-    corrupt file is named before loading starts (reading a header costs a few kilobytes); a GGUF file
+    corrupt file is named before loading starts (reading a header costs a few kilobytes), and its
+    config.json against them (`depthcut.io.config_checks`: an absurd layer count is refused before
+    transformers builds the model); a GGUF file
     gets the checks every GGUF path shares (`depthcut.io.gguf_files.open_gguf`: counts bounded by the
     file, tensors aligned and apart, every layer whole) before transformers reads it."""
 
@@ -74,11 +79,61 @@ def check_weights(source: ModelSource) -> None:
         return
     for shard in sorted(folder.glob("*.safetensors")):
         safetensors_header(shard)
+    check_config_against_weights(folder)
 
 
-def _load_failure(error: Exception) -> str:
-    """One line saying why loading failed (transformers' first line, with what to do where it omits it)."""
+# the JSON files of a tokenizer that transformers reads from a model folder
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_files(source: ModelSource) -> None:
+    """The tokenizer's JSON files of a local folder must be UTF-8 JSON objects, checked before the
+    model loads: a truncated tokenizer.json failed only after it, with a JSON parser's message that
+    named no file."""
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir():
+        return
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            try:
+                facts = json.loads(read_model_text(folder, name))
+            except UnicodeDecodeError as error:
+                raise DepthcutError(f"{folder / name} is not UTF-8 text (byte {error.start}): the tokenizer "
+                                    "cannot be read") from None
+            except ValueError as error:
+                raise DepthcutError(f"{folder / name} is not valid JSON ({error}; truncated?): the tokenizer "
+                                    "cannot be read") from None
+            if not isinstance(facts, dict):
+                raise DepthcutError(f"{folder / name} holds a JSON {type(facts).__name__}, not an object: the "
+                                    "tokenizer cannot be read")
+
+
+def load_tokenizer(spec: str, source: ModelSource, **kwargs):
+    """The tokenizer of a loaded model's source, or one line naming what it was read from."""
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except Exception as error:  # the tokenizers library raises plain Exceptions for a bad file
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0].rstrip(":") if lines else type(error).__name__
+        folder = Path(source.location)
+        if source.gguf_file:
+            read = f"the tokenizer in {folder / source.gguf_file}'s metadata"
+        elif (folder / "tokenizer.json").is_file():
+            read = str(folder / "tokenizer.json")
+        elif folder.is_dir():
+            read = f"{folder}, which has no tokenizer.json"
+        else:
+            read = f"{spec}'s tokenizer"
+        raise DepthcutError(f"could not load the tokenizer of model {spec!r} from {read}: {reason}") from error
+
+
+def _load_failure(error: Exception, source: ModelSource) -> str:
+    """One line saying why loading failed (transformers' first line, with what to do where it omits it,
+    and for a local folder's config, the file and field)."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, (KeyError, StrictDataclassError)) and not source.gguf_file and \
+            Path(source.location).is_dir():
+        return config_failure(source.location, error)
     if "custom code" in message and "trust_remote_code" not in message:
         message = message.rstrip(". ") + ": pass --trust-remote-code to run it (only for code you trust)"
     if isinstance(error, SafetensorError):
@@ -147,6 +202,8 @@ def load_model(
             raise DepthcutError("--device-map needs a safetensors model, not a GGUF file")
         kwargs["device_map"] = device_map
     check_weights(source)
+    if with_tokenizer:
+        check_tokenizer_files(source)
     try:
         model, report = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=torch_dtype if torch_dtype and not source.gguf_file else "auto",
@@ -154,12 +211,12 @@ def load_model(
             # GGUF dequantizes to float32; the cast to the asked dtype happens after loading.
         )
         _check_loading_report(spec, report)
-        # Only what the tokenizer understands: the model's own arguments (a quantization config, a
-        # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
-        tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **tokenizer_kwargs) if with_tokenizer else None
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as error:
-        raise DepthcutError(f"could not load model {spec!r}: {_load_failure(error)}") from error
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError, StrictDataclassError) as error:
+        raise DepthcutError(f"could not load model {spec!r}: {_load_failure(error, source)}") from error
+    # Only what the tokenizer understands: the model's own arguments (a quantization config, a
+    # device map) would be kept in its init kwargs and break `tokenizer.save_pretrained`.
+    tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "gguf_file") if k in kwargs}
+    tokenizer = load_tokenizer(spec, source, **tokenizer_kwargs) if with_tokenizer else None
     _make_serializable(model)
     if quantize is None and device_map is None:
         if torch_dtype is not None and source.gguf_file:

@@ -95,6 +95,32 @@ def _renamed(key: str, name: str, pattern: re.Pattern, position: dict[int, int],
     return f"{key[: found.start(2) - len(str(old_index))]}{new_index}{key[found.start(2):]}"
 
 
+def check_tensor_shapes(folder: Path, weight_map: dict[str, str], names: dict[str, str], converted: set[str],
+                        model) -> None:
+    """Every stored tensor that the model built from config.json loads as it is must have the shape
+    the model gives it: a config whose hidden_size (or intermediate_size, head count, ...) the weights
+    do not have would be written out beside them, a model that cannot be loaded. Read from the
+    headers; the refusal names config.json and the fields whose sizes the weights lack."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for key, shard in sorted(weight_map.items()):
+        want = expected.get(names.get(key, key))
+        if want is None or key in converted:
+            continue
+        header, _ = safetensors_header(folder / shard)
+        stored = tuple(header[key]["shape"]) if key in header else want
+        if stored != want:
+            raise DepthcutError(f"{folder / 'config.json'} does not describe these weights: {key} is "
+                                f"{list(stored)} in {shard}, but the config makes it {list(want)}"
+                                f"{_fields_sized(text_config(model.config), set(want) - set(stored))}")
+
+
+def _fields_sized(config, sizes: set[int]) -> str:
+    """" (hidden_size is 128)": the config's fields whose values are the sizes given, for a message."""
+    fields = [f"{key} is {value}" for key, value in sorted(config.to_dict().items())
+              if isinstance(value, int) and not isinstance(value, bool) and value in sizes]
+    return f" ({', '.join(fields[:3])})" if fields else ""
+
+
 def trailing_layers(config) -> int:
     """How many layers the config says are stored after the stack (multi-token prediction)."""
 
@@ -128,8 +154,9 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
     position = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(rf"^({re.escape(path)}\.)(\d+)(\..*)$")
     weight_map = shard_map(source)
-    names, _ = model_names(weight_map, skeleton.model)
+    names, converted = model_names(weight_map, skeleton.model)
     check_layer_count(names.values(), pattern, num_layers, source, trailing_layers(skeleton.config))
+    check_tensor_shapes(source, weight_map, names, converted, skeleton.model)
     # Layers stored after the stack (multi-token prediction) are carried when the checkpoint has them.
     trailing = any(int(m.group(2)) >= num_layers for m in map(pattern.match, names.values()) if m)
     # Decided before any shard is written: a cut the config cannot describe is refused here.
@@ -153,7 +180,7 @@ def prune_shards(source: str | Path, out: Path, layers: list[int], layer_path: s
 
     new_map, total = {}, 0
     for shard, entries in sorted(by_shard.items()):
-        total += write_safetensors(out / shard, entries)
+        total += write_safetensors(out / shard, entries, finite=True)  # a NaN kept is refused, not copied
         new_map.update({entry.name: shard for entry in entries})
     if (source / INDEX_FILE).is_file():
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))

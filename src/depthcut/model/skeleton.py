@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from depthcut.errors import DepthcutError
+from depthcut.io.config_checks import config_failure
 
 
 class Skeleton(NamedTuple):
@@ -36,8 +38,11 @@ def meta_skeleton(folder: str | Path, dtype: torch.dtype | None = None, device: 
     (rotary frequencies, ...) computed for real, on the CPU or put on `device`. The config returned
     is the folder's as it is: the model is built from a copy, which `from_config` changes (the dtype)."""
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return skeleton_of(config, dtype, device, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return skeleton_of(config, dtype, device, trust_remote_code)
+    except (OSError, ValueError, KeyError, StrictDataclassError) as error:  # a config.json transformers refuses
+        raise DepthcutError(config_failure(folder, error)) from None
 
 
 def skeleton_of(config, dtype: torch.dtype | None = None, device: torch.device | None = None,

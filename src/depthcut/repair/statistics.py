@@ -15,6 +15,7 @@ The forward pass stops at the cut: nothing after layer l+n is computed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,17 @@ class RepairStatistics:
     r_sq: float = 0.0
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "base", "m", "target": (K, d) float32
     calibration: dict = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        """Refuse sums that are not finite: no repair is fitted on a NaN or an infinity (a weight of
+        the model up to the cut that is not finite, or activations that overflowed its dtype)."""
+        sums = [self.x_norm, self.y_norm, self.x_sq, self.y_sq, self.xy, self.r_sq]
+        tensors = [t for t in (self.mtm, self.mtr, *self.rows.values()) if t is not None]
+        if not all(map(math.isfinite, sums)) or not all(bool(t.isfinite().all()) for t in tensors):
+            raise DepthcutError(f"the repair statistics of layers {self.first}-{self.stop - 1} hold NaN or infinite "
+                                f"values: the activations entering layer {self.first} or leaving layer "
+                                f"{self.stop - 1} are not finite (is a weight of the model before it?); no repair "
+                                "is fitted on them")
 
     @property
     def block(self) -> tuple[int, int]:
@@ -257,6 +269,7 @@ class BlockGatherer:
         for accumulator, _ in self.accumulators.values():
             if accumulator.stats.tokens == 0 or accumulator.stats.y_sq == 0:
                 raise DepthcutError("the calibration data gave no tokens to fit a repair on")
+            accumulator.stats.check_finite()
         return {block: accumulator.stats for block, (accumulator, _) in self.accumulators.items()}
 
 
