@@ -14,6 +14,7 @@ from tiny import padded_calibration, random_ids, tiny_model
 import depthcut
 from depthcut.cli import main
 from depthcut.errors import DepthcutError
+from depthcut.model.layers import find_layer_stack
 from depthcut.repair import apply_repair, fit_repair, repair, repair_statistics
 from depthcut.repair.gaps import apply_gaps, fit_gaps, gap_runs, gaps_folded
 
@@ -103,15 +104,20 @@ def test_lstsq_per_gap_recovers_planted_maps_and_the_unpruned_model():
     assert _relative(_logits(model, ids), unpruned) < 1e-6
 
 
-@pytest.mark.parametrize(("method", "options"), [("lstsq", {}), ("magnitude", {}), ("cosine", {"steps": 5})])
-def test_each_gap_is_fitted_on_the_stream_the_earlier_repairs_give(method, options):
+@pytest.mark.parametrize(("arch", "method", "options"), [
+    ("llama", "lstsq", {}), ("llama", "magnitude", {}), ("llama", "cosine", {"steps": 5}),
+    ("gpt2", "lstsq", {}),  # a Conv1D projection and learned positions
+    ("qwen3", "lstsq", {}),  # per-layer attention kinds: the partly cut model keeps each layer's own
+])
+def test_each_gap_is_fitted_on_the_stream_the_earlier_repairs_give(arch, method, options):
     """Against the same done by hand: gap 1 fitted and folded, its layers cut, then gap 2 fitted on that model."""
-    model = tiny_model("llama", num_hidden_layers=NUM_LAYERS).double()
+    kinds = {"layer_types": ["sliding_attention", "full_attention"] * (NUM_LAYERS // 2)} if arch == "qwen3" else {}
+    model = tiny_model(arch, num_hidden_layers=NUM_LAYERS, **kinds).double()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     calibration = _calibration()
     fits = fit_gaps(model, REMOVED, method, calibration, batch_size=5, **options)
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
-    assert len(model.model.layers) == NUM_LAYERS and model.config.num_hidden_layers == NUM_LAYERS
+    assert len(find_layer_stack(model)) == NUM_LAYERS and model.config.get_text_config().num_hidden_layers == NUM_LAYERS
 
     by_hand = copy.deepcopy(model)
     first = fit_repair(method, repair_statistics(by_hand, calibration, [2, 3], [method], batch_size=5), **options)
@@ -213,9 +219,11 @@ def test_prune_repairs_every_gap_and_the_written_model_is_the_in_memory_one(caps
     assert _relative(_logits(reloaded, ids), _logits(plain, ids)) > 1e-3
 
 
-def test_prune_refuses_a_gap_it_cannot_repair_in_one_line(capsys, tmp_path, tiny_llama_dir, corpus_file):
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_prune_refuses_a_gap_it_cannot_repair_in_one_line(capsys, tmp_path, tiny_llama_dir, corpus_file, stream):
+    """The first gap starts at layer 0 (the second, [3, 5), could be repaired): refused, nothing written."""
     code = main(["prune", str(tiny_llama_dir), "--layers", "0,3,4", "--repair", "lstsq", "--data", str(corpus_file),
-                 "--out", str(tmp_path / "x"), *SMALL_ARGS])
+                 "--out", str(tmp_path / "x"), *SMALL_ARGS, *stream])
     err = capsys.readouterr().err
     refusal = [line for line in err.splitlines() if "refused" in line]
     assert code == 2 and len(refusal) == 1 and "layer 0" in refusal[0] and "Traceback" not in err
