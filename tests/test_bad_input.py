@@ -402,7 +402,21 @@ def test_an_error_no_check_explains_is_one_line_and_debug_shows_the_traceback(ca
     monkeypatch.setattr(depthcut.pipeline.prune, "prune_to", broken)
     argv = ["prune", str(tiny_llama_dir), "--layers", "2", "--out", str(tmp_path / "out")]
     code, _, err = _run(capsys, *argv)
-    _assert_refused(code, err, "prune failed: KeyError: 'model.layers.3.mlp.weig=t'; the unfinished output was "
-                               "removed (an input depthcut does not check, or a bug: run with --debug")
+    # what it read is named (here no file is on the error's way: the command's inputs), and what a KeyError means
+    _assert_refused(code, err, f"prune failed reading its inputs ({tiny_llama_dir}): KeyError: "
+                               "'model.layers.3.mlp.weig=t' (a field it expected is missing); the unfinished output "
+                               "was removed (an input depthcut does not check, or a bug: run with --debug")
     with pytest.raises(KeyError):
         main(["--debug", *argv])
+
+
+def test_the_last_net_names_the_file_the_failing_code_was_reading(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    import depthcut.pipeline.prune
+
+    def reads_a_damaged_file(config):
+        path = Path(config.model) / "config.json"
+        return json.loads(path.read_text()[:40])  # a reader depthcut does not check
+
+    monkeypatch.setattr(depthcut.pipeline.prune, "prune_to", reads_a_damaged_file)
+    code, _, err = _run(capsys, "prune", tiny_llama_dir, "--layers", "2", "--out", tmp_path / "out")
+    _assert_refused(code, err, f"prune failed reading {tiny_llama_dir / 'config.json'}: JSONDecodeError: ")

@@ -143,3 +143,116 @@ def test_a_corrupted_heal_checkpoint(capsys, tmp_path, tiny_llama_dir, corpus_fi
     out = root / "healed"
     code = run_checked(capsys, root, out, *_heal(tiny_llama_dir, corpus_file, out), "--resume")
     assert code == 2  # resumed or not, --lr 1e30 diverges: one line, nothing written
+
+
+# --- a GGUF whose structure lies: every command refuses it before a reader trusts it (issue 38) -----
+
+class _Without:
+    """A write plan for `depthcut.io.gguf_writer.write_pruned` that leaves out the tensors `left_out`
+    and renames nothing (so the layers keep their numbers and a gap or a hole stays)."""
+
+    def __init__(self, left_out):
+        self.left_out, self.values, self.dropped = left_out, {}, []
+
+    def rename(self, name: str) -> str | None:
+        return None if self.left_out(name) else name
+
+
+def _without(source: Path, target: Path, left_out) -> Path:
+    from depthcut.io.gguf_files import open_gguf
+    from depthcut.io.gguf_writer import write_pruned
+
+    write_pruned(open_gguf(source), _Without(left_out), target)
+    return target
+
+
+def _offset_moved(source: Path, target: Path, by: int) -> Path:
+    """`source` with the data offset of blk.2.ffn_down.weight moved by `by` bytes."""
+    from test_gguf import _patched
+
+    from depthcut.io.gguf_files import open_gguf
+
+    model = open_gguf(source)
+    tensor = next(t for t in model.tensors if t.name == "blk.2.ffn_down.weight")
+    relative = tensor.offset - int(model.readers[0].data_offset)
+    # after the name: the dimension count (u32), two dimensions (u64 each), the type (u32), the offset (u64)
+    return _patched(source, target, b"blk.2.ffn_down.weight", 4 + 8 * 2 + 4, "<Q", relative + by)
+
+
+def _header_count(source: Path, target: Path, at: int, value: int) -> Path:
+    """`source` with the u64 at byte `at` of its header (8: the tensor count, 16: the metadata count) set."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    struct.pack_into("<Q", data, at, value)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def _renamed_in_header(source: Path, target: Path, old: bytes, new: bytes) -> Path:
+    data = source.read_bytes()
+    assert len(old) == len(new)
+    target.write_bytes(data.replace(old, new, 1))
+    return target
+
+
+def _metadata_patched(key: bytes, value: int):
+    from test_gguf import _patched
+
+    return lambda source, target: _patched(source, target, key, 4, "<I", value)  # after its type (u32)
+
+
+# mutation -> (how it is made from a valid tiny GGUF, the refusal's words)
+GGUF_MUTATIONS = {
+    "block_count beyond the layers": (_metadata_patched(b"llama.block_count", 8),
+                                      r"llama.block_count is 8 but layer\(s\) 6, 7 have no tensors"),
+    "block_count 2^32-1": (_metadata_patched(b"llama.block_count", 2**32 - 1),
+                           r"llama.block_count is 4,294,967,295 but layer\(s\) 6, 7, 8"),
+    "embedding_length the tensors lack": (_metadata_patched(b"llama.embedding_length", 2**20),
+                                          r"llama.embedding_length is 1,048,576 but token_embd.weight is \[96, 32\]"),
+    "a tensor count of 2^40": (lambda s, t: _header_count(s, t, 8, 2**40), r"the tensor count claims 1,099,511,627,776"),
+    "a metadata count of 2^40": (lambda s, t: _header_count(s, t, 16, 2**40),
+                                 r"the metadata count claims 1,099,511,627,776"),
+    "an offset off the alignment": (lambda s, t: _offset_moved(s, t, 1),
+                                    r"'blk.2.ffn_down.weight' starts at byte .* not on the file's 32-byte alignment"),
+    "an offset past the end": (lambda s, t: _offset_moved(s, t, 2**30),
+                               r"tensor 'blk.2.ffn_down.weight' starts 1,07.* bytes into the data section, which "
+                               r"holds"),
+    "a layer missing": (lambda s, t: _without(s, t, lambda name: name.startswith("blk.3.")),
+                        r"llama.block_count is 6 but layer\(s\) 3 have no tensors"),
+    "a tensor missing": (lambda s, t: _without(s, t, lambda name: name == "blk.3.ffn_down.weight"),
+                         r"layer 3 lacks blk.3.ffn_down.weight, which layer 0 of the same kind has"),
+    "a tensor twice": (lambda s, t: _renamed_in_header(s, t, b"blk.2.ffn_down.weight", b"blk.3.ffn_down.weight"),
+                       r"[Dd]uplicated tensor with name blk.3.ffn_down.weight|'blk.3.ffn_down.weight' appears twice"),
+}
+
+
+@pytest.fixture(scope="module")
+def valid_gguf(tmp_path_factory) -> Path:
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+    from test_gguf import tiny_gguf
+
+    return tiny_gguf(tmp_path_factory.mktemp("valid"), "llama", GGMLQuantizationType.F32)
+
+
+@pytest.mark.parametrize("mutation", list(GGUF_MUTATIONS))
+@pytest.mark.parametrize("command", ["analyze", "prune to GGUF", "prune to a folder", "shrink"])
+def test_a_gguf_whose_structure_lies_is_refused_by_every_command(capsys, tmp_path, valid_gguf, corpus_file, mutation,
+                                                                 command):
+    import re
+
+    make, words = GGUF_MUTATIONS[mutation]
+    source = make(valid_gguf, tmp_path / "mutated.gguf")
+    out = tmp_path / ("out.gguf" if command == "prune to GGUF" else "out")
+    data = ["--data", corpus_file, "--samples", "2", "--seq-len", "8", "--quiet"]
+    argv = {"analyze": ["analyze", source, *data, "--out", out],
+            "prune to GGUF": ["prune", source, "--layers", "1", "--out", out],
+            "prune to a folder": ["prune", source, "--layers", "1", "--out", out],
+            "shrink": ["shrink", source, "--drop", "1", *data, "--candidates", "1", "--repairs", "none",
+                       "--out", out]}[command]
+    assert run_checked(capsys, tmp_path, out, *argv) == 2
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(words, line), line

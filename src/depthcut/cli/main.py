@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import sys
+import traceback
+from pathlib import Path
 
 from depthcut import __version__
 from depthcut.cli.commands import COMMANDS
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthcut: error: {error}", file=sys.stderr)
         return 2
     configure_logging(args.verbose, args.log_quiet)
+    config = None
     try:
         with handle_signals():  # SIGTERM and SIGHUP clean up as Ctrl-C does
             try:
@@ -174,19 +177,49 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 (the last net: one line, unless --debug asks for the traceback)
         if args.debug:
             raise
-        print(f"depthcut: error: {_unexplained(error, args.command)}", file=sys.stderr)
+        print(f"depthcut: error: {_unexplained(error, args.command, config)}", file=sys.stderr)
         return 2
     return 0
 
 
-def _unexplained(error: Exception, command: str) -> str:
-    """One line for an error that no check of depthcut's caught: what failed, and where (the file it
-    concerns when the error names one). The unfinished output is removed either way."""
+def _unexplained(error: Exception, command: str, config=None) -> str:
+    """One line for an error that no check of depthcut's caught: what failed, what it was reading
+    (the file the error concerns, else the command's inputs) and, for a KeyError, that a field it
+    expected is missing. The unfinished output is removed either way."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         where = f" ({error.filename})" if error.filename else ""
         return (f"{os.strerror(error.errno).lower()}{where}; the command stopped and removed its unfinished "
                 "output")
     text = str(error).splitlines()[0][:300] if str(error) else ""
-    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
-    return (f"{command} failed: {type(error).__name__}: {text}{where}; the unfinished output was removed "
+    if isinstance(error, KeyError):
+        text += " (a field it expected is missing)"
+    read = being_read(error, config)
+    reading = f" reading {read}" if read else ""
+    return (f"{command} failed{reading}: {type(error).__name__}: {text}; the unfinished output was removed "
             "(an input depthcut does not check, or a bug: run with --debug for the traceback)")
+
+
+# the names under which the code on an error's way holds the file it reads
+_FILE_NAMES = ("filename", "path", "file", "config_file", "source", "folder", "location")
+# the settings that name a command's inputs
+_INPUTS = ("model", "analysis", "data", "results", "run", "sweep", "teacher", "baseline")
+
+
+def being_read(error: BaseException, config=None) -> str:
+    """What the command was reading when `error` was raised: the file an OSError names, else the
+    innermost file held by the code the error passed through (its own source files aside), else the
+    inputs the command's `config` names; "" where none is known."""
+    if isinstance(error, OSError) and error.filename:
+        return str(error.filename)
+    for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+        for name in _FILE_NAMES:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, Path)) and str(value) and not str(value).endswith(".py"):
+                try:
+                    if Path(value).exists():
+                        return str(value)
+                except (OSError, ValueError):
+                    continue
+    named = [str(value) for value in (getattr(config, name, None) for name in _INPUTS)
+             if isinstance(value, (str, Path)) and value and Path(value).exists()]
+    return f"its inputs ({', '.join(named)})" if named else ""

@@ -70,13 +70,21 @@ def text_facts(config: dict) -> tuple[dict, str]:
 
 
 def check_config_sizes(path: Path, facts: dict, prefix: str = "") -> None:
-    """The sizes `SIZE_KEYS` of `facts` (read from `path`) are positive integers where they are given."""
+    """The sizes `SIZE_KEYS` of `facts` (read from `path`) are positive integers where they are given
+    (a list of them, one per layer, where the architecture sizes layers apart: Gemma 3n's
+    intermediate_size; never for the layer count, the hidden size or the vocabulary)."""
     for key in SIZE_KEYS:
         value = facts.get(key)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DepthcutError(f"{path}: {prefix}{key} is {value!r}; it must be a positive whole number")
+        per_layer = isinstance(value, list) and key not in (*LAYER_COUNT_KEYS, *HIDDEN_SIZE_KEYS, "vocab_size")
+        if not all(_positive(item) for item in (value if per_layer else [value])):
+            raise DepthcutError(f"{path}: {prefix}{key} is {value!r}; it must be a positive whole number"
+                                + (" (or a list of them)" if per_layer else ""))
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -121,24 +121,36 @@ def metadata(reader: _Reader, entries: int) -> Iterator[tuple[str, int]]:
 
 def check_header_bounds(path: str | Path) -> None:
     """Walk the GGUF header of `path` (magic, version, counts, every metadata entry, every tensor
-    description), refusing any count or length larger than the bytes left, with seeks over the
-    values (a vocabulary's strings are never held in memory)."""
+    description), refusing any count or length larger than the bytes left, and any tensor that
+    starts past the end of the file, with seeks over the values (a vocabulary's strings are never
+    held in memory)."""
     path = Path(path)
     with open(path, "rb") as file:
         opened = header(path, file)
         if opened is None:
             return
         reader, tensors, entries = opened
-        for _ in metadata(reader, entries):
-            pass
+        alignment = 32  # GGUF's default, unless general.alignment says otherwise
+        for key, kind in metadata(reader, entries):
+            if key == "general.alignment" and kind in SCALAR_FORMATS:
+                alignment = reader.scalar(kind)
+        starts = []
         for _ in range(tensors):
-            reader.skip(reader.count("a tensor name", 1))
+            name = reader.string("a tensor name")
             dims = reader.take("<I")
             if dims > 8:
                 raise _invalid(path, f"a tensor claims {dims} dimensions")
-            reader.skip(8 * dims + 4 + 8)
+            reader.skip(8 * dims + 4)
+            starts.append((reader.take("<Q"), name))
         if reader.left() < 0:
             raise _invalid(path, "its tensor descriptions end past the end of the file")
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise _invalid(path, f"general.alignment is {alignment!r}, not a positive whole number")
+        data = reader.size - (-(-reader.file.tell() // alignment) * alignment)  # the data section's bytes
+        for start, name in starts:
+            if start > data:  # (one that starts inside and ends past the end is found once its size is known)
+                raise _invalid(path, f"tensor {name!r} starts {start:,} bytes into the data section, which holds "
+                                     f"{max(data, 0):,}: its offset is corrupt or the file is truncated")
 
 
 def check_tensor_layout(part: Path, tensors: list, alignment: int, data_start: int) -> None:
