@@ -22,7 +22,7 @@ from depthcut.errors import DepthcutError, OptionValueError
 from depthcut.evaluation.divergence import WindowScores
 from depthcut.io.data import load_texts
 from depthcut.model.surgery import remove_layers
-from depthcut.pipeline import shrink_search
+from depthcut.pipeline import analyze, shrink_search
 from depthcut.pipeline.analyze import analysis_summary, analyze_to
 from depthcut.pipeline.configs import AnalyzeConfig, ShrinkConfig
 from depthcut.pipeline.prune import prune_to
@@ -260,6 +260,15 @@ def test_analyze_search_stores_the_order_the_curve_and_a_reusable_cut(tmp_path, 
     with pytest.raises(DepthcutError, match="removed 4 layers; --drop 5 needs a deeper one"):
         prune_to(model=str(planted_folder), analysis=str(out / "analysis.json"), strategy="search", drop=5,
                  dtype="float32", quiet=True, out=str(tmp_path / "deeper"))
+
+
+def test_a_search_deeper_than_the_model_is_refused_before_the_analysis(tmp_path, planted_folder, corpus_file,
+                                                                     monkeypatch):
+    monkeypatch.setattr(analyze, "run_analysis", lambda *args, **kwargs: pytest.fail("the analysis ran"))
+    with pytest.raises(DepthcutError, match="--search-drop must be between 1 and 7 for a model of 8 layers"):
+        analyze_to(model=str(planted_folder), data=str(corpus_file), search="greedy", search_drop=8, dtype="float32",
+                   quiet=True, out=str(tmp_path / "deep"))
+    assert not (tmp_path / "deep").exists()
 
 
 def test_analyze_search_beam_2_finds_the_planted_layers(tmp_path, planted_folder, corpus_file):

@@ -18,6 +18,7 @@ from depthcut.io.data import load_texts, split_documents
 from depthcut.io.output_checks import check_no_overlap
 from depthcut.io.provenance import environment
 from depthcut.model.distributed import is_main_process
+from depthcut.model.layers import find_layer_stack
 from depthcut.model.loading import resolve_device, resolve_dtype, resolve_model
 from depthcut.model.precision import DtypeChoice, announce
 from depthcut.pipeline.common import (
@@ -31,7 +32,6 @@ from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
 from depthcut.pipeline.search_choice import search_width
 from depthcut.pipeline.shrink_search import aggregated, search_order, search_references
 from depthcut.pipeline.validation import scores_after_cut, validation_sets
-from depthcut.strategies import check_drop
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,11 @@ def _analyze(config: AnalyzeConfig):
         analysis, source = _analyze_streamed(config, source)
     else:
         model, tokenizer, source = load(config, quiet=config.quiet)
+        # the search's depth and text checked before the analysis pass, not after it
+        searched = _search_inputs(model, tokenizer, config) if search_width(config.search) else None
         analysis = run_analysis(model, tokenizer, config, config.layer_path, progress=not config.quiet)
-        if search_width(config.search):
-            analysis.search = search_record(model, tokenizer, analysis, config)
+        if searched is not None:
+            analysis.search = search_record(model, analysis, *searched, config)
     analysis.metadata["model"] = source.as_dict()
     analysis.metadata["environment"] = environment()
     if is_main_process():
@@ -115,17 +117,24 @@ def _analyze(config: AnalyzeConfig):
     return analysis
 
 
-def search_record(model, tokenizer, analysis, config: AnalyzeConfig) -> dict:
-    """`--search` on the validation windows (the held-out documents of --data, as `shrink` splits them, and
-    a second domain; or --validate): the order of `--search-drop` layers (default: half of them), each
-    step's KL, and beside it the KL of the best block by angular distance of each size up to that depth
-    (one trial a size: the contiguous cut `prune --strategy angular` would make)."""
-    drop = config.search_drop if config.search_drop is not None else max(1, analysis.num_layers // 2)
-    check_drop(drop, analysis.num_layers)
+def _search_inputs(model, tokenizer, config: AnalyzeConfig) -> tuple[dict, int]:
+    """(the validation windows per source: the held-out documents of --data, as `shrink` splits them, and a
+    second domain, or --validate; the layers the search removes: --search-drop, default half of them)."""
+    num_layers = len(find_layer_stack(model, config.layer_path))
+    drop = config.search_drop if config.search_drop is not None else max(1, num_layers // 2)
+    if not 1 <= drop < num_layers:
+        raise DepthcutError(f"--search-drop must be between 1 and {num_layers - 1} for a model of {num_layers} "
+                            f"layers (the final layer stays), got {drop}")
     held_out = None
     if config.data in config.validation_sources():
         held_out = split_documents(load_texts(config.data, config.text_field), HELDOUT_FRACTION, config.seed)[1]
-    windows = validation_sets(config, tokenizer, held_out)
+    return validation_sets(config, tokenizer, held_out), drop
+
+
+def search_record(model, analysis, windows: dict, drop: int, config: AnalyzeConfig) -> dict:
+    """`--search` on `windows`: the order of `drop` layers, each step's KL, and beside it the KL of the best
+    block by angular distance of each size up to that depth (one trial a size: the contiguous cut `prune
+    --strategy angular` would make)."""
     log.info("analyze: --search %s for %d layers on %d validation window(s) per source ...", config.search, drop,
              config.validation_windows)
     predictions = search_references(model, windows, config.batch_size, config.layer_path)
