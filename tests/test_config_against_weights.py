@@ -164,3 +164,18 @@ def test_shrink_checks_its_output_space_before_the_selection(tmp_path, tiny_llam
         check_before_loading(config)  # the checks before the model loads, not after the selection
     monkeypatch.setattr("depthcut.io.output_checks.free_bytes", lambda path: weights)
     check_before_loading(config)  # 4 of 6 layers' share fits
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in memory", "layer by layer"])
+def test_a_gguf_without_a_tokenizer_is_named(capsys, tmp_path, corpus_file, stream):
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import tiny_gguf
+
+    source = tiny_gguf(tmp_path, "llama", gguf.GGMLQuantizationType.F32)  # written with no tokenizer
+    out = tmp_path / "out"
+    code = main(["analyze", str(source), "--data", str(corpus_file), "--samples", "2", "--seq-len", "8", "--quiet",
+                 "--out", str(out), *(["--stream"] if stream else [])])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"could not load the tokenizer of model {str(source)!r} from the tokenizer in {source}'s " \
+        "metadata: it has no tokenizer.ggml.tokens" in line, line  # was "analyze failed: KeyError: 'tokens'"
+    assert not out.exists()

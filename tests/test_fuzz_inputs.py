@@ -237,7 +237,7 @@ def valid_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("mutation", list(GGUF_MUTATIONS))
-@pytest.mark.parametrize("command", ["analyze", "prune to GGUF", "prune to a folder", "shrink"])
+@pytest.mark.parametrize("command", ["analyze", "analyze --stream", "prune to GGUF", "prune to a folder", "shrink"])
 def test_a_gguf_whose_structure_lies_is_refused_by_every_command(capsys, tmp_path, valid_gguf, corpus_file, mutation,
                                                                  command):
     import re
@@ -247,6 +247,7 @@ def test_a_gguf_whose_structure_lies_is_refused_by_every_command(capsys, tmp_pat
     out = tmp_path / ("out.gguf" if command == "prune to GGUF" else "out")
     data = ["--data", corpus_file, "--samples", "2", "--seq-len", "8", "--quiet"]
     argv = {"analyze": ["analyze", source, *data, "--out", out],
+            "analyze --stream": ["analyze", source, *data, "--stream", "--out", out],
             "prune to GGUF": ["prune", source, "--layers", "1", "--out", out],
             "prune to a folder": ["prune", source, "--layers", "1", "--out", out],
             "shrink": ["shrink", source, "--drop", "1", *data, "--candidates", "1", "--repairs", "none",

@@ -28,8 +28,10 @@ _FUSING = ("Qwen2MoeTensorProcessor", "GptOssTensorProcessor", "MiniMaxM2TensorP
 
 
 def gguf_config(path: str | Path, trust_remote_code: bool = False):
-    """The transformers config of the GGUF model at `path`, as `from_pretrained(..., gguf_file=)` makes it."""
+    """The transformers config of the GGUF model at `path`, as `from_pretrained(..., gguf_file=)` makes it,
+    after the checks every GGUF path shares (`open_gguf`): transformers' reader trusts every count."""
     path = Path(path)
+    open_gguf(path)
     try:
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
     except ValueError as error:  # an architecture transformers cannot load from GGUF

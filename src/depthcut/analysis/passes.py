@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from depthcut import __version__
 from depthcut.analysis.calibration import CalibrationSet, as_calibration
@@ -24,7 +24,7 @@ from depthcut.metrics.base import feed
 from depthcut.model.distributed import rank_and_world, sum_across_processes
 from depthcut.model.layer_kinds import layer_kinds
 from depthcut.model.layers import find_layer_stack, text_config
-from depthcut.model.loading import resolve_device
+from depthcut.model.loading import checked_tokenizer, resolve_device
 from depthcut.model.precision import choose_dtype
 
 
@@ -228,8 +228,8 @@ def analyze_streamed(
         raise DepthcutError(f"streaming needs a local folder with config.json and safetensors weights, or a .gguf "
                             f"file; {folder} is neither (save the model with `model.save_pretrained(folder)` first)")
     location = Path(folder).parent if gguf else folder
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
+    if tokenizer is None:  # after the checks a load runs first (a GGUF's structure); a failure names the file
+        tokenizer = checked_tokenizer(str(folder), trust_remote_code)
 
     config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **gguf)
     num_layers = getattr(text_config(config), "num_hidden_layers", None)

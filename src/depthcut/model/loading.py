@@ -118,6 +118,8 @@ def load_tokenizer(spec: str, source: ModelSource, **kwargs):
         folder = Path(source.location)
         if source.gguf_file:
             read = f"the tokenizer in {folder / source.gguf_file}'s metadata"
+            if isinstance(error, KeyError) and error.args:  # a tokenizer.ggml.* key transformers needs
+                reason = f"it has no tokenizer.ggml.{error.args[0]}"
         elif (folder / "tokenizer.json").is_file():
             read = str(folder / "tokenizer.json")
         elif folder.is_dir():
@@ -125,6 +127,17 @@ def load_tokenizer(spec: str, source: ModelSource, **kwargs):
         else:
             read = f"{spec}'s tokenizer"
         raise DepthcutError(f"could not load the tokenizer of model {spec!r} from {read}: {reason}") from error
+
+
+def checked_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer of MODEL `spec` alone (what a pass that streams the weights needs), after the
+    checks a load runs first (a GGUF's structure, the config against the weights, the tokenizer's
+    JSON files); a failure names what it read."""
+    source = resolve_model(spec)
+    check_weights(source)
+    check_tokenizer_files(source)
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return load_tokenizer(spec, source, trust_remote_code=trust_remote_code, **gguf)
 
 
 def _load_failure(error: Exception, source: ModelSource) -> str:
