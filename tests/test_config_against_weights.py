@@ -140,6 +140,7 @@ def test_a_value_transformers_does_not_know_is_named_with_its_field(capsys, tmp_
     ("missing", r"could not load the tokenizer of model .* from .*model, which has no tokenizer.json"),
     ("truncated", r"model/tokenizer.json is not valid JSON \(.*; truncated\?\): the tokenizer cannot be read"),
     ("garbage", r"model/tokenizer.json is not UTF-8 text \(byte 1\)"),
+    ("a field missing", r"from .*model/tokenizer.json: it lacks the field 'added_tokens'"),  # was: 'added_tokens'
 ])
 def test_a_missing_or_corrupt_tokenizer_names_tokenizer_json(tmp_path, tiny_llama_dir, damage, match):
     from depthcut.model.loading import load_model
@@ -150,7 +151,8 @@ def test_a_missing_or_corrupt_tokenizer_names_tokenizer_json(tmp_path, tiny_llam
     if damage == "missing":
         tokenizer.unlink()
     else:
-        tokenizer.write_bytes(tokenizer.read_bytes()[:1000] if damage == "truncated" else b"{\xff\xfe")
+        tokenizer.write_bytes({"truncated": tokenizer.read_bytes()[:1000], "garbage": b"{\xff\xfe",
+                               "a field missing": b'{"version": "1.0"}'}[damage])
     with pytest.raises(DepthcutError, match=match):
         load_model(str(model))
 
@@ -179,3 +181,14 @@ def test_a_gguf_without_a_tokenizer_is_named(capsys, tmp_path, corpus_file, stre
     assert code == 2 and f"could not load the tokenizer of model {str(source)!r} from the tokenizer in {source}'s " \
         "metadata: it has no tokenizer.ggml.tokens" in line, line  # was "analyze failed: KeyError: 'tokens'"
     assert not out.exists()
+
+
+def test_a_generation_config_that_is_not_an_object_is_named(tmp_path, tiny_llama_dir):
+    from depthcut.model.loading import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "generation_config.json").write_text("[1]")
+    with pytest.raises(DepthcutError, match=r"generation_config.json holds a JSON list, not the object of a "
+                                            r"generation config"):  # was TypeError: 'list' object is not a mapping
+        load_model(str(model))

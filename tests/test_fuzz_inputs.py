@@ -80,15 +80,20 @@ def test_a_corrupted_shard_index(capsys, tmp_path, tiny_llama_dir, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_a_corrupted_gguf_header(capsys, tmp_path, seed):
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+def test_a_corrupted_gguf_header(capsys, tmp_path, corpus_file, seed, command):
     pytest.importorskip("gguf")
     from gguf import GGMLQuantizationType
     from test_gguf import tiny_gguf
 
     source = tiny_gguf(tmp_path, "llama", GGMLQuantizationType.F32)
     source.write_bytes(corrupted(source.read_bytes(), seed, head=2048))
-    out = tmp_path / "out.gguf"
-    run_checked(capsys, tmp_path, out, "prune", source, "--layers", "1", "--out", out)
+    out = tmp_path / ("out.gguf" if command == "prune" else "out")
+    if command == "prune":
+        run_checked(capsys, tmp_path, out, "prune", source, "--layers", "1", "--out", out)
+    else:
+        run_checked(capsys, tmp_path, out, "analyze", source, "--data", corpus_file, "--samples", "2", "--seq-len", "8",
+                    "--quiet", "--out", out)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -80,6 +80,15 @@ def check_weights(source: ModelSource) -> None:
     for shard in sorted(folder.glob("*.safetensors")):
         safetensors_header(shard)
     check_config_against_weights(folder)
+    generation = folder / "generation_config.json"
+    if generation.is_file():  # transformers passes over one that is not JSON, but not one that is a list
+        try:
+            facts = json.loads(read_model_text(folder, generation.name))
+        except ValueError:
+            facts = {}
+        if not isinstance(facts, dict):
+            raise DepthcutError(f"{generation} holds a JSON {type(facts).__name__}, not the object of a generation "
+                                "config")
 
 
 # the JSON files of a tokenizer that transformers reads from a model folder
@@ -122,6 +131,8 @@ def load_tokenizer(spec: str, source: ModelSource, **kwargs):
                 reason = f"it has no tokenizer.ggml.{error.args[0]}"
         elif (folder / "tokenizer.json").is_file():
             read = str(folder / "tokenizer.json")
+            if isinstance(error, KeyError) and error.args:
+                reason = f"it lacks the field {error.args[0]!r}"
         elif folder.is_dir():
             read = f"{folder}, which has no tokenizer.json"
         else:

@@ -100,7 +100,10 @@ def check_tensor_shapes(folder: Path, weight_map: dict[str, str], names: dict[st
     """Every stored tensor that the model built from config.json loads as it is must have the shape
     the model gives it: a config whose hidden_size (or intermediate_size, head count, ...) the weights
     do not have would be written out beside them, a model that cannot be loaded. Read from the
-    headers; the refusal names config.json and the fields whose sizes the weights lack."""
+    headers; the refusal names config.json and the fields whose sizes the weights lack. A quantized
+    checkpoint's tensors have its quantizer's shapes (packed 4-bit rows): not compared."""
+    if getattr(model.config, "quantization_config", None):
+        return
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     for key, shard in sorted(weight_map.items()):
         want = expected.get(names.get(key, key))
