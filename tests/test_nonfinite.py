@@ -112,3 +112,18 @@ def test_a_gguf_with_a_nan_in_a_float_tensor_is_not_copied(tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["poisoned.gguf"]
     prune_gguf(source, out, [2])  # the layer that holds it removed: written
     assert out.is_file()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in memory", "layer by layer"])
+def test_shrink_refuses_a_model_with_a_nan_weight_and_writes_nothing(capsys, tmp_path, tokenizer, corpus_file, stream):
+    folder = _poisoned_folder(tmp_path, tokenizer, 2)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code = main(["shrink", str(folder), "--drop", "1", "--data", str(corpus_file), "--samples", "4", "--seq-len", "16",
+                 "--candidates", "1", "--repairs", "none", "--dtype", "float32", "--quiet", "--out", str(out),
+                 *(["--stream"] if stream else [])])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = (f"model.layers.2.mlp.down_proj.weight of {folder / 'model.safetensors'} holds 1 NaN" if stream else
+                "decoder layer 2's output holds NaN")
+    assert code == 2 and expected in last, last
+    assert not out.exists()
