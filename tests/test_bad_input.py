@@ -384,7 +384,9 @@ def test_a_config_whose_layer_count_disagrees_with_the_weights(capsys, tmp_path,
     (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
     code, _, err = _run(capsys, "prune", model, "--layers", "1", "--out", tmp_path / "out",
                         *(["--stream"] if stream else []))
-    expected = (f"config.json says {layers} layers, but the weights hold 6 (layers 0 to 5)" if stream
+    # more layers than stored: refused before a model is built, on both paths (depthcut.io.config_checks)
+    expected = (f"config.json: num_hidden_layers is {layers}, but the weights hold 6 numbered layers" if layers > 6
+                else f"config.json says {layers} layers, but the weights hold 6 (layers 0 to 5)" if stream
                 else f"its weights do not match its config.json: {message}")
     _assert_refused(code, err, expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
