@@ -65,7 +65,8 @@ def copy_remote_code(source: str | Path | None, staging: Path) -> None:
 
 def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool = False) -> Path:
     """`save_model` of a pruned model, refused before anything is written where a tensor it keeps holds
-    NaN or an infinity (the original's, or made so by a cast to a narrower dtype or by a repair)."""
-    check_finite_tensors(model.state_dict().items(), "the pruned model")
+    NaN or an infinity (the original's, or made so by a cast to a narrower dtype or by a repair). The
+    parameters, not the buffers: a buffer is made from the config (a mask may hold -inf by design)."""
+    check_finite_tensors(model.named_parameters(), "the pruned model")
     provenance = {**provenance, "environment": provenance.get("environment") or environment()}
     return save_model(model, tokenizer, out, provenance, prune_card(provenance, out), force)
