@@ -5,6 +5,7 @@
 #   (c) benchmarks/bench_analysis.py on a TinyLlama-1.1B-shaped model, bf16, batch 16 x 512
 #   (d) layer-streamed against in-memory analysis on a Llama-2-7B-shaped model
 #   (e) eval scoring speed, packed against --scoring full
+#   (f) the layer-major shrink (shrink --stream) of the TinyLlama-1.1B shape: its decision table and peak memory
 # Random weights in real shapes are drawn on the device (speed does not need trained weights).
 # Everything lands in $OUT: gpu_check.log, gpu_check.json (all figures), suite.xml, bench_analysis.json.
 #
@@ -75,25 +76,27 @@ C4=$DATA/c4/c4_validation_2k.jsonl
 echo "data: $DATA; tokenizer: $TOKENIZER"
 
 # --- Sizes
-# Step limits in seconds: suite, make-135m, heal, eval-speed, make-1b, bench-analysis, make-7b, stream.
+# Step limits in seconds: suite, make-135m, heal, eval-speed, make-1b, bench-analysis, make-7b, stream, shrink-1b.
 if [ "$SIZE" = tiny ]; then
   BUDGET_S=${BUDGET_S:-900}  # a busy 2-core CPU: seconds of fixed costs (imports, tokenizing) per process
-  LIMITS=(300 120 300 120 120 240 120 240)
+  LIMITS=(300 120 300 120 120 240 120 240 300)
   TINY=--tiny
   SUITE_TARGET=${SUITE_TARGET:-tests/test_device.py}
   HEAL_ARGS=(--steps 6 --seq-len 64 --batch-size 2 --rank 8 --heldout-windows 4)
   ANALYSIS_ARGS=(--batch-sizes 4 --samples 8 --seq-len 64 --repeats 1 --passes 1)
   STREAM_ARGS=(--samples 8 --seq-len 64 --batch-size 4)
+  SHRINK_ARGS=(--samples 8 --seq-len 64 --batch-size 4 --validation-windows 4 --screen-windows 2)
   EVAL_ARGS=(--tasks arc_easy --limit 24 --batch-size 8 --repeats 1)
   STREAM_LAYERS=${STREAM_LAYERS:-4}
 else
   BUDGET_S=${BUDGET_S:-300}
-  LIMITS=(120 45 100 45 45 90 60 100)
+  LIMITS=(120 45 100 45 45 90 60 100 90)
   TINY=
   SUITE_TARGET=${SUITE_TARGET:-tests}
   HEAL_ARGS=(--steps 50 --seq-len 256 --batch-size 8 --rank 64 --heldout-windows 16)
   ANALYSIS_ARGS=(--batch-sizes 16 --samples 128 --seq-len 512 --repeats "${ANALYSIS_REPEATS:-2}" --passes 3)
   STREAM_ARGS=(--samples 64 --seq-len 256 --batch-size 8)
+  SHRINK_ARGS=(--samples 64 --seq-len 256 --batch-size 8 --validation-windows 16 --screen-windows 4)
   EVAL_ARGS=(--tasks arc_easy,hellaswag --limit 300 --batch-size 16 --repeats 2)
   STREAM_LAYERS=${STREAM_LAYERS:-32}
 fi
@@ -155,6 +158,13 @@ step bench-analysis-paper "${LIMITS[5]}" "$PYTHON" benchmarks/bench_analysis.py 
   --metrics angular_last_token "${ANALYSIS_ARGS[@]}"
 step bench-analysis "${LIMITS[5]}" "$PYTHON" benchmarks/bench_analysis.py --model "$WORK/tinyllama-1.1b" --device "$DEVICE" \
   --dtype bfloat16 --data "$C4" --out "$OUT/bench_analysis.json" "${ANALYSIS_ARGS[@]}"
+
+# (f) the layer-major shrink of the same model on the device: the selection (decision table, walks, peak memory)
+step shrink-1b "${LIMITS[8]}" "$PYTHON" -m depthcut.cli shrink "$WORK/tinyllama-1.1b" --stream --device "$DEVICE" \
+  --dtype bfloat16 --drop 4 --data "$C4" --validate "$C4" --candidates 2 --repairs none,lstsq --quiet \
+  "${SHRINK_ARGS[@]}" --out "$WORK/shrink-1b"
+cp "$WORK/shrink-1b/depthcut.json" "$OUT/shrink_1b.json" 2>/dev/null || true
+rm -rf "$WORK/shrink-1b"
 
 # (d) streamed against in-memory analysis on a Llama-2-7B shape
 rm -f "$WORK/tinyllama-1.1b/"*.safetensors

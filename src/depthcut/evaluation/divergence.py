@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from depthcut.analysis.calibration import CalibrationSet
 from depthcut.evaluation.metrics import mean_stderr
@@ -123,10 +124,11 @@ def add_batch_scores(scores: WindowScores, logits: torch.Tensor, input_ids: torc
 
 @torch.inference_mode()
 def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, entering: Iterable[int] = (),
-                          layer_path: str | None = None, store=None) -> ReferencePredictions:
+                          layer_path: str | None = None, store=None, progress: str | None = None
+                          ) -> ReferencePredictions:
     """The unpruned model's next-token probabilities on `windows` (as `ReferencePredictions` stores
     them, in `store`: in memory unless a `DiskProbabilities` is given), and the residual stream entering
-    each layer of `entering`."""
+    each layer of `entering`. `progress`: a bar so named, with the time left."""
     device = next(model.parameters()).device
     built = ReferenceBuilder(windows, store)
     states, handles, unusable, batch = {}, [], set(), [None]
@@ -148,7 +150,9 @@ def reference_predictions(model, windows: CalibrationSet, batch_size: int = 8, e
                 states[index][done : done + rows, :width] = hidden.detach().cpu()
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
     try:
-        for input_ids, attention_mask in windows.batches(batch_size):
+        batches = windows.batches(batch_size)
+        for input_ids, attention_mask in tqdm(batches, desc=progress, total=-(-len(windows) // batch_size),
+                                              unit="batch", disable=progress is None):
             batch[0] = tuple(input_ids.shape)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            use_cache=False).logits

@@ -48,9 +48,10 @@ from depthcut.model.layers import LayerStack, find_layer_stack, first_tensor, ou
 from depthcut.repair.methods import repair_folded
 from depthcut.repair.reach import EMBEDDINGS, changed_layers
 
-# The most bytes the candidates' streams may take at once, where the free memory is not known: past it the
-# windows are walked in groups
-STREAMS_BYTES = 2**30
+# The most bytes the candidates' streams may take at once (less where a quarter of the free memory is less):
+# past it the windows are walked in groups, one walk each. A bound of its own, not a share of the model: the
+# layer-major path is for models that do not fit, and its memory is the embeddings, a layer and the streams.
+STREAMS_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -94,7 +95,7 @@ def stream_scores(location, sets: dict[str, CalibrationSet], trials: list[Trial]
     """(per set, the unpruned model's predictions on its windows; per trial, its scores on every set), for
     the checkpoint at `location` (a safetensors folder or a .gguf file), walked one layer at a time (see
     the module's docstring). `memory_limit`: the bytes the trials' streams may take at once (default: a
-    quarter of the free memory, else `STREAMS_BYTES`)."""
+    quarter of the free memory, at most `STREAMS_BYTES`)."""
     device = torch.device(device)
     model, dtype, reader = open_checkpoint(location, dtype, device, trust_remote_code)
     stack = find_layer_stack(model, layer_path)
@@ -165,7 +166,7 @@ def _groups(batches: list, trials: int, width: int, dtype: torch.dtype, device: 
     """The batches in groups whose streams (the unpruned one and every trial's) fit in `memory_limit`."""
     if memory_limit is None:
         free = available_memory_bytes(device)
-        memory_limit = free // 4 if free else STREAMS_BYTES
+        memory_limit = min(free // 4, STREAMS_BYTES) if free else STREAMS_BYTES
     per_batch = [ids.numel() * width * dtype.itemsize * (trials + 1) for _, _, ids, _ in batches]
     groups, current, used = [], [], 0
     for batch, size in zip(batches, per_batch, strict=True):

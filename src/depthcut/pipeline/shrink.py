@@ -205,7 +205,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
         seconds["search"] = search.get("seconds", 0.0)
         references_started = time.perf_counter()
         predictions = references(model, validation, config.batch_size, [layers for layers, _ in candidates],
-                                 config.layer_path, config.allow_unknown_config)
+                                 config.layer_path, config.allow_unknown_config, progress=not config.quiet)
         seconds["references"] = time.perf_counter() - references_started
         fits_started = time.perf_counter()
         fits = BlockFits(model, [layers for layers, _ in candidates], [m for m in repairs if m != "none"], samples,

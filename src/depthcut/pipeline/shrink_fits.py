@@ -65,17 +65,7 @@ class BlockFits:
         # an iterative fit (cosine's Adam steps) shows its progress too
         self.fit_options = {method: {"progress": True} for method in methods
                             if not config.quiet and REPAIRS.get(method).iterative}
-        self.refused: dict[tuple, dict[str, DepthcutError]] = {}
-        self.usable: dict[tuple, list[str]] = {}
-        for layers in blocks:
-            block = tuple(layers)
-            self.refused[block], self.usable[block] = {}, []
-            for method in methods:
-                try:
-                    check_repair(model, layers, method, config.layer_path)
-                    self.usable[block].append(method)
-                except DepthcutError as error:
-                    self.refused[block][method] = error
+        self.refused, self.usable = usable_repairs(model, blocks, methods, config.layer_path)
         self.fits: dict[tuple, dict[str, RepairFit]] = {block: {} for block in self.usable}
         rows = min(MAX_ROWS, samples.calibration.num_tokens)
         with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
@@ -103,12 +93,7 @@ class BlockFits:
 
     def gather_rows(self, blocks: list[list[int]]) -> None:
         """One more pass, for the `blocks` (of those asked for) that lack the token rows their methods need."""
-        missing = {}
-        for layers in blocks:
-            block, usable = tuple(layers), self.usable[tuple(layers)]
-            gathered = self.statistics[block].methods if block in self.statistics else ()
-            if set(usable) - set(gathered):
-                missing[block] = usable
+        missing = missing_rows(self, blocks)
         if missing:
             log.info("shrink: gathering token rows for %d block(s) ...", len(missing))
             self.statistics.update(block_statistics(self.model, self.samples.calibration, missing, **self.gather))
@@ -128,3 +113,30 @@ def get_fit(fits, layers: list[int], method: str) -> RepairFit:
         fits.fits[block][method] = fit_judged(method, statistics, fits.judged[block],
                                               **fits.fit_options.get(method, {}))
     return fits.fits[block][method]
+
+
+def usable_repairs(model, blocks: list[list[int]], methods: list[str], layer_path: str | None
+                   ) -> tuple[dict[tuple, dict[str, DepthcutError]], dict[tuple, list[str]]]:
+    """({block: {method: why it refuses the block}}, {block: the methods that do not})."""
+    refused, usable = {}, {}
+    for layers in blocks:
+        block = tuple(layers)
+        refused[block], usable[block] = {}, []
+        for method in methods:
+            try:
+                check_repair(model, layers, method, layer_path)
+                usable[block].append(method)
+            except DepthcutError as error:
+                refused[block][method] = error
+    return refused, usable
+
+
+def missing_rows(fits, blocks: list[list[int]]) -> dict[tuple, list[str]]:
+    """{block: its methods} for the `blocks` whose gathered sums lack some of their methods (the token rows)."""
+    missing = {}
+    for layers in blocks:
+        block, usable = tuple(layers), fits.usable[tuple(layers)]
+        gathered = fits.statistics[block].methods if block in fits.statistics else ()
+        if set(usable) - set(gathered):
+            missing[block] = usable
+    return missing

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from depthcut.errors import DepthcutError
 from depthcut.evaluation.streamed_scores import Trial, stream_scores
-from depthcut.model.layers import find_layer_stack
+from depthcut.model.layers import find_layer_stack, text_config
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune import gguf_output
 from depthcut.pipeline.prune_backends import backend_for
-from depthcut.pipeline.shrink_fits import get_fit
-from depthcut.repair import REPAIRS, check_repair
+from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, SHARED_ROWS_BYTES, get_fit, missing_rows, usable_repairs
+from depthcut.repair import REPAIRS
+from depthcut.repair.statistics import MAX_ROWS
 from depthcut.repair.streamed import folded_tensors
 from depthcut.repair.streamed_blocks import streamed_block_statistics
 
@@ -54,38 +55,44 @@ class StreamedBlockFits:
 
     def __init__(self, location, skeleton, blocks: list[list[int]], methods: list[str], samples, config: ShrinkConfig,
                  dtype, device):
-        self.refused: dict[tuple, dict[str, DepthcutError]] = {}
-        self.usable: dict[tuple, list[str]] = {}
-        for layers in blocks:
-            block = tuple(layers)
-            self.refused[block], self.usable[block] = {}, []
-            for method in methods:
-                try:
-                    check_repair(skeleton, layers, method, config.layer_path)
-                    self.usable[block].append(method)
-                except DepthcutError as error:
-                    self.refused[block][method] = error
+        self.refused, self.usable = usable_repairs(skeleton, blocks, methods, config.layer_path)
         self.fits: dict[tuple, dict] = {block: {} for block in self.usable}
         self.fit_options = {method: {"progress": True} for method in methods
                             if not config.quiet and REPAIRS.get(method).iterative}
+        self.location, self.skeleton, self.samples, self.config = location, skeleton, samples, config
+        self.dtype, self.device = dtype, device
         self.statistics, self.judged = {}, {}
-        wanted = {block: usable for block, usable in self.usable.items() if usable}
-        if wanted:
-            num_layers = len(find_layer_stack(skeleton, config.layer_path))
-            log.info("shrink: gathering the repair sums of %d block(s), one layer at a time ...", len(wanted))
-            self.statistics, self.judged = streamed_block_statistics(
-                location, samples.calibration.joined(samples.heldout), len(samples.calibration), wanted, num_layers,
-                type(skeleton).__name__, dtype=dtype, device=device, batch_size=config.batch_size,
-                layer_path=config.layer_path, seed=config.seed, trust_remote_code=config.trust_remote_code,
-                progress=not config.quiet)
-            for statistics in self.statistics.values():
-                statistics.calibration = samples.calibration.as_dict()
+        # the token rows of cosine (3 x rows x d floats a block) in the first pass only where every block's fit
+        # in SHARED_ROWS_BYTES together; else later, for the blocks that need them (`gather_rows`)
+        rows = min(MAX_ROWS, samples.calibration.num_tokens)
+        width = text_config(skeleton).hidden_size
+        with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
+        shared = 3 * rows * width * 4 * len(with_rows) <= SHARED_ROWS_BYTES
+        wanted = {block: [m for m in usable if shared or m not in ROWS_KEPT_BY] for block, usable in self.usable.items()}
+        self._gather({block: methods for block, methods in wanted.items() if methods})
+
+    def _gather(self, wanted: dict[tuple, list[str]]) -> None:
+        """One layer-by-layer pass for the sums (fitted and judging) of `wanted` ({block: methods})."""
+        if not wanted:
+            return
+        log.info("shrink: gathering the repair sums of %d block(s), one layer at a time ...", len(wanted))
+        samples, config = self.samples, self.config
+        statistics, judged = streamed_block_statistics(
+            self.location, samples.calibration.joined(samples.heldout), len(samples.calibration), wanted,
+            len(find_layer_stack(self.skeleton, config.layer_path)), type(self.skeleton).__name__,
+            dtype=self.dtype, device=self.device, batch_size=config.batch_size, layer_path=config.layer_path,
+            seed=config.seed, trust_remote_code=config.trust_remote_code, progress=not config.quiet)
+        for block in statistics.values():
+            block.calibration = samples.calibration.as_dict()
+        self.statistics.update(statistics)
+        self.judged.update(judged)
 
     def get(self, layers: list[int], method: str):
         return get_fit(self, layers, method)
 
     def gather_rows(self, blocks: list[list[int]]) -> None:
-        """Nothing to do: the token rows came with the sums."""
+        """One more pass, for the `blocks` (of those asked for) whose sums lack the token rows their methods need."""
+        self._gather(missing_rows(self, blocks))
 
 
 class StreamedScorer:

@@ -56,7 +56,7 @@ def resume_layer(layers: list[int]) -> int:
 
 def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: list[list[int]] = (),
                layer_path: str | None = None, allow_unknown_config=(), spill_dir=None,
-               memory_limit: int = MEMORY_LIMIT) -> dict[str, ReferencePredictions]:
+               memory_limit: int = MEMORY_LIMIT, progress: bool = False) -> dict[str, ReferencePredictions]:
     """The unpruned model's predictions on every validation set, computed once, with the stream entering
     each cut's `resume_layer` (checked to reproduce the predictions; dropped where it does not). Where
     the probabilities of every set together would pass `memory_limit` bytes, they wait on disk
@@ -70,7 +70,8 @@ def references(model, sets: dict[str, CalibrationSet], batch_size: int, cuts: li
         log.info("validation: the unpruned model's predictions (%.1f GB) wait on disk, read back a slice at a time",
                  total / 1e9)
     predictions = {name: reference_predictions(model, windows, batch_size, starts, layer_path,
-                                               choose_store(total, spill_dir, memory_limit))
+                                               choose_store(total, spill_dir, memory_limit),
+                                               progress=f"references ({name})" if progress else None)
                    for name, windows in sets.items()}
     first = next(iter(predictions.values()), None)
     for start in starts if first is not None else ():
