@@ -177,7 +177,8 @@ def _check_shrink_space(config: ShrinkConfig, source: ModelSource) -> None:
 
 def _stored_weights(source: ModelSource) -> tuple[int, int]:
     """(elements, bytes) of a local model's stored weights: from the safetensors headers, or for a
-    GGUF the file's size (elements unknown: 0); (0, 0) where it cannot tell."""
+    GGUF (1, the file's size): its quantized tensors counted as one unit, of which the kept share is
+    copied; (0, 0) where it cannot tell."""
     location = Path(source.location)
     if source.gguf_file:
         path = location / source.gguf_file
