@@ -75,7 +75,7 @@ def test_prune_refuses_a_nan_in_a_tensor_it_would_write_and_writes_nothing(capsy
     last = capsys.readouterr().err.strip().splitlines()[-1]
     # shard by shard, named as stored; in memory, as the pruned model calls it (layer 3 is its layer 2)
     named = (f"tensor 'model.layers.3.mlp.down_proj.weight' of {folder / 'model.safetensors'}" if stream else
-             "model.layers.2.mlp.down_proj.weight of the pruned model")
+             "model.layers.2.mlp.down_proj.weight of the pruned model (as loaded in its --dtype, and repaired)")
     assert code == 2 and f"{named} holds 1 NaN or infinite value(s)" in last, last
     assert "does not prune a model whose weights are not finite" in last, last
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -67,6 +67,6 @@ def save_pruned(model, tokenizer, out: str | Path, provenance: dict, force: bool
     """`save_model` of a pruned model, refused before anything is written where a tensor it keeps holds
     NaN or an infinity (the original's, or made so by a cast to a narrower dtype or by a repair). The
     parameters, not the buffers: a buffer is made from the config (a mask may hold -inf by design)."""
-    check_finite_tensors(model.named_parameters(), "the pruned model")
+    check_finite_tensors(model.named_parameters(), "the pruned model (as loaded in its --dtype, and repaired)")
     provenance = {**provenance, "environment": provenance.get("environment") or environment()}
     return save_model(model, tokenizer, out, provenance, prune_card(provenance, out), force)
