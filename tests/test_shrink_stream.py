@@ -20,9 +20,12 @@ from depthcut.evaluation.divergence import window_scores
 from depthcut.evaluation.streamed_scores import Trial, stream_scores
 from depthcut.io.data import load_texts
 from depthcut.model.surgery import remove_layers
+from depthcut.pipeline.configs import ShrinkConfig
+from depthcut.pipeline.prune_repair import repair_samples
 from depthcut.pipeline.shrink import shrink_to
-from depthcut.pipeline.validation import references, scores_after_cut
+from depthcut.pipeline.validation import references, scores_after_cut, validation_sets
 from depthcut.repair import apply_repair, repair, repair_folded
+from depthcut.repair.gaps import apply_gaps, fit_gaps
 from depthcut.repair.reach import first_changed_layer
 
 SMALL = {"samples": 16, "seq_len": 16, "validation_windows": 8, "screen_windows": 4, "candidates": 3,
@@ -174,3 +177,39 @@ def test_the_smollm2_gguf_shrinks_layer_major_as_in_memory(tmp_path):
                for name in ("memory.gguf", "streamed.gguf")]
     with torch.no_grad():
         torch.testing.assert_close(written[1](ids).logits, written[0](ids).logits)
+
+
+def _quiet_layers_llama(quiet=(1, 4, 6), scale=0.05):
+    """A tiny 8-layer Llama whose layers 1, 4 and 6 write little into the stream (their output projections
+    scaled down): Block Influence picks them, a scattered cut whose gaps a repair can still improve."""
+    model = tiny_model("llama", num_hidden_layers=8).eval()
+    with torch.no_grad():
+        for index in quiet:
+            model.model.layers[index].self_attn.o_proj.weight.mul_(scale)
+            model.model.layers[index].mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+def test_a_scattered_cut_is_repaired_gap_by_gap_in_memory_and_layer_major(tmp_path, corpus_file):
+    model = _quiet_layers_llama()
+    folder = _saved(tmp_path, model, tiny_tokenizer())
+    options = {"model": str(folder), "drop": 3, "data": str(corpus_file), "validate": (str(corpus_file),),
+               **SMALL, "repairs": ("none", "lstsq", "magnitude"), "screen_windows": 0}
+    memory = shrink_to(out=str(tmp_path / "memory"), **options)
+    streamed = shrink_to(out=str(tmp_path / "streamed"), stream=True, **options)
+    _same_table(memory.provenance["selection"], streamed.provenance["selection"])
+    rows = {(tuple(o["layers"]), o["repair"]): o for o in memory.provenance["selection"]["options"]}
+    for method in ("lstsq", "magnitude"):
+        row = rows[((1, 4, 6), method)]
+        assert row["refused"] is None and row["score"] is not None, row  # was: "needs one contiguous block"
+    # the known answer: the scattered cut repaired gap by gap, really cut, scored from its embeddings
+    shrink = ShrinkConfig(out=str(tmp_path / "x"), **options)  # the shrink's own split of the data
+    samples = repair_samples(shrink, tiny_tokenizer(), 32, shrink.repairs)
+    sets = validation_sets(shrink, tiny_tokenizer(), samples.held_out)
+    fits = fit_gaps(model, [1, 4, 6], "lstsq", samples.calibration, samples.heldout, batch_size=shrink.batch_size,
+                    seed=shrink.seed)
+    cut = apply_gaps(copy_module.deepcopy(model), fits)
+    remove_layers(cut, [1, 4, 6])
+    predictions = references(model, sets, shrink.batch_size)
+    want = window_scores(cut, predictions[str(corpus_file)], shrink.batch_size).summary()["kl"]
+    assert rows[((1, 4, 6), "lstsq")]["validation"][str(corpus_file)]["kl"] == pytest.approx(want, rel=1e-5)

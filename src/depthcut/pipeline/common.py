@@ -6,6 +6,7 @@ from __future__ import annotations
 from depthcut.analysis.passes import analyze
 from depthcut.model.loading import load_model_announced
 from depthcut.pipeline.configs import DataOptions, ModelOptions
+
 # re-exported: the option checks are torch-free, in preflight
 from depthcut.pipeline.preflight import check_data_options, check_positive  # noqa: F401
 

@@ -36,7 +36,7 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples, tokenizer_of
-from depthcut.pipeline.shrink_fits import BlockFits, every_block_gatherer
+from depthcut.pipeline.shrink_fits import BlockFits, every_block_gatherer, fold
 from depthcut.pipeline.shrink_options import MemoryScorer, Option, may_keep, plain_cuts, scored_options, standing
 from depthcut.pipeline.shrink_search import greedy_search, search_cost
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, peak_memory_bytes, plan_for_budget
@@ -50,7 +50,6 @@ from depthcut.pipeline.shrink_streamed import (
 from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
 from depthcut.pipeline.validation import references, unpruned_losses, validation_sets
 from depthcut.repair import REPAIRS
-from depthcut.repair.methods import apply_repair
 from depthcut.strategies import check_drop, select
 
 log = logging.getLogger(__name__)
@@ -235,8 +234,7 @@ def shrink_to(config: ShrinkConfig | None = None, /, **fields) -> PruneResult:
                 written, before, rewrite = healed.model, healed.parameters_before, healed.rewrite
             else:
                 written, before = model, parameter_count(model)
-                if base.fit is not None:
-                    apply_repair(written, base.fit, config.layer_path)
+                fold(written, base.fit, config.layer_path)
                 rewrite = remove_layers(written, winner.layers, config.layer_path, config.allow_unknown_config)
             backend = Prepared(prune, source, written, tokenizer, winner.layers, num_layers=num_layers,
                                parameters_before=before, rewrite=rewrite, repair_record=record)

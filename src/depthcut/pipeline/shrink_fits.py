@@ -11,12 +11,16 @@ blocks that need them (those where cosine is fitted: `shrink_options.refinements
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from depthcut.errors import DepthcutError
 from depthcut.model.distributed import launched_as_several
 from depthcut.model.layers import find_layer_stack, text_config
+from depthcut.pipeline.shrink_table import contiguous
 from depthcut.repair import REPAIRS, check_repair
+from depthcut.repair.gaps import apply_gaps, check_gaps, fit_gaps, gaps_folded
 from depthcut.repair.methods import RepairFit
+from depthcut.repair.reach import first_changed_layer
 from depthcut.repair.run import fit_judged
 from depthcut.repair.statistics import MAX_ROWS, BlockGatherer, RepairStatistics, block_statistics
 
@@ -67,29 +71,38 @@ class BlockFits:
                             if not config.quiet and REPAIRS.get(method).iterative}
         self.refused, self.usable = usable_repairs(model, blocks, methods, config.layer_path)
         self.fits: dict[tuple, dict[str, RepairFit]] = {block: {} for block in self.usable}
+        self.allow_unknown_config = config.allow_unknown_config
+        blocks_usable = one_block_only(self.usable)  # a scattered cut's gaps are fitted one by one (`fit_gaps`)
         rows = min(MAX_ROWS, samples.calibration.num_tokens)
-        with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
+        with_rows = [block for block, usable in blocks_usable.items() if set(usable) & set(ROWS_KEPT_BY)]
         width = text_config(model).hidden_size
         self.rows_shared = 3 * rows * width * 4 * len(with_rows) <= SHARED_ROWS_BYTES
-        sums = {block: [m for m in usable if m not in ROWS_KEPT_BY] for block, usable in self.usable.items()}
+        sums = {block: [m for m in usable if m not in ROWS_KEPT_BY] for block, usable in blocks_usable.items()}
         self.statistics = {block: gathered[block] for block in sums
                            if block in (gathered or {}) and set(sums[block]) <= set(gathered[block].methods)}
         # the rest in a pass of its own, with the token rows where they all fit (none needed then: the rows
         # of blocks whose sums came from the analysis are gathered later, for the blocks that need them)
         rows_too = self.rows_shared and not self.statistics
-        wanted = {block: usable if rows_too else sums[block] for block, usable in self.usable.items()
+        wanted = {block: usable if rows_too else sums[block] for block, usable in blocks_usable.items()
                   if block not in self.statistics}
         wanted = {block: methods for block, methods in wanted.items() if methods}
         if wanted:
             self.statistics.update(block_statistics(model, samples.calibration, wanted, **self.gather))
         # a linear map's error needs M^T M; a scale's, the three sums magnitude gathers
         judging = {block: sorted({"lstsq" if REPAIRS.get(m).linear else "magnitude" for m in usable})
-                   for block, usable in self.usable.items() if usable}
+                   for block, usable in blocks_usable.items() if usable}
         self.judged = block_statistics(model, samples.heldout, judging, **self.gather) if judging else {}
 
     def get(self, layers: list[int], method: str) -> RepairFit:
         """The fit of `method` for cutting `layers`; `DepthcutError` where the method refuses this cut."""
         return get_fit(self, layers, method)
+
+    def fit_gaps(self, layers: list[int], method: str) -> list[RepairFit]:
+        """One fit per gap of the scattered cut `layers`, each on the stream the earlier ones give."""
+        return fit_gaps(self.model, layers, method, self.samples.calibration, self.samples.heldout,
+                        layer_path=self.gather["layer_path"], batch_size=self.gather["batch_size"],
+                        seed=self.gather["seed"], allow_unknown_config=self.allow_unknown_config,
+                        **self.fit_options.get(method, {}))
 
     def gather_rows(self, blocks: list[list[int]]) -> None:
         """One more pass, for the `blocks` (of those asked for) that lack the token rows their methods need."""
@@ -105,6 +118,8 @@ def get_fit(fits, layers: list[int], method: str) -> RepairFit:
     block = tuple(layers)
     if method in fits.refused[block]:
         raise fits.refused[block][method]
+    if method not in fits.fits[block] and not contiguous(list(layers)):
+        fits.fits[block][method] = fits.fit_gaps(list(layers), method)
     if method not in fits.fits[block]:
         statistics = fits.statistics.get(block)
         if statistics is None or method not in statistics.methods:
@@ -117,14 +132,15 @@ def get_fit(fits, layers: list[int], method: str) -> RepairFit:
 
 def usable_repairs(model, blocks: list[list[int]], methods: list[str], layer_path: str | None
                    ) -> tuple[dict[tuple, dict[str, DepthcutError]], dict[tuple, list[str]]]:
-    """({block: {method: why it refuses the block}}, {block: the methods that do not})."""
+    """({block: {method: why it refuses the block}}, {block: the methods that do not}); a scattered cut is
+    repaired gap by gap (`repair.gaps`), where every gap allows the method."""
     refused, usable = {}, {}
     for layers in blocks:
         block = tuple(layers)
         refused[block], usable[block] = {}, []
         for method in methods:
             try:
-                check_repair(model, layers, method, layer_path)
+                (check_repair if contiguous(list(layers)) else check_gaps)(model, layers, method, layer_path)
                 usable[block].append(method)
             except DepthcutError as error:
                 refused[block][method] = error
@@ -135,8 +151,40 @@ def missing_rows(fits, blocks: list[list[int]]) -> dict[tuple, list[str]]:
     """{block: its methods} for the `blocks` whose gathered sums lack some of their methods (the token rows)."""
     missing = {}
     for layers in blocks:
+        if not contiguous(list(layers)):  # fitted gap by gap, each fit gathering what it needs
+            continue
         block, usable = tuple(layers), fits.usable[tuple(layers)]
         gathered = fits.statistics[block].methods if block in fits.statistics else ()
         if set(usable) - set(gathered):
             missing[block] = usable
     return missing
+
+
+def one_block_only(usable: dict[tuple, list[str]]) -> dict[tuple, list[str]]:
+    """The entries of `usable` whose cut is one contiguous block (the others are repaired gap by gap)."""
+    return {block: methods for block, methods in usable.items() if contiguous(list(block))}
+
+
+def fits_of(fit) -> tuple:
+    """An option's repair as a tuple of fits: none, one (a block), or one per gap (a scattered cut)."""
+    if fit is None:
+        return ()
+    return tuple(fit) if isinstance(fit, (list, tuple)) else (fit,)
+
+
+@contextmanager
+def folded(model, fit, layer_path: str | None = None):
+    """`model` with an option's repair (`fits_of`) folded in, as it was after: no copy."""
+    with gaps_folded(model, fits_of(fit), layer_path):
+        yield model
+
+
+def fold(model, fit, layer_path: str | None = None) -> None:
+    """Fold an option's repair (`fits_of`) into `model` for good, in order."""
+    apply_gaps(model, fits_of(fit), layer_path)
+
+
+def changed_from(model, fit, layer_path: str | None = None) -> int | None:
+    """The first layer an option's repair changes (`repair.reach`); None for no repair."""
+    fits = fits_of(fit)
+    return min(first_changed_layer(model, one, layer_path) for one in fits) if fits else None

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 
 from depthcut.errors import DepthcutError
 from depthcut.pipeline.configs import ShrinkConfig
-from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY
+from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, changed_from, folded
 from depthcut.pipeline.shrink_steps import minutes
 from depthcut.pipeline.shrink_table import contiguous, span
 from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut, unpruned_losses
 from depthcut.repair import REPAIRS
-from depthcut.repair.methods import repair_folded
-from depthcut.repair.reach import first_changed_layer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,8 @@ class Option:
     why: str = ""
     decided_by: str = ""  # which criterion of the do-no-harm rule decided (`Verdict.decided_by`); "" for none
     seconds: float = 0.0
-    fit: object = field(default=None, repr=False)  # the repair's fit: healed and written as scored
+    # the repair's fit (a list of fits, one per gap, for a scattered cut): healed and written as scored
+    fit: object = field(default=None, repr=False)
 
     def score(self, aggregate: str) -> float:
         means = [s.summary()["kl"] for s in self.scores.values()]
@@ -264,10 +263,10 @@ def _score(model, options: list[Option], fits, predictions, config: ShrinkConfig
                 scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut)
             else:
                 option.fit = fits.get(option.layers, option.repair)
-                changed_from = first_changed_layer(model, option.fit, config.layer_path)
-                with repair_folded(model, option.fit, config.layer_path):  # no copy of the model
+                start = changed_from(model, option.fit, config.layer_path)
+                with folded(model, option.fit, config.layer_path):  # no copy of the model
                     scores = scores_after_cut(model, option.layers, predictions, config.batch_size, **cut,
-                                              changed_from=changed_from)
+                                              changed_from=start)
         except DepthcutError as error:
             option.refused, option.fit = str(error), None
             continue

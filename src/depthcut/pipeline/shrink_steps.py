@@ -18,8 +18,8 @@ from depthcut.io.model_folder import parameter_count
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import EvalConfig, ShrinkConfig
 from depthcut.pipeline.evaluate import evaluate_with
+from depthcut.pipeline.shrink_fits import fold
 from depthcut.pipeline.validation import judge, unpruned_losses
-from depthcut.repair import apply_repair
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def heal_winner(model, tokenizer, winner, fit, training, predictions, config: Sh
     started = time.perf_counter()
     trial = copy.deepcopy(model)
     before = parameter_count(trial)
-    if fit is not None:
-        apply_repair(trial, fit, config.layer_path)
+    fold(trial, fit, config.layer_path)
     rewrite = remove_layers(trial, winner.layers, config.layer_path, config.allow_unknown_config)
     recipe = config.recipe()
     log.info("shrink: healing the winner with %d LoRA steps (%s) ...", recipe.steps, recipe.objective)

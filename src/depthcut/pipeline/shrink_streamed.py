@@ -18,10 +18,18 @@ from depthcut.model.layers import find_layer_stack, text_config
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune import gguf_output
 from depthcut.pipeline.prune_backends import backend_for
-from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, SHARED_ROWS_BYTES, get_fit, missing_rows, usable_repairs
+from depthcut.pipeline.shrink_fits import (
+    ROWS_KEPT_BY,
+    SHARED_ROWS_BYTES,
+    fits_of,
+    get_fit,
+    missing_rows,
+    one_block_only,
+    usable_repairs,
+)
 from depthcut.repair import REPAIRS
 from depthcut.repair.statistics import MAX_ROWS
-from depthcut.repair.streamed import folded_tensors
+from depthcut.repair.streamed import folded_tensors, streamed_fit_gaps
 from depthcut.repair.streamed_blocks import streamed_block_statistics
 
 log = logging.getLogger(__name__)
@@ -66,9 +74,10 @@ class StreamedBlockFits:
         # in SHARED_ROWS_BYTES together; else later, for the blocks that need them (`gather_rows`)
         rows = min(MAX_ROWS, samples.calibration.num_tokens)
         width = text_config(skeleton).hidden_size
-        with_rows = [block for block, usable in self.usable.items() if set(usable) & set(ROWS_KEPT_BY)]
+        blocks_usable = one_block_only(self.usable)  # a scattered cut's gaps are fitted one by one (`fit_gaps`)
+        with_rows = [block for block, usable in blocks_usable.items() if set(usable) & set(ROWS_KEPT_BY)]
         shared = 3 * rows * width * 4 * len(with_rows) <= SHARED_ROWS_BYTES
-        wanted = {block: [m for m in usable if shared or m not in ROWS_KEPT_BY] for block, usable in self.usable.items()}
+        wanted = {block: [m for m in usable if shared or m not in ROWS_KEPT_BY] for block, usable in blocks_usable.items()}
         self._gather({block: methods for block, methods in wanted.items() if methods})
 
     def _gather(self, wanted: dict[tuple, list[str]]) -> None:
@@ -89,6 +98,14 @@ class StreamedBlockFits:
 
     def get(self, layers: list[int], method: str):
         return get_fit(self, layers, method)
+
+    def fit_gaps(self, layers: list[int], method: str) -> list:
+        """One fit per gap of the scattered cut `layers`, one layer-by-layer pass a gap (`streamed_fit_gaps`)."""
+        samples, config = self.samples, self.config
+        return streamed_fit_gaps(self.location, samples.calibration.joined(samples.heldout), layers, method,
+                                 heldout_from=len(samples.calibration), layer_path=config.layer_path,
+                                 trust_remote_code=config.trust_remote_code, dtype=self.dtype, device=self.device,
+                                 batch_size=config.batch_size, seed=config.seed, progress=not config.quiet)
 
     def gather_rows(self, blocks: list[list[int]]) -> None:
         """One more pass, for the `blocks` (of those asked for) whose sums lack the token rows their methods need."""
@@ -125,7 +142,7 @@ class StreamedScorer:
         log.info("shrink: %s: %d option(s) at once, one walk over the layers ...", phase, len(live))
         started = time.perf_counter()
         references, scores = stream_scores(
-            self.location, sets, [Trial(tuple(o.layers), (o.fit,) if o.fit is not None else ()) for o in live],
+            self.location, sets, [Trial(tuple(o.layers), fits_of(o.fit)) for o in live],
             batch_size=self.config.batch_size, dtype=self.dtype, device=self.device,
             layer_path=self.config.layer_path, trust_remote_code=self.config.trust_remote_code,
             spill_dir=self.config.spill_dir, progress=not self.config.quiet, description=phase)
@@ -147,8 +164,9 @@ def streamed_writer(prune, source, fit, record: dict | None):
     into a GGUF), its repair `fit` (None: the plain cut) folded into the tensors it changes, as scored:
     not fitted again. `record`: what provenance records of the repair."""
     backend = backend_for(prune, source, None, gguf_output(prune.out), streamable=True)
-    if fit is not None:
-        changed = folded_tensors(checkpoint_location(source), fit, prune.layer_path, prune.trust_remote_code)
+    if fits_of(fit):
+        changed = folded_tensors(checkpoint_location(source), list(fits_of(fit)), prune.layer_path,
+                                 prune.trust_remote_code)
         record = {**record, "streamed": True, "changed_tensors": sorted(changed)}
         backend.fitted = (record, changed)
     return backend
