@@ -92,7 +92,9 @@ def _plot_search(ax, search: dict) -> None:
     if blocks:
         ax.plot([point["size"] for point in blocks], [point["kl"] for point in blocks], marker="s", color="tab:blue",
                 label="best block by angular distance")
-    ax.set_yscale("symlog", linthresh=1e-3)  # the first steps of a redundant model are near 0
+    values = [step["kl"] for step in steps] + [point["kl"] for point in blocks]
+    if min(values) < 1e-2:  # layers that change nothing (KL near 0) beside ones that do: 0 and the rest readable
+        ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("layers removed")
     ax.set_ylabel(f"KL from the unpruned model ({search.get('aggregate', 'worst')} over sources)")
     ax.set_title("search: removal order (layer labelled)")
