@@ -92,13 +92,19 @@ def test_the_search_never_proposes_a_cut_the_architecture_refuses(tokenizer, cor
         remove_layers(copy.deepcopy(model), path.order[:step])
 
 
-def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_file):
+def _shrink_planted(tmp_path, tokenizer, corpus_file, out: str, **options):
+    """A plain-cut shrink of 3 layers of the planted model (saved under tmp_path once)."""
     folder = tmp_path / "planted"
-    _planted_llama().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    result = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
-                       repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
-                       dtype="float32", quiet=True, search="greedy", out=str(tmp_path / "small"))
+    if not folder.exists():
+        _planted_llama().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
+                     repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
+                     dtype="float32", quiet=True, out=str(tmp_path / out), **options)
+
+
+def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_file):
+    result = _shrink_planted(tmp_path, tokenizer, corpus_file, "small", search="greedy")
     selection = result.provenance["selection"]
     assert sorted(selection["search"]["order"]) == PLANTED and len(selection["search"]["steps"]) == 3
     winner = selection["winner"]
@@ -106,9 +112,7 @@ def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_
     rows = {(tuple(r["layers"]), r["found_by"]) for r in selection["options"]}
     # Block Influence sees the planted layers too; the search's cut is then the same candidate, said so
     assert (tuple(PLANTED), "greedy") in rows or "proposes already" in selection["search"]["why"]
-    none = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
-                     repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
-                     dtype="float32", quiet=True, out=str(tmp_path / "no-search"))  # the default
+    none = _shrink_planted(tmp_path, tokenizer, corpus_file, "no-search")  # the default
     assert none.provenance["selection"]["search"] == {"method": "none"}
     assert all(r["found_by"] != "greedy" for r in none.provenance["selection"]["options"])
 
@@ -116,12 +120,7 @@ def test_shrink_takes_the_search_cut_as_a_candidate(tmp_path, tokenizer, corpus_
 def test_shrink_runs_a_beam_as_its_search(tmp_path, tokenizer, corpus_file):
     """`shrink --search beam:2` goes through the same call as greedy (`greedy_search` reads the width from
     the config): its path is recorded with its method and its cut wins on the planted model."""
-    folder = tmp_path / "planted"
-    _planted_llama().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    result = shrink_to(model=str(folder), drop=3, data=str(corpus_file), validate=(str(corpus_file),),
-                       repairs=("none",), samples=16, seq_len=24, validation_windows=6, screen_windows=3,
-                       dtype="float32", quiet=True, search="beam:2", out=str(tmp_path / "small"))
+    result = _shrink_planted(tmp_path, tokenizer, corpus_file, "small", search="beam:2")
     search = result.provenance["selection"]["search"]
     assert search["method"] == "beam:2" and sorted(search["order"]) == PLANTED
     assert search["trials"] > 7 + 6 + 5  # more than greedy's

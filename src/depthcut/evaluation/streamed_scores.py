@@ -32,15 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from depthcut.analysis import checkpoint as weights  # read a tensor at a time
 from depthcut.analysis.calibration import CalibrationSet
-from depthcut.analysis.checkpoint import (
-    assign_parameters,
-    available_memory_bytes,
-    load_parameters,
-    open_checkpoint,
-    parameter_keys,
-    read_parameters,
-)
 from depthcut.analysis.streamed import HeapWatch, record_layer_calls, release_freed_memory
 from depthcut.evaluation.divergence import ReferenceBuilder, ReferencePredictions, WindowScores, add_batch_scores
 from depthcut.evaluation.reference_store import MEMORY_LIMIT, choose_store
@@ -97,13 +90,14 @@ def stream_scores(location, sets: dict[str, CalibrationSet], trials: list[Trial]
     the module's docstring). `memory_limit`: the bytes the trials' streams may take at once (default: a
     quarter of the free memory, at most `STREAMS_BYTES`)."""
     device = torch.device(device)
-    model, dtype, reader = open_checkpoint(location, dtype, device, trust_remote_code)
+    model, dtype, reader = weights.open_checkpoint(location, dtype, device, trust_remote_code)
     stack = find_layer_stack(model, layer_path)
     for trial in trials:
         if not trial.layers or max(trial.layers) >= len(stack):
             raise ValueError(f"a trial removes layers {list(trial.layers)} of a {len(stack)}-layer model")
         trial.reach(model, layer_path)
-    layer_keys = [parameter_keys(layer, f"{stack.path}.{index}", reader) for index, layer in enumerate(stack.layers)]
+    layer_keys = [weights.parameter_keys(layer, f"{stack.path}.{index}", reader)
+                  for index, layer in enumerate(stack.layers)]
     _load_outside_layers(model, stack, reader, dtype, device)
     batches = [(name, first, input_ids, mask) for name, windows in sets.items()
                for first, (input_ids, mask) in zip(range(0, len(windows), batch_size), windows.batches(batch_size))]
@@ -150,7 +144,7 @@ def _load_outside_layers(model, stack: LayerStack, reader, dtype, device) -> Non
     tie = untied and reader.key_for(f"{paths[id(head)]}.weight") is None
     if tie:
         skip.add(id(head.weight))
-    load_parameters(model, parameter_keys(model, "", reader, skip), reader, dtype, device)
+    weights.load_parameters(model, weights.parameter_keys(model, "", reader, skip), reader, dtype, device)
     if tie:
         head.weight = model.get_input_embeddings().weight
     model.eval()
@@ -165,7 +159,7 @@ def _groups(batches: list, trials: int, width: int, dtype: torch.dtype, device: 
             memory_limit: int | None) -> list[list]:
     """The batches in groups whose streams (the unpruned one and every trial's) fit in `memory_limit`."""
     if memory_limit is None:
-        free = available_memory_bytes(device)
+        free = weights.available_memory_bytes(device)
         memory_limit = min(free // 4, STREAMS_BYTES) if free else STREAMS_BYTES
     per_batch = [ids.numel() * width * dtype.itemsize * (trials + 1) for _, _, ids, _ in batches]
     groups, current, used = [], [], 0
@@ -185,14 +179,14 @@ def _walk_layers(model, stack: LayerStack, layer_keys: list, reader, dtype, devi
     cuda = torch.cuda.Stream(device) if device.type == "cuda" else None
     starts = {t: trial.start for t, trial in enumerate(trials)}
     try:
-        upcoming = prefetch.submit(read_parameters, layer_keys[0], reader, dtype, device, cuda)
+        upcoming = prefetch.submit(weights.read_parameters, layer_keys[0], reader, dtype, device, cuda)
         heap, peak = HeapWatch(), 0
         for index, layer in enumerate(tqdm(stack.layers, desc=description, unit="layer", disable=not progress)):
             state, upcoming = upcoming.result(), None
-            peak = max(peak, assign_parameters(layer, state))
+            peak = max(peak, weights.assign_parameters(layer, state))
             del state
             if index + 1 < len(stack):
-                upcoming = prefetch.submit(read_parameters, layer_keys[index + 1], reader, dtype, device, cuda)
+                upcoming = prefetch.submit(weights.read_parameters, layer_keys[index + 1], reader, dtype, device, cuda)
             for t, trial in enumerate(trials):
                 if starts[t] == index and t not in walk.streams:  # it starts here, as the unpruned stream enters
                     walk.streams[t] = [state.clone() for state in walk.unpruned]

@@ -396,7 +396,7 @@ class ShrinkConfig(DeviceMapOption, ValidationOptions, OutputOptions, DataOption
                              help="the best N contiguous blocks by angular distance to try (the deepest block and "
                                   "Block Influence's layers are tried too)")
     repairs: tuple[str, ...] = option(("none", *REPAIRS.names()), parse=comma_list, group=CANDIDATES,
-                                      help="the training-free repairs to try on every contiguous candidate, "
+                                      help="the training-free repairs to try on every candidate (a scattered one gap by gap), "
                                            f"comma-separated: {', '.join(REPAIRS.names())}, or none (the plain cut, "
                                            "always tried) (default: all: "
                                            f"{','.join(('none', *REPAIRS.names()))})", show_default=False)

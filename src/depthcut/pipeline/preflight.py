@@ -118,6 +118,8 @@ def _data_read(config) -> list[str]:
         named = [config.data, *config.validation_sources()]
     elif isinstance(config, SweepConfig):
         named = [config.data, config.heal_data if config.heal else None]
+    elif isinstance(config, AnalyzeConfig) and config.search != "none":  # the search reads validation text too
+        named = [config.data, *config.validation_sources()]
     else:
         named = [getattr(config, "data", None)]
     named.append(getattr(config, "loss", None))

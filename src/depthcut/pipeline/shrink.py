@@ -358,7 +358,8 @@ def _search(model, validation, drop: int, config: ShrinkConfig, candidates: list
                f"{minutes(max(0.0, config.budget * 60 - spent))} --budget leaves")
         log.info("shrink: --search %s %s", config.search, why)
         return {"method": config.search, "why": why}
-    log.info("shrink: searching greedily for %d layers on the screening windows (about %s) ...", drop, minutes(cost))
+    log.info("shrink: searching (%s) for %d layers on the screening windows (about %s) ...", config.search, drop,
+             minutes(cost))
     path = greedy_search(model, validation, drop, config)
     record = path.as_dict()
     layers = sorted(path.order)
@@ -368,7 +369,7 @@ def _search(model, validation, drop: int, config: ShrinkConfig, candidates: list
     elif same is not None:
         record["why"] = f"found the cut {same} proposes already"
     else:
-        candidates.append((layers, "greedy"))
+        candidates.append((layers, path.method))
     return record
 
 
