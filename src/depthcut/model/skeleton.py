@@ -25,7 +25,8 @@ class Skeleton(NamedTuple):
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype a config (a transformers config or its JSON as a dict) says the weights are saved in."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    value = get("dtype") or get("torch_dtype")
+    # a transformers config reads an old `torch_dtype` as `dtype` (and warns when asked for the old name)
+    value = get("dtype") or (get("torch_dtype") if isinstance(config, dict) else None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else None
