@@ -213,3 +213,15 @@ def test_a_scattered_cut_is_repaired_gap_by_gap_in_memory_and_layer_major(tmp_pa
     predictions = references(model, sets, shrink.batch_size)
     want = window_scores(cut, predictions[str(corpus_file)], shrink.batch_size).summary()["kl"]
     assert rows[((1, 4, 6), "lstsq")]["validation"][str(corpus_file)]["kl"] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_parameter_budget_counts_a_tied_head_once_layer_major(tmp_path, corpus_file):
+    """GPT-2 ties its head to the embeddings: --params must reach the same drop with --stream as in memory."""
+    folder = _saved(tmp_path, tiny_model("gpt2"), tiny_tokenizer())
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+    per_layer = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).transformer.h[0].parameters())
+    options = {"model": str(folder), "params": str(total - 2 * per_layer), "data": str(corpus_file),
+               "validate": (str(corpus_file),), **SMALL, "repairs": ("none",)}
+    memory = shrink_to(out=str(tmp_path / "memory"), **options)
+    streamed = shrink_to(out=str(tmp_path / "streamed"), stream=True, **options)
+    assert len(memory.removed) == len(streamed.removed) == 2

@@ -309,6 +309,7 @@ def _shrink_streamed(config: ShrinkConfig, source, started: float) -> PruneResul
     device = resolve_device(config.device)
     choice = choose_dtype(config.dtype, device)
     skeleton, _, _ = open_checkpoint(location, choice.dtype, device, config.trust_remote_code)
+    skeleton.tie_weights()  # built without tying: a tied head would count twice towards --params
     num_layers = len(find_layer_stack(skeleton, config.layer_path))
     drop = _drop(config, skeleton, num_layers)
     tokenizer = tokenizer_of(source, config.trust_remote_code)
