@@ -21,7 +21,7 @@ LAYERS = [
     {"metrics", "analysis", "strategies"},
     {"repair", "healing", "evaluation"},
     {"sweep"},
-    {"pipeline", "lm_eval"},
+    {"pipeline", "selection", "lm_eval"},
     {"cli"},
 ]
 UNLAYERED = {"errors", "registry", "lazy", "__init__", "__main__"}

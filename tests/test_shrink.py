@@ -23,9 +23,9 @@ from depthcut.io.data import load_texts, split_documents
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
 from depthcut.pipeline.shrink import _decide, shrink_to
-from depthcut.pipeline.shrink_options import Option, refinements, standing
-from depthcut.pipeline.shrink_table import decision_table
 from depthcut.pipeline.validation import judge, validation_sets
+from depthcut.selection.decision import Option, refinements, standing
+from depthcut.selection.decision_table import decision_table
 
 SMALL = {"samples": 16, "seq_len": 32, "validation_windows": 8, "dtype": "float32", "quiet": True}
 
@@ -113,7 +113,7 @@ def test_cosine_is_not_fitted_where_the_leading_option_beats_the_lstsq_map_it_wo
 
 
 def test_validation_text_from_the_calibration_corpus_is_its_held_out_documents(tmp_path, tokenizer):
-    words = "the quick brown fox jumps over the lazy dog while depth pruning removes layers".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "depth", "pruning", "removes", "layers"]
     rows = [" ".join(random.Random(i).sample(words, len(words)) * 3) for i in range(40)]  # 40 distinct documents
     corpus = tmp_path / "distinct.jsonl"
     corpus.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
@@ -248,7 +248,7 @@ def test_a_plain_winner_is_written_as_scored_in_the_dtype_it_was_scored_in(
 
 def test_the_shrink_says_the_sizes_before_and_after_and_when_a_gguf_would_be_smaller(tmp_path):
     """Sizes from the files themselves; a GGUF input written as a larger folder says so, with the .gguf estimate."""
-    from depthcut.pipeline.shrink_table import expectation_lines, size_lines
+    from depthcut.selection.decision_table import expectation_lines, size_lines
 
     (tmp_path / "in.gguf").write_bytes(b"x" * 1_000_000)
     out = tmp_path / "out"

@@ -22,13 +22,14 @@ from depthcut.errors import DepthcutError, OptionValueError
 from depthcut.evaluation.divergence import WindowScores
 from depthcut.io.data import load_texts
 from depthcut.model.surgery import remove_layers
-from depthcut.pipeline import analyze, shrink_search
+from depthcut.pipeline import analyze
 from depthcut.pipeline.analyze import analysis_summary, analyze_to
 from depthcut.pipeline.configs import AnalyzeConfig, ShrinkConfig
 from depthcut.pipeline.prune import prune_to
 from depthcut.pipeline.search_choice import search_width
 from depthcut.pipeline.shrink import shrink_to
-from depthcut.pipeline.shrink_search import greedy_search, search_cost, search_order, search_trials
+from depthcut.selection import search as shrink_search
+from depthcut.selection.search import greedy_search, search_cost, search_order, search_trials
 
 PLANTED = [1, 4, 6]
 

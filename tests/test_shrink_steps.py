@@ -174,9 +174,9 @@ def test_shared_passes_fit_every_repair_of_every_block_as_its_own_pass_would(tin
     import copy
 
     from depthcut.analysis.passes import analyze
-    from depthcut.pipeline import shrink_fits
     from depthcut.pipeline.prune_repair import repair_samples
     from depthcut.repair.run import repair
+    from depthcut.selection import fits as shrink_fits
 
     if where == "rows apart":
         monkeypatch.setattr(shrink_fits, "SHARED_ROWS_BYTES", 0)

@@ -75,7 +75,7 @@ def run_shrink(config: ShrinkConfig) -> None:
     # deferred: torch is imported once a command runs, not to parse its arguments (start-up)
     from depthcut.evaluation.table import format_table
     from depthcut.pipeline.shrink import shrink_to
-    from depthcut.pipeline.shrink_table import decision_table, expectation_lines, size_lines
+    from depthcut.selection.decision_table import decision_table, expectation_lines, size_lines
 
     result = shrink_to(config)
     print("\n".join([*decision_table(result.provenance["selection"]), *result.summary(),

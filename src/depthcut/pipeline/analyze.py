@@ -1,6 +1,6 @@
 """`analyze_to`: what `depthcut analyze` writes, from Python: the analysis of a model on calibration
 text, in memory or one layer at a time, saved with its heatmap and provenance; with `--search`, also
-the order in which a greedy (or beam) search on the model's output removes layers (`shrink_search`),
+the order in which a greedy (or beam) search on the model's output removes layers (`depthcut.selection.search`),
 each step's KL beside the KL of the best block by angular distance of that size."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from depthcut.pipeline.configs import AnalyzeConfig
 from depthcut.pipeline.options import make_config
 from depthcut.pipeline.prune_repair import HELDOUT_FRACTION
 from depthcut.pipeline.search_choice import search_width
-from depthcut.pipeline.shrink_search import aggregated, search_order, search_references
 from depthcut.pipeline.validation import scores_after_cut, validation_sets
+from depthcut.selection.search import aggregated, search_order, search_references
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ KL divergence from the unpruned model's next-token distribution, and the loss, o
 repair is kept only where it beats the plain cut of its block by more than `margin` standard errors
 of the paired difference (do no harm); the winner is written as `depthcut prune` writes it, with
 the decision table in its provenance (`selection`). The options and their scoring (the screening,
-the refinements) are in `shrink_options`."""
+the refinements) are in `depthcut.selection.decision`."""
 
 from __future__ import annotations
 
@@ -36,20 +36,20 @@ from depthcut.pipeline.prune import PruneResult, gguf_output, prune_with
 from depthcut.pipeline.prune_backends import Prepared
 from depthcut.pipeline.prune_choice import cut_refusal
 from depthcut.pipeline.prune_repair import repair_record, repair_samples, tokenizer_of
-from depthcut.pipeline.shrink_fits import BlockFits, every_block_gatherer, fold
-from depthcut.pipeline.shrink_options import MemoryScorer, Option, may_keep, plain_cuts, scored_options, standing
-from depthcut.pipeline.shrink_search import greedy_search, search_cost
 from depthcut.pipeline.shrink_steps import evaluate_winner, heal_winner, minutes, peak_memory_bytes, plan_for_budget
-from depthcut.pipeline.shrink_streamed import (
+from depthcut.pipeline.validation import references, unpruned_losses, validation_sets
+from depthcut.repair import REPAIRS
+from depthcut.selection.decision import MemoryScorer, Option, may_keep, plain_cuts, scored_options, standing
+from depthcut.selection.decision_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
+from depthcut.selection.fits import BlockFits, every_block_gatherer, fold
+from depthcut.selection.layer_major import (
     StreamedBlockFits,
     StreamedScorer,
     check_streamable,
     checkpoint_location,
     streamed_writer,
 )
-from depthcut.pipeline.shrink_table import decision_table  # noqa: F401 (re-exported: printed by the CLI)
-from depthcut.pipeline.validation import references, unpruned_losses, validation_sets
-from depthcut.repair import REPAIRS
+from depthcut.selection.search import greedy_search, search_cost
 from depthcut.strategies import check_drop, select
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def _selection(config: ShrinkConfig, validation: dict, options: list[Option], wi
 
 
 def _shrink_streamed(config: ShrinkConfig, source, started: float) -> PruneResult:
-    """`shrink_to` for a checkpoint never loaded whole (`shrink_streamed`): the same choice, every phase a
+    """`shrink_to` for a checkpoint never loaded whole (`depthcut.selection.layer_major`): the same choice, every phase a
     walk over the layers holding one at a time."""
     location = checkpoint_location(source)
     device = resolve_device(config.device)
@@ -346,7 +346,7 @@ def _shrink_streamed(config: ShrinkConfig, source, started: float) -> PruneResul
 
 def _search(model, validation, drop: int, config: ShrinkConfig, candidates: list, seconds_per_window: float,
             spent: float) -> dict:
-    """Run `--search` (`shrink_search`) and add its cut to `candidates` (where no other candidate is that
+    """Run `--search` (`depthcut.selection.search`) and add its cut to `candidates` (where no other candidate is that
     cut already); what the selection records of it. Left out, with why, where `--budget` cannot afford
     about a quarter of what is left for it."""
     if config.search == "none":

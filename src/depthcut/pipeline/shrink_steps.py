@@ -18,8 +18,8 @@ from depthcut.io.model_folder import parameter_count
 from depthcut.model.surgery import remove_layers
 from depthcut.pipeline.configs import EvalConfig, ShrinkConfig
 from depthcut.pipeline.evaluate import evaluate_with
-from depthcut.pipeline.shrink_fits import fold
 from depthcut.pipeline.validation import judge, unpruned_losses
+from depthcut.selection.fits import fold
 
 log = logging.getLogger(__name__)
 

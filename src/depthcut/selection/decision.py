@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from depthcut.errors import DepthcutError
 from depthcut.pipeline.configs import ShrinkConfig
-from depthcut.pipeline.shrink_fits import ROWS_KEPT_BY, changed_from, folded
 from depthcut.pipeline.shrink_steps import minutes
-from depthcut.pipeline.shrink_table import contiguous, span
 from depthcut.pipeline.validation import Verdict, judge, lower_kl, scores_after_cut, unpruned_losses
 from depthcut.repair import REPAIRS
+from depthcut.selection.decision_table import contiguous, span
+from depthcut.selection.fits import ROWS_KEPT_BY, changed_from, folded
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class MemoryScorer:
 
 def scored_options(scorer, fits, candidates, repairs, config, seconds: dict) -> list[Option]:
     """Every candidate, plain and with each repair, scored on the validation windows by `scorer`
-    (`MemoryScorer`, or the layer-major one of `shrink_streamed`) with the repairs of `fits` (`BlockFits`).
+    (`MemoryScorer`, or the layer-major one of `layer_major`) with the repairs of `fits` (`BlockFits`).
 
     Screening (`--screen-windows` below the windows per source, more candidate blocks than
     `--finalists`): every option but the costly cosine fit is scored on the first windows of each

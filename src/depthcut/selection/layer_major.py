@@ -18,7 +18,11 @@ from depthcut.model.layers import find_layer_stack, text_config
 from depthcut.pipeline.configs import ShrinkConfig
 from depthcut.pipeline.prune import gguf_output
 from depthcut.pipeline.prune_backends import backend_for
-from depthcut.pipeline.shrink_fits import (
+from depthcut.repair import REPAIRS
+from depthcut.repair.statistics import MAX_ROWS
+from depthcut.repair.streamed import folded_tensors, streamed_fit_gaps
+from depthcut.repair.streamed_blocks import streamed_block_statistics
+from depthcut.selection.fits import (
     ROWS_KEPT_BY,
     SHARED_ROWS_BYTES,
     fits_of,
@@ -27,10 +31,6 @@ from depthcut.pipeline.shrink_fits import (
     one_block_only,
     usable_repairs,
 )
-from depthcut.repair import REPAIRS
-from depthcut.repair.statistics import MAX_ROWS
-from depthcut.repair.streamed import folded_tensors, streamed_fit_gaps
-from depthcut.repair.streamed_blocks import streamed_block_statistics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def checkpoint_location(source) -> Path:
 
 
 class StreamedBlockFits:
-    """`shrink_fits.BlockFits` for a checkpoint never loaded: the sums of every candidate block (and their
+    """`fits.BlockFits` for a checkpoint never loaded: the sums of every candidate block (and their
     token rows, for cosine) from one layer-by-layer pass over the fitted and the held-out samples."""
 
     def __init__(self, location, skeleton, blocks: list[list[int]], methods: list[str], samples, config: ShrinkConfig,
@@ -113,7 +113,7 @@ class StreamedBlockFits:
 
 
 class StreamedScorer:
-    """`shrink_options.MemoryScorer` for a checkpoint never loaded: every option of a phase scored in one
+    """`decision.MemoryScorer` for a checkpoint never loaded: every option of a phase scored in one
     walk over the layers, the unpruned model's predictions on the same windows computed on the way."""
 
     def __init__(self, location, sets: dict, config: ShrinkConfig, dtype, device):

@@ -6,7 +6,7 @@ One pass over the held-out samples gathers the sums that judge them (and choose 
 ridge); each fit is made when first asked for. The cosine repair also keeps token rows (3 x rows x d
 floats per block): they are gathered in that calibration pass while every block's together fit in
 `SHARED_ROWS_BYTES`, else (and always after sums from the analysis) in a pass of their own for the
-blocks that need them (those where cosine is fitted: `shrink_options.refinements`)."""
+blocks that need them (those where cosine is fitted: `decision.refinements`)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from depthcut.errors import DepthcutError
 from depthcut.model.distributed import launched_as_several
 from depthcut.model.layers import find_layer_stack, text_config
-from depthcut.pipeline.shrink_table import contiguous
 from depthcut.repair import REPAIRS, check_repair
 from depthcut.repair.gaps import apply_gaps, check_gaps, fit_gaps, gaps_folded
 from depthcut.repair.methods import RepairFit
 from depthcut.repair.reach import first_changed_layer
 from depthcut.repair.run import fit_judged
 from depthcut.repair.statistics import MAX_ROWS, BlockGatherer, RepairStatistics, block_statistics
+from depthcut.selection.decision_table import contiguous
 
 log = logging.getLogger(__name__)
 
